@@ -1,0 +1,127 @@
+"""Backend selection: which implementation of an op runs.
+
+Backends:
+
+* ``"torch"``  -- the naive PyTorch reference (``fastrlhf.reference``); runs anywhere and is
+  the CPU path.
+* ``"triton"`` -- fused Triton kernels; needs CUDA tensors, or the Triton interpreter
+  (``TRITON_INTERPRET=1`` set before ``triton`` is imported) for CPU tensors.
+* ``"cuda"``   -- hand-written CUDA kernels from the compiled extension.
+* ``"auto"``   -- the fastest available for the tensors' device: ``triton`` on CUDA tensors
+  when Triton is installed, else ``torch``. Never the Triton interpreter.
+
+The backend of a call is, in order of precedence: the op's ``backend=`` keyword when it is
+not ``"auto"``, the innermost :func:`use_backend` block, the ``FASTRLHF_BACKEND``
+environment variable, then the ``auto`` rule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.util
+import os
+import threading
+
+import torch
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
+           "resolve_backend", "use_backend"]
+
+BACKENDS = ("torch", "triton", "cuda")
+_CHOICES = BACKENDS + ("auto",)
+_state = threading.local()
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for that cannot run here; the message says why."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"{what} must be one of {_CHOICES}, got {name!r}")
+    return name
+
+
+def triton_interpreter() -> bool:
+    """Whether Triton kernels run under the interpreter (on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend_status(name: str, device: torch.device | str | None = None) -> tuple[bool, str]:
+    """``(available, reason)`` of backend ``name`` for tensors on ``device``.
+
+    With ``device=None`` the question is asked for the default CUDA device when there is
+    one, else for the CPU. ``reason`` is an empty string when available.
+    """
+    _check_name(name, "backend")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if name in ("torch", "auto"):
+        return True, ""
+    if name == "triton":
+        if not _triton_installed():
+            return False, "the 'triton' package is not installed (pip install triton; Linux x86-64 only)"
+        if device.type == "cuda":
+            return True, ""
+        if device.type == "cpu" and triton_interpreter():
+            return True, ""
+        return False, (f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
+                       "before importing triton to run them on CPU under the (slow) interpreter")
+    from fastrlhf import _cuda  # noqa: PLC0415  (imported lazily: it may try to build)
+
+    if device.type != "cuda":
+        return False, f"the cuda backend needs CUDA tensors (got {device.type})"
+    return _cuda.status()
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (see :func:`backend_status`)."""
+    return [b for b in BACKENDS if backend_status(b, device)[0]]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops called inside the block on backend ``name`` (unless a call names its own).
+
+    >>> with fastrlhf.use_backend("torch"):
+    ...     logp = fastrlhf.token_logprobs(logits, labels)
+    """
+    _check_name(name, "backend")
+    stack = _state.__dict__.setdefault("stack", [])
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def _auto(device: torch.device) -> str:
+    if device.type == "cuda" and _triton_installed():
+        return "triton"
+    return "torch"
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend (``torch``/``triton``/``cuda``) a call with ``backend=`` runs on.
+
+    Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
+    chosen backend cannot run on ``device``.
+    """
+    name = _check_name(backend, "backend")
+    if name == "auto":
+        stack = getattr(_state, "stack", None)
+        name = stack[-1] if stack else _check_name(os.environ.get("FASTRLHF_BACKEND", "auto"),
+                                                  "FASTRLHF_BACKEND")
+    if name == "auto":
+        return _auto(device)
+    ok, why = backend_status(name, device)
+    if not ok:
+        raise BackendUnavailableError(f"fastrlhf backend {name!r} is unavailable: {why}")
+    return name

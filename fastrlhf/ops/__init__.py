@@ -1,0 +1,1 @@
+"""The public ops: input checks, backend dispatch, registered custom ops."""

@@ -1,0 +1,185 @@
+"""Token log-probs, entropy and sequence log-probs from logits.
+
+Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
+autograd registrations → backend launcher (``fastrlhf.triton.logprobs``) or the reference
+(``fastrlhf.reference.logprobs``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrlhf import _checks
+from fastrlhf.backend import resolve_backend
+from fastrlhf.reference import logprobs as ref
+
+
+def _out_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------- forward op
+@torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
+def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+                       ignore_index: int, with_entropy: bool, inplace_backward: bool,
+                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from fastrlhf.triton.logprobs import token_logprobs_fwd
+
+        return token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy)
+    with torch.no_grad():
+        out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
+        logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=_out_dtype(logits)))
+        return logp, ent, ref.row_stats(logits, temperature)
+
+
+@_token_logprobs_op.register_fake
+def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
+    logp = logits.new_empty(labels.shape, dtype=_out_dtype(logits))
+    ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=logp.dtype)
+    return logp, ent, logits.new_empty((*labels.shape, 2), dtype=logp.dtype)
+
+
+# -------------------------------------------------------------------------- backward ops
+def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
+              ignore_index, backend, inplace):
+    if backend == "triton":
+        from fastrlhf.triton.logprobs import token_logprobs_bwd
+
+        return token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy,
+                                  temperature, ignore_index, inplace)
+    dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
+                                     temperature, ignore_index)
+    return logits.copy_(dx) if inplace else dx
+
+
+@torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
+def _token_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+                           logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                           entropy: torch.Tensor, temperature: float, ignore_index: int,
+                           backend: str) -> torch.Tensor:
+    return _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
+                     ignore_index, backend, inplace=False)
+
+
+@_token_logprobs_bwd_op.register_fake
+def _(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fastrlhf::token_logprobs_backward_", mutates_args=("logits",))
+def _token_logprobs_bwd_inplace_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+                                   logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
+                                   entropy: torch.Tensor, temperature: float, ignore_index: int,
+                                   backend: str) -> None:
+    _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
+              ignore_index, backend, inplace=True)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend = inputs
+    logp, ent, stats = output
+    ctx.save_for_backward(logits, labels, stats, ent)
+    ctx.args = (temperature, ignore_index, backend)
+    ctx.with_entropy = with_entropy
+    ctx.inplace = inplace_backward
+
+
+def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats):
+    logits, labels, stats, ent = ctx.saved_tensors
+    if grad_logp is None:
+        grad_logp = torch.zeros_like(stats[..., 0])
+    if not ctx.with_entropy:
+        grad_entropy = None
+    args = (grad_logp, grad_entropy, logits, labels, stats, ent, *ctx.args)
+    if ctx.inplace:
+        _token_logprobs_bwd_inplace_op(*args)
+        dx = logits
+    else:
+        dx = _token_logprobs_bwd_op(*args)
+    return dx, None, None, None, None, None, None
+
+
+_token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ public API
+def _check_logits_labels(logits, labels, temperature, ignore_index):
+    _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
+    _checks.tensor("labels", labels, _checks.INDEX_DTYPES)
+    _checks.same_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
+    _checks.same_device("labels", labels, logits.device)
+    if logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a vocabulary dimension V >= 1, got shape {tuple(logits.shape)}")
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        raise ValueError(f"logits must have unit stride on the last dimension (call .contiguous()), "
+                         f"got strides {logits.stride()}")
+    _checks.positive("temperature", temperature)
+    _checks.integer("ignore_index", ignore_index)
+
+
+def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
+                   ignore_index: int = -100, return_entropy: bool = False,
+                   inplace_backward: bool = False, backend: str = "auto"):
+    """Log-probability of each label under ``softmax(logits / temperature)``, and its entropy.
+
+    Computes ``log_softmax(logits / temperature, -1).gather(-1, labels[..., None])[..., 0]``
+    in one streaming pass over each row, without a scaled or fp32 copy of the logits.
+
+    Args:
+        logits: ``[..., V]`` bf16/fp16/fp32/fp64, unit stride on the last dim (other strides
+            are free: ``logits[:, :-1]`` is read in place).
+        labels: int32/int64 of shape ``logits.shape[:-1]``.
+        temperature: a float > 0 the logits are divided by (inside the kernel).
+        ignore_index: labels equal to it get log-prob 0, entropy 0 and zero gradient.
+        return_entropy: also return the entropy ``-sum(p * log p)`` of each row.
+        inplace_backward: write the gradient w.r.t. ``logits`` into ``logits``' own buffer,
+            saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``fastrlhf.backend``).
+
+    Returns:
+        ``logp`` of ``labels.shape``, fp32 (fp64 for fp64 logits), always ``<= 0``;
+        ``(logp, entropy)`` with ``return_entropy=True``.
+
+    Semantics: ``-inf`` logits (a masked vocabulary) have probability 0; a row needs at
+    least one finite logit, and ``+inf``/NaN logits give NaN. A label outside ``[0, V)``
+    other than ``ignore_index`` is never read out of bounds: its log-prob is NaN (its
+    entropy is still computed) and it sends no gradient through the log-prob.
+
+    Memory (triton): forward allocates the outputs and two fp32 values per row (the max
+    and log-sum-exp, kept for backward); backward allocates only the gradient, nothing with
+    ``inplace_backward``. The gradient has the logits' dtype. The ``torch`` backend
+    materializes fp32 ``[..., V]`` tensors.
+    """
+    _check_logits_labels(logits, labels, temperature, ignore_index)
+    name = resolve_backend(backend, logits.device)
+    logp, ent, _ = _token_logprobs_op(logits, labels, float(temperature), ignore_index,
+                                      bool(return_entropy), bool(inplace_backward), name)
+    return (logp, ent) if return_entropy else logp
+
+
+def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
+                      average: bool = False, temperature: float = 1.0, ignore_index: int = -100,
+                      inplace_backward: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Per-sequence log-prob: the masked sum of the token log-probs over the last label dim.
+
+    Args:
+        logits: ``[..., T, V]``; labels: ``[..., T]`` (see :func:`token_logprobs`).
+        mask: ``[..., T]``, any dtype; a token counts where ``mask != 0`` and its label is
+            not ``ignore_index`` (holes are allowed).
+        average: divide by the number of counted tokens (IPO-style length normalization).
+
+    Returns:
+        fp32 ``[...]``; a row with no counted token gives 0 (sum and mean).
+    """
+    _check_logits_labels(logits, labels, temperature, ignore_index)
+    if labels.dim() < 1:
+        raise ValueError(f"labels must have a sequence dimension, got shape {tuple(labels.shape)}")
+    _checks.mask("mask", mask, labels.shape, labels.device)
+    logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
+                          inplace_backward=inplace_backward, backend=backend)
+    valid = (mask != 0) & (labels != ignore_index)
+    total = torch.where(valid, logp, 0.0).sum(-1)
+    if average:
+        total = total / valid.sum(-1).clamp(min=1)
+    return total

@@ -1,0 +1,164 @@
+"""Triton kernels for token log-probs and entropy: one streaming pass over each row.
+
+Forward keeps three running values per row, all in fp32 (fp64 for fp64 logits):
+``m`` the max of ``z = x / T``, ``s = sum(exp(z - m))`` and ``t = sum(exp(z - m) * (z - m))``.
+Then ``logp = (z[label] - m) - log s`` and ``entropy = log s - t / s``: both relative to the
+max, so large logits cost no precision. ``(m, log s)`` is kept per row for backward.
+
+Backward, per element, with ``log p = (z - m) - log s``:
+``dx = (g_logp * (1[label] - p) - g_ent * p * (log p + H)) / T``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _token_logprobs_fwd_kernel(
+    x_ptr, labels_ptr, logp_ptr, ent_ptr, stats_ptr,
+    D1, sx0, sx1, V, inv_temp, ignore_index,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + (row // D1) * sx0 + (row % D1) * sx1
+    cols = tl.arange(0, BLOCK_V)
+    m = tl.full([], _NEG_INF, ACC)
+    s = tl.full([], 0.0, ACC)
+    t = tl.full([], 0.0, ACC)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        z = tl.load(x_row + idx, mask=idx < V, other=_NEG_INF).to(ACC) * inv_temp
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        shift = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row of -inf so far: keep exp finite
+        alpha = tl.exp(m - shift)
+        e = tl.exp(z - shift)
+        if WITH_ENTROPY:
+            t = alpha * (t + tl.where(s > 0, m - shift, 0.0) * s)
+            t += tl.sum(e * tl.where(e > 0, z - shift, 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        m = m_new
+    log_s = tl.log(s)
+
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    in_range = (label >= 0) & (label < V)
+    z_label = tl.load(x_row + tl.where(in_range, label, 0)).to(ACC) * inv_temp
+    logp = tl.minimum((z_label - m) - log_s, 0.0)
+    logp = tl.where(in_range, logp, float("nan"))
+    tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
+    tl.store(stats_ptr + 2 * row, m)
+    tl.store(stats_ptr + 2 * row + 1, log_s)
+    if WITH_ENTROPY:
+        ent = tl.maximum(log_s - t / s, 0.0)
+        tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
+
+
+@triton.jit
+def _token_logprobs_bwd_kernel(
+    x_ptr, dx_ptr, labels_ptr, stats_ptr, ent_ptr, glogp_ptr, gent_ptr,
+    D1, sx0, sx1, sd0, sd1, V, inv_temp, ignore_index,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    i0 = row // D1
+    i1 = row % D1
+    x_row = x_ptr + i0 * sx0 + i1 * sx1
+    dx_row = dx_ptr + i0 * sd0 + i1 * sd1
+    label = tl.load(labels_ptr + row).to(tl.int64)
+    keep = label != ignore_index
+    hit = keep & (label >= 0) & (label < V)
+    g_logp = tl.where(hit, tl.load(glogp_ptr + row).to(ACC), 0.0)
+    m = tl.load(stats_ptr + 2 * row)
+    log_s = tl.load(stats_ptr + 2 * row + 1)
+    if WITH_ENTROPY:
+        g_ent = tl.where(keep, tl.load(gent_ptr + row).to(ACC), 0.0)
+        ent = tl.load(ent_ptr + row)
+    cols = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        z = tl.load(x_row + idx, mask=idx < V, other=_NEG_INF).to(ACC) * inv_temp
+        logq = (z - m) - log_s
+        p = tl.exp(logq)
+        g = tl.where(idx == label, g_logp, 0.0) - g_logp * p
+        if WITH_ENTROPY:
+            g -= g_ent * p * tl.where(p > 0, logq + ent, 0.0)
+        tl.store(dx_row + idx, (g * inv_temp).to(dx_ptr.dtype.element_ty), mask=idx < V)
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
+    """``(x, D1, s0, s1)``: row ``r`` of ``x [..., V]`` starts at ``(r // D1) * s0 + (r % D1) * s1``.
+
+    Leading dims are merged where memory allows; only a layout needing three or more
+    separate strides is copied.
+    """
+    dims: list[list[int]] = []
+    for n, s in zip(x.shape[:-1], x.stride()[:-1]):
+        if n == 1:
+            continue
+        if dims and dims[-1][1] == n * s:
+            dims[-1] = [dims[-1][0] * n, s]
+        else:
+            dims.append([n, s])
+    if len(dims) > 2:
+        x = x.contiguous()
+        dims = [[x[..., 0].numel(), x.shape[-1]]]
+    if len(dims) == 2:
+        return x, dims[1][0], dims[0][1], dims[1][1]
+    return x, max(x[..., 0].numel(), 1), 0, (dims[0][1] if dims else 0)
+
+
+def _config(V: int) -> dict:
+    block = min(triton.next_power_of_2(V), 4096)
+    return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
+    """Launch the forward kernel. Returns ``(logp, entropy, stats)``: ``labels.shape``,
+    ``labels.shape`` (``[0]`` unless ``with_entropy``) and ``labels.shape + (2,)`` (row max
+    and log-sum-exp relative to it), fp32 (fp64 for fp64 logits)."""
+    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    logp = logits.new_empty(labels.shape, dtype=out_dtype)
+    stats = logits.new_empty((*labels.shape, 2), dtype=out_dtype)
+    ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=out_dtype)
+    n = labels.numel()
+    if n == 0:
+        return logp, ent, stats
+    x, D1, s0, s1 = _rows(logits)
+    _token_logprobs_fwd_kernel[(n,)](
+        x, labels.reshape(-1), logp, ent, stats, D1, s0, s1, logits.shape[-1],
+        1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(logits.shape[-1]))
+    return logp, ent, stats
+
+
+def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
+                       ignore_index, inplace=False):
+    """Launch the backward kernel and return ``d loss / d logits`` in the logits' dtype:
+    a new contiguous tensor, or ``logits`` itself overwritten when ``inplace``."""
+    out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    n = labels.numel()
+    if n == 0:
+        return out
+    V = logits.shape[-1]
+    x, D1, sx0, sx1 = _rows(logits)
+    dx, sd0, sd1 = (x, sx0, sx1) if inplace else (out, D1 * V, V)
+    with_entropy = grad_entropy is not None
+    _token_logprobs_bwd_kernel[(n,)](
+        x, dx, labels.reshape(-1), stats, entropy, grad_logp.reshape(-1).contiguous(),
+        grad_entropy.reshape(-1).contiguous() if with_entropy else grad_logp,
+        D1, sx0, sx1, sd0, sd1, V, 1.0 / temperature, ignore_index,
+        WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(V))
+    if dx is not out:  # inplace on a layout that _rows had to copy
+        out.copy_(dx.view(out.shape))
+    return out
+
+

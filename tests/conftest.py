@@ -1,0 +1,56 @@
+"""Shared test set-up.
+
+Without a GPU the Triton kernels run under the Triton interpreter on CPU tensors: the
+variable must be set before ``triton`` is first imported, hence here. With a GPU the same
+tests run the compiled kernels on CUDA tensors.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from fastrlhf.backend import available_backends  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BACKENDS = [b for b in available_backends(DEVICE) if b != "torch"]
+"""Backends under test besides the reference (triton here, triton and cuda on a GPU)."""
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=["torch"] + BACKENDS)
+def backend(request):
+    """Every backend that runs on this machine, the torch reference included."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _nan_filled_empty(monkeypatch):
+    """Floating tensors from torch.empty / empty_like / new_empty start as NaN, so an
+    output element a kernel forgets to write shows up in the comparisons."""
+
+    def nan_fill(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            if out.is_floating_point():
+                out.fill_(float("nan"))
+            return out
+
+        return wrapped
+
+    monkeypatch.setattr(torch, "empty", nan_fill(torch.empty))
+    monkeypatch.setattr(torch, "empty_like", nan_fill(torch.empty_like))
+    monkeypatch.setattr(torch.Tensor, "new_empty", nan_fill(torch.Tensor.new_empty))

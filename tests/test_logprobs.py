@@ -1,0 +1,291 @@
+"""token_logprobs / sequence_logprobs: every backend against the naive reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastrlhf
+from fastrlhf.reference import logprobs as ref
+from tests.conftest import DEVICE
+
+# Vocabulary sizes: tiny (2, 7), not a multiple of the 4096 tile (4099 = one tile + 3), and
+# an odd real-model-like size (32003 = Llama's 32000 + added tokens) spanning 8 tiles.
+# Rows: one, a few, and a prime count so nothing lines up with warps.
+GRID = [(1, 1, 2), (2, 3, 7), (3, 5, 130), (2, 7, 4099), (1, 3, 32003)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _id(shape, dtype):
+    return f"B{shape[0]}-T{shape[1]}-V{shape[2]}-{str(dtype).removeprefix('torch.')}"
+
+
+def _case(B, T, V, dtype, scale=3.0, ignore_frac=0.2):
+    logits = (torch.randn(B, T, V, device=DEVICE) * scale).to(dtype)
+    labels = torch.randint(0, V, (B, T), device=DEVICE)
+    labels[torch.rand(B, T, device=DEVICE) < ignore_frac] = -100
+    return logits, labels
+
+
+def _run(logits, labels, backend, grads=None, **kw):
+    """Values and gradient of ``sum(g1 * logp + g2 * entropy)`` for non-uniform ``g``."""
+    x = logits.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        lp, ent = ref.token_logprobs(x, labels, return_entropy=True, **kw)
+    else:
+        lp, ent = fastrlhf.token_logprobs(x, labels, return_entropy=True, backend=backend, **kw)
+    g1, g2 = grads
+    (lp * g1 + ent * g2).sum().backward()
+    return lp.detach(), ent.detach(), x.grad
+
+
+def _errors(got, truth):
+    return [(a.double() - b.double()).abs().max().item() for a, b in zip(got, truth)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"B{s[0]}-T{s[1]}-V{s[2]}")
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_matches_reference(backend, shape, dtype, temperature):
+    logits, labels = _case(*shape, dtype)
+    grads = (torch.randn(shape[:2], device=DEVICE), torch.randn(shape[:2], device=DEVICE))
+    truth = _run(logits.double(), labels, "reference", grads, temperature=temperature)
+    got = _run(logits, labels, backend, grads, temperature=temperature)
+    assert got[0].dtype == got[1].dtype == torch.float32
+    assert got[2].dtype == dtype
+    if dtype == torch.float32:
+        for err in _errors(got, truth):
+            assert err < 2e-4
+    else:  # at most ~2x the error of the same-dtype PyTorch reference, plus one rounding
+        same_dtype = _run(logits, labels, "reference", grads, temperature=temperature)
+        for err, base, t in zip(_errors(got, truth), _errors(same_dtype, truth), truth):
+            assert err <= 2 * base + torch.finfo(dtype).eps * t.abs().max().item() + 1e-6
+    ignored = labels == -100
+    assert (got[0][ignored] == 0).all() and (got[1][ignored] == 0).all()
+    assert (got[2][ignored] == 0).all()
+    assert (got[0] <= 0).all()
+
+
+def test_only_entropy_or_only_logp_used(backend):
+    logits, labels = _case(2, 3, 257, torch.float32)
+    for which in (0, 1):
+        outs = []
+        for be in ("reference", backend):
+            x = logits.clone().requires_grad_(True)
+            fn = ref.token_logprobs if be == "reference" else fastrlhf.token_logprobs
+            kw = {} if be == "reference" else {"backend": be}
+            out = fn(x, labels, return_entropy=True, **kw)[which]
+            (out * torch.arange(6.0).view(2, 3)).sum().backward()
+            outs.append(x.grad)
+        torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
+
+
+def test_without_entropy(backend):
+    logits, labels = _case(2, 3, 100, torch.float32)
+    x = logits.clone().requires_grad_(True)
+    lp = fastrlhf.token_logprobs(x, labels, backend=backend)
+    lp.sum().backward()
+    x_ref = logits.clone().requires_grad_(True)
+    ref.token_logprobs(x_ref, labels).sum().backward()
+    torch.testing.assert_close(lp, ref.token_logprobs(logits, labels))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+def test_strided_views_read_in_place(backend):
+    """logits[:, :-1] (the usual label shift), a transposed batch, and three unmergeable
+    leading dims all give the values and gradients of their contiguous copies."""
+    base = torch.randn(3, 6, 50, device=DEVICE)
+    views = [base[:, :-1], base.transpose(0, 1), torch.randn(2, 3, 4, 60, device=DEVICE)[:, :, ::2, :50]]
+    for view in views:
+        labels = torch.randint(0, 50, view.shape[:-1], device=DEVICE)
+        grads = (torch.randn(view.shape[:-1], device=DEVICE),) * 2
+        got = _run(view, labels, backend, grads)
+        want = _run(view.contiguous(), labels, "reference", grads)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_inplace_backward_writes_into_logits(backend):
+    logits, labels = _case(2, 5, 300, torch.bfloat16)
+    want = _run(logits, labels, backend, (torch.ones(2, 5, device=DEVICE),) * 2)[2]
+    leaf = logits.clone().requires_grad_(True)
+    x = leaf * 1  # a non-leaf whose buffer the backward may overwrite
+    lp, ent = fastrlhf.token_logprobs(x, labels, return_entropy=True, inplace_backward=True,
+                                      backend=backend)
+    (lp + ent).sum().backward()
+    torch.testing.assert_close(leaf.grad, want)
+    torch.testing.assert_close(x.detach(), want)  # the logits' buffer now holds the gradient
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.25])
+def test_extreme_logits(backend, temperature):
+    """+-1e4 logits, a masked vocabulary (-inf), and a row with a single finite logit."""
+    V = 33
+    logits = torch.randn(4, V, device=DEVICE)
+    logits[0, ::2] = 1e4
+    logits[0, 1::2] = -1e4
+    logits[1, 5:] = float("-inf")
+    logits[2, :] = float("-inf")
+    logits[2, 7] = 3.0
+    logits[3, :] = -1e4
+    labels = torch.tensor([0, 3, 7, 10], device=DEVICE)
+    grads = (torch.randn(4, device=DEVICE), torch.randn(4, device=DEVICE))
+    got = _run(logits, labels, backend, grads, temperature=temperature)
+    want = _run(logits.double(), labels, "reference", grads, temperature=temperature)
+    for a, b in zip(got, want):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+    assert got[0][2] == 0 and got[1][2] == 0  # a single finite logit: probability 1
+    assert abs(got[1][3].item() - math.log(V)) < 1e-4  # all equal: uniform
+
+
+def test_label_on_masked_vocabulary_entry(backend):
+    logits = torch.zeros(1, 8, device=DEVICE)
+    logits[0, 3] = float("-inf")
+    lp = fastrlhf.token_logprobs(logits, torch.tensor([3], device=DEVICE), backend=backend)
+    assert lp.item() == float("-inf")
+
+
+def test_out_of_range_labels_give_nan_and_no_gradient(backend):
+    logits, _ = _case(1, 4, 10, torch.float32)
+    labels = torch.tensor([[0, 10, -5, -100]], device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    lp, ent = fastrlhf.token_logprobs(x, labels, return_entropy=True, backend=backend)
+    assert lp[0, 0] <= 0 and lp[0, 1].isnan() and lp[0, 2].isnan() and lp[0, 3] == 0
+    assert torch.isfinite(ent).all() and ent[0, 3] == 0
+    lp.nan_to_num(0.0).sum().backward()
+    assert (x.grad[0, 1:] == 0).all() and torch.isfinite(x.grad).all()
+
+
+def test_empty_and_single_token_vocab(backend):
+    lp, ent = fastrlhf.token_logprobs(torch.randn(0, 5, 11, device=DEVICE),
+                                      torch.zeros(0, 5, dtype=torch.long, device=DEVICE),
+                                      return_entropy=True, backend=backend)
+    assert lp.shape == ent.shape == (0, 5)
+    x = torch.randn(3, 1, device=DEVICE, requires_grad=True)
+    lp = fastrlhf.token_logprobs(x, torch.zeros(3, dtype=torch.int32, device=DEVICE), backend=backend)
+    lp.sum().backward()
+    assert (lp == 0).all() and (x.grad == 0).all()
+
+
+def test_rank1_logits(backend):
+    logits = torch.randn(20, device=DEVICE)
+    lp = fastrlhf.token_logprobs(logits, torch.tensor(4, device=DEVICE), backend=backend)
+    assert lp.shape == () and torch.allclose(lp, torch.log_softmax(logits, 0)[4])
+
+
+def test_64bit_offsets(backend):
+    """A row that starts past 2**31 elements (the storage is reserved, not touched)."""
+    if backend == "torch" and DEVICE.type == "cpu":
+        pytest.skip("the reference is plain PyTorch indexing")
+    V = 64
+    try:
+        storage = torch.empty(2**31 + V, dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError as e:  # pragma: no cover - a machine without the memory
+        pytest.skip(f"cannot reserve 4 GiB: {e}")
+    logits = storage.as_strided((2, V), (2**31, 1))
+    logits.copy_(torch.randn(2, V, device=DEVICE))
+    labels = torch.tensor([1, 2], device=DEVICE)
+    lp = fastrlhf.token_logprobs(logits, labels, backend=backend)
+    torch.testing.assert_close(lp, ref.token_logprobs(logits.contiguous(), labels))
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(1, 3), T=st.integers(1, 6), V=st.integers(2, 300),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       scale=st.sampled_from([0.1, 5.0, 100.0]), temperature=st.sampled_from([0.3, 1.0, 3.0]),
+       seed=st.integers(0, 2**16))
+def test_property_against_reference(B, T, V, dtype, scale, temperature, seed):
+    torch.manual_seed(seed)
+    logits, labels = _case(B, T, V, dtype, scale)
+    for backend in fastrlhf.available_backends(DEVICE):
+        lp, ent = fastrlhf.token_logprobs(logits, labels, temperature=temperature,
+                                          return_entropy=True, backend=backend)
+        want_lp, want_ent = ref.token_logprobs(logits.double(), labels, temperature,
+                                               return_entropy=True)
+        assert (lp <= 0).all()
+        assert (ent >= 0).all() and (ent <= math.log(V) + 1e-4).all()
+        torch.testing.assert_close(lp.double(), want_lp, atol=1e-3 * (1 + scale / temperature), rtol=1e-4)
+        torch.testing.assert_close(ent.double(), want_ent, atol=1e-3 * (1 + scale / temperature), rtol=1e-3)
+
+
+def test_gradcheck_fp64(backend):
+    logits = torch.randn(2, 3, 9, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = torch.tensor([[1, -100, 8], [0, 4, 4]], device=DEVICE)
+
+    def f(x):
+        lp, ent = fastrlhf.token_logprobs(x, labels, temperature=0.5, return_entropy=True,
+                                          backend=backend)
+        return lp, ent
+
+    assert torch.autograd.gradcheck(f, (logits,))
+
+
+# ---------------------------------------------------------------- sequence log-probs
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_with_holes(backend, average):
+    logits, labels = _case(4, 6, 50, torch.float32)
+    mask = torch.tensor([[1, 1, 0, 1, 0, 1], [0, 0, 0, 0, 0, 0], [1] * 6, [0, 0, 0, 0, 0, 1]],
+                        device=DEVICE)
+    x = logits.clone().requires_grad_(True)
+    got = fastrlhf.sequence_logprobs(x, labels, mask, average=average, backend=backend)
+    got.sum().backward()
+    x_ref = logits.clone().requires_grad_(True)
+    want = ref.sequence_logprobs(x_ref, labels, mask, average=average)
+    want.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert got[1] == 0 and (x.grad[1] == 0).all()  # a fully masked row
+
+
+# ------------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("make, exc, words", [
+    (lambda: (torch.randn(2, 5), torch.zeros(3, dtype=torch.long), {}), ValueError, "labels must have shape (2,)"),
+    (lambda: (torch.randn(2, 5), torch.zeros(2), {}), TypeError, "labels must have dtype int32/int64"),
+    (lambda: (torch.randn(2, 5).long(), torch.zeros(2, dtype=torch.long), {}), TypeError, "logits must have dtype"),
+    (lambda: (torch.randn(5, 2).t(), torch.zeros(2, dtype=torch.long), {}), ValueError, "unit stride"),
+    (lambda: (torch.randn(2, 5), torch.zeros(2, dtype=torch.long), {"temperature": 0.0}), ValueError, "temperature"),
+    (lambda: (torch.randn(2, 5), torch.zeros(2, dtype=torch.long), {"temperature": float("nan")}), ValueError, "temperature"),
+    (lambda: (torch.randn(2, 0), torch.zeros(2, dtype=torch.long), {}), ValueError, "V >= 1"),
+    (lambda: ([1.0], torch.zeros(1, dtype=torch.long), {}), TypeError, "logits must be a torch.Tensor"),
+    (lambda: (torch.randn(2, 5), torch.zeros(2, dtype=torch.long), {"backend": "jax"}), ValueError, "backend must be one of"),
+])
+def test_bad_input(make, exc, words):
+    logits, labels, kw = make()
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        fastrlhf.token_logprobs(logits, labels, **kw)
+
+
+def test_bad_mask():
+    with pytest.raises(ValueError, match="mask must have shape"):
+        fastrlhf.sequence_logprobs(torch.randn(2, 3, 5), torch.zeros(2, 3, dtype=torch.long),
+                                   torch.ones(2, 4))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_mismatched_devices():
+    with pytest.raises(ValueError, match="labels must be on"):
+        fastrlhf.token_logprobs(torch.randn(2, 5, device="cuda"), torch.zeros(2, dtype=torch.long))
+
+
+# ------------------------------------------------------- compiled for real GPUs (no GPU)
+def test_kernels_compile_for_gpus():
+    from tests.triton_aot import compile_for_gpus
+
+    scalars = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+    cases = []
+    for dtype in ("bf16", "fp16", "fp32"):
+        for with_entropy in (False, True):
+            const = {"WITH_ENTROPY": with_entropy, "ACC": "tl.float32", "BLOCK_V": 4096}
+            fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32",
+                   "ent_ptr": "*fp32", "stats_ptr": "*fp32", "D1": "i64", "sx0": "i64",
+                   "sx1": "i64", **scalars, **dict.fromkeys(const, "constexpr")}
+            bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
+                   "stats_ptr": "*fp32", "ent_ptr": "*fp32", "glogp_ptr": "*fp32",
+                   "gent_ptr": "*fp32", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), "i64"),
+                   **scalars, **dict.fromkeys(const, "constexpr")}
+            cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8),
+                      ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8)]
+    compile_for_gpus(cases)
