@@ -1,0 +1,3 @@
+from fastrlhf.cli import main
+
+raise SystemExit(main())
