@@ -1,0 +1,82 @@
+"""Backend selection, torch.library registration and torch.compile of the public ops."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf.backend import BackendUnavailableError, backend_status, resolve_backend
+
+CPU = torch.device("cpu")
+
+
+def test_precedence_keyword_block_env(monkeypatch):
+    monkeypatch.setenv("FASTRLHF_BACKEND", "triton")
+    assert resolve_backend("torch", CPU) == "torch"  # an explicit keyword wins
+    with fastrlhf.use_backend("torch"):
+        assert resolve_backend("auto", CPU) == "torch"  # then the innermost block
+        with fastrlhf.use_backend("auto"):
+            assert resolve_backend("auto", CPU) == "torch"  # auto picks torch on CPU
+    monkeypatch.setenv("FASTRLHF_BACKEND", "torch")
+    assert resolve_backend("auto", CPU) == "torch"  # then the environment
+
+
+def test_auto_never_picks_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.delenv("FASTRLHF_BACKEND", raising=False)
+    assert resolve_backend("auto", CPU) == "torch"
+
+
+def test_unknown_and_unavailable_backends(monkeypatch):
+    with pytest.raises(ValueError, match="backend must be one of"):
+        resolve_backend("numpy", CPU)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        with fastrlhf.use_backend("fast"):
+            pass
+    monkeypatch.setenv("FASTRLHF_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FASTRLHF_BACKEND must be one of"):
+        resolve_backend("auto", CPU)
+    monkeypatch.delenv("FASTRLHF_BACKEND")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="'triton' is unavailable: Triton kernels need CUDA"):
+        fastrlhf.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="triton")
+    with pytest.raises(BackendUnavailableError, match="'cuda' is unavailable"):
+        fastrlhf.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="cuda")
+    ok, why = backend_status("cuda", "cpu")
+    assert not ok and why
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "fastrlhf", "info"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "fastrlhf" in out and "torch" in out and "backends on" in out
+
+
+def test_opcheck_token_logprobs():
+    logits = torch.randn(3, 4, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 4))
+    labels[0, 0] = -100
+    op = torch.ops.fastrlhf.token_logprobs.default
+    for with_entropy in (False, True):
+        torch.library.opcheck(op, (logits, labels, 0.7, -100, with_entropy, False, "torch"))
+
+
+def test_compile_fullgraph_forward_and_backward():
+    """A loss built on the ops compiles into one graph (torch backend on CPU)."""
+
+    def loss_fn(logits, labels, mask):
+        lp, ent = fastrlhf.token_logprobs(logits, labels, return_entropy=True, backend="torch")
+        seq = fastrlhf.sequence_logprobs(logits, labels, mask, backend="torch")
+        return -(lp * mask).sum() - 0.01 * ent.mean() - seq.mean()
+
+    logits = torch.randn(2, 5, 13)
+    labels = torch.randint(0, 13, (2, 5))
+    mask = torch.ones(2, 5)
+    compiled = torch.compile(loss_fn, fullgraph=True)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    compiled(x1, labels, mask).backward()
+    loss_fn(x2, labels, mask).backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
