@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 import threading
@@ -125,3 +126,9 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if not ok:
         raise BackendUnavailableError(f"fastrlhf backend {name!r} is unavailable: {why}")
     return name
+
+
+def launchers(backend: str, family: str):
+    """The module of launchers for op ``family`` on a kernel backend: ``fastrlhf.triton.<family>``
+    or ``fastrlhf.cuda.<family>``. Both expose the same functions with the same signatures."""
+    return importlib.import_module(f"fastrlhf.{backend}.{family}")

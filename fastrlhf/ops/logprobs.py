@@ -1,8 +1,8 @@
 """Token log-probs, entropy and sequence log-probs from logits.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
-autograd registrations → backend launcher (``fastrlhf.triton.logprobs``) or the reference
-(``fastrlhf.reference.logprobs``).
+autograd registrations → backend launcher (``fastrlhf.triton.logprobs``, ``fastrlhf.cuda.logprobs``)
+or the reference (``fastrlhf.reference.logprobs``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf import _checks
-from fastrlhf.backend import resolve_backend
+from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import logprobs as ref
 
 
@@ -23,10 +23,9 @@ def _out_dtype(logits: torch.Tensor) -> torch.dtype:
 def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastrlhf.triton.logprobs import token_logprobs_fwd
-
-        return token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy)
+    if backend != "torch":
+        return launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature,
+                                                                  ignore_index, with_entropy)
     with torch.no_grad():
         out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
         logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=_out_dtype(logits)))
@@ -43,11 +42,9 @@ def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward,
 # -------------------------------------------------------------------------- backward ops
 def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
               ignore_index, backend, inplace):
-    if backend == "triton":
-        from fastrlhf.triton.logprobs import token_logprobs_bwd
-
-        return token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy,
-                                  temperature, ignore_index, inplace)
+    if backend != "torch":
+        return launchers(backend, "logprobs").token_logprobs_bwd(
+            grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, inplace)
     dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
                                      temperature, ignore_index)
     return logits.copy_(dx) if inplace else dx

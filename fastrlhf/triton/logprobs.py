@@ -1,7 +1,7 @@
 """Triton kernels for token log-probs and entropy: one streaming pass over each row.
 
-Forward keeps three running values per row, all in fp32 (fp64 for fp64 logits):
-``m`` the max of ``z = x / T``, ``s = sum(exp(z - m))`` and ``t = sum(exp(z - m) * (z - m))``.
+Forward keeps running values per row, all in fp32 (fp64 for fp64 logits): ``m`` the max
+of ``z = x / T``, and per lane ``s = sum(exp(z - m))`` and ``t = sum(exp(z - m) * (z - m))``.
 Then ``logp = (z[label] - m) - log s`` and ``entropy = log s - t / s``: both relative to the
 max, so large logits cost no precision. ``(m, log s)`` is kept per row for backward.
 
@@ -27,9 +27,10 @@ def _token_logprobs_fwd_kernel(
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + (row // D1) * sx0 + (row % D1) * sx1
     cols = tl.arange(0, BLOCK_V)
+    # One cross-warp reduction per tile (the max); the sums stay per lane until the end.
     m = tl.full([], _NEG_INF, ACC)
-    s = tl.full([], 0.0, ACC)
-    t = tl.full([], 0.0, ACC)
+    s = tl.zeros([BLOCK_V], ACC)
+    t = tl.zeros([BLOCK_V], ACC)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         z = tl.load(x_row + idx, mask=idx < V, other=_NEG_INF).to(ACC) * inv_temp
@@ -38,11 +39,13 @@ def _token_logprobs_fwd_kernel(
         alpha = tl.exp(m - shift)
         e = tl.exp(z - shift)
         if WITH_ENTROPY:
-            t = alpha * (t + tl.where(s > 0, m - shift, 0.0) * s)
-            t += tl.sum(e * tl.where(e > 0, z - shift, 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
+            # t is relative to the running max: moving the max by d adds d * s
+            t = alpha * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s)
+            t += e * tl.where(e > 0, z - shift, 0.0)
+        s = s * alpha + e
         m = m_new
-    log_s = tl.log(s)
+    s_sum = tl.sum(s, axis=0)
+    log_s = tl.log(s_sum)
 
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
@@ -54,7 +57,7 @@ def _token_logprobs_fwd_kernel(
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if WITH_ENTROPY:
-        ent = tl.maximum(log_s - t / s, 0.0)
+        ent = tl.maximum(log_s - tl.sum(t, axis=0) / s_sum, 0.0)
         tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
 
 
