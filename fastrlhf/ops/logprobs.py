@@ -140,8 +140,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
     Semantics: ``-inf`` logits (a masked vocabulary) have probability 0; a row needs at
     least one finite logit, and ``+inf``/NaN logits give NaN. A label outside ``[0, V)``
-    other than ``ignore_index`` is never read out of bounds: its log-prob is NaN (its
-    entropy is still computed) and it sends no gradient through the log-prob.
+    other than ``ignore_index`` is never read out of bounds: its log-prob is NaN, its
+    entropy is still computed, and its log-prob's gradient is that of ``-logsumexp``
+    alone (the label's logit is not in this tensor, as with vocab-sharded logits).
 
     Memory (triton): forward allocates the outputs and two fp32 values per row (the max
     and log-sum-exp, kept for backward); backward allocates only the gradient, nothing with

@@ -11,19 +11,19 @@ import torch
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False):
-    """``log_softmax(logits / temperature).gather(labels)`` (and the entropy), differentiable.
+    """``log_softmax(logits / T).gather(labels)`` (and the entropy), differentiable.
 
-    Label ``ignore_index`` gives log-prob 0 and entropy 0; a label outside ``[0, V)`` gives a
-    NaN log-prob. Vocabulary entries at ``-inf`` have probability 0.
+    Label ``ignore_index`` gives log-prob 0, entropy 0 and no gradient. A label outside
+    ``[0, V)`` gives a NaN log-prob whose gradient is that of ``-logsumexp`` alone (the label
+    is not among these logits: the vocab-parallel case). ``-inf`` logits have probability 0.
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
-    safe = torch.where(in_range, labels, 0).long()
-    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = torch.where(in_range, logp, float("nan"))
-    logp = torch.where(ignored, 0.0, logp)
+    picked = logp_all.gather(-1, torch.where(in_range, labels, 0).long().unsqueeze(-1)).squeeze(-1)
+    logp = torch.where(in_range, picked, -torch.logsumexp(x, dim=-1))
+    logp = torch.where(ignored, 0.0, logp + torch.where(in_range, 0.0, float("nan")))
     if not return_entropy:
         return logp
     p = logp_all.exp()
@@ -67,9 +67,9 @@ def token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entr
     p = logq.exp()
     keep = labels != ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
-    g = torch.where(keep & in_range, grad_logp, 0.0).to(stats.dtype).unsqueeze(-1)
+    g = torch.where(keep, grad_logp, 0.0).to(stats.dtype).unsqueeze(-1)
     dz = -g * p
-    dz.scatter_add_(-1, torch.where(in_range, labels, 0).long().unsqueeze(-1), g)
+    dz.scatter_add_(-1, torch.where(in_range, labels, 0).long().unsqueeze(-1), torch.where(in_range.unsqueeze(-1), g, 0.0))
     if grad_entropy is not None:
         g_ent = torch.where(keep, grad_entropy, 0.0).to(stats.dtype).unsqueeze(-1)
         dz -= g_ent * p * (logq + entropy.unsqueeze(-1)).masked_fill(p == 0, 0.0)

@@ -6,7 +6,8 @@ Then ``logp = (z[label] - m) - log s`` and ``entropy = log s - t / s``: both rel
 max, so large logits cost no precision. ``(m, log s)`` is kept per row for backward.
 
 Backward, per element, with ``log p = (z - m) - log s``:
-``dx = (g_logp * (1[label] - p) - g_ent * p * (log p + H)) / T``.
+``dx = (g_logp * (1[label] - p) - g_ent * p * (log p + H)) / T`` (``1[label]`` is 0 everywhere
+for a label outside ``[0, V)``).
 """
 
 from __future__ import annotations
@@ -74,8 +75,7 @@ def _token_logprobs_bwd_kernel(
     dx_row = dx_ptr + i0 * sd0 + i1 * sd1
     label = tl.load(labels_ptr + row).to(tl.int64)
     keep = label != ignore_index
-    hit = keep & (label >= 0) & (label < V)
-    g_logp = tl.where(hit, tl.load(glogp_ptr + row).to(ACC), 0.0)
+    g_logp = tl.where(keep, tl.load(glogp_ptr + row).to(ACC), 0.0)
     m = tl.load(stats_ptr + 2 * row)
     log_s = tl.load(stats_ptr + 2 * row + 1)
     if WITH_ENTROPY:

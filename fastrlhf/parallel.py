@@ -1,0 +1,99 @@
+"""Tensor- and data-parallel helpers over ``torch.distributed``.
+
+* :func:`vocab_parallel_token_logprobs`: token log-probs and entropy when the logits are
+  sharded over the vocabulary (Megatron-style tensor parallelism): two small all-reduces in
+  forward (max, then the packed sums), none in backward.
+* :func:`global_counts`: the global valid-token and sequence counts for data-parallel loss
+  normalization, with one all-reduce.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from fastrlhf import _checks
+from fastrlhf.ops import logprobs as _lp
+
+
+class _VocabParallelLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, labels, vocab_start, temperature, ignore_index, backend, group):
+        V = logits.shape[-1]
+        in_shard = (labels >= vocab_start) & (labels < vocab_start + V)
+        ignored = labels == ignore_index
+        sentinel = V if ignore_index != V else V + 1  # out of this shard: no label term here
+        local = torch.where(in_shard, labels - vocab_start, sentinel)
+        local = torch.where(ignored, ignore_index, local)
+        logp, ent, stats = _lp._token_logprobs_op(logits, local, temperature, ignore_index,
+                                                  True, False, backend)
+        m, log_s = stats[..., 0], stats[..., 1]
+        big_m = m.clone()
+        dist.all_reduce(big_m, dist.ReduceOp.MAX, group=group)
+        scale = torch.exp(m - big_m)  # this shard's share of the global normalizer
+        s = scale * log_s.exp()
+        # z[label] - M = (logp_local + log s_local) + (m - M): no large magnitudes summed.
+        # (a shard of only -inf logits has s = 0, and its label's logit is -inf)
+        label_term = torch.where(s > 0, logp + log_s + (m - big_m), float("-inf"))
+        label_term = torch.where(in_shard & ~ignored, label_term, 0.0)
+        # sum_j exp(z_j - M) (z_j - M) over this shard, from t = s (log s - H) relative to m
+        t = torch.where(s > 0, s * (log_s - ent + (m - big_m)), 0.0)
+        packed = torch.stack([s, label_term, t], -1)
+        dist.all_reduce(packed, dist.ReduceOp.SUM, group=group)
+        log_total = packed[..., 0].log()
+        out_logp = torch.where(ignored, 0.0, (packed[..., 1] - log_total).clamp(max=0.0))
+        out_ent = torch.where(ignored, 0.0, (log_total - packed[..., 2] / packed[..., 0]).clamp(min=0.0))
+        global_stats = torch.stack([big_m, log_total], -1)
+        ctx.save_for_backward(logits, local, global_stats, out_ent)
+        ctx.args = (temperature, ignore_index, backend)
+        return out_logp, out_ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        logits, local, stats, ent = ctx.saved_tensors
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(ent)
+        dx = _lp._token_logprobs_bwd_op(grad_logp, grad_ent, logits, local, stats, ent, *ctx.args)
+        return dx, None, None, None, None, None, None
+
+
+def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
+                                  vocab_start: int, group=None, temperature: float = 1.0,
+                                  ignore_index: int = -100, return_entropy: bool = False,
+                                  backend: str = "auto"):
+    """:func:`fastrlhf.token_logprobs` for logits sharded over the vocabulary.
+
+    Each rank of ``group`` holds ``logits [..., V_local]``, the columns
+    ``[vocab_start, vocab_start + V_local)`` of the full logits, and the same global
+    ``labels``. Every rank gets the full-vocabulary log-probs (and entropy), fp32 of
+    ``labels.shape``, and the gradient w.r.t. its own shard.
+
+    Communication: an all-reduce (max) of ``[N]`` and an all-reduce (sum) of ``[N, 3]``
+    fp32 in forward; nothing in backward. Memory as :func:`fastrlhf.token_logprobs`.
+    """
+    _lp._check_logits_labels(logits, labels, temperature, ignore_index)
+    _checks.integer("vocab_start", vocab_start)
+    if vocab_start < 0:
+        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
+    if not dist.is_initialized():
+        raise RuntimeError("vocab_parallel_token_logprobs needs torch.distributed to be initialized")
+    name = _lp.resolve_backend(backend, logits.device)
+    logp, ent = _VocabParallelLogprobs.apply(logits, labels, vocab_start, float(temperature),
+                                             ignore_index, name, group)
+    return (logp, ent) if return_entropy else logp
+
+
+def global_counts(mask: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens, sequences)``: valid tokens (``mask != 0``) and sequences with at least one
+    valid token, summed over the ranks of ``group`` with one all-reduce.
+
+    ``mask`` is ``[B, T]``; both results are 0-dim fp32 tensors on its device (no host
+    sync), to pass as ``global_tokens`` / ``global_seqs`` of the PPO losses. Without an
+    initialized process group the local counts are returned.
+    """
+    _checks.tensor("mask", mask, dim=2)
+    valid = mask != 0
+    counts = torch.stack([valid.sum(), valid.any(-1).sum()]).float()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, dist.ReduceOp.SUM, group=group)
+    return counts[0], counts[1]
