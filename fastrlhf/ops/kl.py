@@ -1,0 +1,253 @@
+"""KL estimators, KL-penalized per-token rewards and the KL coefficient controllers.
+
+Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
+autograd registrations → backend launcher (``fastrlhf.triton.kl``) or the reference
+(``fastrlhf.reference.kl``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastrlhf import _checks
+from fastrlhf.backend import resolve_backend
+from fastrlhf.reference import kl as ref
+
+_NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
+
+
+def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+# ------------------------------------------------------------------------- kl_penalty op
+@torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
+def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+                   clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from fastrlhf.triton.kl import kl_penalty_fwd
+
+        return kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
+    with torch.no_grad():  # the value of a "+" estimator is the plain one's
+        return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
+                              log_ratio_clamp).contiguous()
+
+
+@_kl_penalty_op.register_fake
+def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
+    return logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
+
+
+@torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
+def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                       estimator: str, clamp: float | None, log_ratio_clamp: float | None,
+                       want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from fastrlhf.triton.kl import kl_penalty_bwd
+
+        return kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
+                              want_logp, want_ref)
+    dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
+    return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
+            dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
+
+
+@_kl_penalty_bwd_op.register_fake
+def _(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, want_logp, want_ref, backend):
+    return (logprobs.new_empty(logprobs.shape if want_logp else 0),
+            ref_logprobs.new_empty(ref_logprobs.shape if want_ref else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    logprobs, ref_logprobs, *ctx.args = inputs
+    ctx.save_for_backward(logprobs, ref_logprobs)
+
+
+def _autograd_backward(ctx, grad):
+    logprobs, ref_logprobs = ctx.saved_tensors
+    want_logp, want_ref = ctx.needs_input_grad[:2]
+    estimator, clamp, log_ratio_clamp, backend = ctx.args
+    dlogp, dref = _kl_penalty_bwd_op(grad, logprobs, ref_logprobs, estimator, clamp,
+                                     log_ratio_clamp, want_logp, want_ref, backend)
+    return (dlogp if want_logp else None), (dref if want_ref else None), None, None, None, None
+
+
+_kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------- kl_penalized_rewards op
+@torch.library.custom_op("fastrlhf::kl_penalized_rewards", mutates_args=())
+def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                   mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
+                   kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        from fastrlhf.triton.kl import kl_penalized_rewards_fwd
+
+        return kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t,
+                                        estimator, kl_clamp, log_ratio_clamp, score_clip)
+    coef = kl_coef if kl_coef_t is None else kl_coef_t
+    rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
+                                           kl_clamp, log_ratio_clamp, score_clip)
+    return rewards.contiguous(), kl.contiguous()
+
+
+@_kl_rewards_op.register_fake
+def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator, kl_clamp,
+      log_ratio_clamp, score_clip, backend):
+    out = logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
+    return out, torch.empty_like(out)
+
+
+# ------------------------------------------------------------------------- public API
+def _optional_bound(name: str, value) -> float | None:
+    return None if value is None else _checks.positive(name, value)
+
+
+def _check_estimator(estimator) -> str:
+    if not isinstance(estimator, str) or estimator not in _NAMES:
+        raise ValueError(f"estimator must be one of {_NAMES}, got {estimator!r}")
+    return estimator
+
+
+def _check_pair(logprobs, ref_logprobs):
+    _checks.tensor("logprobs", logprobs, _checks.FLOAT_DTYPES)
+    _checks.tensor("ref_logprobs", ref_logprobs, _checks.FLOAT_DTYPES)
+    _checks.same_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
+    _checks.same_device("ref_logprobs", ref_logprobs, logprobs.device)
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
+               clamp: float | None = None, log_ratio_clamp: float | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from the log-ratio ``lr = logprobs - ref_logprobs``.
+
+    Estimators: ``"k1"`` = ``lr``; ``"abs"`` = ``|lr|``; ``"k2"`` (alias ``"mse"``) =
+    ``0.5 * lr**2``; ``"k3"`` (alias ``"low_var_kl"``) = ``exp(-lr) - 1 + lr``. Appending
+    ``"+"`` (``"k3+"``, ``"k1+"``, ...) makes it straight-through: the forward value of the
+    estimator, the gradient of ``k2`` (``lr``, on the unclamped log-ratio, clamps ignored).
+
+    Args:
+        logprobs, ref_logprobs: float tensors of one shape (any; bf16/fp16/fp32/fp64, dtypes may
+            differ), on one device. Both get gradients.
+        clamp: ``None`` or a float ``c > 0``: the estimate is clamped to ``[-c, c]``
+            (the OpenRLHF convention is ``clamp=10`` for every estimator).
+        log_ratio_clamp: ``None`` or a float ``c > 0``: ``lr`` is clamped to ``[-c, c]``
+            before the estimator. verl's k3 is ``estimator="k3", log_ratio_clamp=20, clamp=10``.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``fastrlhf.backend``).
+
+    Returns:
+        The estimate, fp32 (fp64 when an input is fp64), of ``logprobs.shape``.
+
+    Gradients (non-``+`` estimators) are those of the formula and 0 where a clamp is active
+    (strictly beyond its bound); ``abs`` has gradient 0 at ``lr = 0``. Without clamps ``k3``
+    overflows to ``+inf`` (gradient ``-inf``) for ``lr < -88`` in fp32: set ``log_ratio_clamp``.
+    Memory (triton): the output; backward allocates only the gradients asked for.
+    """
+    _check_pair(logprobs, ref_logprobs)
+    _check_estimator(estimator)
+    clamp = _optional_bound("clamp", clamp)
+    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
+    name = resolve_backend(backend, logprobs.device)
+    return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, *, kl_coef, estimator: str = "k1",
+                         kl_clamp: float | None = None, log_ratio_clamp: float | None = None,
+                         score_clip: float | None = None, backend: str = "auto"):
+    """Per-token PPO rewards: a KL penalty on every valid token plus the sequence score at the end.
+
+    ``rewards[b, t] = -kl_coef * kl[b, t]`` where ``mask[b, t] != 0`` (holes allowed), 0
+    elsewhere; the score of row ``b`` (clipped to ``+-score_clip`` first, when given) is added
+    at the row's last valid token. A row with no valid token gets no score (all zeros).
+
+    Args:
+        scores: ``[B]`` float sequence scores (reward-model outputs).
+        logprobs, ref_logprobs: ``[B, T]`` float; read in place when the last dim has unit stride.
+        mask: ``[B, T]`` bool, integer or float; a token is valid where ``mask != 0``.
+        kl_coef: a Python float, or a 0-dim float tensor on the inputs' device (read on the
+            device: an adaptive coefficient neither syncs nor recompiles under ``torch.compile``).
+        estimator, kl_clamp, log_ratio_clamp: as ``estimator``, ``clamp`` and
+            ``log_ratio_clamp`` of :func:`kl_penalty`.
+        score_clip: ``None`` or a float ``c > 0`` (OpenRLHF clips scores to ``+-10``).
+
+    Returns:
+        ``(rewards, kl)``, both ``[B, T]`` fp32 (fp64 when a log-prob input is fp64); ``kl`` is
+        0 outside the mask. Outputs carry no gradient (trainers compute rewards under
+        ``no_grad``); inputs that require grad are read detached.
+
+    Memory (triton): the two outputs, nothing else; one kernel.
+    """
+    _check_pair(logprobs, ref_logprobs)
+    _checks.tensor("logprobs", logprobs, dim=2)
+    B = logprobs.shape[0]
+    _checks.tensor("scores", scores, _checks.FLOAT_DTYPES, dim=1)
+    _checks.same_shape("scores", scores, (B,), "logprobs.shape[:1]")
+    _checks.same_device("scores", scores, logprobs.device)
+    _checks.mask("mask", mask, logprobs.shape, logprobs.device)
+    _check_estimator(estimator)
+    kl_clamp = _optional_bound("kl_clamp", kl_clamp)
+    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
+    score_clip = _optional_bound("score_clip", score_clip)
+    coef, coef_t = _check_coef(kl_coef, logprobs.device)
+    name = resolve_backend(backend, logprobs.device)
+    return _kl_rewards_op(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), coef,
+                          coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, name)
+
+
+def _check_coef(kl_coef, device: torch.device) -> tuple[float, torch.Tensor | None]:
+    if isinstance(kl_coef, torch.Tensor):
+        if not kl_coef.is_floating_point() or kl_coef.dim() != 0:
+            raise TypeError(f"kl_coef must be a Python float or a 0-dim float tensor, got a "
+                            f"{kl_coef.dtype} tensor of shape {tuple(kl_coef.shape)}")
+        _checks.same_device("kl_coef", kl_coef, device)
+        return 0.0, kl_coef.detach()
+    if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
+        raise TypeError(f"kl_coef must be a Python float or a 0-dim float tensor, got {type(kl_coef).__name__}")
+    if not math.isfinite(kl_coef):
+        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
+    return float(kl_coef), None
+
+
+# ---------------------------------------------------------------------- controllers
+class FixedKLController:
+    """A constant KL coefficient: ``.value`` never changes; ``update`` is a no-op."""
+
+    def __init__(self, coef: float):
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
+            raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
+        self.value = float(coef)
+
+    def update(self, current_kl=None, n_steps: int = 1) -> float:
+        return self.value
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019; as in verl and OpenRLHF).
+
+    ``update(current_kl, n_steps)``: ``err = clip(current_kl / target - 1, -0.2, 0.2)``, then
+    ``value *= 1 + err * n_steps / horizon``. ``current_kl`` may be a float or a 0-dim tensor
+    (read with one host sync, once per update). Returns the new ``.value``.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: float):
+        if isinstance(init_coef, bool) or not isinstance(init_coef, (int, float)) \
+                or not math.isfinite(init_coef) or init_coef < 0:
+            raise ValueError(f"init_coef must be a finite number >= 0, got {init_coef!r}")
+        self.value = float(init_coef)
+        self.target = _checks.positive("target", target)
+        self.horizon = _checks.positive("horizon", horizon)
+
+    def update(self, current_kl, n_steps: int) -> float:
+        kl = float(current_kl)
+        if not math.isfinite(kl):
+            raise ValueError(f"current_kl must be finite, got {kl}")
+        _checks.integer("n_steps", n_steps)
+        if n_steps < 0:
+            raise ValueError(f"n_steps must be >= 0, got {n_steps}")
+        err = min(max(kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + err * n_steps / self.horizon
+        return self.value

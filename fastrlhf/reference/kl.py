@@ -1,0 +1,103 @@
+"""Naive PyTorch KL estimators and KL-penalized per-token rewards, written the way trainers
+write them. The oracle of the tests, the baseline of the benchmarks and the ``torch`` backend.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ESTIMATORS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+"""Accepted names (``+`` may be appended to each) and the estimator they mean."""
+
+
+def parse_estimator(estimator: str) -> tuple[str, bool]:
+    """``("k1" | "abs" | "k2" | "k3", straight_through)`` of an estimator name such as ``"k3+"``."""
+    straight = estimator.endswith("+")
+    return ESTIMATORS[estimator.removesuffix("+")], straight
+
+
+def _acc(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
+               clamp: float | None = None, log_ratio_clamp: float | None = None) -> torch.Tensor:
+    """Per-token KL estimate of ``lr = logprobs - ref_logprobs``, differentiable.
+
+    ``lr`` is clamped to ``+-log_ratio_clamp`` first, the estimate to ``+-clamp`` last.
+    ``"+"`` estimators: forward value of the estimator, gradient of ``0.5 * lr**2``
+    (straight-through, on the unclamped ``lr``).
+    """
+    name, straight = parse_estimator(estimator)
+    acc = _acc(logprobs, ref_logprobs)
+    lr = logprobs.to(acc) - ref_logprobs.to(acc)
+    x = lr if log_ratio_clamp is None else lr.clamp(-log_ratio_clamp, log_ratio_clamp)
+    if name == "k1":
+        kl = x
+    elif name == "abs":
+        kl = x.abs()
+    elif name == "k2":
+        kl = 0.5 * x.square()
+    else:
+        kl = torch.exp(-x) - 1 + x
+    if clamp is not None:
+        kl = kl.clamp(-clamp, clamp)
+    if straight:
+        k2 = 0.5 * lr.square()
+        kl = k2 - k2.detach() + kl.detach()
+    return kl
+
+
+def kl_penalty_backward(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                        estimator: str = "k1", clamp: float | None = None,
+                        log_ratio_clamp: float | None = None):
+    """``(d/d logprobs, d/d ref_logprobs)`` as the kernels compute them, in the inputs' dtypes.
+
+    The derivative is 0 where a clamp is active (strictly beyond the bound), never NaN from
+    the unselected branch (an overflowing ``k3`` under an active ``clamp`` has gradient 0).
+    """
+    name, straight = parse_estimator(estimator)
+    acc = _acc(logprobs, ref_logprobs)
+    lr = logprobs.to(acc) - ref_logprobs.to(acc)
+    if straight:
+        d = lr
+    else:
+        x = lr if log_ratio_clamp is None else lr.clamp(-log_ratio_clamp, log_ratio_clamp)
+        d = {"k1": torch.ones_like, "abs": torch.sign, "k2": lambda v: v,
+             "k3": lambda v: 1 - torch.exp(-v)}[name](x)
+        active = torch.zeros_like(lr, dtype=torch.bool)
+        if log_ratio_clamp is not None:
+            active |= lr.abs() > log_ratio_clamp
+        if clamp is not None:
+            value = {"k1": x, "abs": x.abs(), "k2": 0.5 * x.square(), "k3": torch.exp(-x) - 1 + x}[name]
+            active |= value.abs() > clamp
+        d = torch.where(active, 0.0, d)
+    d = grad.to(acc) * d
+    return d.to(logprobs.dtype), (-d).to(ref_logprobs.dtype)
+
+
+def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                         mask: torch.Tensor, kl_coef, estimator: str = "k1",
+                         kl_clamp: float | None = None, log_ratio_clamp: float | None = None,
+                         score_clip: float | None = None):
+    """``(rewards, kl)``, ``[B, T]`` fp32 (fp64 for fp64 log-probs), no gradient.
+
+    ``rewards = -kl_coef * kl`` on valid tokens (``mask != 0``), 0 elsewhere, plus the
+    (optionally clipped) score at the last valid token of each row. A row with no valid
+    token gets no score. ``kl`` is 0 outside the mask.
+    """
+    with torch.no_grad():
+        valid = mask != 0
+        kl = kl_penalty(logprobs, ref_logprobs, estimator, kl_clamp, log_ratio_clamp)
+        kl = torch.where(valid, kl, 0.0)
+        coef = torch.as_tensor(kl_coef, dtype=kl.dtype, device=kl.device)
+        rewards = torch.where(valid, -coef * kl, 0.0)
+        s = scores.to(kl.dtype)
+        if score_clip is not None:
+            s = s.clamp(-score_clip, score_clip)
+        T = mask.shape[-1]
+        last = torch.where(valid, torch.arange(T, device=mask.device), -1).amax(-1) if T else \
+            torch.full(mask.shape[:-1], -1, device=mask.device)
+        at_last = torch.arange(T, device=mask.device) == last.unsqueeze(-1)
+        rewards = rewards + torch.where(at_last, s.unsqueeze(-1), 0.0)
+        return rewards, kl

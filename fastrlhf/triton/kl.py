@@ -1,0 +1,211 @@
+"""Triton kernels for KL estimators and KL-penalized per-token rewards.
+
+All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp is passed as ``inf``, which leaves
+every value unchanged, so clamps are runtime arguments and never specialize a kernel.
+Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrlhf.reference.kl import parse_estimator
+
+_EST_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+_BLOCK = 1024
+
+
+@triton.jit
+def _clamp(x, bound):
+    """``x`` clamped to ``[-bound, bound]``; NaN stays NaN (``tl.maximum`` may drop it on GPUs)."""
+    return tl.where(x < -bound, -bound, tl.where(x > bound, bound, x))
+
+
+@triton.jit
+def _kl_value(lr, log_ratio_clamp, EST: tl.constexpr):
+    x = _clamp(lr, log_ratio_clamp)
+    if EST == 0:
+        v = x
+    elif EST == 1:
+        v = tl.abs(x)
+    elif EST == 2:
+        v = 0.5 * x * x
+    else:
+        v = tl.exp(-x) - 1.0 + x
+    return x, v
+
+
+@triton.jit
+def _kl_estimate(lr, clamp, log_ratio_clamp, EST: tl.constexpr):
+    """The clamped estimate of the log-ratio ``lr``."""
+    _, v = _kl_value(lr, log_ratio_clamp, EST)
+    return _clamp(v, clamp)
+
+
+@triton.jit
+def _kl_derivative(lr, clamp, log_ratio_clamp, EST: tl.constexpr, STRAIGHT: tl.constexpr):
+    """d estimate / d lr; 0 where a clamp is active. Straight-through: ``lr`` (k2's)."""
+    if STRAIGHT:
+        d = lr
+    else:
+        x, v = _kl_value(lr, log_ratio_clamp, EST)
+        if EST == 0:
+            d = tl.full(x.shape, 1.0, x.dtype)
+        elif EST == 1:
+            d = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+        elif EST == 2:
+            d = x
+        else:
+            d = 1.0 - tl.exp(-x)
+        active = (tl.abs(lr) > log_ratio_clamp) | (tl.abs(v) > clamp)
+        d = tl.where(active, 0.0, d)
+    return d
+
+
+@triton.jit
+def _log_ratio(logp_ptr, ref_ptr, offs, mask, ACC: tl.constexpr):
+    logp = tl.load(logp_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return logp - tl.load(ref_ptr + offs, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, N, clamp, log_ratio_clamp,
+                   EST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    lr = _log_ratio(logp_ptr, ref_ptr, offs, inb, ACC)
+    tl.store(kl_ptr + offs, _kl_estimate(lr, clamp, log_ratio_clamp, EST), mask=inb)
+
+
+@triton.jit
+def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, log_ratio_clamp,
+                   EST: tl.constexpr, STRAIGHT: tl.constexpr, WANT_LOGP: tl.constexpr,
+                   WANT_REF: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    lr = _log_ratio(logp_ptr, ref_ptr, offs, inb, ACC)
+    d = _kl_derivative(lr, clamp, log_ratio_clamp, EST, STRAIGHT)
+    d *= tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC)
+    if WANT_LOGP:
+        tl.store(dlogp_ptr + offs, d.to(dlogp_ptr.dtype.element_ty), mask=inb)
+    if WANT_REF:
+        tl.store(dref_ptr + offs, (-d).to(dref_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_ptr, coef_ptr,
+                       T, n_tiles, s_logp, s_ref, s_mask, kl_coef, clamp, log_ratio_clamp, score_clip,
+                       EST: tl.constexpr, COEF_TENSOR: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """One program per ``BLOCK_T`` tile of a row. The tile holding the row's last valid token
+    adds the score there; it knows it is that tile by scanning the mask of the later tiles
+    until it meets a valid token (only the tile right before an invalid run scans it, so the
+    extra reads stay below one more pass over the mask)."""
+    pid = tl.program_id(0)
+    row = (pid // n_tiles).to(tl.int64)
+    tile = pid % n_tiles
+    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = cols < T
+    valid = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
+    lr = _log_ratio(logp_ptr + row * s_logp, ref_ptr + row * s_ref, cols, valid, ACC)
+    kl = tl.where(valid, _kl_estimate(lr, clamp, log_ratio_clamp, EST), 0.0)
+    if COEF_TENSOR:
+        coef = tl.load(coef_ptr).to(ACC)
+    else:
+        coef = kl_coef
+    rewards = tl.where(valid, -coef * kl, 0.0)
+
+    last = tl.max(tl.where(valid, cols, -1), axis=0)
+    later = tl.full([], 0, tl.int32)
+    start = (tile + 1) * BLOCK_T
+    while (last >= 0) & (later == 0) & (start < T):
+        c = start + tl.arange(0, BLOCK_T)
+        m = tl.load(mask_ptr + row * s_mask + c, mask=c < T, other=0) != 0
+        later = tl.max(m.to(tl.int32), axis=0)
+        start += BLOCK_T
+    score = tl.load(scores_ptr + row).to(ACC)
+    score = _clamp(score, score_clip)
+    rewards = tl.where((cols == last) & (later == 0), rewards + score, rewards)
+    out = row * T + cols
+    tl.store(rewards_ptr + out, rewards, mask=inb)
+    tl.store(kl_ptr + out, kl, mask=inb)
+
+
+def _acc(*xs: torch.Tensor):
+    return tl.float64 if any(x.dtype == torch.float64 for x in xs) else tl.float32
+
+
+def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A contiguous 1-D view (a copy only for a non-contiguous or expanded input)."""
+    return x.reshape(-1).contiguous()
+
+
+def _inf(x: float | None) -> float:
+    return math.inf if x is None else float(x)
+
+
+def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp):
+    """The clamped estimate, a new contiguous tensor of the inputs' shape, fp32 (fp64 for fp64)."""
+    name, _ = parse_estimator(estimator)
+    out = torch.empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs), device=logprobs.device)
+    n = out.numel()
+    if n:
+        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            _flat(logprobs), _flat(ref_logprobs), out, n, _inf(clamp), _inf(log_ratio_clamp),
+            EST=_EST_ID[name], ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
+    return out
+
+
+def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
+                   want_logp=True, want_ref=True):
+    """``(d logprobs, d ref_logprobs)`` in the inputs' dtypes; an unwanted one is an empty tensor."""
+    name, straight = parse_estimator(estimator)
+    dlogp = torch.empty(logprobs.shape if want_logp else 0, dtype=logprobs.dtype, device=logprobs.device)
+    dref = torch.empty(ref_logprobs.shape if want_ref else 0, dtype=ref_logprobs.dtype, device=logprobs.device)
+    n = logprobs.numel()
+    if n and (want_logp or want_ref):
+        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+            _flat(grad), _flat(logprobs), _flat(ref_logprobs), dlogp, dref, n,
+            _inf(clamp), _inf(log_ratio_clamp), EST=_EST_ID[name], STRAIGHT=straight,
+            WANT_LOGP=want_logp, WANT_REF=want_ref, ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
+    return dlogp, dref
+
+
+def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(x, row stride)`` of a ``[B, T]`` tensor read in place when its last dim is unit-strided."""
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        x = x.contiguous()
+    return x, x.stride(0)
+
+
+def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator,
+                             kl_clamp, log_ratio_clamp, score_clip):
+    """``(rewards, kl)``: new contiguous ``[B, T]`` tensors, fp32 (fp64 for fp64 log-probs).
+
+    ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the kernel when given,
+    else the Python float ``kl_coef``.
+    """
+    B, T = logprobs.shape
+    dtype = _out_dtype(logprobs, ref_logprobs)
+    rewards = torch.empty((B, T), dtype=dtype, device=logprobs.device)
+    kl = torch.empty((B, T), dtype=dtype, device=logprobs.device)
+    if B * T == 0:
+        return rewards, kl
+    name, _ = parse_estimator(estimator)
+    block = min(triton.next_power_of_2(T), 2048)
+    n_tiles = triton.cdiv(T, block)
+    (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
+    _kl_rewards_kernel[(B * n_tiles,)](
+        scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
+        T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), _inf(kl_clamp), _inf(log_ratio_clamp),
+        _inf(score_clip), EST=_EST_ID[name], COEF_TENSOR=kl_coef_t is not None,
+        ACC=_acc(logprobs, ref_logprobs), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
+    return rewards, kl

@@ -1,0 +1,453 @@
+"""kl_penalty / kl_penalized_rewards / KL controllers: every backend against the naive reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrlhf.ops.kl import (AdaptiveKLController, FixedKLController, kl_penalized_rewards,
+                             kl_penalty)
+from fastrlhf.reference import kl as ref
+from tests.conftest import DEVICE
+
+ESTIMATORS = [n + s for n in ("k1", "abs", "k2", "mse", "k3", "low_var_kl") for s in ("", "+")]
+# (clamp, log_ratio_clamp): none; a value clamp active on many tokens; verl's k3 shape
+# (log-ratio clamp then value clamp), scaled down so that both are active on random inputs.
+CLAMPS = {"noclamp": (None, None), "clamp0.5": (0.5, None), "lrclamp1-clamp2": (2.0, 1.0)}
+# Shapes: a single token per row, odd sizes that line up with nothing, and a row longer
+# than one 1024-element tile (1031 = 1024 + 7).
+SHAPES = [(3, 1), (5, 37), (2, 1031)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+def _pair(shape, dtype=torch.float32, scale=1.0):
+    lp = (torch.randn(shape, device=DEVICE) * scale).to(dtype)
+    rp = (lp.float() + torch.randn(shape, device=DEVICE) * scale).to(dtype)
+    return lp, rp
+
+
+def _kl_run(lp, rp, grad, backend, **kw):
+    """Value and both gradients of ``sum(grad * kl)``."""
+    a = lp.detach().clone().requires_grad_(True)
+    b = rp.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        out = ref.kl_penalty(a, b, kw.get("estimator", "k1"), kw.get("clamp"), kw.get("log_ratio_clamp"))
+    else:
+        out = kl_penalty(a, b, backend=backend, **kw)
+    (out * grad).sum().backward()
+    return out.detach(), a.grad, b.grad
+
+
+def _backends():
+    from fastrlhf.backend import available_backends
+
+    return available_backends(DEVICE)
+
+
+def _max_err(got, truth):
+    return [(g.double() - t.double()).abs().max().item() if g.numel() else 0.0 for g, t in zip(got, truth)]
+
+
+# ------------------------------------------------------------------------ kl_penalty
+@pytest.mark.parametrize("clamps", CLAMPS.values(), ids=CLAMPS.keys())
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_kl_penalty_matches_reference(backend, estimator, clamps):
+    clamp, lr_clamp = clamps
+    lp, rp = _pair((5, 37))
+    grad = torch.randn(5, 37, device=DEVICE)
+    kw = dict(estimator=estimator, clamp=clamp, log_ratio_clamp=lr_clamp)
+    got = _kl_run(lp, rp, grad, backend, **kw)
+    want = _kl_run(lp.double(), rp.double(), grad.double(), "reference", **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    for err in _max_err(got, want):
+        assert err < 1e-5
+    if clamp is not None:
+        assert got[0].abs().max() <= clamp
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-T{s[1]}")
+@pytest.mark.parametrize("estimator", ["k1", "k3", "abs+"])
+def test_kl_penalty_shapes_and_dtypes(backend, shape, dtype, estimator):
+    lp, rp = _pair(shape, dtype)
+    grad = torch.randn(shape, device=DEVICE)
+    truth = _kl_run(lp.double(), rp.double(), grad.double(), "reference", estimator=estimator)
+    got = _kl_run(lp, rp, grad, backend, estimator=estimator)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    # at most ~2x the error of the same-dtype PyTorch reference, plus one rounding
+    same = _kl_run(lp, rp, grad, "reference", estimator=estimator)
+    for err, base, t in zip(_max_err(got, truth), _max_err(same, truth), truth):
+        assert err <= 2 * base + torch.finfo(dtype).eps * t.abs().max().item() + 1e-6
+
+
+def test_straight_through_value_and_gradient(backend):
+    """``"+"``: the value of the estimator, the gradient ``lr`` of k2 (clamps ignored)."""
+    lp, rp = _pair((4, 9), scale=2.0)
+    grad = torch.randn(4, 9, device=DEVICE)
+    lr = lp - rp
+    for name in ("k1", "abs", "k2", "k3"):
+        plain = _kl_run(lp, rp, grad, backend, estimator=name, clamp=1.0)
+        got = _kl_run(lp, rp, grad, backend, estimator=name + "+", clamp=1.0)
+        torch.testing.assert_close(got[0], plain[0])
+        torch.testing.assert_close(got[1], grad * lr)
+        torch.testing.assert_close(got[2], -grad * lr)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
+def test_clamps_extreme_log_ratios(backend):
+    """lr = -100 overflows exp(-lr) in fp32: an active clamp still gives a finite value and a
+    zero gradient (not NaN); verl's k3 settings give exactly the clamp; no clamp gives +inf."""
+    lp = torch.tensor([-100.0, 100.0, 0.5, -30.0], device=DEVICE)
+    rp = torch.zeros(4, device=DEVICE)
+    val, dlp, dref = _kl_run(lp, rp, torch.ones(4, device=DEVICE), backend, estimator="k3", clamp=10.0)
+    assert val[0] == val[1] == val[3] == 10.0
+    assert dlp[0] == dlp[1] == dlp[3] == 0.0 and torch.isfinite(dlp).all() and torch.isfinite(dref).all()
+    val, dlp, _ = _kl_run(lp, rp, torch.ones(4, device=DEVICE), backend, estimator="k3", clamp=100.0)
+    assert val[1] == 99.0 and dlp[1] == 1.0 and val[0] == 100.0 and dlp[0] == 0.0
+    val, dlp, _ = _kl_run(lp, rp, torch.ones(4, device=DEVICE), backend, estimator="k3",
+                          clamp=10.0, log_ratio_clamp=20.0)
+    assert val[0] == 10.0 and val[1] == 10.0 and dlp[0] == 0 and dlp[1] == 0
+    assert abs(val[2].item() - (math.exp(-0.5) - 1 + 0.5)) < 1e-6
+    assert abs(dlp[2].item() - (1 - math.exp(-0.5))) < 1e-6
+    assert kl_penalty(lp, rp, estimator="k3", backend=backend)[0] == float("inf")
+    # log-ratio clamp alone: k1 of +-100 is +-20, gradient 0 there and 1 elsewhere
+    val, dlp, dref = _kl_run(lp, rp, torch.ones(4, device=DEVICE), backend, log_ratio_clamp=20.0)
+    assert val.tolist() == [-20.0, 20.0, 0.5, -20.0]
+    assert dlp.tolist() == [0.0, 0.0, 1.0, 0.0] and dref.tolist() == [0.0, 0.0, -1.0, 0.0]
+
+
+def test_abs_gradient_at_zero(backend):
+    lp = torch.tensor([0.25, 0.0, -1.0], device=DEVICE)
+    _, dlp, dref = _kl_run(lp, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), backend,
+                           estimator="abs")
+    assert dlp.tolist() == [1.0, 0.0, -1.0] and dref.tolist() == [-1.0, 0.0, 1.0]
+
+
+def test_gradient_only_for_one_input_and_mixed_dtypes(backend):
+    lp = torch.randn(3, 5, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    rp = torch.randn(3, 5, device=DEVICE)
+    out = kl_penalty(lp, rp, estimator="k2", backend=backend)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert lp.grad.dtype == torch.bfloat16 and rp.grad is None
+    torch.testing.assert_close(lp.grad.float(), (lp.float() - rp).to(torch.bfloat16).float(), atol=1e-2, rtol=1e-2)
+    a = torch.randn(4, device=DEVICE, dtype=torch.float64)
+    b = torch.randn(4, device=DEVICE, requires_grad=True)
+    out = kl_penalty(a, b, estimator="k1", backend=backend)
+    out.sum().backward()
+    assert out.dtype == torch.float64 and b.grad.dtype == torch.float32 and (b.grad == -1).all()
+
+
+def test_empty_and_scalar_inputs(backend):
+    for shape in [(0,), (0, 7), (3, 0), ()]:
+        lp = torch.randn(shape, device=DEVICE, requires_grad=True)
+        out = kl_penalty(lp, torch.zeros(shape, device=DEVICE), estimator="k3", backend=backend)
+        assert out.shape == shape
+        out.sum().backward()
+        assert lp.grad.shape == shape
+
+
+def test_non_contiguous_and_expanded_inputs(backend):
+    base = torch.randn(4, 10, device=DEVICE)
+    for lp, rp in [(base[:, 1:], base.t().contiguous().t()[:, :-1]),
+                   (base[:, :9], torch.zeros((), device=DEVICE).expand(4, 9)),
+                   (base[:1].expand(4, 10), base)]:
+        a = lp.clone().requires_grad_(True)
+        got = kl_penalty(a, rp, estimator="k3", backend=backend)
+        torch.testing.assert_close(got, ref.kl_penalty(lp.contiguous(), rp.contiguous(), "k3"))
+        got.sum().backward()  # an expanded (stride-0) upstream gradient
+        torch.testing.assert_close(a.grad, 1 - torch.exp(rp - lp))
+
+
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_gradcheck_fp64(backend, estimator):
+    lp = torch.randn(2, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    rp = (lp.detach() + 0.5 + torch.rand(2, 5, dtype=torch.float64, device=DEVICE)).requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: kl_penalty(a, b, estimator=estimator, clamp=5.0,
+                                                            backend=backend), (lp, rp))
+
+
+# ---------------------------------------------------------------- kl_penalized_rewards
+def _holey_mask(B, T):
+    mask = (torch.rand(B, T, device=DEVICE) > 0.3).int()
+    if B > 1:
+        mask[1] = 0  # a fully masked row
+    if B > 2 and T > 2:
+        mask[2, T // 2:] = 0  # padding after the response
+    return mask
+
+
+def _rewards_case(B, T, dtype=torch.float32):
+    lp, rp = _pair((B, T), dtype)
+    scores = torch.randn(B, device=DEVICE) * 4
+    return scores, lp, rp, _holey_mask(B, T)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(3, 4099)], ids=lambda s: f"B{s[0]}-T{s[1]}")
+@pytest.mark.parametrize("estimator", ["k1", "k3", "abs+"])
+def test_rewards_match_reference(backend, shape, estimator):
+    scores, lp, rp, mask = _rewards_case(*shape)
+    kw = dict(kl_coef=0.05, estimator=estimator, kl_clamp=1.0, score_clip=2.0)
+    rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, backend=backend, **kw)
+    want_r, want_kl = ref.kl_penalized_rewards(scores, lp, rp, mask, 0.05, estimator, 1.0, None, 2.0)
+    assert rewards.dtype == kl.dtype == torch.float32 and rewards.shape == shape
+    torch.testing.assert_close(rewards, want_r, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(kl, want_kl, atol=1e-6, rtol=1e-5)
+    assert (kl[mask == 0] == 0).all() and (rewards[mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_rewards_dtypes_and_tensor_coef(backend, dtype):
+    scores, lp, rp, mask = _rewards_case(4, 37, dtype)
+    coef = torch.tensor(0.3, device=DEVICE)
+    rewards, kl = kl_penalized_rewards(scores.to(dtype), lp, rp, mask.bool(), kl_coef=coef,
+                                       estimator="k3", backend=backend)
+    want_r, want_kl = ref.kl_penalized_rewards(scores.to(dtype), lp, rp, mask, 0.3, "k3")
+    torch.testing.assert_close(rewards, want_r, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(kl, want_kl, atol=1e-5, rtol=1e-5)
+
+
+def test_score_lands_on_last_valid_token_across_tiles(backend):
+    """The last valid token in the first, middle and last 2048-token tile, a fully masked row,
+    holes, a float mask and a row whose last valid token is its very last element."""
+    B, T = 5, 5000
+    mask = torch.zeros(B, T, device=DEVICE)
+    mask[0, :101] = 1.0          # last = 100: tile 0, then two all-invalid tiles to scan
+    mask[1, :11] = 1.0
+    mask[1, 4500] = 0.5          # last = 4500: tile 2, far past a long hole
+    mask[3, :4096:2] = 1.0       # last = 4094: end of tile 1, tile 2 empty
+    mask[4, -1] = -1.0           # last = 4999, the only valid token
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0], device=DEVICE)
+    zeros = torch.zeros(B, T, device=DEVICE)
+    rewards, kl = kl_penalized_rewards(scores, zeros, zeros, mask, kl_coef=0.1, backend=backend)
+    assert (kl == 0).all()
+    assert rewards.nonzero().tolist() == [[0, 100], [1, 4500], [3, 4094], [4, 4999]]
+    assert rewards[rewards != 0].tolist() == [1.0, 2.0, 4.0, 5.0]
+
+
+def test_rewards_sum_identity_and_fully_masked(backend):
+    scores, lp, rp, mask = _rewards_case(6, 33)
+    mask[4] = 0
+    rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=0.2, estimator="k2", backend=backend)
+    has = (mask != 0).any(-1)
+    torch.testing.assert_close(rewards.sum(-1), -0.2 * kl.sum(-1) + torch.where(has, scores, 0.0))
+    assert (rewards[4] == 0).all() and (rewards[1] == 0).all()
+
+
+def test_rewards_ignore_garbage_outside_mask(backend):
+    """Padding positions may hold -inf / NaN log-probs: they reach neither output."""
+    scores, lp, rp, mask = _rewards_case(3, 20)
+    lp[mask == 0] = float("-inf")
+    rp[mask == 0] = float("nan")
+    rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=0.1, estimator="k3", backend=backend)
+    assert torch.isfinite(rewards).all() and torch.isfinite(kl).all()
+
+
+def test_rewards_empty_and_single_token(backend):
+    for B, T in [(0, 5), (3, 0), (0, 0)]:
+        z = torch.zeros(B, T, device=DEVICE)
+        r, k = kl_penalized_rewards(torch.zeros(B, device=DEVICE), z, z, z, kl_coef=0.1, backend=backend)
+        assert r.shape == k.shape == (B, T)
+    lp = torch.tensor([[0.5], [0.5]], device=DEVICE)
+    r, k = kl_penalized_rewards(torch.tensor([3.0, 3.0], device=DEVICE), lp, torch.zeros_like(lp),
+                                torch.tensor([[1], [0]], device=DEVICE), kl_coef=0.5, backend=backend)
+    assert r.tolist() == [[3.0 - 0.25], [0.0]] and k.tolist() == [[0.5], [0.0]]
+
+
+def test_rewards_strided_rows_and_no_gradient(backend):
+    base = torch.randn(3, 12, device=DEVICE, requires_grad=True)
+    lp, rp = base[:, 1:], base[:, :-1].detach()
+    mask = torch.ones(3, 11, dtype=torch.bool, device=DEVICE)
+    scores = torch.randn(3, device=DEVICE, requires_grad=True)
+    r, k = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=0.1, backend=backend)
+    assert not r.requires_grad and not k.requires_grad
+    want_r, _ = ref.kl_penalized_rewards(scores, lp.contiguous(), rp.contiguous(), mask, 0.1)
+    torch.testing.assert_close(r, want_r)
+
+
+def test_rewards_64bit_offsets(backend):
+    """Row 1 of the log-probs starts 2**31 elements in (the storage is reserved, not touched)."""
+    if DEVICE.type == "cpu":
+        pytest.skip("needs a GPU: the Triton interpreter copies the whole 4 GiB storage back and forth")
+    T = 16
+    try:
+        storage = torch.empty(2**31 + T, dtype=torch.bfloat16, device=DEVICE)
+    except RuntimeError as e:  # pragma: no cover - a machine without the memory
+        pytest.skip(f"cannot reserve 4 GiB: {e}")
+    lp = storage.as_strided((2, T), (2**31, 1))
+    lp.copy_(torch.randn(2, T, device=DEVICE))
+    rp = torch.zeros(2, T, device=DEVICE)
+    mask = torch.ones(2, T, device=DEVICE)
+    scores = torch.ones(2, device=DEVICE)
+    r, k = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=1.0, backend=backend)
+    want_r, want_k = ref.kl_penalized_rewards(scores, lp.contiguous(), rp, mask, 1.0)
+    torch.testing.assert_close(r, want_r)
+    torch.testing.assert_close(k, want_k)
+
+
+@settings(max_examples=20, deadline=None)
+@given(B=st.integers(0, 4), T=st.integers(1, 70), estimator=st.sampled_from(ESTIMATORS),
+       p_valid=st.sampled_from([0.0, 0.3, 1.0]), scale=st.sampled_from([0.01, 1.0, 30.0]),
+       clamp=st.sampled_from([None, 10.0]), lr_clamp=st.sampled_from([None, 20.0]),
+       seed=st.integers(0, 2**16))
+def test_property_against_reference(B, T, estimator, p_valid, scale, clamp, lr_clamp, seed):
+    torch.manual_seed(seed)
+    lp, rp = _pair((B, T), scale=scale)
+    mask = torch.rand(B, T, device=DEVICE) < p_valid
+    scores = torch.randn(B, device=DEVICE)
+    want_r, want_k = ref.kl_penalized_rewards(scores.double(), lp.double(), rp.double(), mask, 0.1,
+                                              estimator, clamp, lr_clamp, 1.0)
+    want_kl = ref.kl_penalty(lp.double(), rp.double(), estimator, clamp, lr_clamp)
+    for backend in _backends():
+        r, k = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=0.1, estimator=estimator,
+                                    kl_clamp=clamp, log_ratio_clamp=lr_clamp, score_clip=1.0, backend=backend)
+        kl = kl_penalty(lp, rp, estimator=estimator, clamp=clamp, log_ratio_clamp=lr_clamp, backend=backend)
+        finite = torch.isfinite(want_kl)
+        tol = dict(atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kl[finite].double(), want_kl[finite], **tol)
+        assert (kl[~finite] == want_kl[~finite]).all()  # k3 overflow without clamps: +inf
+        fin = torch.isfinite(want_r)
+        torch.testing.assert_close(r[fin].double(), want_r[fin], **tol)
+        torch.testing.assert_close(k[fin].double(), want_k[fin], **tol)
+        if estimator.removesuffix("+") in ("abs", "k2", "mse", "k3", "low_var_kl"):
+            assert (kl >= -1e-6).all()  # k3 = exp(-lr) - 1 + lr in fp32 may round to -1e-7
+
+
+# ---------------------------------------------------------------------- controllers
+def test_adaptive_controller():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    assert ctl.value == 0.1
+    ctl.update(9.0, n_steps=256)  # err = 0.5 -> clipped to 0.2
+    assert math.isclose(ctl.value, 0.1 * (1 + 0.2 * 256 / 10000))
+    v = ctl.value
+    ctl.update(torch.tensor(3.0), n_steps=100)  # err = -0.5 -> -0.2; a tensor KL is accepted
+    assert math.isclose(ctl.value, v * (1 - 0.2 * 100 / 10000))
+    v = ctl.value
+    assert math.isclose(ctl.update(6.6, 1000), v * (1 + 0.1 * 1000 / 10000))
+    fixed = FixedKLController(0.05)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.05
+
+
+@pytest.mark.parametrize("make, exc", [
+    (lambda: AdaptiveKLController(0.1, 0.0, 10), ValueError),
+    (lambda: AdaptiveKLController(0.1, 6.0, -1), ValueError),
+    (lambda: AdaptiveKLController(-0.1, 6.0, 10), ValueError),
+    (lambda: AdaptiveKLController(0.1, "6", 10), TypeError),
+    (lambda: AdaptiveKLController(0.1, 6.0, 10).update(float("nan"), 1), ValueError),
+    (lambda: AdaptiveKLController(0.1, 6.0, 10).update(1.0, 1.5), TypeError),
+    (lambda: FixedKLController(float("inf")), ValueError),
+])
+def test_controller_bad_input(make, exc):
+    with pytest.raises(exc):
+        make()
+
+
+# ------------------------------------------------------------------------ bad input
+_x = torch.randn(2, 3)
+_m = torch.ones(2, 3)
+_s = torch.randn(2)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (lambda: kl_penalty(_x, torch.randn(2, 4)), ValueError, r"ref_logprobs must have shape \(2, 3\)"),
+    (lambda: kl_penalty(_x.long(), _x), TypeError, "logprobs must have dtype"),
+    (lambda: kl_penalty(_x, _x.int()), TypeError, "ref_logprobs must have dtype"),
+    (lambda: kl_penalty([1.0], _x), TypeError, "logprobs must be a torch.Tensor"),
+    (lambda: kl_penalty(_x, _x, estimator="k4"), ValueError, "estimator must be one of"),
+    (lambda: kl_penalty(_x, _x, estimator="k3++"), ValueError, "estimator must be one of"),
+    (lambda: kl_penalty(_x, _x, estimator="K1"), ValueError, "estimator must be one of"),
+    (lambda: kl_penalty(_x, _x, clamp=0.0), ValueError, "clamp must be a finite number > 0"),
+    (lambda: kl_penalty(_x, _x, clamp="10"), TypeError, "clamp must be a Python float"),
+    (lambda: kl_penalty(_x, _x, log_ratio_clamp=-1.0), ValueError, "log_ratio_clamp"),
+    (lambda: kl_penalty(_x, _x, backend="jax"), ValueError, "backend must be one of"),
+    (lambda: kl_penalty(_x, _x.to("meta")), ValueError, "ref_logprobs must be on cpu"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, torch.ones(2, 4), kl_coef=0.1), ValueError, "mask must have shape"),
+    (lambda: kl_penalized_rewards(torch.randn(3), _x, _x, _m, kl_coef=0.1), ValueError, r"scores must have shape \(2,\)"),
+    (lambda: kl_penalized_rewards(_s.long(), _x, _x, _m, kl_coef=0.1), TypeError, "scores must have dtype"),
+    (lambda: kl_penalized_rewards(_s, _x[0], _x[0], _m[0], kl_coef=0.1), ValueError, "logprobs must have 2"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef="0.1"), TypeError, "kl_coef must be"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=True), TypeError, "kl_coef must be"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=torch.ones(1)), TypeError, "0-dim float tensor"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=torch.tensor(1)), TypeError, "0-dim float tensor"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=float("nan")), ValueError, "kl_coef must be finite"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=torch.tensor(0.1, device="meta")), ValueError, "kl_coef must be on"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m.to("meta"), kl_coef=0.1), ValueError, "mask must be on"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=0.1, score_clip=0), ValueError, "score_clip"),
+    (lambda: kl_penalized_rewards(_s, _x, _x, _m, kl_coef=0.1, estimator="kl"), ValueError, "estimator"),
+])
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+# -------------------------------------------------------- torch.library / torch.compile
+def test_opcheck_custom_ops():
+    lp, rp = _pair((3, 5))
+    mask = _holey_mask(3, 5)
+    scores = torch.randn(3, device=DEVICE)
+    lp, rp = lp.cpu(), rp.cpu()
+    for args in [(lp.clone().requires_grad_(), rp.clone().requires_grad_(), "k3+", 1.0, None, "torch"),
+                 (lp, rp, "abs", None, 2.0, "torch")]:
+        torch.library.opcheck(torch.ops.fastrlhf.kl_penalty.default, args)
+    torch.library.opcheck(torch.ops.fastrlhf.kl_penalty_backward.default,
+                          (torch.randn(3, 5), lp, rp, "k3", None, None, True, False, "torch"))
+    for coef_t in (None, torch.tensor(0.2)):
+        torch.library.opcheck(torch.ops.fastrlhf.kl_penalized_rewards.default,
+                              (scores.cpu(), lp, rp, mask.cpu(), 0.1, coef_t, "k1", None, None,
+                               3.0, "torch"))
+
+
+def test_torch_compile_fullgraph_no_recompile_for_new_coef():
+    def step(scores, lp, rp, mask, coef):
+        rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, kl_coef=coef, estimator="k3",
+                                           kl_clamp=10.0, backend="torch")
+        loss = kl_penalty(lp, rp, estimator="low_var_kl+", backend="torch").mean()
+        return rewards, kl, loss
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    scores, lp, rp, mask = (t.cpu() for t in _rewards_case(3, 7))
+    lp.requires_grad_(True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for coef in (0.1, 0.2):
+            c = torch.tensor(coef)
+            r, k, loss = compiled(scores, lp, rp, mask, c)
+            want = step(scores, lp, rp, mask, c)
+            torch.testing.assert_close(r, want[0])
+            torch.testing.assert_close(loss, want[2])
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(g, (lp - rp).detach() / lp.numel())
+
+
+# ------------------------------------------------------- compiled for real GPUs (no GPU)
+def test_kernels_compile_for_gpus():
+    from tests.triton_aot import compile_for_gpus
+
+    mod = "fastrlhf.triton.kl"
+    scalars = {"clamp": "fp32", "log_ratio_clamp": "fp32"}
+    cases = []
+    for dtype in ("bf16", "fp32"):
+        for est in range(4):
+            const = {"EST": est, "ACC": "tl.float32", "BLOCK": 1024}
+            fwd = {"logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "kl_ptr": "*fp32", "N": "i64", **scalars,
+                   **dict.fromkeys(const, "constexpr")}
+            cases.append((mod, "_kl_fwd_kernel", fwd, const, 4))
+            for straight in (False, True):
+                bconst = {**const, "STRAIGHT": straight, "WANT_LOGP": True, "WANT_REF": not straight}
+                bwd = {"grad_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "dlogp_ptr": f"*{dtype}",
+                       "dref_ptr": "*fp32", "N": "i32", **scalars, **dict.fromkeys(bconst, "constexpr")}
+                cases.append((mod, "_kl_bwd_kernel", bwd, bconst, 4))
+    for mask_dtype, est, coef_tensor in (("i1", 3, True), ("i64", 0, False), ("fp32", 1, True)):
+        const = {"EST": est, "COEF_TENSOR": coef_tensor, "ACC": "tl.float32", "BLOCK_T": 2048}
+        sig = {"scores_ptr": "*fp32", "logp_ptr": "*bf16", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
+               "rewards_ptr": "*fp32", "kl_ptr": "*fp32", "coef_ptr": "*fp32", "T": "i32", "n_tiles": "i32",
+               "s_logp": "i64", "s_ref": "i64", "s_mask": "i64", "kl_coef": "fp32", **scalars,
+               "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
+        cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
+    compile_for_gpus(cases)
