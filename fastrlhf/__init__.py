@@ -1,7 +1,10 @@
 """fastrlhf: fused kernels for the hot paths of RLHF."""
 
 from fastrlhf.backend import available_backends, use_backend
+from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
+from fastrlhf.ops.dpo import bradley_terry_loss, choice_loss, dpo_loss
 from fastrlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards, kl_penalty
+from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.ops.logprobs import sequence_logprobs, token_logprobs
 from fastrlhf.ops.ppo import aggregate, ppo_policy_loss, ppo_value_loss
 
@@ -12,8 +15,16 @@ __all__ = [
     "FixedKLController",
     "aggregate",
     "available_backends",
+    "bradley_terry_loss",
+    "choice_loss",
+    "discounted_returns",
+    "dpo_loss",
+    "gae",
+    "group_advantages",
     "kl_penalized_rewards",
     "kl_penalty",
+    "linear_token_logprobs",
+    "masked_whiten",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logprobs",

@@ -109,11 +109,16 @@ def _auto(device: torch.device) -> str:
     return "torch"
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend (``torch``/``triton``/``cuda``) a call with ``backend=`` runs on.
+def has_kernels(backend: str, family: str) -> bool:
+    """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)."""
+    return backend == "torch" or importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is not None
+
+
+def resolve_backend(backend: str, device: torch.device, family: str | None = None) -> str:
+    """The concrete backend (``torch``/``triton``/``cuda``) a call of an op of ``family`` runs on.
 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
-    chosen backend cannot run on ``device``.
+    chosen backend cannot run on ``device`` or has no kernels for ``family``.
     """
     name = _check_name(backend, "backend")
     if name == "auto":
@@ -123,6 +128,8 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if name == "auto":
         return _auto(device)
     ok, why = backend_status(name, device)
+    if ok and family is not None and not has_kernels(name, family):
+        ok, why = False, f"it has no {family} kernels; use backend='triton' or 'torch'"
     if not ok:
         raise BackendUnavailableError(f"fastrlhf backend {name!r} is unavailable: {why}")
     return name

@@ -77,7 +77,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
         raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
     if not dist.is_initialized():
         raise RuntimeError("vocab_parallel_token_logprobs needs torch.distributed to be initialized")
-    name = _lp.resolve_backend(backend, logits.device)
+    name = _lp.resolve_backend(backend, logits.device, "logprobs")
     logp, ent = _VocabParallelLogprobs.apply(logits, labels, vocab_start, float(temperature),
                                              ignore_index, name, group)
     return (logp, ent) if return_entropy else logp

@@ -14,11 +14,16 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastrlhf.backend import available_backends  # noqa: E402
+from fastrlhf.backend import available_backends, has_kernels  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = [b for b in available_backends(DEVICE) if b != "torch"]
 """Backends under test besides the reference (triton here, triton and cuda on a GPU)."""
+
+
+def family_backends(family: str) -> list[str]:
+    """The reference and every backend here with kernels for op ``family``."""
+    return ["torch"] + [b for b in BACKENDS if has_kernels(b, family)]
 
 
 @pytest.fixture

@@ -46,6 +46,9 @@ def test_unknown_and_unavailable_backends(monkeypatch):
         fastrlhf.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), backend="cuda")
     ok, why = backend_status("cuda", "cpu")
     assert not ok and why
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    with pytest.raises(BackendUnavailableError, match="'triton' is unavailable: it has no nope kernels"):
+        resolve_backend("triton", CPU, "nope")
 
 
 def test_info_command_runs():

@@ -12,7 +12,7 @@ import math
 import torch
 
 from fastrlhf import _checks
-from fastrlhf.backend import resolve_backend
+from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
 
 _NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
@@ -26,10 +26,9 @@ def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
 @torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from fastrlhf.triton.kl import kl_penalty_fwd
-
-        return kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
+    if backend != "torch":
+        kernels = launchers(backend, "kl")
+        return kernels.kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
     with torch.no_grad():  # the value of a "+" estimator is the plain one's
         return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
                               log_ratio_clamp).contiguous()
@@ -44,11 +43,10 @@ def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
 def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        estimator: str, clamp: float | None, log_ratio_clamp: float | None,
                        want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastrlhf.triton.kl import kl_penalty_bwd
-
-        return kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
-                              want_logp, want_ref)
+    if backend != "torch":
+        kernels = launchers(backend, "kl")
+        return kernels.kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
+                                      want_logp, want_ref)
     dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
     return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
             dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
@@ -83,11 +81,10 @@ def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "triton":
-        from fastrlhf.triton.kl import kl_penalized_rewards_fwd
-
-        return kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t,
-                                        estimator, kl_clamp, log_ratio_clamp, score_clip)
+    if backend != "torch":
+        kernels = launchers(backend, "kl")
+        return kernels.kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t,
+                                                estimator, kl_clamp, log_ratio_clamp, score_clip)
     coef = kl_coef if kl_coef_t is None else kl_coef_t
     rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
                                            kl_clamp, log_ratio_clamp, score_clip)
@@ -150,7 +147,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     _check_estimator(estimator)
     clamp = _optional_bound("clamp", clamp)
     log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
-    name = resolve_backend(backend, logprobs.device)
+    name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
 
 
@@ -193,7 +190,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
     score_clip = _optional_bound("score_clip", score_clip)
     coef, coef_t = _check_coef(kl_coef, logprobs.device)
-    name = resolve_backend(backend, logprobs.device)
+    name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_rewards_op(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), coef,
                           coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, name)
 

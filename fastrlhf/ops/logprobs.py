@@ -150,7 +150,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     materializes fp32 ``[..., V]`` tensors.
     """
     _check_logits_labels(logits, labels, temperature, ignore_index)
-    name = resolve_backend(backend, logits.device)
+    name = resolve_backend(backend, logits.device, "logprobs")
     logp, ent, _ = _token_logprobs_op(logits, labels, float(temperature), ignore_index,
                                       bool(return_entropy), bool(inplace_backward), name)
     return (logp, ent) if return_entropy else logp

@@ -30,7 +30,7 @@ import math
 import torch
 
 from fastrlhf import _checks
-from fastrlhf.backend import resolve_backend
+from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import ppo as ref
 
 AGG_MODES = ref.AGG_MODES
@@ -70,11 +70,10 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     denom = denom if denom_t is None else denom_t
     clips = (clip_low, clip_high, dual_clip, log_ratio_clamp)
-    if backend == "triton":
-        from fastrlhf.triton.ppo import ppo_loss_fwd
-
-        loss, stats, scale, rows = ppo_loss_fwd(False, logprobs, old_logprobs, advantages, mask,
-                                                clips, agg, denom)
+    if backend != "torch":
+        kernels = launchers(backend, "ppo")
+        loss, stats, scale, rows = kernels.ppo_loss_fwd(False, logprobs, old_logprobs, advantages, mask,
+                                                        clips, agg, denom)
         return loss, *stats, scale, rows
     with torch.no_grad():
         loss, stats = ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low,
@@ -100,11 +99,10 @@ def _policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, logprobs: torch.Tens
                    dual_clip: float | None, log_ratio_clamp: float | None, agg: str,
                    backend: str) -> torch.Tensor:
     clips = (clip_low, clip_high, dual_clip, log_ratio_clamp)
-    if backend == "triton":
-        from fastrlhf.triton.ppo import ppo_loss_bwd
-
-        return ppo_loss_bwd(False, grad, scale, logprobs, old_logprobs, advantages, mask, row_counts,
-                            clips, agg)
+    if backend != "torch":
+        kernels = launchers(backend, "ppo")
+        return kernels.ppo_loss_bwd(False, grad, scale, logprobs, old_logprobs, advantages, mask, row_counts,
+                                    clips, agg)
     rows = row_counts if agg == "seq-mean-token-mean" else None
     return ref.ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, scale, rows,
                                         *clips).contiguous()
@@ -141,11 +139,10 @@ def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
               denom_t: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     denom = denom if denom_t is None else denom_t
-    if backend == "triton":
-        from fastrlhf.triton.ppo import ppo_loss_fwd
-
-        loss, (clipfrac,), scale, rows = ppo_loss_fwd(True, values, old_values, returns, mask,
-                                                      (clip,), agg, denom)
+    if backend != "torch":
+        kernels = launchers(backend, "ppo")
+        loss, (clipfrac,), scale, rows = kernels.ppo_loss_fwd(True, values, old_values, returns, mask,
+                                                              (clip,), agg, denom)
         return loss, clipfrac, scale, rows
     with torch.no_grad():
         loss, stats = ref.ppo_value_loss(values, old_values, returns, mask, clip, agg,
@@ -164,10 +161,9 @@ def _(values, old_values, returns, mask, clip, agg, denom, denom_t, backend):
 def _value_bwd_op(grad: torch.Tensor, scale: torch.Tensor, values: torch.Tensor,
                   old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                   row_counts: torch.Tensor, clip: float | None, agg: str, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        from fastrlhf.triton.ppo import ppo_loss_bwd
-
-        return ppo_loss_bwd(True, grad, scale, values, old_values, returns, mask, row_counts, (clip,), agg)
+    if backend != "torch":
+        kernels = launchers(backend, "ppo")
+        return kernels.ppo_loss_bwd(True, grad, scale, values, old_values, returns, mask, row_counts, (clip,), agg)
     rows = row_counts if agg == "seq-mean-token-mean" else None
     return ref.ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, rows,
                                        clip).contiguous()
@@ -292,7 +288,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     log_ratio_clamp = _optional_positive("log_ratio_clamp", log_ratio_clamp)
     _check_agg(agg)
     denom, denom_t = _denom(agg, logprobs.device, global_tokens, global_seqs, loss_scale_factor)
-    name = resolve_backend(backend, logprobs.device)
+    name = resolve_backend(backend, logprobs.device, "ppo")
     loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
         agg, denom, denom_t, name)
@@ -321,7 +317,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     clip = _optional_positive("clip", clip)
     _check_agg(agg)
     denom, denom_t = _denom(agg, values.device, global_tokens, global_seqs, loss_scale_factor)
-    name = resolve_backend(backend, values.device)
+    name = resolve_backend(backend, values.device, "ppo")
     loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, denom, denom_t, name)
     return loss, {"vf_clipfrac": clipfrac.detach()}
 

@@ -1,0 +1,1 @@
+"""Helpers that apply fastrlhf ops to models from other libraries (imported only on use)."""

@@ -1,0 +1,200 @@
+"""DPO-family preference losses and reward-model losses.
+
+Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
+autograd registrations (backward is its own op) → backend launcher (``fastrlhf.<backend>.dpo``)
+or the reference (``fastrlhf.reference.dpo``). :func:`bradley_terry_loss` runs on the same op
+(it is the sigmoid loss with ``beta = 1`` on ``(r_c, r_r, margin, 0)``); :func:`choice_loss`
+is built on :func:`fastrlhf.ops.logprobs.token_logprobs`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastrlhf import _checks
+from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.logprobs import token_logprobs
+from fastrlhf.reference import dpo as ref
+from fastrlhf.reference.dpo import LOSS_TYPES
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+
+
+def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+# --------------------------------------------------------------------------- forward op
+@torch.library.custom_op("fastrlhf::dpo_loss", mutates_args=())
+def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
+            loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
+    """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
+    if backend != "torch":
+        return launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+    with torch.no_grad():
+        loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+    return torch.stack([loss, *(metrics[k] for k in METRICS)])
+
+
+@_dpo_op.register_fake
+def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
+    return pc.new_empty(5, dtype=_out_dtype(pc, pr, rc, rr))
+
+
+# -------------------------------------------------------------------------- backward op
+@torch.library.custom_op("fastrlhf::dpo_loss_backward", mutates_args=())
+def _dpo_bwd_op(grad: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
+                rr: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend != "torch":
+        return tuple(launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type,
+                                                       label_smoothing))
+    da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+    scale = grad / max(pc.numel(), 1)
+    da, db = da * scale, db * scale
+    return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
+
+
+@_dpo_bwd_op.register_fake
+def _(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (pc, pr, rc, rr))
+
+
+def _setup_context(ctx, inputs, output):
+    pc, pr, rc, rr, beta, loss_type, label_smoothing, backend = inputs
+    ctx.save_for_backward(pc, pr, rc, rr)
+    ctx.args = (beta, loss_type, label_smoothing, backend)
+
+
+def _autograd_backward(ctx, grad_out):
+    pc, pr, rc, rr = ctx.saved_tensors
+    grads = _dpo_bwd_op(grad_out[0], pc, pr, rc, rr, *ctx.args)
+    return (*grads, None, None, None, None)
+
+
+_dpo_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------------ public API
+def _check_pairs(names, xs) -> None:
+    first = _checks.tensor(names[0], xs[0], _checks.FLOAT_DTYPES)
+    for name, x in zip(names[1:], xs[1:]):
+        _checks.tensor(name, x, _checks.FLOAT_DTYPES)
+        _checks.same_shape(name, x, first.shape, f"{names[0]}.shape")
+        _checks.same_device(name, x, first.device)
+
+
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
+             ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, backend: str = "auto"):
+    """Direct-preference loss of a batch of pairs from sequence log-probs (TRL's definitions).
+
+    With ``a = pi_c - ref_c``, ``b = pi_r - ref_r``, ``h = (pi_c - pi_r) - (ref_c - ref_r)``,
+    ``z = beta * h``, ``eps = label_smoothing`` and ``ls = logsigmoid``:
+
+    ===========  ==========================================================================
+    sigmoid      ``-(1 - eps) ls(z) - eps ls(-z)`` (``eps > 0``: conservative DPO)
+    ipo          ``(h - 1 / (2 beta))^2`` (pass length-averaged log-probs)
+    hinge        ``relu(1 - z)``
+    robust       ``(-(1 - eps) ls(z) + eps ls(-z)) / (1 - 2 eps)``, ``eps`` in ``[0, 0.5)``
+    exo_pair     ``sig(z) (ls(z) - log(1 - eps)) + sig(-z) (ls(-z) - log eps)``; ``eps = 0``
+                 means ``1e-3``
+    nca_pair     ``-ls(beta a) - ls(-beta a) / 2 - ls(-beta b) / 2``
+    sppo_hard    ``(a - 0.5 / beta)^2 + (b + 0.5 / beta)^2``
+    apo_zero     ``1 - sig(beta a) + sig(beta b)``
+    apo_down     ``sig(beta a) + 1 - sig(z)``
+    ===========  ==========================================================================
+
+    ``label_smoothing`` is read by sigmoid, robust and exo_pair only. Every loss is
+    evaluated stably (``logsigmoid``, never ``log(sigmoid)``): margins of ``±1e4`` give
+    finite losses and gradients.
+
+    Args:
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected: log-probs of one shape
+            (usually ``[B]``), bf16/fp16/fp32/fp64, on one device. Gradients flow to all
+            four (reference inputs usually need none).
+        beta: a float > 0. backend: ``"auto"``, ``"torch"`` or ``"triton"``.
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` the fp32 mean over pairs (fp64 for fp64 inputs);
+        ``metrics`` detached scalars ``rewards/chosen`` (mean ``beta a``), ``rewards/rejected``
+        (mean ``beta b``), ``rewards/margins`` (mean ``beta (a - b)``) and
+        ``rewards/accuracies`` (fraction with ``beta a > beta b``). An empty batch gives 0s.
+
+    Memory (triton): a 5-element output (and ``5 * N / 1024`` block sums past 1024 pairs);
+    backward recomputes from the inputs and allocates only the four gradients.
+    """
+    names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
+    xs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    _check_pairs(names, xs)
+    beta = _checks.positive("beta", beta)
+    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
+    high = {"robust": 0.5, "exo_pair": 1.0}.get(loss_type, 1.0)
+    closed = loss_type not in ("robust", "exo_pair")
+    if not (0.0 <= label_smoothing < high or (closed and label_smoothing == high)):
+        raise ValueError(f"label_smoothing for loss_type={loss_type!r} must be in "
+                         f"[0, {high}{']' if closed else ')'}, got {label_smoothing}")
+    name = resolve_backend(backend, policy_chosen.device, "dpo")
+    out = _dpo_op(*xs, beta, loss_type, float(label_smoothing), name)
+    metrics = out.detach()
+    return out[0], {k: metrics[i + 1] for i, k in enumerate(METRICS)}
+
+
+def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,
+                       margin: torch.Tensor | float | None = None, backend: str = "auto") -> torch.Tensor:
+    """Pairwise reward-model loss ``mean(-logsigmoid(r_c - r_r - margin))``.
+
+    Args:
+        chosen_rewards, rejected_rewards: scores of one shape (``[B]`` or ``[B, 1]``), any
+            float dtype; gradients flow to both.
+        margin: ``None`` (0), a float, or a tensor of the same shape (a per-pair margin,
+            which also receives a gradient if it requires one).
+
+    Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; finite for any
+    finite scores.
+    """
+    _check_pairs(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
+    zeros = torch.zeros_like(chosen_rewards)
+    if margin is None:
+        margin = zeros
+    elif isinstance(margin, (int, float)) and not isinstance(margin, bool):
+        if not math.isfinite(margin):
+            raise ValueError(f"margin must be finite, got {margin}")
+        margin = torch.full(chosen_rewards.shape, float(margin), device=chosen_rewards.device,
+                            dtype=_out_dtype(chosen_rewards, rejected_rewards))
+    else:
+        _check_pairs(("chosen_rewards", "margin"), (chosen_rewards, margin))
+    name = resolve_backend(backend, chosen_rewards.device, "dpo")
+    return _dpo_op(chosen_rewards, rejected_rewards, margin, zeros, 1.0, "sigmoid", 0.0, name)[0]
+
+
+def choice_loss(rewards: torch.Tensor, chosen_index: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """K-way choice loss ``mean(-log_softmax(rewards[b])[chosen_index[b]])`` (pick 1 of K).
+
+    Args:
+        rewards: ``[B, K]`` scores, any float dtype (unit stride on K), K >= 1.
+        chosen_index: ``[B]`` int32/int64 in ``[0, K)``; an index outside gives a NaN loss
+            (nothing is read out of bounds; see :func:`token_logprobs`).
+
+    Returns the fp32 mean over rows (fp64 for fp64 rewards), 0 for ``B = 0``, with a
+    gradient w.r.t. ``rewards``. Runs the fused log-prob kernel of :func:`token_logprobs`
+    (no ``[B, K]`` fp32 copy in the triton backend).
+    """
+    _checks.tensor("rewards", rewards, _checks.FLOAT_DTYPES, dim=2)
+    _checks.tensor("chosen_index", chosen_index, _checks.INDEX_DTYPES, dim=1)
+    _checks.same_shape("chosen_index", chosen_index, rewards.shape[:1], "rewards.shape[:1]")
+    _checks.same_device("chosen_index", chosen_index, rewards.device)
+    if rewards.shape[1] == 0:
+        raise ValueError(f"rewards must have K >= 1 choices, got shape {tuple(rewards.shape)}")
+    if rewards.stride(1) != 1 and rewards.shape[1] > 1:
+        raise ValueError(f"rewards must have unit stride on the last dimension (call .contiguous()), "
+                         f"got strides {rewards.stride()}")
+    # no index is ignored: the smallest int64 is never a valid choice anyway (int64 indices,
+    # so that no int32 index compares equal to it after a wrap-around)
+    logp = token_logprobs(rewards, chosen_index.long(), ignore_index=-(2**63), backend=backend)
+    return -logp.sum() / max(logp.numel(), 1)

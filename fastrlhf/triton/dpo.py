@@ -1,0 +1,201 @@
+"""Triton kernels for the DPO family: per-pair losses with a deterministic mean, and backward.
+
+Per pair, in fp32 (fp64 for fp64 inputs): ``h = (pi_c - pi_r) - (ref_c - ref_r)``,
+``a = pi_c - ref_c``, ``b = pi_r - ref_r``; the loss and ``d loss / d a``, ``d loss / d b``
+(see ``fastrlhf.reference.dpo``). Only ``exp(-|x|)`` is ever evaluated: ``log sigmoid(x) =
+min(x, 0) - log1p(exp(-|x|))``, and ``sigmoid(-x)`` is its own sigmoid, not ``1 - sigmoid(x)``,
+so margins of any size give finite losses and gradients.
+
+Forward: each program sums its block of pairs (loss, chosen reward, rejected reward,
+margin, accuracy); with one block it writes the means, else a second one-program launch
+adds the block sums in a fixed order. Backward: ``d pi_c = g/N * dL/da``,
+``d ref_c = -d pi_c``, ``d pi_r = g/N * dL/db``, ``d ref_r = -d pi_r``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrlhf.reference.dpo import LOSS_TYPES, exo_smoothing
+
+BLOCK = 1024
+
+
+@triton.jit
+def _log1p(e):
+    # log(1 + e) without losing a small e (e >= 0): log(u) * e / (u - 1) with u = fl(1 + e)
+    u = 1.0 + e
+    return tl.where(u == 1.0, e, tl.log(u) * (e / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _logsigmoid(x):
+    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))  # never overflows
+    return tl.where(x >= 0, 1.0, e) / (1.0 + e)
+
+
+@triton.jit
+def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, loss_code,
+           ACC: tl.constexpr):
+    """``(loss, dL/da, dL/db, a, b)`` of the pairs at ``offs``. ``c_pos``/``c_neg``:
+    ``log(1 - eps)`` and ``log(eps)`` (exo_pair)."""
+    pc = tl.load(pc_ptr + offs, mask=ok, other=0.0).to(ACC)
+    pr = tl.load(pr_ptr + offs, mask=ok, other=0.0).to(ACC)
+    rc = tl.load(rc_ptr + offs, mask=ok, other=0.0).to(ACC)
+    rr = tl.load(rr_ptr + offs, mask=ok, other=0.0).to(ACC)
+    h = (pc - pr) - (rc - rr)
+    a = pc - rc
+    b = pr - rr
+    z = beta * h
+    if loss_code == 0:  # sigmoid (conservative DPO with label smoothing eps)
+        loss = -_logsigmoid(z) * (1 - eps) - _logsigmoid(-z) * eps
+        da = beta * (-(1 - eps) * _sigmoid(-z) + eps * _sigmoid(z))
+        db = -da
+    elif loss_code == 1:  # ipo
+        d = h - 1 / (2 * beta)
+        loss = d * d
+        da = 2 * d
+        db = -da
+    elif loss_code == 2:  # hinge
+        loss = tl.maximum(1 - z, 0.0)
+        da = tl.where(1 - z > 0, -beta, 0.0).to(ACC)
+        db = -da
+    elif loss_code == 3:  # robust
+        loss = (-_logsigmoid(z) * (1 - eps) + _logsigmoid(-z) * eps) / (1 - 2 * eps)
+        da = beta * (-(1 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1 - 2 * eps)
+        db = -da
+    elif loss_code == 4:  # exo_pair
+        sp = _sigmoid(z)
+        sn = _sigmoid(-z)
+        loss = sp * (_logsigmoid(z) - c_pos) + sn * (_logsigmoid(-z) - c_neg)
+        da = beta * sp * sn * (z - c_pos + c_neg)
+        db = -da
+    elif loss_code == 5:  # nca_pair
+        za = beta * a
+        zb = beta * b
+        loss = -_logsigmoid(za) - 0.5 * _logsigmoid(-za) - 0.5 * _logsigmoid(-zb)
+        da = beta * (0.5 * _sigmoid(za) - _sigmoid(-za))
+        db = 0.5 * beta * _sigmoid(zb)
+    elif loss_code == 6:  # sppo_hard
+        dc = a - 0.5 / beta
+        dr = b + 0.5 / beta
+        loss = dc * dc + dr * dr
+        da = 2 * dc
+        db = 2 * dr
+    elif loss_code == 7:  # apo_zero
+        za = beta * a
+        zb = beta * b
+        loss = (1 - _sigmoid(za)) + _sigmoid(zb)
+        da = -beta * _sigmoid(za) * _sigmoid(-za)
+        db = beta * _sigmoid(zb) * _sigmoid(-zb)
+    else:  # apo_down
+        za = beta * a
+        loss = _sigmoid(za) + (1 - _sigmoid(z))
+        db = beta * _sigmoid(z) * _sigmoid(-z)
+        da = beta * _sigmoid(za) * _sigmoid(-za) - db
+    return loss, da, db, a, b
+
+
+@triton.jit
+def _dpo_fwd_kernel(
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, loss_code,
+    ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
+                                loss_code, ACC)
+    chosen = beta * a
+    rejected = beta * b
+    out = out_ptr + pid * 5
+    n = N if FINAL else 1  # one block: write the means directly
+    tl.store(out, tl.sum(tl.where(ok, loss, 0.0), axis=0) / n)
+    tl.store(out + 1, tl.sum(tl.where(ok, chosen, 0.0), axis=0) / n)
+    tl.store(out + 2, tl.sum(tl.where(ok, rejected, 0.0), axis=0) / n)
+    tl.store(out + 3, tl.sum(tl.where(ok, chosen - rejected, 0.0), axis=0) / n)
+    tl.store(out + 4, tl.sum(tl.where(ok & (chosen > rejected), 1.0, 0.0).to(ACC), axis=0) / n)
+
+
+@triton.jit
+def _sum_blocks_kernel(part_ptr, out_ptr, n_blocks, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``out[i] = sum_k part[k, i] / N`` for the 5 columns, in a fixed order."""
+    rows = tl.arange(0, BLOCK)
+    for i in tl.static_range(5):
+        acc = tl.zeros([BLOCK], ACC)
+        for start in range(0, n_blocks, BLOCK):
+            k = start + rows
+            acc += tl.load(part_ptr + k * 5 + i, mask=k < n_blocks, other=0.0)
+        tl.store(out_ptr + i, tl.sum(acc, axis=0) / N)
+
+
+@triton.jit
+def _dpo_bwd_kernel(
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, g_ptr, dpc_ptr, dpr_ptr, drc_ptr, drr_ptr,
+    N, beta, eps, c_pos, c_neg, loss_code, ACC: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
+                                loss_code, ACC)
+    g = tl.load(g_ptr).to(ACC) / N
+    tl.store(dpc_ptr + offs, (g * da).to(dpc_ptr.dtype.element_ty), mask=ok)
+    tl.store(drc_ptr + offs, (-(g * da)).to(drc_ptr.dtype.element_ty), mask=ok)
+    tl.store(dpr_ptr + offs, (g * db).to(dpr_ptr.dtype.element_ty), mask=ok)
+    tl.store(drr_ptr + offs, (-(g * db)).to(drr_ptr.dtype.element_ty), mask=ok)
+
+
+def _acc_dtype(xs) -> torch.dtype:
+    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+
+
+def _scalars(beta, loss_type, label_smoothing):
+    eps = exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
+    c_pos = math.log1p(-eps) if eps < 1 else 0.0
+    c_neg = math.log(eps) if eps > 0 else 0.0
+    return float(beta), float(eps), c_pos, c_neg
+
+
+def dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing):
+    """Launch the forward. Returns a new ``[5]`` tensor: mean loss, mean chosen reward, mean
+    rejected reward, mean margin, accuracy (fp32; fp64 for fp64 inputs; zeros for N = 0).
+    Allocates ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
+    acc = _acc_dtype((pc, pr, rc, rr))
+    out = torch.empty(5, dtype=acc, device=pc.device)
+    N = pc.numel()
+    if N == 0:
+        return out.zero_()
+    xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
+    n_blocks = triton.cdiv(N, BLOCK)
+    part = out if n_blocks == 1 else torch.empty((n_blocks, 5), dtype=acc, device=pc.device)
+    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
+    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, *_scalars(beta, loss_type, label_smoothing),
+                                 LOSS_TYPES.index(loss_type), ACC=tl_acc,
+                                 FINAL=n_blocks == 1, BLOCK=BLOCK, num_warps=4)
+    if n_blocks > 1:
+        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+def dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
+    """Launch the backward for upstream gradient ``grad`` (a 0-dim tensor of the mean loss).
+    Returns four new tensors shaped and typed like the inputs."""
+    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (pc, pr, rc, rr)]
+    N = pc.numel()
+    if N == 0:
+        return grads
+    xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
+    tl_acc = tl.float64 if _acc_dtype(xs) == torch.float64 else tl.float32
+    _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
+        *xs, grad.reshape(1), *grads, N, *_scalars(beta, loss_type, label_smoothing),
+        LOSS_TYPES.index(loss_type), ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
+    return grads

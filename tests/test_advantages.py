@@ -1,0 +1,416 @@
+"""gae / discounted_returns / masked_whiten / group_advantages against the naive reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
+from fastrlhf.reference import advantages as ref
+from tests.conftest import BACKENDS, DEVICE, family_backends
+
+# Kernel backends with launchers for this family (the cuda backend has none for it yet).
+
+
+@pytest.fixture(params=family_backends("advantages"))
+def backend(request):
+    """Overrides the shared fixture: the backends this family runs on."""
+    return request.param
+
+
+def _dt(d):
+    return str(d).removeprefix("torch.")
+
+
+# Rows: one token; a prime length (nothing lines up with tiles or warps); a few short rows.
+GRID = [(1, 1), (3, 37), (5, 50)]
+# gamma/lam: no discount; the usual pair; 0 (advantage = TD error r - V); 1/1 (Monte-Carlo return
+# minus V). Each with an input dtype (fp32 and bf16 inputs both accumulate in fp32).
+GAMMA_LAM_DTYPE = [(1.0, 0.95, torch.float32), (0.99, 0.95, torch.bfloat16), (0.0, 0.0, torch.float32),
+                   (1.0, 1.0, torch.bfloat16)]
+
+
+def _mask(B, T, kind="mixed"):
+    """Row 0: random holes; row 1: fully masked; row 2: valid prefix (EOS padding);
+    row 3: holes and a masked prefix/suffix; further rows random."""
+    m = torch.rand(B, T, device=DEVICE) > 0.3
+    if kind == "holes" or B < 2:
+        return m
+    m[1] = False
+    if B > 2:
+        m[2] = torch.arange(T, device=DEVICE) < (2 * T) // 3
+    if B > 3:
+        m[3, : T // 4] = False
+        m[3, -T // 4:] = False
+    return m
+
+
+def _case(B, T, dtype):
+    rewards = torch.randn(B, T, device=DEVICE).to(dtype)
+    values = torch.randn(B, T, device=DEVICE).to(dtype)
+    return rewards, values, _mask(B, T)
+
+
+def _close(got, want, tol=2e-6):
+    """fp32 accumulation against an fp64 reference run on the same (rounded) inputs."""
+    assert got.shape == want.shape
+    if want.numel() == 0:
+        return
+    scale = 1 + want.abs().max().item()
+    assert torch.isfinite(got).all()
+    assert (got.double() - want).abs().max().item() <= tol * scale * math.sqrt(1 + want.shape[-1])
+
+
+@pytest.mark.parametrize("gamma, lam, dtype", GAMMA_LAM_DTYPE,
+                         ids=[f"g{g}-l{l}-{_dt(d)}" for g, l, d in GAMMA_LAM_DTYPE])
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"B{s[0]}-T{s[1]}")
+def test_gae_matches_reference(backend, shape, holes, gamma, lam, dtype):
+    rewards, values, mask = _case(*shape, dtype)
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam, holes=holes, backend=backend)
+    want_adv, want_ret = ref.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
+    assert adv.dtype == ret.dtype == torch.float32
+    _close(adv, want_adv)
+    _close(ret, want_ret)
+    assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.99, 0.0])
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+@pytest.mark.parametrize("shape", GRID, ids=lambda s: f"B{s[0]}-T{s[1]}")
+def test_discounted_returns_matches_reference(backend, shape, holes, gamma):
+    rewards, _, mask = _case(*shape, torch.bfloat16)
+    got = discounted_returns(rewards, mask, gamma=gamma, holes=holes, backend=backend)
+    _close(got, ref.discounted_returns(rewards.double(), mask, gamma, holes))
+    assert (got[~mask] == 0).all()
+
+
+def test_crosses_several_tiles(backend):
+    """T = 5000 spans five 1024-wide tiles; with two rows the triton backend also cuts each
+    row into chunks scanned in parallel, so chunk carries are exercised too."""
+    rewards, values, mask = _case(2, 5000, torch.float32)
+    adv, ret = gae(rewards, values, mask, gamma=0.99, lam=0.95, backend=backend)
+    want_adv, want_ret = ref.gae(rewards.double(), values.double(), mask, 0.99, 0.95)
+    _close(adv, want_adv)
+    _close(ret, want_ret)
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
+@pytest.mark.parametrize("block, tiles_per_chunk, with_values, holes", [
+    (16, 1, True, "skip"), (16, 3, False, "zero"), (32, None, True, "zero")])
+def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
+    """One long row cut into many small tiles and chunks (the layout of B=1, T=65536+ at
+    toy scale): every tile boundary and chunk carry sits inside runs of holes too."""
+    from fastrlhf.triton.advantages import gae_fwd
+
+    T = 400
+    rewards, values = torch.randn(2, 1, T, device=DEVICE)
+    mask = torch.rand(1, T, device=DEVICE) > 0.5
+    mask[0, 100:170] = False  # a hole wider than a tile and a chunk
+    gamma, lam = 0.999, 0.97
+    got = gae_fwd(rewards, values if with_values else None, mask, gamma, lam if with_values else 1.0,
+                  holes == "skip", block, tiles_per_chunk)
+    if with_values:
+        want = ref.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
+        _close(got[0], want[0])
+        _close(got[1], want[1])
+    else:
+        _close(got[0], ref.discounted_returns(rewards.double(), mask, gamma, holes))
+
+
+def test_plan_respects_launch_limits():
+    from fastrlhf.triton.advantages import MAX_CHUNKS, plan
+
+    assert plan(8192, 2048) == (1024, 2048, 1)  # the batch fills the GPU: whole rows
+    BLOCK, CHUNK, NC = plan(1, 65536)
+    assert (BLOCK, NC) == (1024, 64) and NC * CHUNK >= 65536  # one long row: 64 chunks
+    for B, T in [(1, 1), (1, 2**22), (3, 37), (64, 100_000), (100_000, 3)]:
+        BLOCK, CHUNK, NC = plan(B, T)
+        assert CHUNK % BLOCK == 0 and (NC - 1) * CHUNK < T <= NC * CHUNK
+        assert NC <= MAX_CHUNKS and B * NC < 2**31
+
+
+# ---------------------------------------------------------------------- semantics
+def test_hole_conventions_by_hand(backend):
+    """r = [1, 5, 2, 7], V = [0.5, 9, 0.25, 3], mask = [1, 0, 1, 0], gamma = 0.5, lam = 1."""
+    r = torch.tensor([[1.0, 5.0, 2.0, 7.0]], device=DEVICE)
+    v = torch.tensor([[0.5, 9.0, 0.25, 3.0]], device=DEVICE)
+    m = torch.tensor([[1, 0, 1, 0]], device=DEVICE)
+    adv, ret = gae(r, v, m, gamma=0.5, lam=1.0, holes="skip", backend=backend)
+    # skip: t=2 is the last valid step: A2 = 2 - 0.25 = 1.75; t=0 sees V_next = V2 and A_next = A2
+    a2 = 2 - 0.25
+    a0 = 1 + 0.5 * 0.25 - 0.5 + 0.5 * a2
+    torch.testing.assert_close(adv, torch.tensor([[a0, 0, a2, 0]], device=DEVICE))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, 0, a2 + 0.25, 0]], device=DEVICE))
+    adv, _ = gae(r, v, m, gamma=0.5, lam=1.0, holes="zero", backend=backend)
+    # zero: the hole at t=1 is a step with r = V = 0: A1 = 0.5 * V2 + 0.5 * A2; t=0 sees V_next = 0
+    z0 = 1 + 0 - 0.5 + 0.5 * (0.5 * 0.25 + 0.5 * a2)
+    torch.testing.assert_close(adv, torch.tensor([[z0, 0, a2, 0]], device=DEVICE))
+    g = discounted_returns(r, m, gamma=0.5, holes="skip", backend=backend)
+    torch.testing.assert_close(g, torch.tensor([[1 + 0.5 * 2, 0, 2, 0]], device=DEVICE))
+    g = discounted_returns(r, m, gamma=0.5, holes="zero", backend=backend)
+    torch.testing.assert_close(g, torch.tensor([[1 + 0.25 * 2, 0, 2, 0]], device=DEVICE))
+
+
+def _skip_loop(r, v, m, gamma, lam):
+    """The multi-turn trainer loop: masked steps leave next-value and running advantage alone."""
+    m = m.double()
+    nv = la = 0.0
+    out = []
+    for t in reversed(range(r.shape[1])):
+        a = r[:, t] + gamma * nv - v[:, t] + gamma * lam * la
+        nv = v[:, t] * m[:, t] + (1 - m[:, t]) * nv
+        la = a * m[:, t] + (1 - m[:, t]) * la
+        out.append(la)
+    return torch.stack(out[::-1], 1)
+
+
+def _zero_loop(r, v, m, gamma, lam):
+    """The single-turn trainer loop: rewards and values multiplied by the mask."""
+    r, v = r * m, v * m
+    la = 0.0
+    out = []
+    for t in reversed(range(r.shape[1])):
+        nv = v[:, t + 1] if t + 1 < r.shape[1] else 0.0
+        la = r[:, t] + gamma * nv - v[:, t] + gamma * lam * la
+        out.append(la)
+    return torch.stack(out[::-1], 1)
+
+
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+def test_matches_trainer_conventions_on_valid_tokens(backend, holes):
+    r, v = torch.randn(2, 3, 29, device=DEVICE)
+    m = _mask(3, 29, "holes")
+    adv, ret = gae(r, v, m, gamma=0.98, lam=0.9, holes=holes, backend=backend)
+    want = (_skip_loop if holes == "skip" else _zero_loop)(r.double(), v.double(), m, 0.98, 0.9)
+    _close(adv[m], want[m])
+    _close(ret[m], (want + v)[m])
+
+
+def test_conventions_agree_without_holes(backend):
+    r, v = torch.randn(2, 4, 23, device=DEVICE)
+    m = torch.arange(23, device=DEVICE) < torch.tensor([[23], [10], [1], [0]], device=DEVICE)
+    skip = gae(r, v, m, gamma=0.9, lam=0.8, holes="skip", backend=backend)
+    zero = gae(r, v, m, gamma=0.9, lam=0.8, holes="zero", backend=backend)
+    for a, b in zip(skip, zero):
+        torch.testing.assert_close(a, b)
+    assert (skip[0][3] == 0).all()
+
+
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+def test_masked_inputs_are_never_read(backend, holes):
+    """Garbage (NaN/inf) where the mask is 0 does not reach any output."""
+    r, v, m = _case(3, 37, torch.float32)
+    want = gae(r, v, m, gamma=0.99, lam=0.95, holes=holes, backend=backend)
+    r2, v2 = r.clone(), v.clone()
+    r2[~m], v2[~m] = float("nan"), float("inf")
+    got = gae(r2, v2, m, gamma=0.99, lam=0.95, holes=holes, backend=backend)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_mask_dtypes_and_strided_inputs(backend):
+    """bool/int/float masks agree, and column slices (``values[:, :-1]``) are read in place."""
+    base_r, base_v = torch.randn(2, 3, 41, device=DEVICE)
+    r, v = base_r[:, 1:], base_v[:, :-1]
+    m = _mask(3, 40)
+    want = gae(r.contiguous(), v.contiguous(), m, gamma=0.97, lam=0.9, backend=backend)
+    for mm in (m, m.int(), m.float(), m.t().contiguous().t()):
+        got = gae(r, v, mm, gamma=0.97, lam=0.9, backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_empty_and_fp64(backend):
+    for B, T in [(0, 5), (3, 0), (0, 0)]:
+        x = torch.randn(B, T, device=DEVICE)
+        adv, ret = gae(x, x, x > 0, backend=backend)
+        assert adv.shape == ret.shape == (B, T)
+        assert discounted_returns(x, x > 0, backend=backend).shape == (B, T)
+    r, v = torch.randn(2, 2, 9, dtype=torch.float64, device=DEVICE)
+    adv, ret = gae(r, v, torch.ones(2, 9, device=DEVICE), gamma=0.5, lam=0.5, backend=backend)
+    want = ref.gae(r, v, torch.ones(2, 9, device=DEVICE), 0.5, 0.5)
+    assert adv.dtype == torch.float64
+    torch.testing.assert_close(adv, want[0], atol=1e-6, rtol=1e-6)  # gamma passes through fp32
+
+
+def test_no_gradient_and_deterministic(backend):
+    r, v, m = _case(3, 37, torch.float32)
+    r.requires_grad_(True)
+    v.requires_grad_(True)
+    adv, ret = gae(r, v, m, backend=backend)
+    assert not adv.requires_grad and not ret.requires_grad
+    again = gae(r, v, m, backend=backend)
+    assert torch.equal(adv, again[0]) and torch.equal(ret, again[1])
+
+
+@settings(max_examples=12, deadline=None)
+@given(B=st.integers(0, 3), T=st.integers(1, 40), p_valid=st.sampled_from([0.0, 0.3, 0.8, 1.0]),
+       gamma_lam=st.sampled_from([(1.0, 1.0), (1.0, 0.95), (0.99, 0.95), (0.0, 0.5), (0.5, 0.0)]),
+       holes=st.sampled_from(["skip", "zero"]), scale=st.sampled_from([1e-3, 1.0, 1e3]),
+       seed=st.integers(0, 2**16))
+def test_property_against_reference(B, T, p_valid, gamma_lam, holes, scale, seed):
+    torch.manual_seed(seed)
+    r = torch.randn(B, T, device=DEVICE) * scale
+    v = torch.randn(B, T, device=DEVICE) * scale
+    m = torch.rand(B, T, device=DEVICE) < p_valid
+    gamma, lam = gamma_lam
+    want = ref.gae(r.double(), v.double(), m, gamma, lam, holes)
+    want_g = ref.discounted_returns(r.double(), m, gamma, holes)
+    for backend in family_backends("advantages"):
+        got = gae(r, v, m, gamma=gamma, lam=lam, holes=holes, backend=backend)
+        for a, b in zip(got, want):
+            _close(a, b)
+            assert (a[~m] == 0).all()
+        _close(discounted_returns(r, m, gamma=gamma, holes=holes, backend=backend), want_g)
+
+
+# -------------------------------------------------------------------- masked whiten
+def test_masked_whiten_values_and_gradient():
+    x = torch.randn(3, 17, dtype=torch.float64, device=DEVICE) * 4 + 2
+    m = _mask(3, 17, "holes")
+    vals = x[m]
+    for unbiased in (True, False):
+        for shift_mean in (True, False):
+            got = masked_whiten(x, m, shift_mean=shift_mean, unbiased=unbiased)
+            want = (vals - vals.mean()) / torch.sqrt(vals.var(unbiased=unbiased) + 1e-8)
+            if not shift_mean:
+                want = want + vals.mean()
+            torch.testing.assert_close(got[m], want)
+            assert (got[~m] == 0).all()
+    assert torch.autograd.gradcheck(lambda t: masked_whiten(t, m), (x.clone().requires_grad_(True),))
+
+
+def test_masked_whiten_degenerate_masks():
+    x = torch.randn(2, 5, device=DEVICE).bfloat16()
+    none = torch.zeros(2, 5, dtype=torch.bool, device=DEVICE)
+    one = none.clone()
+    one[1, 2] = True
+    for shift_mean in (True, False):
+        for unbiased in (True, False):
+            out = masked_whiten(x, none, shift_mean=shift_mean, unbiased=unbiased)
+            assert out.dtype == torch.float32 and (out == 0).all()
+            out = masked_whiten(x, one, shift_mean=shift_mean, unbiased=unbiased)
+            assert torch.isfinite(out).all() and (out[~one] == 0).all()
+            # a single valid element: 0 after centring (no scaling), itself with shift_mean=False
+            assert out[1, 2] == (0 if shift_mean else x[1, 2].float())
+    # equal values: zero variance, no NaN
+    same = torch.full((4,), 3.0, device=DEVICE)
+    assert (masked_whiten(same, torch.ones(4, device=DEVICE)) == 0).all()
+
+
+# ----------------------------------------------------------------- group advantages
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dt)
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
+@pytest.mark.parametrize("group_size, n_groups", [(1, 5), (2, 3), (5, 7), (16, 70), (1100, 2)],
+                         ids=lambda x: str(x))
+def test_group_advantages_matches_reference(backend, group_size, n_groups, method, dtype):
+    """Group sizes: a singleton, pairs, an odd size, many groups per program, and a group
+    wider than one 1024-wide tile."""
+    scores = (torch.randn(group_size * n_groups, device=DEVICE) * 3).to(dtype)
+    got = group_advantages(scores, group_size, method=method, backend=backend)
+    want = ref.group_advantages(scores.double(), group_size, method)
+    assert got.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=2e-5)
+
+
+def test_group_advantages_by_hand(backend):
+    s = torch.tensor([1.0, 2.0, 3.0, 4.0, 4.0, 4.0], device=DEVICE)
+    eps = 1e-6
+    torch.testing.assert_close(group_advantages(s, 3, eps=eps, backend=backend),
+                               torch.tensor([-1 / (1 + eps), 0, 1 / (1 + eps), 0, 0, 0], device=DEVICE))
+    torch.testing.assert_close(group_advantages(s, 3, method="rloo", backend=backend),
+                               torch.tensor([-1.5, 0, 1.5, 0, 0, 0], device=DEVICE))
+    torch.testing.assert_close(group_advantages(s, 3, method="dr_grpo", backend=backend),
+                               torch.tensor([-1.0, 0, 1, 0, 0, 0], device=DEVICE))
+    # groups of one: no baseline (mean 0, std 1)
+    torch.testing.assert_close(group_advantages(s, 1, eps=0.5, backend=backend), s / 1.5)
+    for method in ("rloo", "dr_grpo"):
+        torch.testing.assert_close(group_advantages(s, 1, method=method, backend=backend), s)
+    assert group_advantages(s[:0], 4, backend=backend).shape == (0,)
+
+
+# ------------------------------------------------------------------------ bad input
+def _gae_call(**kw):
+    args = {"rewards": torch.randn(2, 5), "values": torch.randn(2, 5), "mask": torch.ones(2, 5)}
+    args.update(kw)
+    return lambda: gae(args.pop("rewards"), args.pop("values"), args.pop("mask"), **args)
+
+
+@pytest.mark.parametrize("call, exc, words", [
+    (_gae_call(values=torch.randn(2, 6)), ValueError, r"values must have shape \(2, 5\)"),
+    (_gae_call(mask=torch.ones(5)), ValueError, "mask must have shape"),
+    (_gae_call(rewards=torch.randn(10)), ValueError, "rewards must have 2 dimension"),
+    (_gae_call(rewards=torch.ones(2, 5, dtype=torch.long)), TypeError, "rewards must have dtype"),
+    (_gae_call(values=[1.0]), TypeError, "values must be a torch.Tensor"),
+    (_gae_call(gamma=1.5), ValueError, r"gamma must be in \[0, 1\]"),
+    (_gae_call(lam=-0.1), ValueError, "lam must be in"),
+    (_gae_call(gamma="0.9"), TypeError, "gamma must be a Python float"),
+    (_gae_call(holes="drop"), ValueError, "holes must be one of"),
+    (_gae_call(backend="jax"), ValueError, "backend must be one of"),
+    (lambda: discounted_returns(torch.randn(2, 5), torch.ones(2, 4)), ValueError, "mask must have shape"),
+    (lambda: masked_whiten(torch.randn(3), torch.ones(4)), ValueError, "mask must have shape"),
+    (lambda: masked_whiten(torch.randn(3), torch.ones(3), eps=0.0), ValueError, "eps"),
+    (lambda: group_advantages(torch.randn(7), 3), ValueError, "not a multiple of group_size = 3"),
+    (lambda: group_advantages(torch.randn(6), 0), ValueError, "group_size must be >= 1"),
+    (lambda: group_advantages(torch.randn(6), 2.0), TypeError, "group_size must be a Python int"),
+    (lambda: group_advantages(torch.randn(2, 3), 3), ValueError, "scores must have 1 dimension"),
+    (lambda: group_advantages(torch.randn(6), 3, method="ppo"), ValueError, "method must be one of"),
+    (lambda: group_advantages(torch.randn(6), 3, eps=0.0), ValueError, "eps must be"),
+])
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=words):
+        call()
+
+
+
+# --------------------------------------------------------------- torch.library / compile
+def test_opcheck():
+    r, v, m = _case(3, 7, torch.float32)
+    for values in (v, None):
+        for skip in (True, False):
+            torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, values, m, 0.99, 0.95, skip, "torch"))
+    torch.library.opcheck(torch.ops.fastrlhf.group_advantages.default,
+                          (torch.randn(12, device=DEVICE), 4, "grpo", 1e-6, "torch"))
+
+
+def test_torch_compile_fullgraph():
+    @torch.compile(fullgraph=True)
+    def advantages(r, v, m, scores):
+        adv, ret = gae(r, v, m, gamma=0.99, lam=0.95, backend="torch")
+        g = discounted_returns(r, m, backend="torch")
+        return masked_whiten(adv, m), ret, g, group_advantages(scores, 4, backend="torch")
+
+    r, v, m = _case(3, 11, torch.float32)
+    scores = torch.randn(8, device=DEVICE)
+    got = advantages(r, v, m, scores)
+    want_adv, want_ret = ref.gae(r, v, m, 0.99, 0.95)
+    torch.testing.assert_close(got[0], ref.masked_whiten(want_adv, m))
+    torch.testing.assert_close(got[1], want_ret)
+    torch.testing.assert_close(got[2], ref.discounted_returns(r, m))
+    torch.testing.assert_close(got[3], ref.group_advantages(scores, 4))
+
+
+# ------------------------------------------------------- compiled for real GPUs (no GPU)
+def test_kernels_compile_for_gpus():
+    from tests.triton_aot import compile_for_gpus
+
+    mod = "fastrlhf.triton.advantages"
+    cases = []
+    for r, m, summary, carry, has_values in [("bf16", "u8", True, True, True),
+                                             ("fp32", "fp32", False, True, True),
+                                             ("fp16", "i64", False, False, False)]:
+        const = {"HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry,
+                 "ACC": "tl.float32", "BLOCK": 1024, "NCP": 64}
+        sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": "*fp32",
+               "ret_ptr": "*fp32", "agg_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32",
+               "sr": "i64", "sv": "i64", "sm": "i64", "gamma": "fp32", "gl": "fp32", "skip": "i32",
+               **dict.fromkeys(const, "constexpr")}
+        cases.append((mod, "_gae_kernel", sig, const, 4))
+    const = {"ACC": "tl.float32", "ROWS": 8, "BLOCK_G": 256}
+    sig = {"s_ptr": "*bf16", "out_ptr": "*fp32", "n_groups": "i32", "G": "i32", "eps": "fp32",
+           "method": "i32", **dict.fromkeys(const, "constexpr")}
+    cases.append((mod, "_group_advantages_kernel", sig, const, 4))
+    compile_for_gpus(cases)
