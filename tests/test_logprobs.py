@@ -289,6 +289,8 @@ def test_kernels_compile_for_gpus():
                    "stats_ptr": "*fp32", "ent_ptr": "*fp32", "glogp_ptr": "*fp32",
                    "gent_ptr": "*fp32", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), "i64"),
                    **scalars, **dict.fromkeys(const, "constexpr")}
-            cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8),
-                      ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8)]
+            aligned = [k for k in bwd if k.endswith("_ptr") or k.startswith("s")]
+            cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
+                       [k for k in aligned if k in fwd]),
+                      ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
     compile_for_gpus(cases)

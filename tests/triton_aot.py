@@ -6,9 +6,12 @@ the whole Triton pipeline down to a cubin for sm_80 and sm_90, so a kernel that 
 compile on an A100/H100 fails CI here. It runs in a subprocess because the compiler cannot
 run in a process where ``TRITON_INTERPRET=1`` was set before ``triton`` was imported.
 
-A case is ``(module, kernel name, signature, constexprs, num_warps)``: ``signature`` maps
-every argument to a Triton type string (``"*bf16"``, ``"i64"``, ``"fp32"``, ``"constexpr"``);
-a constexpr value written ``"tl.float32"`` means that ``triton.language`` dtype.
+A case is ``(module, kernel name, signature, constexprs, num_warps[, aligned])``:
+``signature`` maps every argument to a Triton type string (``"*bf16"``, ``"i64"``, ``"fp32"``,
+``"constexpr"``); a constexpr value written ``"tl.float32"`` means that ``triton.language``
+dtype; ``aligned`` names the arguments (pointers, strides) to compile as divisible by 16, as
+the launcher specializes them at run time for aligned tensors (this enables vectorized and
+pipelined code paths).
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ def _main() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    for module, name, signature, constexprs, num_warps in json.load(sys.stdin):
+    for module, name, signature, constexprs, num_warps, *aligned in json.load(sys.stdin):
         kernel = getattr(importlib.import_module(module), name)
         constexprs = {k: getattr(tl, v[3:]) if isinstance(v, str) and v.startswith("tl.") else v
                       for k, v in constexprs.items()}
+        names = list(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in (aligned[0] if aligned else [])}
         for arch in ARCHS:
-            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
 
 
