@@ -7,8 +7,9 @@ Backends:
 * ``"triton"`` -- fused Triton kernels; needs CUDA tensors, or the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` is imported) for CPU tensors.
 * ``"cuda"``   -- hand-written CUDA kernels from the compiled extension.
-* ``"auto"``   -- the fastest available for the tensors' device: ``triton`` on CUDA tensors
-  when Triton is installed, else ``torch``. Never the Triton interpreter.
+* ``"auto"``   -- the fastest available for the tensors' device: on CUDA tensors ``triton``,
+  or ``cuda`` for the op families a measured table says it is faster for (or when Triton
+  is not installed); on CPU ``torch``. Never the Triton interpreter.
 
 The backend of a call is, in order of precedence: the op's ``backend=`` keyword when it is
 not ``"auto"``, the innermost :func:`use_backend` block, the ``FASTRLHF_BACKEND``
@@ -103,10 +104,18 @@ def use_backend(name: str):
         stack.pop()
 
 
-def _auto(device: torch.device) -> str:
-    if device.type == "cuda" and _triton_installed():
-        return "triton"
-    return "torch"
+def _auto(device: torch.device, family: str | None) -> str:
+    """CPU: torch. CUDA: triton, or cuda where the measured table (``fastrlhf.cuda.
+    dispatch_table``) says it is faster or Triton is not installed; torch when neither runs."""
+    if device.type != "cuda":
+        return "torch"
+    if family is not None and has_kernels("cuda", family):
+        from fastrlhf.cuda.dispatch_table import preferred  # noqa: PLC0415
+
+        choice = preferred(family, torch.cuda.get_device_capability(device))
+        if (choice == "cuda" or not _triton_installed()) and backend_status("cuda", device)[0]:
+            return "cuda"
+    return "triton" if _triton_installed() else "torch"
 
 
 def has_kernels(backend: str, family: str) -> bool:
@@ -126,7 +135,7 @@ def resolve_backend(backend: str, device: torch.device, family: str | None = Non
         name = stack[-1] if stack else _check_name(os.environ.get("FASTRLHF_BACKEND", "auto"),
                                                   "FASTRLHF_BACKEND")
     if name == "auto":
-        return _auto(device)
+        return _auto(device, family)
     ok, why = backend_status(name, device)
     if ok and family is not None and not has_kernels(name, family):
         ok, why = False, f"it has no {family} kernels; use backend='triton' or 'torch'"

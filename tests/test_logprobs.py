@@ -294,3 +294,10 @@ def test_kernels_compile_for_gpus():
                        [k for k in aligned if k in fwd]),
                       ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
     compile_for_gpus(cases)
+
+
+def test_int32_labels_with_an_ignore_index_outside_int32(backend):
+    logits, _ = _case(1, 3, 9, torch.float32)
+    labels = torch.tensor([[0, 3, 8]], dtype=torch.int32, device=DEVICE)
+    lp = fastrlhf.token_logprobs(logits, labels, ignore_index=-(2**63), backend=backend)
+    torch.testing.assert_close(lp, ref.token_logprobs(logits, labels.long()))

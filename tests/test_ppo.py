@@ -252,9 +252,12 @@ def test_global_counts_and_loss_scale_factor(backend):
     assert _policy_run(backend, logp, old, adv, mask, global_tokens=0)[0].item() == 0
     assert _policy_run(backend, logp, old, adv, mask, global_tokens=torch.tensor(0, device=DEVICE))[0].item() == 0
     total = _policy_run(backend, logp, old, adv, mask, agg="token-sum", global_tokens=5)[0]  # ignored
-    _close(_policy_run(backend, logp, old, adv, mask, agg="seq-mean-token-sum-norm")[0], total / 16)
+    seqs = int(mask.any(-1).sum())  # sum-norm: sum / (sequences x factor), the factor defaulting to T
+    _close(_policy_run(backend, logp, old, adv, mask, agg="seq-mean-token-sum-norm")[0], total / (seqs * 16))
     _close(_policy_run(backend, logp, old, adv, mask, agg="seq-mean-token-sum-norm", loss_scale_factor=4096)[0],
-           total / 4096)
+           total / (seqs * 4096))
+    _close(_policy_run(backend, logp, old, adv, mask, agg="seq-mean-token-sum-norm", global_seqs=7,
+                       loss_scale_factor=torch.tensor(4096.0, device=DEVICE))[0], total / (7 * 4096))
     v = _value_run(backend, logp, old, adv, mask, agg="seq-mean-token-sum", global_seqs=torch.tensor(8))
     _close(v[0], _value_run("reference", logp, old, adv, mask, agg="seq-mean-token-sum", global_seqs=8)[0])
 
@@ -313,12 +316,13 @@ def test_aggregate_modes_hand_computed():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, float("nan")], [7.0, 8.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 1, 0], [0, 0, 0]])
     want = {"token-mean": 15 / 5, "token-sum": 15.0, "seq-mean-token-sum": 15 / 2,
-            "seq-mean-token-mean": (2 + 4.5) / 2, "seq-mean-token-sum-norm": 15 / 3}
+            "seq-mean-token-mean": (2 + 4.5) / 2, "seq-mean-token-sum-norm": 15 / (2 * 3)}
     for mode, value in want.items():
         assert abs(aggregate(loss, mask, mode).item() - value) < 1e-6
     assert aggregate(loss, mask, "token-mean", global_tokens=10).item() == 1.5
     assert aggregate(loss, mask, "seq-mean-token-mean", global_seqs=torch.tensor(4)).item() == 6.5 / 4
-    assert aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=30).item() == 0.5
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", loss_scale_factor=30).item() == 0.25
+    assert aggregate(loss, mask, "seq-mean-token-sum-norm", global_seqs=5).item() == 1.0
     assert aggregate(loss, torch.zeros_like(mask), "seq-mean-token-mean").item() == 0
     x = loss.clone().requires_grad_(True)
     aggregate(x, mask, "seq-mean-token-mean").backward()

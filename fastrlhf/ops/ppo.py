@@ -12,8 +12,9 @@ Aggregation modes (``agg``), over the valid tokens (``mask != 0``) of a ``[B, T]
   replaces that count).
 * ``"seq-mean-token-mean"``: sum over rows of (row sum / row token count), divided by the
   number of rows with a valid token (or ``global_seqs``).
-* ``"seq-mean-token-sum-norm"``: sum / ``loss_scale_factor`` (default ``T``), as verl
-  (Dr. GRPO): not divided by the number of rows.
+* ``"seq-mean-token-sum-norm"``: sum / (number of rows with a valid token x
+  ``loss_scale_factor``), the factor defaulting to ``T`` (Dr. GRPO; verl >= 0.9).
+  ``global_seqs`` replaces the row count.
 
 Fully masked rows count for nothing; a normalizing count ``<= 0`` (an all-zero mask, ``B = 0``,
 ``T = 0``) gives loss 0 and zero gradients, never NaN. Global counts are for data parallelism:
@@ -47,6 +48,8 @@ _NORMALIZER = {"token-mean": "global_tokens", "seq-mean-token-sum": "global_seqs
 
 def _ref_counts(agg: str, denom) -> dict:
     """Keyword arguments of the reference for the normalizer ``denom`` of mode ``agg``."""
+    if agg == "seq-mean-token-sum-norm" and denom is not None:  # denom = sequences x factor
+        return {"global_seqs": 1, "loss_scale_factor": denom}
     return {_NORMALIZER[agg]: denom} if agg in _NORMALIZER else {}
 
 
@@ -214,12 +217,22 @@ def _check_count(name: str, value, device: torch.device):
     return float(value)
 
 
-def _denom(agg, device, global_tokens, global_seqs, loss_scale_factor):
-    """``(float or None, tensor or None)``: the normalizer override that mode ``agg`` uses."""
+def _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor):
+    """``(float or None, tensor or None)``: the normalizer override that mode ``agg`` uses
+    (``None``: the mode's local count, computed by the backend)."""
+    device = mask.device
     counts = {"global_tokens": _check_count("global_tokens", global_tokens, device),
               "global_seqs": _check_count("global_seqs", global_seqs, device),
               "loss_scale_factor": _check_count("loss_scale_factor", loss_scale_factor, device)}
-    value = counts[_NORMALIZER[agg]] if agg in _NORMALIZER else None
+    if agg == "seq-mean-token-sum-norm":  # sequences x factor; either may be overridden
+        seqs, factor = counts["global_seqs"], counts["loss_scale_factor"]
+        if seqs is None and factor is None:
+            return None, None
+        if seqs is None:
+            seqs = (mask != 0).any(-1).sum()
+        value = seqs * (mask.shape[-1] if factor is None else factor)
+    else:
+        value = counts[_NORMALIZER[agg]] if agg in _NORMALIZER else None
     return (None, value) if isinstance(value, torch.Tensor) else (value, None)
 
 
@@ -287,7 +300,7 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         dual_clip = float(dual_clip)
     log_ratio_clamp = _optional_positive("log_ratio_clamp", log_ratio_clamp)
     _check_agg(agg)
-    denom, denom_t = _denom(agg, logprobs.device, global_tokens, global_seqs, loss_scale_factor)
+    denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, logprobs.device, "ppo")
     loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
@@ -316,7 +329,7 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
     clip = _optional_positive("clip", clip)
     _check_agg(agg)
-    denom, denom_t = _denom(agg, values.device, global_tokens, global_seqs, loss_scale_factor)
+    denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, values.device, "ppo")
     loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, denom, denom_t, name)
     return loss, {"vf_clipfrac": clipfrac.detach()}
@@ -332,5 +345,5 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     """
     _check_inputs(("loss_mat",), (loss_mat,), mask)
     _check_agg(mode, "mode")
-    denom, denom_t = _denom(mode, loss_mat.device, global_tokens, global_seqs, loss_scale_factor)
+    denom, denom_t = _denom(mode, mask, global_tokens, global_seqs, loss_scale_factor)
     return ref.aggregate(loss_mat, mask, mode, **_ref_counts(mode, denom if denom_t is None else denom_t))

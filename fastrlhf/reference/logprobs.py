@@ -19,6 +19,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     """
     x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
+    labels = labels.long()  # an ignore_index outside int32 must not wrap around
     ignored = labels == ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     picked = logp_all.gather(-1, torch.where(in_range, labels, 0).long().unsqueeze(-1)).squeeze(-1)
@@ -65,6 +66,7 @@ def token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entr
     z = logits.to(stats.dtype) / temperature
     logq = (z - stats[..., :1]) - stats[..., 1:]
     p = logq.exp()
+    labels = labels.long()
     keep = labels != ignore_index
     in_range = (labels >= 0) & (labels < logits.shape[-1])
     g = torch.where(keep, grad_logp, 0.0).to(stats.dtype).unsqueeze(-1)

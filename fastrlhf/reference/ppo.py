@@ -32,13 +32,14 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
         return safe_div(x.sum(), valid.sum() if global_tokens is None else global_tokens)
     if mode == "token-sum":
         return x.sum()
-    if mode == "seq-mean-token-sum-norm":
-        return safe_div(x.sum(), mask.shape[-1] if loss_scale_factor is None else loss_scale_factor)
     row_n = valid.sum(-1)
+    seqs = (row_n > 0).sum() if global_seqs is None else global_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return safe_div(x.sum(), seqs * (mask.shape[-1] if loss_scale_factor is None else loss_scale_factor))
     row = x.sum(-1)
     if mode == "seq-mean-token-mean":
         row = row / row_n.clamp(min=1)
-    return safe_div(row.sum(), (row_n > 0).sum() if global_seqs is None else global_seqs)
+    return safe_div(row.sum(), seqs)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -112,7 +113,9 @@ def loss_scale(mask: torch.Tensor, agg: str, denom=None, dtype: torch.dtype = to
             denom = (mask != 0).sum() if n_tokens is None else n_tokens
         return safe_div(one, denom), None
     if agg == "seq-mean-token-sum-norm":
-        return safe_div(one, mask.shape[-1] if denom is None else denom), None
+        if denom is None:
+            denom = (mask != 0).any(-1).sum() * mask.shape[-1]
+        return safe_div(one, denom), None
     per_row = agg == "seq-mean-token-mean"
     if row_counts is None and (per_row or denom is None):
         row_counts = (mask != 0).sum(-1)

@@ -1,0 +1,68 @@
+// CUDA implementations of fastrlhf_cuda::gae_fwd and group_advantages_fwd (kernels/advantages.cu).
+// Outputs are allocated by the caller (fastrlhf/cuda/advantages.py) and written here.
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace fastrlhf {
+namespace {
+
+void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
+             const at::Tensor& mask, double gamma, double lam, bool skip_holes,
+             const at::Tensor& advantages, const at::Tensor& returns) {
+  FASTRLHF_CHECK_CUDA(rewards);
+  FASTRLHF_CHECK_FLOAT(rewards);
+  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", rewards.sizes());
+  FASTRLHF_CHECK_SAME_DEVICE(mask, rewards);
+  FASTRLHF_CHECK_MASK(mask);
+  FASTRLHF_CHECK_SHAPE(mask, rewards.sizes());
+  at::ScalarType acc = acc_of({&rewards});
+  if (values.has_value()) {
+    FASTRLHF_CHECK_SAME_DEVICE(*values, rewards);
+    FASTRLHF_CHECK_FLOAT(*values);
+    FASTRLHF_CHECK_SHAPE(*values, rewards.sizes());
+    acc = acc_of({&rewards, &*values});
+    FASTRLHF_CHECK_OUT(returns, rewards, acc, rewards.sizes());
+  }
+  FASTRLHF_CHECK_OUT(advantages, rewards, acc, rewards.sizes());
+  if (rewards.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(rewards.device());
+  const at::Tensor r = unit_t(rewards), m = unit_t(mask);
+  const at::Tensor v = values.has_value() ? unit_t(*values) : at::Tensor();
+  FASTRLHF_CHECK_LAUNCH(
+      fastrlhf_gae_fwd(rewards.size(0), rewards.size(1), rows_arg(r), v.defined() ? rows_arg(v) : no_rows(),
+                       mask_arg(m), gamma, gamma * lam, skip_holes ? 1 : 0, acc == at::kDouble ? 1 : 0,
+                       advantages.data_ptr(), v.defined() ? returns.data_ptr() : nullptr,
+                       current_stream(rewards)),
+      "gae_fwd");
+}
+
+void group_advantages_fwd(const at::Tensor& scores, int64_t group_size, int64_t method, double eps,
+                          const at::Tensor& out) {
+  FASTRLHF_CHECK_CUDA(scores);
+  FASTRLHF_CHECK_FLOAT(scores);
+  TORCH_CHECK_VALUE(scores.dim() == 1, "scores must have one dimension, got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(group_size >= 1 && scores.size(0) % group_size == 0,
+                    "group_size must be >= 1 and divide N = ", scores.size(0), ", got ", group_size);
+  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "method must be 0 (grpo), 1 (rloo) or 2 (dr_grpo), got ",
+                    method);
+  FASTRLHF_CHECK_OUT(out, scores, acc_of({&scores}), scores.sizes());
+  if (scores.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor s = scores.contiguous();
+  FASTRLHF_CHECK_LAUNCH(
+      fastrlhf_group_advantages_fwd(rows_arg(s), s.size(0) / group_size, group_size, static_cast<int>(method),
+                                    eps, out.scalar_type() == at::kDouble ? 1 : 0, out.data_ptr(),
+                                    current_stream(scores)),
+      "group_advantages_fwd");
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
+  m.impl("gae_fwd", &fastrlhf::gae_fwd);
+  m.impl("group_advantages_fwd", &fastrlhf::group_advantages_fwd);
+}

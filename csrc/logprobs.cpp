@@ -1,0 +1,112 @@
+// CUDA implementations of fastrlhf_cuda::token_logprobs_fwd / token_logprobs_bwd: checks,
+// row addressing, current stream, then the C-ABI launchers of kernels/logprobs.cu.
+// Outputs are allocated by the caller (fastrlhf/cuda/logprobs.py) and written here.
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include "checks.h"
+
+namespace fastrlhf {
+namespace {
+
+void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, double temperature) {
+  FASTRLHF_CHECK_CUDA(logits);
+  FASTRLHF_CHECK_FLOAT(logits);
+  TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1,
+                    "logits must have a vocabulary dimension V >= 1, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.stride(-1) == 1 || logits.size(-1) == 1,
+                    "logits must have unit stride on the last dimension, got strides ", logits.strides());
+  FASTRLHF_CHECK_SAME_DEVICE(labels, logits);
+  FASTRLHF_CHECK_DTYPE(labels, at::kInt, at::kLong);
+  FASTRLHF_CHECK_SHAPE(labels, logits.sizes().slice(0, logits.dim() - 1));
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+}
+
+std::vector<int64_t> with_pair(at::IntArrayRef sizes) {
+  std::vector<int64_t> out(sizes.begin(), sizes.end());
+  out.push_back(2);
+  return out;
+}
+
+void token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                        int64_t ignore_index, bool with_entropy, const at::Tensor& logp,
+                        const at::Tensor& entropy, const at::Tensor& stats) {
+  check_logits_labels(logits, labels, temperature);
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
+  FASTRLHF_CHECK_OUT(logp, logits, acc, labels.sizes());
+  FASTRLHF_CHECK_OUT(stats, logits, acc, with_pair(labels.sizes()));
+  if (with_entropy) FASTRLHF_CHECK_OUT(entropy, logits, acc, labels.sizes());
+  if (labels.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor lab = labels.contiguous();
+  at::Tensor x = logits;
+  auto rows = row_layout({&x});
+  if (!rows) {
+    x = logits.contiguous();
+    rows = row_layout({&x});
+  }
+  FASTRLHF_CHECK_LAUNCH(
+      fastrlhf_token_logprobs_fwd(
+          kernel_dtype(x), x.data_ptr(), rows->n_rows, rows->D1, rows->s0[0], rows->s1[0],
+          x.size(-1), lab.data_ptr(), static_cast<int>(lab.element_size()), 1.0 / temperature,
+          ignore_index, logp.data_ptr(), with_entropy ? entropy.data_ptr() : nullptr,
+          stats.data_ptr(), current_stream(x)),
+      "token_logprobs_fwd");
+}
+
+void token_logprobs_bwd(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
+                        const at::Tensor& logits, const at::Tensor& labels, const at::Tensor& stats,
+                        const at::Tensor& entropy, double temperature, int64_t ignore_index,
+                        const at::Tensor& grad_logits) {
+  check_logits_labels(logits, labels, temperature);
+  const at::ScalarType acc = acc_dtype(logits.scalar_type());
+  FASTRLHF_CHECK_OUT(stats, logits, acc, with_pair(labels.sizes()));
+  FASTRLHF_CHECK_SAME_DEVICE(grad_logp, logits);
+  FASTRLHF_CHECK_SHAPE(grad_logp, labels.sizes());
+  FASTRLHF_CHECK_SAME_DEVICE(grad_logits, logits);
+  FASTRLHF_CHECK_SHAPE(grad_logits, logits.sizes());
+  TORCH_CHECK_TYPE(grad_logits.scalar_type() == logits.scalar_type(), "grad_logits must have dtype ",
+                   dtype_name(logits.scalar_type()), " like logits, got ",
+                   dtype_name(grad_logits.scalar_type()));
+  TORCH_CHECK_VALUE(grad_logits.stride(-1) == 1 || grad_logits.size(-1) == 1,
+                    "grad_logits must have unit stride on the last dimension, got strides ",
+                    grad_logits.strides());
+  at::Tensor g_ent;
+  if (grad_entropy.has_value()) {
+    FASTRLHF_CHECK_SAME_DEVICE(*grad_entropy, logits);
+    FASTRLHF_CHECK_SHAPE(*grad_entropy, labels.sizes());
+    FASTRLHF_CHECK_OUT(entropy, logits, acc, labels.sizes());
+    g_ent = grad_entropy->to(acc).contiguous();
+  }
+  if (labels.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(logits.device());
+  const at::Tensor lab = labels.contiguous();
+  const at::Tensor g_logp = grad_logp.to(acc).contiguous();
+  const bool inplace = grad_logits.is_same(logits);
+  at::Tensor x = logits, dx = grad_logits;
+  auto rows = row_layout({&x, &dx});
+  if (!rows) {  // a layout of three or more strides: work on contiguous copies
+    x = logits.contiguous();
+    dx = inplace ? x : at::empty_like(x, at::MemoryFormat::Contiguous);
+    rows = row_layout({&x, &dx});
+  }
+  FASTRLHF_CHECK_LAUNCH(
+      fastrlhf_token_logprobs_bwd(
+          kernel_dtype(x), x.data_ptr(), rows->n_rows, rows->D1, rows->s0[0], rows->s1[0], x.size(-1),
+          dx.data_ptr(), rows->s0[1], rows->s1[1], lab.data_ptr(), static_cast<int>(lab.element_size()),
+          stats.data_ptr(), g_ent.defined() ? entropy.data_ptr() : nullptr, g_logp.data_ptr(),
+          g_ent.defined() ? g_ent.data_ptr() : nullptr, 1.0 / temperature, ignore_index,
+          current_stream(x)),
+      "token_logprobs_bwd");
+  if (!dx.is_same(grad_logits)) grad_logits.copy_(dx);
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
+  m.impl("token_logprobs_fwd", &fastrlhf::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &fastrlhf::token_logprobs_bwd);
+}

@@ -1,0 +1,68 @@
+// The fastrlhf_cuda operator library (the schema of every op, implemented for CUDA in
+// csrc/<family>.cpp) and the Python module around it, which exposes build information.
+//
+// Ops take their outputs as mutable arguments: the Python launchers (fastrlhf/cuda/) allocate
+// them, as the Triton launchers do. A backward op's grad_logits may be logits itself (an
+// in-place backward); these ops are called eagerly from inside fastrlhf's own custom ops,
+// which carry the public schemas.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+#include <string>
+
+#include "launchers.cuh"
+
+TORCH_LIBRARY(fastrlhf_cuda, m) {
+  m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
+        "bool with_entropy, Tensor(a!) logp, Tensor(b!) entropy, Tensor(c!) stats) -> ()");
+  m.def("token_logprobs_bwd(Tensor grad_logp, Tensor? grad_entropy, Tensor logits, Tensor labels, "
+        "Tensor stats, Tensor entropy, float temperature, int ignore_index, "
+        "Tensor(a!) grad_logits) -> ()");
+  m.def("gae_fwd(Tensor rewards, Tensor? values, Tensor mask, float gamma, float lam, bool skip_holes, "
+        "Tensor(a!) advantages, Tensor(b!) returns) -> ()");
+  m.def("group_advantages_fwd(Tensor scores, int group_size, int method, float eps, Tensor(a!) out) -> ()");
+  m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float clamp, "
+        "float log_ratio_clamp, Tensor(a!) out) -> ()");
+  m.def("kl_penalty_bwd(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator, bool straight, "
+        "float clamp, float log_ratio_clamp, Tensor(a!) grad_logprobs, Tensor(b!) grad_ref_logprobs) -> ()");
+  m.def("kl_penalized_rewards_fwd(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, "
+        "float kl_coef, Tensor? kl_coef_t, int estimator, float kl_clamp, float log_ratio_clamp, "
+        "float score_clip, Tensor(a!) rewards, Tensor(b!) kl) -> ()");
+  m.def("ppo_loss_fwd(bool value, Tensor x, Tensor old, Tensor y, Tensor mask, Tensor? row_counts, "
+        "float c0, float c1, float c2, float c3, Tensor(a!) sums, Tensor(b!) counts) -> ()");
+  m.def("ppo_loss_bwd(bool value, Tensor grad, Tensor scale, Tensor x, Tensor old, Tensor y, Tensor mask, "
+        "Tensor? row_counts, float c0, float c1, float c2, float c3, Tensor(a!) grad_x) -> ()");
+}
+
+namespace {
+
+namespace py = pybind11;
+
+py::dict build_info() {
+  py::dict info;
+  const int cuda = fastrlhf_kernels_cuda_version();
+  info["cuda"] = std::to_string(cuda / 1000) + "." + std::to_string(cuda % 1000 / 10);
+  info["archs"] = std::string(fastrlhf_kernels_arch_list());  // e.g. "800,900"
+  info["torch"] = std::to_string(TORCH_VERSION_MAJOR) + "." + std::to_string(TORCH_VERSION_MINOR) +
+                  "." + std::to_string(TORCH_VERSION_PATCH);
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+// "" when the kernels run on `device`, else the CUDA error, e.g. "no kernel image is available".
+std::string check_device(int device) {
+  const cudaError_t err = fastrlhf_kernels_check_device(device);
+  return err == cudaSuccess ? std::string() : std::string(cudaGetErrorString(err));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastrlhf CUDA kernels; the ops are torch.ops.fastrlhf_cuda.*";
+  m.def("build_info", &build_info,
+        "What the extension was built with: cuda and torch versions, archs (nvcc's "
+        "__CUDA_ARCH_LIST__) and the host compiler.");
+  m.def("check_device", &check_device, py::arg("device"),
+        "'' when the kernels have code for CUDA device `device`, else the CUDA error.");
+}

@@ -1,0 +1,354 @@
+"""Drop-in replacements for TRL's log-prob, entropy and DPO-loss functions, and :func:`patch_trl`.
+
+The functions keep the signatures and semantics of TRL 1.16.0 (``trl/trainer/utils.py``
+and the loss block of ``DPOTrainer._compute_loss``) and run on fastrlhf ops
+(:func:`fastrlhf.token_logprobs`, :func:`fastrlhf.ops.dpo.dpo_loss`). The backend follows
+:func:`fastrlhf.use_backend` / ``FASTRLHF_BACKEND`` (``auto`` by default).
+
+Differences from TRL, all deliberate:
+
+* Outputs are fp32 (fp64 for fp64 logits), like TRL's own CUDA kernel; TRL's PyTorch
+  fallback (CPU, or an index with a trailing ``K``) returns the logits' dtype.
+* ``-inf`` logits (a masked vocabulary) have probability 0: entropies stay finite where
+  TRL's fallback gives NaN. An index outside ``[0, V)`` gives a NaN log-prob where TRL
+  raises (no host sync to check it).
+* Losses are never NaN on valid input: an empty ``sft`` batch gives 0, ``discopop`` is
+  evaluated stably for large negative margins (TRL overflows to NaN there).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastrlhf import _checks
+from fastrlhf.ops.dpo import dpo_loss as _dpo_op
+from fastrlhf.ops.logprobs import token_logprobs
+
+__all__ = ["LOSS_TYPES", "TRLPatch", "dpo_loss", "entropy_from_logits", "patch_trl",
+           "selective_log_softmax", "selective_log_softmax_and_entropy"]
+
+_NO_IGNORE = -(2**63)
+"""An ``ignore_index`` no int64 label equals: TRL ignores no index."""
+
+
+def _check_temperature(temperature) -> float:
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a Python float, got {type(temperature).__name__}")
+    if not temperature > 0:
+        raise ValueError("temperature must be positive")
+    return float(temperature)
+
+
+def _apply_row_mask(x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Tensor:
+    if row_mask is None:
+        return x
+    _checks.mask("row_mask", row_mask, x.shape, x.device)
+    return torch.where(row_mask == 0, 0.0, x)
+
+
+# ------------------------------------------------------------------------ log-probs
+def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
+                          row_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``log_softmax(logits / temperature).gather(-1, index)``, as TRL's ``selective_log_softmax``.
+
+    Args:
+        logits: ``[..., V]`` bf16/fp16/fp32/fp64.
+        index: int32/int64, either ``logits.shape[:-1]`` (one log-prob per row) or
+            ``(*logits.shape[:-1], K)`` (``K`` log-probs per row, e.g. top-K).
+        temperature: a float > 0 the logits are divided by.
+        row_mask: ``None`` or a tensor of ``index``'s shape; where it is 0 the output is 0
+            (with zero gradient).
+
+    Returns:
+        fp32 log-probs of ``index``'s shape (fp64 for fp64 logits), differentiable w.r.t.
+        ``logits``.
+
+    One pass of :func:`fastrlhf.token_logprobs` per row. With a trailing ``K`` it scores the
+    selected index with the largest logit, and the others are offsets from it
+    (``log p_k = z_k - z_top + log p_top``, ``z = logits / temperature``): ``K`` costs no
+    extra pass over ``V``; only the gather's backward allocates an ``[..., V]`` gradient.
+    """
+    temperature = _check_temperature(temperature)
+    _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
+    _checks.tensor("index", index, _checks.INDEX_DTYPES)
+    lead = logits.shape[:-1]
+    if index.dim() == logits.dim() - 1:
+        _checks.same_shape("index", index, lead, "logits.shape[:-1]")
+        out = token_logprobs(logits, index.long(), temperature=temperature, ignore_index=_NO_IGNORE)
+        return _apply_row_mask(out, row_mask)
+    if index.dim() != logits.dim() or index.shape[:-1] != lead:
+        raise ValueError(f"index must have shape {tuple(lead)} or {(*lead, 'K')} (logits.shape "
+                         f"{tuple(logits.shape)}), got {tuple(index.shape)}")
+    index = index.long()
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    z = logits.gather(-1, index).to(acc) / temperature  # raises on an index outside [0, V)
+    if index.shape[-1] == 0:
+        return _apply_row_mask(z, row_mask)
+    top = z.detach().argmax(-1, keepdim=True)
+    logp_top = token_logprobs(logits, index.gather(-1, top).squeeze(-1), temperature=temperature,
+                              ignore_index=_NO_IGNORE).unsqueeze(-1)
+    out = (z - z.gather(-1, top)) + logp_top
+    out = torch.where(z == float("-inf"), float("-inf"), out)  # a masked entry, even if all are
+    return _apply_row_mask(out, row_mask)
+
+
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Entropy ``-sum(p * log p)`` of ``softmax(logits)`` over the last dim, as TRL's
+    ``entropy_from_logits``.
+
+    ``logits``: ``[..., V]`` (any float dtype). ``chunk_size`` is accepted for TRL's signature
+    and unused: nothing ``[..., V]``-sized is materialized in fp32 by the kernel backends.
+    Returns fp32 (fp64 for fp64 logits) of ``logits.shape[:-1]``, differentiable.
+    """
+    _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
+    _checks.integer("chunk_size", chunk_size)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
+    return token_logprobs(logits, labels, ignore_index=_NO_IGNORE, return_entropy=True)[1]
+
+
+def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
+                                      entropy_requires_grad: bool = True, temperature: float = 1.0,
+                                      row_mask: torch.Tensor | None = None):
+    """``(log-probs of index, entropy)`` of ``softmax(logits / temperature)`` in one pass, as TRL's
+    ``selective_log_softmax_and_entropy``.
+
+    ``index`` has ``logits.shape[:-1]``; where ``row_mask`` is 0 both outputs are 0. With
+    ``entropy_requires_grad=False`` the entropy is detached. Both fp32 (fp64 for fp64 logits).
+    """
+    temperature = _check_temperature(temperature)
+    _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
+    _checks.tensor("index", index, _checks.INDEX_DTYPES)
+    _checks.same_shape("index", index, logits.shape[:-1], "logits.shape[:-1]")
+    logp, ent = token_logprobs(logits, index.long(), temperature=temperature,
+                               ignore_index=_NO_IGNORE, return_entropy=True)
+    if not entropy_requires_grad:
+        ent = ent.detach()
+    return _apply_row_mask(logp, row_mask), _apply_row_mask(ent, row_mask)
+
+
+# ------------------------------------------------------------------------------ DPO
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+              "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+_F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+_F_DIVERGENCE_LOSSES = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+_LENGTH_LOSSES = {"ipo", "sigmoid_norm", "sft"}
+
+
+def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float, dtype: torch.dtype):
+    """TRL's ``f'(t)`` of the implicit-reward log-ratios (``reverse_kl`` is the identity)."""
+    if f_divergence_type == "forward_kl":
+        return 1 - torch.exp(-logratios)
+    if f_divergence_type == "js_divergence":
+        return math.log(2) + F.logsigmoid(logratios)
+    if f_divergence_type == "alpha_divergence" and abs(alpha - 1.0) >= 1e-6:
+        cap = 11.0 if dtype == torch.float16 else 80.0  # TRL's bound: exp stays finite in the input dtype
+        return (torch.exp(((alpha - 1.0) * logratios).clamp(max=cap)) - 1.0) / (alpha - 1.0)
+    return logratios
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.sum() / max(x.numel(), 1)
+
+
+def _discopop(delta: torch.Tensor, beta: float, tau: float) -> torch.Tensor:
+    """DiscoPOP per pair: ``-logsig(z) (1 - sig(z / tau)) + exp(-z) sig(z / tau)``, ``z = beta * delta``;
+    the second product is ``exp(-z + logsig(z / tau))``, finite where ``exp(-z)`` overflows."""
+    z = beta * delta
+    return -F.logsigmoid(z) * torch.sigmoid(-z / tau) + torch.exp(F.logsigmoid(z / tau) - z)
+
+
+def _check_lengths(name: str, x, like: torch.Tensor) -> torch.Tensor:
+    if x is None:
+        raise ValueError(f"{name} is required by loss types {sorted(_LENGTH_LOSSES)} (the number of "
+                         f"completion tokens of each sequence)")
+    _checks.tensor(name, x)
+    _checks.same_shape(name, x, like.shape, "chosen_logps.shape")
+    _checks.same_device(name, x, like.device)
+    return x.to(like.dtype)
+
+
+def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,
+             ref_rejected_logps: torch.Tensor, *, beta: float = 0.1,
+             loss_type: str | Sequence[str] = "sigmoid", loss_weights: Sequence[float] | None = None,
+             label_smoothing: float = 0.0, chosen_lengths: torch.Tensor | None = None,
+             rejected_lengths: torch.Tensor | None = None, f_divergence_type: str = "reverse_kl",
+             f_alpha_divergence_coef: float = 0.5, discopop_tau: float = 0.05):
+    """The DPO-family loss of TRL 1.16.0's ``DPOTrainer`` from sequence log-probs.
+
+    Reproduces the loss block of ``DPOTrainer._compute_loss`` (TRL 1.16.0) after the
+    sequence log-probs are known: every ``loss_type`` of TRL, a list of them combined
+    with ``loss_weights``, ``label_smoothing``, ``f_divergence_type`` and ``discopop_tau``,
+    with TRL's ``DPOConfig`` names and defaults. Runs on :func:`fastrlhf.ops.dpo.dpo_loss`
+    (``bco_pair`` is two of its sigmoid losses, ``aot``/``aot_unpaired`` its sigmoid loss on
+    sorted log-ratios); ``discopop`` and ``sft`` are a few ``[B]``-sized torch ops.
+
+    Args:
+        chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps: ``[B]`` summed
+            completion log-probs (any float dtype, one device); TRL's ``ld_alpha`` weighting,
+            if used, is already in them. Gradients flow to all four.
+        beta: a float > 0. loss_type: one name of :data:`LOSS_TYPES` or a list of them.
+        loss_weights: one weight per loss type (default 1 each).
+        label_smoothing: read by ``robust`` (``[0, 0.5)``), ``exo_pair`` (``(0, 1)``: TRL
+            rejects 0), ``aot`` and ``aot_unpaired``; TRL 1.16's ``sigmoid`` ignores it.
+        chosen_lengths, rejected_lengths: ``[B]`` completion token counts, required by
+            ``ipo`` and ``sigmoid_norm`` (log-ratios divided by ``max(length, 1)``) and ``sft``
+            (``-sum(chosen_logps) / sum(chosen_lengths)``, 0 when there is no token).
+
+    Returns:
+        ``(loss, metrics)``: ``loss`` the fp32 weighted sum of the batch means (fp64 for
+        fp64 inputs, 0 for an empty batch); ``metrics`` detached 0-dim tensors with TRL's
+        logged names: ``rewards/chosen``, ``rewards/rejected`` (means of ``beta * (pi - ref)``),
+        ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``.
+        Not covered: TRL's WPO ``use_weighting`` (it needs per-token probabilities).
+        f-divergence scores stay fp32 (TRL rounds alpha-divergence scores to the input dtype).
+    """
+    names = ("chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+    xs = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    for name, x in zip(names, xs):
+        _checks.tensor(name, x, _checks.FLOAT_DTYPES, dim=1)
+        _checks.same_shape(name, x, chosen_logps.shape, "chosen_logps.shape")
+        _checks.same_device(name, x, chosen_logps.device)
+    beta = _checks.positive("beta", beta)
+    types = [loss_type] if isinstance(loss_type, str) else list(loss_type)
+    for t in types:
+        if t not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES} or a list of them, got {t!r}")
+    weights = [1.0] * len(types) if loss_weights is None else [float(w) for w in loss_weights]
+    if len(weights) != len(types):
+        raise ValueError(f"loss_weights must have one weight per loss type ({len(types)}), got {len(weights)}")
+    if f_divergence_type not in _F_DIVERGENCES:
+        raise ValueError(f"f_divergence_type must be one of {_F_DIVERGENCES}, got {f_divergence_type!r}")
+    if f_divergence_type != "reverse_kl" and not set(types) <= _F_DIVERGENCE_LOSSES:
+        raise ValueError(f"f_divergence_type={f_divergence_type!r} works only with loss types "
+                         f"{sorted(_F_DIVERGENCE_LOSSES)}, got {types}")
+    if "exo_pair" in types and label_smoothing == 0.0:
+        raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper uses 1e-3)")
+    _checks.positive("discopop_tau", discopop_tau)
+
+    dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    pc, pr, rc, rr = (x.to(dtype) for x in xs)
+    chosen_lr, rejected_lr = pc - rc, pr - rr
+    chosen_s = _f_scores(chosen_lr, f_divergence_type, f_alpha_divergence_coef, chosen_logps.dtype)
+    rejected_s = _f_scores(rejected_lr, f_divergence_type, f_alpha_divergence_coef, chosen_logps.dtype)
+    zero = torch.zeros_like(pc)
+    if _LENGTH_LOSSES & set(types):
+        n_chosen = _check_lengths("chosen_lengths", chosen_lengths, pc)
+        if set(types) & {"ipo", "sigmoid_norm"}:
+            n_rejected = _check_lengths("rejected_lengths", rejected_lengths, pc)
+
+    def op(a, b, kind, eps=0.0):  # the op's loss of h = a - b (a, b: implicit rewards / beta)
+        return _dpo_op(a, b, zero, zero, beta=beta, loss_type=kind, label_smoothing=eps)[0]
+
+    loss = zero.new_zeros(())
+    for kind, weight in zip(types, weights):
+        if kind in ("sigmoid", "hinge"):
+            term = op(chosen_s, rejected_s, kind)
+        elif kind in ("robust", "exo_pair"):
+            term = op(chosen_s, rejected_s, kind, label_smoothing)
+        elif kind in ("ipo", "sigmoid_norm"):
+            term = op(chosen_s / n_chosen.clamp(min=1), rejected_s / n_rejected.clamp(min=1),
+                      "ipo" if kind == "ipo" else "sigmoid")
+        elif kind in ("nca_pair", "sppo_hard", "apo_zero", "apo_down"):
+            term = op(chosen_lr, rejected_lr, kind)
+        elif kind == "bco_pair":  # -logsig(beta a) - logsig(-beta b)
+            term = op(chosen_lr, zero, "sigmoid") + op(zero, rejected_lr, "sigmoid")
+        elif kind == "aot":
+            term = op(torch.sort(pc - pr).values, torch.sort(rc - rr).values, "sigmoid", label_smoothing)
+        elif kind == "aot_unpaired":
+            term = op(torch.sort(chosen_lr).values, torch.sort(rejected_lr).values, "sigmoid",
+                      label_smoothing)
+        elif kind == "discopop":
+            term = _mean(_discopop(chosen_s - rejected_s, beta, float(discopop_tau)))
+        else:  # sft: the NLL of the chosen completions, per token
+            n = n_chosen.sum()
+            term = torch.where(n > 0, -pc.sum() / torch.where(n > 0, n, 1.0), 0.0)
+        loss = loss + weight * term
+
+    with torch.no_grad():
+        chosen_r, rejected_r = beta * chosen_lr, beta * rejected_lr
+        metrics = {"rewards/chosen": _mean(chosen_r), "rewards/rejected": _mean(rejected_r),
+                   "rewards/margins": _mean(chosen_r - rejected_r),
+                   "rewards/accuracies": _mean((chosen_r > rejected_r).to(dtype)),
+                   "logps/chosen": _mean(pc), "logps/rejected": _mean(pr)}
+    return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ---------------------------------------------------------------------------- patching
+_REPLACEMENTS = {"selective_log_softmax": selective_log_softmax,
+                 "entropy_from_logits": entropy_from_logits,
+                 "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
+_active: TRLPatch | None = None
+
+
+class TRLPatch:
+    """What :func:`patch_trl` changed; :meth:`undo` puts TRL's functions back.
+
+    Also a context manager: ``with patch_trl(): ...`` undoes on exit.
+    """
+
+    def __init__(self, originals: dict):
+        self.originals = originals  # name -> TRL's function
+        self.active = True
+
+    def undo(self) -> None:
+        """Restore TRL's functions wherever a loaded ``trl`` module holds a fastrlhf one
+        (also in modules imported after the patch). Calling it twice is harmless."""
+        global _active
+        for name, original in self.originals.items():
+            _swap(_REPLACEMENTS[name], original)
+        self.active = False
+        if _active is self:
+            _active = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.undo()
+
+
+def _trl_modules():
+    return [m for name, m in list(sys.modules.items())
+            if m is not None and (name == "trl" or name.startswith("trl."))]
+
+
+def _swap(old, new) -> None:
+    """Rebind every module-level name in loaded ``trl`` modules that is ``old`` to ``new``."""
+    for module in _trl_modules():
+        for name, value in list(vars(module).items()):
+            if value is old:
+                setattr(module, name, new)
+
+
+def patch_trl() -> TRLPatch:
+    """Install fastrlhf's :func:`selective_log_softmax`, :func:`entropy_from_logits` and
+    :func:`selective_log_softmax_and_entropy` into the installed TRL.
+
+    ``trl.trainer.utils`` and every loaded ``trl`` module that imported these names (the
+    trainers bind them at import) get the fastrlhf functions; modules imported later pick
+    them up from ``trl.trainer.utils``. TRL's DPO loss is computed inline in
+    ``DPOTrainer._compute_loss`` (1.16), so there is no function to swap: call
+    :func:`dpo_loss` from a subclass. Patching twice returns the active patch.
+
+    Returns a :class:`TRLPatch`; ``.undo()`` (or leaving its ``with`` block) restores TRL.
+    Raises ``ImportError`` when TRL is not installed.
+    """
+    global _active
+    if _active is not None:
+        return _active
+    try:
+        from trl.trainer import utils
+    except ImportError as e:
+        raise ImportError(f"patch_trl needs TRL installed (pip install trl): {e}") from e
+    originals = {name: getattr(utils, name) for name in _REPLACEMENTS if hasattr(utils, name)}
+    for name, original in originals.items():
+        _swap(original, _REPLACEMENTS[name])
+    _active = TRLPatch(originals)
+    return _active

@@ -1,0 +1,220 @@
+// GAE / discounted returns (a reverse scan) and group advantages (GRPO, RLOO, Dr.GRPO).
+//
+// Same semantics as fastrlhf/triton/advantages.py. GAE walks a row backwards with the state
+// (A, nv): the running advantage and the value of the next valid step. Each position maps
+// the state affinely,
+//   valid step:        A' = gamma_lam * A + gamma * nv + (r - V),  nv' = V
+//   hole, skip mode:   the identity (the step does not exist)
+//   hole, zero mode:   a step with r = V = 0
+// and such maps A' = p A + q nv + u, nv' = s nv + w compose into maps of the same form.
+// One block per row walks it in tiles of blockDim * kItems positions, latest first, staged
+// through shared memory so global loads and stores stay coalesced. Each thread owns kItems
+// consecutive positions: it composes their maps, an exclusive scan of those composites
+// across the block (warp shuffles, then one warp over the warp totals) gives the state
+// entering its positions, and it replays the plain recurrence over them. The state leaving
+// a tile is the carry into the next one. Fixed order: deterministic.
+#include "common.cuh"
+
+namespace fastrlhf {
+namespace {
+
+constexpr int kItems = 4;
+constexpr int kMaxScanThreads = 512;
+
+template <typename A> struct StepMap {
+  A p, q, u, s, w;  // A' = p A + q nv + u,  nv' = s nv + w
+};
+
+template <typename A> __device__ __forceinline__ StepMap<A> identity_map() {
+  return {A(1), A(0), A(0), A(1), A(0)};
+}
+
+// The map of `later` (applied first), then `earlier`.
+template <typename A>
+__device__ __forceinline__ StepMap<A> then(const StepMap<A>& later, const StepMap<A>& earlier) {
+  return {earlier.p * later.p, earlier.p * later.q + earlier.q * later.s,
+          earlier.p * later.u + earlier.q * later.w + earlier.u, earlier.s * later.s,
+          earlier.s * later.w + earlier.w};
+}
+
+template <typename A> __device__ __forceinline__ StepMap<A> shfl_up(const StepMap<A>& m, int delta) {
+  return {__shfl_up_sync(0xffffffffu, m.p, delta), __shfl_up_sync(0xffffffffu, m.q, delta),
+          __shfl_up_sync(0xffffffffu, m.u, delta), __shfl_up_sync(0xffffffffu, m.s, delta),
+          __shfl_up_sync(0xffffffffu, m.w, delta)};
+}
+
+// Inclusive scan over the lanes of a warp, lane order = processing order.
+template <typename A> __device__ __forceinline__ StepMap<A> warp_scan(StepMap<A> m, int lane) {
+#pragma unroll
+  for (int delta = 1; delta < kWarpSize; delta *= 2) {
+    const StepMap<A> before = shfl_up(m, delta);
+    if (lane >= delta) m = then(before, m);
+  }
+  return m;
+}
+
+// Shared-memory slot of tile position i: one pad word per 32 keeps both the coalesced
+// staging loops and the per-thread kItems reads free of bank conflicts.
+__device__ __forceinline__ int slot(int i) { return i + (i >> 5); }
+
+template <typename A>
+__global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
+    int64_t B, int64_t T, fastrlhf_rows rewards, fastrlhf_rows values, bool has_values,
+    fastrlhf_mask mask, A gamma, A gamma_lam, bool skip_holes, A* __restrict__ adv,
+    A* __restrict__ ret) {
+  constexpr int kSlots = kMaxScanThreads * kItems + kMaxScanThreads * kItems / kWarpSize;
+  constexpr uint8_t kValid = 1, kStep = 2;
+  __shared__ A s_u[kSlots];  // r - V, then the advantage
+  __shared__ A s_w[kSlots];  // V, then the return
+  __shared__ uint8_t s_flags[kSlots];
+  __shared__ StepMap<A> warp_maps[kMaxWarps];
+  const int lane = threadIdx.x % kWarpSize;
+  const int warp = threadIdx.x / kWarpSize;
+  const int n_warps = blockDim.x / kWarpSize;
+  const int tile = blockDim.x * kItems;
+
+  for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
+    A carry_a = A(0), carry_nv = A(0);  // the state after the tile: nothing follows the row
+    for (int64_t hi = T; hi > 0; hi -= tile) {
+      // Stage the tile, latest position first: tile index i is position hi - 1 - i.
+      for (int i = threadIdx.x; i < tile; i += blockDim.x) {
+        const int64_t t = hi - 1 - i;
+        const bool valid = t >= 0 && mask_at(mask, row * mask.row_stride + t);
+        const A r = valid ? load_as<A>(rewards, row * rewards.row_stride + t) : A(0);
+        const A v = valid && has_values ? load_as<A>(values, row * values.row_stride + t) : A(0);
+        s_u[slot(i)] = r - v;
+        s_w[slot(i)] = v;
+        s_flags[slot(i)] = (valid ? kValid : 0) | (valid || (t >= 0 && !skip_holes) ? kStep : 0);
+      }
+      __syncthreads();
+      // This thread's kItems positions, composed in processing order.
+      StepMap<A> mine = identity_map<A>();
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const int i = slot(threadIdx.x * kItems + k);
+        if (s_flags[i] & kStep) mine = then(mine, StepMap<A>{gamma_lam, gamma, s_u[i], A(0), s_w[i]});
+      }
+      // Exclusive prefix of the composites: the maps of every earlier thread in the block.
+      const StepMap<A> inclusive = warp_scan(mine, lane);
+      if (lane == kWarpSize - 1) warp_maps[warp] = inclusive;
+      __syncthreads();
+      if (warp == 0) {
+        StepMap<A> total = lane < n_warps ? warp_maps[lane] : identity_map<A>();
+        total = warp_scan(total, lane);
+        if (lane < n_warps) warp_maps[lane] = total;
+      }
+      __syncthreads();
+      const StepMap<A> in_warp = shfl_up(inclusive, 1);
+      StepMap<A> prefix = lane > 0 ? in_warp : identity_map<A>();
+      if (warp > 0) prefix = then(warp_maps[warp - 1], prefix);
+
+      // Replay the recurrence over this thread's positions from the state entering them;
+      // each thread overwrites only its own slots with the outputs.
+      A a = prefix.p * carry_a + prefix.q * carry_nv + prefix.u;
+      A nv = prefix.s * carry_nv + prefix.w;
+#pragma unroll
+      for (int k = 0; k < kItems; ++k) {
+        const int i = slot(threadIdx.x * kItems + k);
+        const uint8_t flags = s_flags[i];
+        const A w = s_w[i];
+        if (flags & kStep) {
+          a = gamma_lam * a + gamma * nv + s_u[i];
+          nv = w;
+        }
+        s_u[i] = flags & kValid ? a : A(0);
+        s_w[i] = flags & kValid ? a + w : A(0);
+      }
+      const StepMap<A> total = warp_maps[n_warps - 1];
+      const A next_a = total.p * carry_a + total.q * carry_nv + total.u;
+      carry_nv = total.s * carry_nv + total.w;
+      carry_a = next_a;
+      __syncthreads();
+      for (int i = threadIdx.x; i < tile; i += blockDim.x) {  // coalesced stores
+        const int64_t t = hi - 1 - i;
+        if (t < 0) break;
+        adv[row * T + t] = s_u[slot(i)];
+        if (has_values) ret[row * T + t] = s_w[slot(i)];
+      }
+      __syncthreads();  // the next tile restages the shared arrays
+    }
+  }
+}
+
+template <typename A>
+__global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, int64_t G,
+                                        int method, A eps, A* __restrict__ out) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t stride = int64_t(gridDim.x) * warps_per_block;
+  const bool many = G > 1;  // a group of one has no baseline: mean 0, std 1
+  // One warp per group; lanes stride over its members, warp sums in a fixed order.
+  for (int64_t g = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; g < n_groups; g += stride) {
+    const int64_t base = g * G;
+    A total = A(0);
+    for (int64_t i = lane; i < G; i += kWarpSize) total += load_as<A>(scores, base + i);
+    total = warp_reduce<SumOp<A>>(total);
+    const A mean = many ? total / A(G) : A(0);
+    A denom = A(1);
+    if (method == 0) {  // grpo: unbiased std, second pass
+      A ss = A(0);
+      for (int64_t i = lane; i < G; i += kWarpSize) {
+        const A d = load_as<A>(scores, base + i) - mean;
+        ss += d * d;
+      }
+      ss = warp_reduce<SumOp<A>>(ss);
+      denom = (many ? sqrt(ss / A(G - 1)) : A(1)) + eps;
+    }
+    for (int64_t i = lane; i < G; i += kWarpSize) {
+      const A x = load_as<A>(scores, base + i);
+      A y;
+      if (method == 0) {
+        y = (x - mean) / denom;
+      } else if (method == 1) {  // rloo: minus the mean of the others
+        y = many ? x - (total - x) / A(G - 1) : x;
+      } else {
+        y = x - mean;
+      }
+      out[base + i] = y;
+    }
+  }
+}
+
+int scan_threads(int64_t T) {
+  int t = kWarpSize;
+  while (t < kMaxScanThreads && int64_t(t) * kItems < T) t *= 2;
+  return t;
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+extern "C" cudaError_t fastrlhf_gae_fwd(int64_t B, int64_t T, fastrlhf_rows rewards,
+                                        fastrlhf_rows values, fastrlhf_mask mask, double gamma,
+                                        double gamma_lam, int skip_holes, int acc_double,
+                                        void* advantages, void* returns, cudaStream_t stream) {
+  using namespace fastrlhf;
+  if (B <= 0 || T <= 0) return cudaSuccess;
+  return with_acc(acc_double, [&](auto tag) {
+    using A = decltype(tag);
+    gae_kernel<A><<<grid_for(B), scan_threads(T), 0, stream>>>(
+        B, T, rewards, values, values.data != nullptr, mask, static_cast<A>(gamma),
+        static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(advantages),
+        static_cast<A*>(returns));
+    return cudaGetLastError();
+  });
+}
+
+extern "C" cudaError_t fastrlhf_group_advantages_fwd(fastrlhf_rows scores, int64_t n_groups,
+                                                     int64_t group_size, int method, double eps,
+                                                     int acc_double, void* out, cudaStream_t stream) {
+  using namespace fastrlhf;
+  if (n_groups <= 0) return cudaSuccess;
+  constexpr int kThreads = 256;
+  constexpr int64_t kGroupsPerBlock = kThreads / kWarpSize;
+  return with_acc(acc_double, [&](auto tag) {
+    using A = decltype(tag);
+    group_advantages_kernel<A><<<grid_for((n_groups + kGroupsPerBlock - 1) / kGroupsPerBlock), kThreads, 0, stream>>>(
+        scores, n_groups, group_size, method, static_cast<A>(eps), static_cast<A*>(out));
+    return cudaGetLastError();
+  });
+}

@@ -1,0 +1,440 @@
+"""The cuda backend against the reference and against Triton, where CUDA is present.
+
+The parity suites of every op family (tests/test_<family>.py) already run with
+``backend="cuda"`` through the ``backend`` fixture once the extension loads. This file adds
+what they do not cover: the launchers called directly, layouts that exercise the 16-byte
+pack paths (every row misalignment, a gradient with another alignment than the logits),
+the current stream, determinism, the C++ input checks, and cross-checks with Triton at
+large shapes (V = 151936, N * V > 2**31).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf import _cuda
+from fastrlhf.reference import logprobs as ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
+                                reason="the cuda backend needs a CUDA device (none here)")
+DEVICE = torch.device("cuda")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _dtype_id(d):
+    return str(d).removeprefix("torch.")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _extension():
+    ok, why = _cuda.status()
+    if not ok:
+        pytest.fail(f"CUDA is present but the cuda backend is not: {why}")
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from fastrlhf.triton import logprobs as tri
+
+    return tri
+
+
+def _cuda_lp():
+    from fastrlhf.cuda import logprobs as cu
+
+    return cu
+
+
+def test_build_info_and_device():
+    info = _cuda.build_info()
+    major, minor = torch.cuda.get_device_capability()
+    assert info["cuda"] and info["torch"] and info["module"]
+    assert _cuda._module.check_device(torch.cuda.current_device()) == ""
+    assert any(int(a) // 100 == major for a in info["archs"].split(",")), (info, major, minor)
+
+
+def _call_logprobs():
+    x = torch.randn(3, 50, device=DEVICE, requires_grad=True)
+    fastrlhf.token_logprobs(x, torch.randint(0, 50, (3,), device=DEVICE), backend="cuda").sum().backward()
+
+
+def _call_advantages():
+    from fastrlhf.ops import advantages as ops_adv
+
+    r, m = torch.randn(2, 9, device=DEVICE), torch.ones(2, 9, device=DEVICE)
+    ops_adv.gae(r, r, m, backend="cuda")
+    ops_adv.group_advantages(r.reshape(-1), 3, backend="cuda")
+
+
+def _call_kl():
+    lp = torch.randn(2, 9, device=DEVICE, requires_grad=True)
+    fastrlhf.kl_penalty(lp, torch.randn(2, 9, device=DEVICE), estimator="k3", backend="cuda").sum().backward()
+    fastrlhf.kl_penalized_rewards(torch.randn(2, device=DEVICE), lp.detach(), lp.detach(),
+                                  torch.ones(2, 9, device=DEVICE), kl_coef=0.1, backend="cuda")
+
+
+def _call_ppo():
+    lp = torch.randn(2, 9, device=DEVICE, requires_grad=True)
+    other, mask = torch.randn(2, 9, device=DEVICE), torch.ones(2, 9, device=DEVICE)
+    out = fastrlhf.ppo_policy_loss(lp, other, other, mask, backend="cuda")
+    (out[0] if isinstance(out, tuple) else out).backward()
+
+
+DISPATCH = {
+    "logprobs": (_call_logprobs, {"token_logprobs_fwd", "token_logprobs_bwd"}),
+    "advantages": (_call_advantages, {"gae_fwd", "group_advantages_fwd"}),
+    "kl": (_call_kl, {"kl_penalty_fwd", "kl_penalty_bwd", "kl_penalized_rewards_fwd"}),
+    "ppo": (_call_ppo, {"ppo_loss_fwd", "ppo_loss_bwd"}),
+}
+
+
+@pytest.mark.parametrize("family", DISPATCH)
+def test_public_ops_dispatch_to_the_cuda_launchers(monkeypatch, family):
+    """backend="cuda" on the public ops reaches fastrlhf.cuda.<family>, not a fallback."""
+    import importlib
+
+    call, expected = DISPATCH[family]
+    module = importlib.import_module(f"fastrlhf.cuda.{family}")
+    calls = set()
+    for name in expected:
+        fn = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _fn=fn, _n=name, **k: calls.add(_n) or _fn(*a, **k))
+    call()
+    assert calls == expected
+
+
+# ----------------------------------------------------------------- token log-probs
+def _inputs(N, V, dtype, scale=4.0, offset=0, ignore_frac=0.2):
+    """``N`` rows of ``V`` logits starting ``offset`` elements into their storage (so row
+    starts are misaligned when ``offset`` or ``V`` is not a multiple of the 16-byte pack)."""
+    store = torch.randn(N * V + offset, device=DEVICE).mul_(scale).to(dtype)
+    logits = store[offset:].view(N, V)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[torch.rand(N, device=DEVICE) < ignore_frac] = -100
+    labels[0] = V  # out of range: NaN log-prob, -logsumexp gradient
+    return logits, labels
+
+
+def _reference(logits, labels, g_logp, g_ent, temperature):
+    """fp64 values and gradient (the loss is NaN where a label is out of range; its gradient
+    is still defined: that of -logsumexp)."""
+    x = logits.detach().double().requires_grad_(True)
+    lp, ent = ref.token_logprobs(x, labels, temperature, return_entropy=True)
+    (lp * g_logp + ent * g_ent).sum().backward()
+    return lp, ent, x.grad
+
+
+def _close(got, want, dtype):
+    """fp32 math, then one rounding to ``dtype`` (half an ulp: 2**-9 bf16, 2**-12 fp16)."""
+    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    atol = 1e-5 * want.abs().nan_to_num(0.0).max().item() + 1e-7
+    torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("offset", range(8))
+@pytest.mark.parametrize("V", [1, 7, 130, 4099, 32003])
+def test_logprobs_every_alignment(V, offset, dtype):
+    """Rows starting at each offset from a 16-byte boundary; V = 1 and 7 have no full pack,
+    32003 makes every row start elsewhere. Values and gradients against the fp64 reference."""
+    cu = _cuda_lp()
+    logits, labels = _inputs(5, V, dtype, offset=offset)
+    g_logp, g_ent = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
+    lp, ent, stats = cu.token_logprobs_fwd(logits, labels, 0.7, -100, True)
+    want_lp, want_ent, want_dx = _reference(logits, labels, g_logp, g_ent, 0.7)
+    _close(lp, want_lp, torch.float32)
+    _close(ent, want_ent, torch.float32)
+    torch.testing.assert_close(stats.double(), ref.row_stats(logits.double(), 0.7), atol=1e-5, rtol=1e-5)
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.7, -100)
+    assert dx.dtype == dtype and dx.is_contiguous()
+    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: element stores
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_logprobs_inplace_and_strided(dtype):
+    """The label shift x[..., :-1, :] (two strides, read and written in place) and views with
+    three separate strides (worked on contiguous copies, written back): values, and an
+    in-place backward that writes the view and nothing else."""
+    cu = _cuda_lp()
+    base = (torch.randn(4, 5, 6, 201, device=DEVICE) * 3).to(dtype)
+    makers = (lambda b: b[:, :, :-1], lambda b: b.transpose(0, 1), lambda b: b[::2, 1::2, ::2])
+    for make in makers:
+        view = make(base)
+        labels = torch.randint(0, 201, view.shape[:-1], device=DEVICE, dtype=torch.int32)
+        g = torch.randn(view.shape[:-1], device=DEVICE)
+        lp, ent, stats = cu.token_logprobs_fwd(view, labels, 1.0, -100, True)
+        want = cu.token_logprobs_fwd(view.contiguous(), labels, 1.0, -100, True)
+        for a, b in zip((lp, ent, stats), want):  # other row alignments: other summation order
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        dx = cu.token_logprobs_bwd(g, g, view.contiguous(), labels, stats, ent, 1.0, -100)
+        work = base.clone()
+        inplace_view = make(work)
+        out = cu.token_logprobs_bwd(g, g, inplace_view, labels, stats, ent, 1.0, -100, inplace=True)
+        assert out is inplace_view
+        torch.testing.assert_close(inplace_view, dx)
+        untouched = torch.ones_like(work, dtype=torch.bool)
+        make(untouched).fill_(False)
+        assert torch.equal(work[untouched], base[untouched])  # nothing outside the view written
+
+
+def test_logprobs_without_entropy_and_int32_labels():
+    cu = _cuda_lp()
+    logits, labels = _inputs(33, 2049, torch.bfloat16)
+    lp, ent, stats = cu.token_logprobs_fwd(logits, labels.int(), 1.3, -100, False)
+    assert ent.numel() == 0
+    want = ref.token_logprobs(logits.double(), labels, 1.3)
+    _close(lp, want, torch.float32)
+    g = torch.randn(33, device=DEVICE)
+    dx = cu.token_logprobs_bwd(g, None, logits, labels.int(), stats, ent, 1.3, -100)
+    _close(dx, _reference(logits, labels, g, torch.zeros_like(g), 1.3)[2], torch.bfloat16)
+
+
+def test_logprobs_current_stream_and_determinism():
+    cu = _cuda_lp()
+    logits, labels = _inputs(257, 32000, torch.bfloat16)
+    first = cu.token_logprobs_fwd(logits, labels, 1.0, -100, True)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        again = cu.token_logprobs_fwd(logits, labels, 1.0, -100, True)
+        dx1 = cu.token_logprobs_bwd(torch.ones(257, device=DEVICE), None, logits, labels, again[2], again[1], 1.0, -100)
+    torch.cuda.current_stream().wait_stream(side)
+    dx2 = cu.token_logprobs_bwd(torch.ones(257, device=DEVICE), None, logits, labels, first[2], first[1], 1.0, -100)
+    for a, b in zip(first + (dx2,), again + (dx1,)):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())  # same bits, run to run
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_logprobs_against_triton(dtype):
+    tri, cu = _triton(), _cuda_lp()
+    logits, labels = _inputs(300, 32003, dtype, scale=8.0)
+    g_logp, g_ent = torch.randn(300, device=DEVICE), torch.randn(300, device=DEVICE)
+    got = cu.token_logprobs_fwd(logits, labels, 0.6, -100, True)
+    want = tri.token_logprobs_fwd(logits, labels, 0.6, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5, equal_nan=True)
+    _, ent, stats = want
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.6, -100)
+    dx_t = tri.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.6, -100)
+    torch.testing.assert_close(dx, dx_t)  # the dtype's default tolerance: at most a rounding apart
+
+
+def test_logprobs_bad_input_in_cpp():
+    """The C++ checks behind the launchers: clear ValueError/TypeError naming the argument."""
+    op = torch.ops.fastrlhf_cuda.token_logprobs_fwd
+    logits = torch.randn(2, 5, device=DEVICE)
+    labels = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    out = torch.empty(2, device=DEVICE)
+    stats = torch.empty(2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        op(logits.cpu(), labels, 1.0, -100, False, out, out, stats)
+    with pytest.raises(TypeError, match="labels must have dtype int32/int64, got float32"):
+        op(logits, labels.float(), 1.0, -100, False, out, out, stats)
+    with pytest.raises(TypeError, match="stats must have dtype float32, got float16"):
+        op(logits, labels, 1.0, -100, False, out, out, stats.half())
+    with pytest.raises(ValueError, match=r"stats must have shape \[2, 2\], got \[2\]"):
+        op(logits, labels, 1.0, -100, False, out, out, out)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        op(logits, labels, 0.0, -100, False, out, out, stats)
+
+
+# ---------------------------------------------------------------- large shapes
+def _free_gib():
+    free, _ = torch.cuda.mem_get_info()
+    return free / 2**30
+
+
+def test_logprobs_large_vocab_past_2_to_31_against_triton():
+    """Qwen's V = 151936 with N * V > 2**31 bf16 logits: the last rows start past 2**31
+    elements. cuda vs Triton everywhere; vs the fp64 reference on the first and last rows."""
+    if _free_gib() < 24:
+        pytest.skip(f"needs ~24 GiB of free GPU memory, {_free_gib():.0f} GiB free")
+    tri, cu = _triton(), _cuda_lp()
+    V, N = 151936, 14200
+    assert N * V > 2**31
+    logits = torch.empty(N, V, device=DEVICE, dtype=torch.bfloat16)
+    for i in range(0, N, 1024):  # chunked: no fp32 [N, V] temporary
+        logits[i:i + 1024].normal_(0, 3)
+    labels = torch.randint(0, V, (N,), device=DEVICE)
+    labels[::7] = -100
+    g_logp, g_ent = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+
+    got = cu.token_logprobs_fwd(logits, labels, 0.9, -100, True)
+    want = tri.token_logprobs_fwd(logits, labels, 0.9, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    for rows in (slice(0, 64), slice(N - 64, N)):
+        lp, ent = ref.token_logprobs(logits[rows].double(), labels[rows], 0.9, return_entropy=True)
+        torch.testing.assert_close(got[0][rows].double(), lp, atol=2e-4, rtol=1e-5)
+        torch.testing.assert_close(got[1][rows].double(), ent, atol=2e-4, rtol=1e-5)
+
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, got[2], got[1], 0.9, -100)
+    dx_t = tri.token_logprobs_bwd(g_logp, g_ent, logits, labels, got[2], got[1], 0.9, -100,
+                                  inplace=True)  # into the logits: saves 4 GiB
+    assert dx_t is logits
+    for i in range(0, N, 1024):
+        torch.testing.assert_close(dx[i:i + 1024], dx_t[i:i + 1024])
+
+
+# --------------------------------------------------------------------- advantages
+def _mask(B, T, kind, dtype=torch.bool):
+    """Holes inside rows, a fully masked row, and masks of several dtypes."""
+    m = torch.rand(B, T, device=DEVICE) < 0.7
+    if kind == "prompt+pad":
+        m[:] = True
+        m[:, : T // 3] = False
+        m[:, T - T // 4:] = False
+    if B > 1:
+        m[1] = False
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                    (torch.float64, torch.float64)], ids=lambda d: "-".join(map(_dtype_id, d)))
+@pytest.mark.parametrize("B,T", [(3, 1), (4, 37), (2, 2051), (3, 4099)])
+def test_gae_against_reference(B, T, dtypes, skip):
+    """Tiles of up to 2048 positions: 2051 and 4099 carry the state across tiles."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    holes = "skip" if skip else "zero"
+    rewards = torch.randn(B, T + 1, device=DEVICE).to(dtypes[0])[:, :-1]  # a row stride != T
+    values = torch.randn(B, T, device=DEVICE).to(dtypes[1])
+    for mask_dtype in (torch.bool, torch.float32, torch.int64):
+        mask = _mask(B, T, "holes", mask_dtype)
+        adv, ret = cu.gae_fwd(rewards, values, mask, 0.99, 0.95, skip)
+        want_adv, want_ret = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
+        tol = 1e-10 if dtypes[0] == torch.float64 else 1e-4
+        torch.testing.assert_close(adv.double(), want_adv, atol=tol, rtol=tol)
+        torch.testing.assert_close(ret.double(), want_ret, atol=tol, rtol=tol)
+        assert adv.dtype == ret.dtype == (torch.float64 if dtypes[0] == torch.float64 else torch.float32)
+        returns, empty = cu.gae_fwd(rewards, None, mask, 0.97, 1.0, skip)
+        assert empty.numel() == 0
+        want = ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes)
+        torch.testing.assert_close(returns.double(), want, atol=tol, rtol=tol)
+
+
+def test_gae_long_rows_against_closed_form_and_triton():
+    """T = 65,536 with holes. With gamma = lam = 1 the advantage telescopes: A_t = (sum of the
+    valid rewards from t on) - V_t, a reverse cumsum; then cuda vs Triton at gamma, lam < 1."""
+    from fastrlhf.cuda import advantages as cu
+
+    B, T = 3, 65536
+    rewards = torch.randn(B, T, device=DEVICE) * 0.01
+    values = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes")
+    valid = mask.double()
+    tail = (rewards.double() * valid).flip(-1).cumsum(-1).flip(-1)
+    adv, ret = cu.gae_fwd(rewards, values, mask, 1.0, 1.0, True)
+    torch.testing.assert_close(adv.double(), (tail - values.double()) * valid, atol=2e-3, rtol=1e-4)
+    torch.testing.assert_close(ret.double(), tail * valid, atol=2e-3, rtol=1e-4)
+    tri = pytest.importorskip("fastrlhf.triton.advantages")
+    for skip in (True, False):
+        got = cu.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
+        want = tri.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
+def test_group_advantages_against_reference(method, dtype):
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    for n_groups, G in [(7, 1), (5, 2), (3, 16), (2, 1000), (1, 4099)]:
+        scores = (torch.randn(n_groups * G, device=DEVICE) * 3).to(dtype)
+        scores[:G] = 0.5  # a group of equal scores (exact sums): 0, for grpo 0 / eps
+        got = cu.group_advantages_fwd(scores, G, method, 1e-6)
+        want = ref_adv.group_advantages(scores.double(), G, method, 1e-6)
+        tol = 1e-10 if dtype == torch.float64 else 2e-5
+        torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+# ----------------------------------------------------------------------------- kl
+ESTIMATORS = ["k1", "abs", "k2", "k3", "k3+", "low_var_kl"]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+@pytest.mark.parametrize("clamps", [(None, None), (10.0, 20.0), (0.5, 1.0)],
+                         ids=lambda c: f"clamp{c[0]}-lr{c[1]}")
+def test_kl_penalty_against_reference(estimator, clamps):
+    from fastrlhf.cuda import kl as cu
+    from fastrlhf.reference import kl as ref_kl
+
+    logp = torch.randn(4, 513, device=DEVICE) * 3
+    ref_lp = (torch.randn(4, 513, device=DEVICE) * 3).to(torch.bfloat16)  # mixed dtypes
+    logp[0, :8] = torch.tensor([0.0, 30.0, -30.0, 1e-7, -1e-7, 25.0, -25.0, 5.0])
+    grad = torch.randn(4, 513, device=DEVICE)
+    got = cu.kl_penalty_fwd(logp, ref_lp, estimator, *clamps)
+    want = ref_kl.kl_penalty(logp.double(), ref_lp.double(), estimator, *clamps)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    dlogp, dref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps)
+    want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), logp.double(), ref_lp.double(),
+                                                   estimator, *clamps)
+    assert dlogp.dtype == torch.float32 and dref.dtype == torch.bfloat16
+    torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dref.double(), want_ref, atol=1e-2, rtol=8e-3)
+    only_ref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps, want_logp=False)
+    assert only_ref[0].numel() == 0 and torch.equal(only_ref[1], dref)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k3"])
+@pytest.mark.parametrize("T", [1, 7, 300, 5000])
+def test_kl_penalized_rewards_against_reference(estimator, T):
+    """Holes, a fully masked row (no score), a score at the last valid token, clips, and the
+    coefficient as a float or a 0-dim tensor."""
+    from fastrlhf.cuda import kl as cu
+    from fastrlhf.reference import kl as ref_kl
+
+    B = 4
+    logp = torch.randn(B, T + 3, device=DEVICE)[:, 1:-2]  # read in place, row stride T + 3
+    ref_lp = torch.randn(B, T, device=DEVICE).half()
+    scores = torch.randn(B, device=DEVICE) * 20
+    mask = _mask(B, T, "holes", torch.float32)
+    for coef, coef_t in ((0.05, None), (0.0, torch.tensor(0.2, device=DEVICE, dtype=torch.float64))):
+        got = cu.kl_penalized_rewards_fwd(scores, logp, ref_lp, mask, coef, coef_t, estimator, 10.0, 20.0, 5.0)
+        want = ref_kl.kl_penalized_rewards(scores.double(), logp.double(), ref_lp.double(), mask,
+                                           coef if coef_t is None else coef_t.double(), estimator,
+                                           10.0, 20.0, 5.0)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+        assert (got[0][1] == 0).all()  # the fully masked row gets no score
+
+
+# ---------------------------------------------------------------------------- ppo
+POLICY_CLIPS = [(0.2, 0.2, None, None), (0.2, 0.28, 3.0, 20.0), (0.1, 0.1, 1.5, 0.5)]
+AGGS = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("value", [False, True], ids=["policy", "value"])
+def test_ppo_losses_against_triton(value, agg):
+    """Both launchers on the same inputs (NaN under the mask, mixed dtypes, a masked row):
+    loss, statistics, scale, row counts and gradient agree."""
+    tri = pytest.importorskip("fastrlhf.triton.ppo")
+    from fastrlhf.cuda import ppo as cu
+
+    B, T = 6, 1501
+    x = torch.randn(B, T, device=DEVICE) * 0.3
+    old = (x + torch.randn(B, T, device=DEVICE) * 0.2).to(torch.bfloat16)
+    y = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "prompt+pad")
+    x = x.masked_fill(~mask, float("nan"))
+    grad = torch.tensor(1.7, device=DEVICE)
+    for clips in ([(None,), (0.2,)] if value else POLICY_CLIPS):
+        for denom in (None, torch.tensor(37.0, device=DEVICE)):
+            got = cu.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
+            want = tri.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
+            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
+            for a, b in zip(got[1], want[1]):
+                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(got[2], want[2])
+            torch.testing.assert_close(got[3], want[3])
+            dx = cu.ppo_loss_bwd(value, grad, got[2], x, old, y, mask, got[3], clips, agg)
+            dx_t = tri.ppo_loss_bwd(value, grad, want[2], x, old, y, mask, want[3], clips, agg)
+            torch.testing.assert_close(dx, dx_t, atol=1e-7, rtol=1e-5)
+            assert (dx[~mask] == 0).all() and torch.isfinite(dx).all()
