@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-exec "${PYTHON:-python3}" -m pytest -q tests "$@"
+exec "${PYTHON:-python3}" -m pytest -q -n auto tests "$@"
