@@ -3,6 +3,8 @@
 * :func:`vocab_parallel_token_logprobs`: token log-probs and entropy when the logits are
   sharded over the vocabulary (Megatron-style tensor parallelism): two small all-reduces in
   forward (max, then the packed sums), none in backward.
+* :func:`vocab_parallel_linear_token_logprobs`: the same from hidden states and a
+  vocab-sharded LM head, logits never written; backward all-reduces ``grad_hidden``.
 * :func:`global_counts`: the global valid-token and sequence counts for data-parallel loss
   normalization, with one all-reduce.
 """
@@ -13,38 +15,49 @@ import torch
 import torch.distributed as dist
 
 from fastrlhf import _checks
+from fastrlhf.ops import linear_logprobs as _llp
 from fastrlhf.ops import logprobs as _lp
+
+
+def _local_labels(labels, vocab_start, V, ignore_index):
+    """Labels of this shard: shifted into ``[0, V)``, out-of-shard ones out of range (they
+    give this shard no label term, only its share of the normalizer's gradient)."""
+    labels = labels.long()
+    in_shard = (labels >= vocab_start) & (labels < vocab_start + V)
+    sentinel = V if ignore_index != V else V + 1
+    local = torch.where(in_shard, labels - vocab_start, sentinel)
+    return torch.where(labels == ignore_index, ignore_index, local), in_shard
+
+
+def _combine(logp, ent, stats, in_shard, ignored, group):
+    """Full-vocabulary ``(logp, entropy, stats)`` from every shard's local results, with an
+    all-reduce (max) of ``[N]`` and an all-reduce (sum) of ``[N, 3]``."""
+    m, log_s = stats[..., 0], stats[..., 1]
+    big_m = m.clone()
+    dist.all_reduce(big_m, dist.ReduceOp.MAX, group=group)
+    s = torch.exp(m - big_m) * log_s.exp()  # this shard's share of the normalizer
+    # z[label] - M = (logp_local + log s_local) + (m - M): no large magnitudes summed; a shard of
+    # only -inf logits has s = 0 and its label's logit is -inf.
+    label_term = torch.where(s > 0, logp + log_s + (m - big_m), float("-inf"))
+    label_term = torch.where(in_shard & ~ignored, label_term, 0.0)
+    # sum_j exp(z_j - M) (z_j - M) over this shard, from t = s (log s - H) relative to m
+    t = torch.where(s > 0, s * (log_s - ent + (m - big_m)), 0.0)
+    packed = torch.stack([s, label_term, t], -1)
+    dist.all_reduce(packed, dist.ReduceOp.SUM, group=group)
+    log_total = packed[..., 0].log()
+    out_logp = torch.where(ignored, 0.0, (packed[..., 1] - log_total).clamp(max=0.0))
+    out_ent = torch.where(ignored, 0.0, (log_total - packed[..., 2] / packed[..., 0]).clamp(min=0.0))
+    return out_logp, out_ent, torch.stack([big_m, log_total], -1)
 
 
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, temperature, ignore_index, backend, group):
-        V = logits.shape[-1]
-        in_shard = (labels >= vocab_start) & (labels < vocab_start + V)
-        ignored = labels == ignore_index
-        sentinel = V if ignore_index != V else V + 1  # out of this shard: no label term here
-        local = torch.where(in_shard, labels - vocab_start, sentinel)
-        local = torch.where(ignored, ignore_index, local)
+        local, in_shard = _local_labels(labels, vocab_start, logits.shape[-1], ignore_index)
         logp, ent, stats = _lp._token_logprobs_op(logits, local, temperature, ignore_index,
                                                   True, False, backend)
-        m, log_s = stats[..., 0], stats[..., 1]
-        big_m = m.clone()
-        dist.all_reduce(big_m, dist.ReduceOp.MAX, group=group)
-        scale = torch.exp(m - big_m)  # this shard's share of the global normalizer
-        s = scale * log_s.exp()
-        # z[label] - M = (logp_local + log s_local) + (m - M): no large magnitudes summed.
-        # (a shard of only -inf logits has s = 0, and its label's logit is -inf)
-        label_term = torch.where(s > 0, logp + log_s + (m - big_m), float("-inf"))
-        label_term = torch.where(in_shard & ~ignored, label_term, 0.0)
-        # sum_j exp(z_j - M) (z_j - M) over this shard, from t = s (log s - H) relative to m
-        t = torch.where(s > 0, s * (log_s - ent + (m - big_m)), 0.0)
-        packed = torch.stack([s, label_term, t], -1)
-        dist.all_reduce(packed, dist.ReduceOp.SUM, group=group)
-        log_total = packed[..., 0].log()
-        out_logp = torch.where(ignored, 0.0, (packed[..., 1] - log_total).clamp(max=0.0))
-        out_ent = torch.where(ignored, 0.0, (log_total - packed[..., 2] / packed[..., 0]).clamp(min=0.0))
-        global_stats = torch.stack([big_m, log_total], -1)
-        ctx.save_for_backward(logits, local, global_stats, out_ent)
+        out_logp, out_ent, stats = _combine(logp, ent, stats, in_shard, local == ignore_index, group)
+        ctx.save_for_backward(logits, local, stats, out_ent)
         ctx.args = (temperature, ignore_index, backend)
         return out_logp, out_ent
 
@@ -55,6 +68,33 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(ent)
         dx = _lp._token_logprobs_bwd_op(grad_logp, grad_ent, logits, local, stats, ent, *ctx.args)
         return dx, None, None, None, None, None, None
+
+
+class _VocabParallelLinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, vocab_start, temperature, ignore_index, backend, group):
+        local, in_shard = _local_labels(labels, vocab_start, weight.shape[0], ignore_index)
+        logp, ent, stats = _llp._linear_logprobs_op(hidden, weight, bias, local, temperature,
+                                                    ignore_index, True, backend)
+        out_logp, out_ent, stats = _combine(logp, ent, stats, in_shard, local == ignore_index, group)
+        ctx.save_for_backward(hidden, weight, bias, local, stats, out_ent)
+        ctx.args = (temperature, ignore_index)
+        ctx.backend, ctx.group = backend, group
+        return out_logp, out_ent
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent):
+        hidden, weight, bias, local, stats, ent = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(ent)
+        gh, gw, gb = _llp._linear_logprobs_bwd_op(
+            grad_logp, grad_ent, hidden, weight, bias, local, stats, ent, *ctx.args,
+            need_h, need_w, need_b and bias is not None, ctx.backend)
+        if need_h:  # hidden is replicated: its gradient is the sum of every shard's part
+            dist.all_reduce(gh, dist.ReduceOp.SUM, group=ctx.group)
+        return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
+                None, None, None, None, None, None)
 
 
 def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
@@ -72,15 +112,44 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
     fp32 in forward; nothing in backward. Memory as :func:`fastrlhf.token_logprobs`.
     """
     _lp._check_logits_labels(logits, labels, temperature, ignore_index)
-    _checks.integer("vocab_start", vocab_start)
-    if vocab_start < 0:
-        raise ValueError(f"vocab_start must be >= 0, got {vocab_start}")
-    if not dist.is_initialized():
-        raise RuntimeError("vocab_parallel_token_logprobs needs torch.distributed to be initialized")
+    _check_group("vocab_start", vocab_start)
     name = _lp.resolve_backend(backend, logits.device, "logprobs")
     logp, ent = _VocabParallelLogprobs.apply(logits, labels, vocab_start, float(temperature),
                                              ignore_index, name, group)
     return (logp, ent) if return_entropy else logp
+
+
+def vocab_parallel_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
+                                         labels: torch.Tensor, *, vocab_start: int, bias=None,
+                                         group=None, temperature: float = 1.0,
+                                         ignore_index: int = -100, return_entropy: bool = False,
+                                         backend: str = "auto"):
+    """:func:`fastrlhf.linear_token_logprobs` for an LM head sharded over the vocabulary.
+
+    Each rank of ``group`` holds the same ``hidden [..., H]`` and ``labels``, and the rows
+    ``[vocab_start, vocab_start + V_local)`` of the head: ``weight [V_local, H]`` (and
+    ``bias [V_local]``). Every rank gets the full-vocabulary log-probs (and entropy), the
+    gradient of its own head shard, and the full ``grad_hidden``.
+
+    Communication: forward as :func:`vocab_parallel_token_logprobs`; backward one all-reduce
+    (sum) of ``grad_hidden [N, H]``. Memory as :func:`fastrlhf.linear_token_logprobs`.
+    """
+    _llp._check(hidden, weight, labels, bias, temperature, ignore_index)
+    _check_group("vocab_start", vocab_start)
+    name = _llp.resolve_backend(backend, hidden.device, "linear_logprobs")
+    logp, ent = _VocabParallelLinearLogprobs.apply(
+        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), vocab_start,
+        float(temperature), ignore_index, name, group)
+    logp, ent = logp.view(labels.shape), ent.view(labels.shape)
+    return (logp, ent) if return_entropy else logp
+
+
+def _check_group(name: str, vocab_start) -> None:
+    _checks.integer(name, vocab_start)
+    if vocab_start < 0:
+        raise ValueError(f"{name} must be >= 0, got {vocab_start}")
+    if not dist.is_initialized():
+        raise RuntimeError("vocab-parallel log-probs need torch.distributed to be initialized")
 
 
 def global_counts(mask: torch.Tensor, group=None) -> tuple[torch.Tensor, torch.Tensor]:
