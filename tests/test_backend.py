@@ -57,13 +57,21 @@ def test_info_command_runs():
     assert "fastrlhf" in out and "torch" in out and "backends on" in out
 
 
-def test_opcheck_token_logprobs():
+def test_opcheck_token_logprobs_ops():
     logits = torch.randn(3, 4, 11, requires_grad=True)
     labels = torch.randint(0, 11, (3, 4))
     labels[0, 0] = -100
-    op = torch.ops.fastrlhf.token_logprobs.default
+    ops = torch.ops.fastrlhf
     for with_entropy in (False, True):
-        torch.library.opcheck(op, (logits, labels, 0.7, -100, with_entropy, False, "torch"))
+        torch.library.opcheck(ops.token_logprobs.default,
+                              (logits, labels, 0.7, -100, with_entropy, False, "torch"))
+    x = logits.detach()
+    _, ent, stats = ops.token_logprobs(x, labels, 0.7, -100, True, False, "torch")
+    g = torch.randn(3, 4)
+    for grad_ent in (None, torch.randn(3, 4)):
+        args = (g, grad_ent, x.clone(), labels, stats, ent, 0.7, -100, "torch")
+        torch.library.opcheck(ops.token_logprobs_backward.default, args)
+        torch.library.opcheck(ops.token_logprobs_backward_.default, args)
 
 
 def test_compile_fullgraph_forward_and_backward():
