@@ -9,26 +9,12 @@ passed as ``inf``: it changes nothing.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastrlhf._cuda import ops
-from fastrlhf.reference.ppo import loss_scale, safe_div
+from fastrlhf.reference.ppo import kernel_params, reduce_partials
 
 _TILE = 2048  # tokens per partial sum
-
-
-def _params(value: bool, clips: tuple) -> tuple[float, float, float, float]:
-    """Kernel scalars ``c0..c3`` from ``(clip_low, clip_high, dual_clip, log_ratio_clamp)``
-    (policy) or ``(clip,)`` (value); ``None`` -> ``inf``."""
-    inf = math.inf
-    if value:
-        (clip,) = clips
-        return (inf if clip is None else float(clip)), 0.0, 0.0, 0.0
-    clip_low, clip_high, dual_clip, log_ratio_clamp = clips
-    return (1.0 - clip_low, 1.0 + clip_high, inf if dual_clip is None else float(dual_clip),
-            inf if log_ratio_clamp is None else float(log_ratio_clamp))
 
 
 def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
@@ -49,14 +35,8 @@ def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
     counts = torch.empty((2 if value else 3, P), dtype=torch.int32, device=x.device)
     if n:
         ops().ppo_loss_fwd(bool(value), x, old, y, mask, row_counts if per_row else None,
-                           *_params(value, clips), sums, counts)
-    s = sums.sum(1)
-    c = counts.sum(1)
-    scale, _ = loss_scale(mask, agg, denom, dtype, n_tokens=c[0], row_counts=row_counts)
-    frac = [safe_div(c[i].to(dtype), c[0]) for i in range(1, c.numel())]
-    stats = tuple(frac) if value else (frac[0], frac[1], safe_div(s[1], c[0]))
-    keep = row_counts if per_row else torch.empty(0, dtype=torch.int64, device=x.device)
-    return s[0] * scale, stats, scale, keep
+                           *kernel_params(value, clips), sums, counts)
+    return reduce_partials(value, sums, counts, mask, agg, denom, dtype, row_counts)
 
 
 def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
@@ -65,5 +45,5 @@ def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
     if x.numel():
         per_row = agg == "seq-mean-token-mean"
         ops().ppo_loss_bwd(bool(value), grad, scale, x, old, y, mask, row_counts if per_row else None,
-                           *_params(value, clips), dx)
+                           *kernel_params(value, clips), dx)
     return dx

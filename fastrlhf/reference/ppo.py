@@ -7,6 +7,8 @@ whatever they hold (even NaN) reaches neither the loss nor the statistics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
@@ -164,3 +166,28 @@ def ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, row_
         d = torch.where(loss2 > d.square(), 0.0, d)
     w = _token_weight(grad, mask, scale, row_counts, acc)
     return torch.where(mask != 0, w * d, 0.0).to(values.dtype)
+
+
+def kernel_params(value: bool, clips: tuple) -> tuple[float, float, float, float]:
+    """The fused kernels' scalars ``c0..c3`` from ``(clip_low, clip_high, dual_clip,
+    log_ratio_clamp)`` (policy) or ``(clip,)`` (value); ``None`` -> ``inf`` (changes nothing)."""
+    inf = math.inf
+    if value:
+        (clip,) = clips
+        return (inf if clip is None else float(clip)), 0.0, 0.0, 0.0
+    clip_low, clip_high, dual_clip, log_ratio_clamp = clips
+    return (1.0 - clip_low, 1.0 + clip_high, inf if dual_clip is None else float(dual_clip),
+            inf if log_ratio_clamp is None else float(log_ratio_clamp))
+
+
+def reduce_partials(value: bool, sums, counts, mask, agg, denom, dtype, row_counts):
+    """Second stage of the fused forward kernels: a fixed-order sum of the per-program
+    partials (``sums``: loss [, minus log-ratio]; ``counts``: valid, clipped [, dual-clipped])
+    and the normalization. Returns ``(loss, stats, scale, row_counts or an empty tensor)``."""
+    s = sums.sum(1)
+    c = counts.sum(1)
+    scale, _ = loss_scale(mask, agg, denom, dtype, n_tokens=c[0], row_counts=row_counts)
+    frac = [safe_div(c[i].to(dtype), c[0]) for i in range(1, c.numel())]
+    stats = tuple(frac) if value else (frac[0], frac[1], safe_div(s[1], c[0]))
+    keep = row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
+    return s[0] * scale, stats, scale, keep

@@ -16,13 +16,11 @@ A ``None`` clip / clamp is passed as ``inf``: it changes nothing, so no kernel s
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.reference.ppo import loss_scale, safe_div
+from fastrlhf.reference.ppo import kernel_params, reduce_partials
 
 _BLOCK = 1024
 
@@ -120,18 +118,6 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).contiguous()
 
 
-def _params(value: bool, clips: tuple) -> tuple[float, float, float, float]:
-    """Kernel scalars ``c0..c3`` from ``(clip_low, clip_high, dual_clip, log_ratio_clamp)``
-    (policy) or ``(clip,)`` (value); ``None`` -> ``inf``."""
-    inf = math.inf
-    if value:
-        (clip,) = clips
-        return (inf if clip is None else clip), 0.0, 0.0, 0.0
-    clip_low, clip_high, dual_clip, log_ratio_clamp = clips
-    return (1.0 - clip_low, 1.0 + clip_high, inf if dual_clip is None else dual_clip,
-            inf if log_ratio_clamp is None else log_ratio_clamp)
-
-
 def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
     """Launch the forward kernel and reduce its partials.
 
@@ -151,15 +137,9 @@ def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
     if n:
         _ppo_fwd_kernel[(P,)](
             _flat(x), _flat(old), _flat(y), _flat(mask), row_counts if per_row else counts,
-            sums, counts, n, T, P, *_params(value, clips),
+            sums, counts, n, T, P, *kernel_params(value, clips),
             VALUE=value, PER_ROW=per_row, ACC=_acc(x, old, y), BLOCK=_BLOCK)
-    s = sums.sum(1)
-    c = counts.sum(1)
-    scale, _ = loss_scale(mask, agg, denom, dtype, n_tokens=c[0], row_counts=row_counts)
-    frac = [safe_div(c[i].to(dtype), c[0]) for i in range(1, c.numel())]
-    stats = tuple(frac) if value else (frac[0], frac[1], safe_div(s[1], c[0]))
-    keep = row_counts if per_row else torch.empty(0, dtype=torch.int64, device=x.device)
-    return s[0] * scale, stats, scale, keep
+    return reduce_partials(value, sums, counts, mask, agg, denom, dtype, row_counts)
 
 
 def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
@@ -170,6 +150,6 @@ def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
         per_row = agg == "seq-mean-token-mean"
         _ppo_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
             grad, scale, _flat(x), _flat(old), _flat(y), _flat(mask), row_counts if per_row else scale,
-            dx, n, x.shape[1], *_params(value, clips),
+            dx, n, x.shape[1], *kernel_params(value, clips),
             VALUE=value, PER_ROW=per_row, ACC=_acc(x, old, y), BLOCK=_BLOCK)
     return dx
