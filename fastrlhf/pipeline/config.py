@@ -1,0 +1,391 @@
+"""Pipeline configuration: nested dataclasses, loaded from YAML or TOML, overridden by flags.
+
+Every key has a default, so an empty config runs the embedded demo. A file or a ``--set
+section.key=value`` flag that names an unknown key, or gives a value of the wrong type, raises
+:class:`ConfigError` naming the key, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastrlhf.pipeline.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    path: str | None = None
+    """Local Hugging Face causal-LM directory (with its tokenizer) the policy starts from.
+    None: ``sft`` starts from the embedded tiny model; later stages from ``<out>/sft/model``."""
+    reward_model: str | None = None
+    """Local Hugging Face sequence-classification directory (1 label). None: ``<out>/rm/model``."""
+    reward_fn: str | None = None
+    """A Python reward ``module:function`` or ``path/to/file.py:function`` called as
+    ``fn(prompts: list[str], completions: list[str]) -> list[float]``; replaces the reward model."""
+    pad_token: str | None = None
+    """Pad token to use when the tokenizer has none (e.g. its eos token)."""
+    precision: str = "auto"
+    """auto (bf16-mixed on CUDA, fp32 on CPU) | fp32 | bf16-mixed | bf16 (bf16 weights)."""
+    gradient_checkpointing: bool = False
+    logprobs: str = "auto"
+    """How token log-probs are computed: fused (hidden states x lm_head in one op, no logits),
+    logits (model logits, then the log-prob op) or auto (fused where the model allows it)."""
+    max_prompt_len: int = 256
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    prompts: str | None = None
+    """JSONL of {"prompt": ...} for ppo and bon."""
+    preferences: str | None = None
+    """JSONL of {"prompt": ..., "chosen": ..., "rejected": ...} for rm and dpo."""
+    demonstrations: str | None = None
+    """JSONL of {"prompt": ..., "completion": ...} for sft."""
+    eval_fraction: float = 0.1
+    """Share of the preference pairs held out to measure the reward model's accuracy."""
+
+
+@dataclass
+class TaskConfig:
+    """The embedded synthetic task and its tiny model (used when no data files are given)."""
+
+    seed: int = 1234
+    n_prompts: int = 8
+    prompt_len: int = 3
+    completion_len: int = 3
+    alphabet: str = "abcd"
+    demo_skill: float = 0.35
+    """Probability that the demonstrator writes the letter the hidden human likes best."""
+    n_demos: int = 4096
+    n_pairs: int = 6144
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class SFTConfig:
+    steps: int = 200
+    batch_size: int = 64
+    micro_batch_size: int = 0
+    """Sequences per forward pass (0: the whole batch); gradients accumulate over micro-batches."""
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
+class RMConfig:
+    steps: int = 300
+    batch_size: int = 64
+    """Preference pairs per step."""
+    micro_batch_size: int = 0
+    lr: float = 3e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+
+
+@dataclass
+class DPOConfig:
+    steps: int = 150
+    batch_size: int = 64
+    micro_batch_size: int = 0
+    lr: float = 1e-3
+    warmup: int = 20
+    weight_decay: float = 0.0
+    loss_type: str = "sigmoid"
+    """sigmoid (DPO) or ipo, or any loss_type of fastrlhf.dpo_loss."""
+    beta: float | None = None
+    """Defaults to the run's beta."""
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 120
+    rollout_batch: int = 128
+    """Prompts sampled (one completion each) per step, over all processes."""
+    minibatch_size: int = 64
+    micro_batch_size: int = 0
+    """Sequences per forward pass, in scoring and in training (0: a whole minibatch)."""
+    generate_batch: int = 0
+    """Prompts sampled at a time (0: the whole rollout batch of this process)."""
+    epochs: int = 2
+    lr: float = 1e-3
+    critic_lr: float = 2e-3
+    warmup: int = 10
+    weight_decay: float = 0.0
+    kl_coef: float | None = None
+    """Defaults to the run's beta (the regularization the exact optimum is computed for)."""
+    kl_estimator: str = "k1"
+    adaptive_kl_target: float | None = None
+    """Target KL per sequence for an adaptive KL coefficient; None keeps it fixed."""
+    kl_horizon: int = 10000
+    gamma: float = 1.0
+    lam: float = 0.95
+    clip: float = 0.2
+    value_clip: float | None = 0.2
+    value_coef: float = 0.5
+    whiten_advantages: bool = True
+    score_clip: float | None = None
+
+
+@dataclass
+class BoNConfig:
+    n: int = 8
+    batch_size: int = 64
+    """Prompts per generation batch."""
+    samples: int = 512
+    """Prompts to run best-of-n on (cycled from the prompt set)."""
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    out_dir: str = "fastrlhf-out"
+    device: str = "auto"
+    """auto (cuda when present, else cpu) | cpu | cuda | cuda:N."""
+    backend: str = "auto"
+    """fastrlhf op backend: auto | torch | triton | cuda."""
+    beta: float = 1.0
+    """KL-regularization strength: PPO's KL coefficient and DPO's beta unless they set their own."""
+    cpu_threads: int = 0
+    """Intra-op threads on CPU; 0: 1 for the embedded task (its tiny matrices gain nothing from
+    more, and a busy machine makes them much slower), else torch's default."""
+    log_every: int = 10
+    save_every: int = 100
+    resume: bool = False
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    bon: BoNConfig = field(default_factory=BoNConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+QUICK = {
+    "sft.steps": 150, "rm.steps": 200, "dpo.steps": 120, "ppo.steps": 60, "bon.samples": 128,
+    "task.n_demos": 2048, "task.n_pairs": 3072, "log_every": 5,
+}
+"""The shortened run (``--quick``): used by the tests and for a smoke check."""
+
+_CHOICES = {
+    "device": None, "backend": ("auto", "torch", "triton", "cuda"),
+    "model.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
+    "model.logprobs": ("auto", "fused", "logits"),
+    "ppo.kl_estimator": ("k1", "k2", "k3", "abs", "mse", "low_var_kl", "k1+", "k2+", "k3+", "abs+", "mse+",
+                         "low_var_kl+"),
+}
+
+
+# ---------------------------------------------------------------------------- loading
+def _read_file(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        if ext in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(raw.decode()) or {}
+        elif ext == ".toml":
+            try:
+                import tomllib
+            except ModuleNotFoundError:  # Python 3.10
+                import tomli as tomllib
+            data = tomllib.loads(raw.decode())
+        else:
+            raise ConfigError(f"config file {path!r} must end in .yaml, .yml or .toml")
+    except ConfigError:
+        raise
+    except Exception as e:  # the parsers' own errors carry the line number
+        raise ConfigError(f"cannot parse config file {path!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r} must hold a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _allowed(tp) -> tuple[type, ...]:
+    """The Python types a field annotated ``tp`` accepts (``X | None`` -> (X, NoneType))."""
+    if isinstance(tp, str):
+        tp = eval(tp, {"Any": Any}, {})  # noqa: S307  (our own annotations, e.g. "float | None")
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return tuple(a for a in typing.get_args(tp))
+    return (tp,)
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    allowed = _allowed(tp)
+    if value is None:
+        if type(None) in allowed:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    for t in allowed:
+        if t is bool and isinstance(value, bool):
+            return value
+        if t is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if t is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if t is str and isinstance(value, str):
+            return value
+    names = " or ".join({bool: "true/false", int: "an integer", float: "a number", str: "a string",
+                         type(None): "null"}[t] for t in allowed)
+    raise ConfigError(f"{key} must be {names}, got {value!r}")
+
+
+def _unknown(key: str, options: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], options, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(options)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def _apply(obj, data: dict[str, Any], prefix: str = "") -> None:
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for name, value in data.items():
+        key = prefix + str(name)
+        if name not in fields:
+            raise _unknown(key, list(fields))
+        current = getattr(obj, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be a section (a mapping), got {value!r}")
+            _apply(current, value, key + ".")
+        else:
+            setattr(obj, name, _coerce(key, value, fields[name].type))
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set ``section.key`` (or a top-level key) to ``value`` with type checks."""
+    *sections, name = key.split(".")
+    data: dict[str, Any] = {name: value}
+    for s in reversed(sections):
+        data = {s: data}
+    _apply(cfg, data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"ppo.lr=1e-4"`` -> ``("ppo.lr", 1e-4)``; the value is read as YAML (numbers, true, null)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects section.key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    import yaml
+
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
+                quick: bool = False) -> Config:
+    """Defaults, then the ``--quick`` preset, then the file, then ``overrides`` (``key -> value``)."""
+    cfg = Config()
+    if quick:
+        for key, value in QUICK.items():
+            set_key(cfg, key, value)
+    if path:
+        _apply(cfg, _read_file(path))
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+# ------------------------------------------------------------------------- validation
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Range and choice checks that types alone do not catch."""
+    for key, choices in _CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if choices is not None:
+            _check(value in choices, f"{key} must be one of {choices}, got {value!r}")
+    _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+           f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    positive_floats = {"beta": cfg.beta, "model.temperature": cfg.model.temperature,
+                       "sft.lr": cfg.sft.lr, "rm.lr": cfg.rm.lr, "dpo.lr": cfg.dpo.lr,
+                       "ppo.lr": cfg.ppo.lr, "ppo.critic_lr": cfg.ppo.critic_lr}
+    for key, value in positive_floats.items():
+        _check(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
+    for key in ("ppo.kl_coef", "dpo.beta", "ppo.adaptive_kl_target", "ppo.value_clip", "ppo.score_clip"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value is None or (math.isfinite(value) and value > 0),
+               f"{key} must be null or a finite number > 0, got {value}")
+    positive_ints = {
+        "log_every": cfg.log_every, "save_every": cfg.save_every,
+        "model.max_prompt_len": cfg.model.max_prompt_len, "model.max_new_tokens": cfg.model.max_new_tokens,
+        "task.n_prompts": cfg.task.n_prompts, "task.prompt_len": cfg.task.prompt_len,
+        "task.completion_len": cfg.task.completion_len, "task.n_demos": cfg.task.n_demos,
+        "task.n_pairs": cfg.task.n_pairs, "task.hidden_size": cfg.task.hidden_size,
+        "task.intermediate_size": cfg.task.intermediate_size, "task.num_layers": cfg.task.num_layers,
+        "task.num_heads": cfg.task.num_heads,
+        "sft.batch_size": cfg.sft.batch_size, "rm.batch_size": cfg.rm.batch_size,
+        "dpo.batch_size": cfg.dpo.batch_size, "ppo.rollout_batch": cfg.ppo.rollout_batch,
+        "ppo.minibatch_size": cfg.ppo.minibatch_size, "ppo.epochs": cfg.ppo.epochs,
+        "ppo.kl_horizon": cfg.ppo.kl_horizon, "bon.n": cfg.bon.n, "bon.batch_size": cfg.bon.batch_size,
+        "bon.samples": cfg.bon.samples,
+    }
+    for key, value in positive_ints.items():
+        _check(value >= 1, f"{key} must be >= 1, got {value}")
+    _check(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
+    for key in ("sft.steps", "rm.steps", "dpo.steps", "ppo.steps", "sft.warmup", "rm.warmup",
+                "dpo.warmup", "ppo.warmup", "sft.micro_batch_size", "rm.micro_batch_size",
+                "dpo.micro_batch_size", "ppo.micro_batch_size", "ppo.generate_batch"):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        _check(value >= 0, f"{key} must be >= 0, got {value}")
+    _check(cfg.ppo.rollout_batch % cfg.ppo.minibatch_size == 0,
+           f"ppo.rollout_batch ({cfg.ppo.rollout_batch}) must be a multiple of ppo.minibatch_size "
+           f"({cfg.ppo.minibatch_size})")
+    _check(0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1,
+           f"ppo.gamma and ppo.lam must be in [0, 1], got {cfg.ppo.gamma}, {cfg.ppo.lam}")
+    _check(0 < cfg.ppo.clip < 1, f"ppo.clip must be in (0, 1), got {cfg.ppo.clip}")
+    _check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
+    _check(0 <= cfg.task.demo_skill <= 1, f"task.demo_skill must be in [0, 1], got {cfg.task.demo_skill}")
+    alphabet = cfg.task.alphabet
+    _check(len(alphabet) >= 2 and len(set(alphabet)) == len(alphabet) and alphabet.isalpha()
+           and alphabet.islower(), f"task.alphabet must be >= 2 distinct lowercase letters, got {alphabet!r}")
+    n_completions = len(alphabet) ** cfg.task.completion_len
+    _check(n_completions <= 4096, f"task.alphabet ** task.completion_len = {n_completions} completions per "
+           "prompt; the exact optimum enumerates them all, keep it <= 4096")
+    _check(cfg.task.n_prompts <= len(alphabet) ** cfg.task.prompt_len,
+           f"task.n_prompts ({cfg.task.n_prompts}) exceeds the {len(alphabet) ** cfg.task.prompt_len} "
+           "distinct prompts of task.prompt_len letters")
+    _check(cfg.task.hidden_size % cfg.task.num_heads == 0,
+           f"task.hidden_size ({cfg.task.hidden_size}) must be a multiple of task.num_heads ({cfg.task.num_heads})")
+    _check(cfg.model.reward_model is None or cfg.model.reward_fn is None,
+           "give model.reward_model or model.reward_fn, not both")
+    if cfg.model.reward_fn is not None:
+        _check(":" in cfg.model.reward_fn,
+               f"model.reward_fn must look like module:function, got {cfg.model.reward_fn!r}")

@@ -1,0 +1,115 @@
+"""Data parallelism on ``torch.distributed``: started by ``torchrun``, DDP-wrapped models.
+
+Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every process trains a replica on
+its share of each batch; gradients are averaged by DDP, so each process scales its loss by
+``world_size / global_count`` (see :func:`loss_scale`) and the result is the loss normalized by
+the global token (or sequence) count, whatever the split. Backend: nccl on CUDA, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group when launched by ``torchrun``; a no-op otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    info = DistInfo(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return info
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def all_sum(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of ``x`` over all processes (a new tensor)."""
+    x = x.detach().clone()
+    if info.enabled:
+        dist.all_reduce(x)
+    return x
+
+
+def all_mean(values: dict[str, float], info: DistInfo) -> dict[str, float]:
+    """The mean over processes of each scalar in ``values`` (one collective)."""
+    if not info.enabled or not values:
+        return values
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t)
+    return {k: v / info.world_size for k, v in zip(keys, t.tolist())}
+
+
+def gather_lists(items: list, info: DistInfo) -> list:
+    """The concatenation, in rank order, of every process's ``items`` (picklable objects)."""
+    if not info.enabled:
+        return items
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, items)
+    return [x for part in out for x in part]
+
+
+def loss_scale(global_count: torch.Tensor | float, info: DistInfo):
+    """Factor turning a local *sum* into this process's share of the global mean under DDP."""
+    return info.world_size / global_count
+
+
+def wrap(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
+    """``DistributedDataParallel(module)`` when distributed, else ``module``."""
+    if not info.enabled:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)
+
+
+def no_sync(module: torch.nn.Module, skip: bool):
+    """``module.no_sync()`` (no gradient all-reduce) when ``skip`` and ``module`` is DDP."""
+    if skip and hasattr(module, "no_sync"):
+        return module.no_sync()
+    return contextlib.nullcontext()
+
+
+def shard(n: int, info: DistInfo) -> slice:
+    """This process's contiguous share of ``n`` items (``n`` must divide evenly)."""
+    if n % info.world_size:
+        raise ValueError(f"a batch of {n} does not split evenly over {info.world_size} processes")
+    per = n // info.world_size
+    return slice(info.rank * per, (info.rank + 1) * per)

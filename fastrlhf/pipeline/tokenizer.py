@@ -1,0 +1,96 @@
+"""Tokenizers: the built-in character tokenizer of the embedded task, and loading local ones.
+
+Both are Hugging Face fast tokenizers, so a model trained on the embedded task saves and loads
+like any local model. :class:`Codec` is the one place prompts and completions become token ids.
+"""
+
+from __future__ import annotations
+
+import os
+
+from fastrlhf.pipeline.errors import PipelineError
+
+PAD, BOS, EOS, SEP = "<pad>", "<bos>", "<eos>", ">"
+
+
+def build_char_tokenizer(alphabet: str):
+    """A character-level tokenizer: ``<pad> <bos> <eos> >`` then one token per letter.
+
+    Encoding a text prepends ``<bos>`` (like most causal-LM tokenizers); decoding joins the
+    characters back without spaces.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([PAD, BOS, EOS, SEP, *alphabet])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    core.decoder = decoders.Fuse()
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B",
+                                                        special_tokens=[(BOS, vocab[BOS])])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+
+
+def load_tokenizer(path: str):
+    """The tokenizer saved in the local model directory ``path`` (never fetched from a hub)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:
+        raise PipelineError(f"cannot load a tokenizer from {path!r}: {e}. The model directory must hold "
+                            "its tokenizer files (save it with tokenizer.save_pretrained(path))") from None
+
+
+class Codec:
+    """Turns prompt and completion texts into token ids, and completions back into text.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        pad_token: the token to pad with when the tokenizer has none (e.g. its eos token).
+        add_eos: end every completion with the eos token (off for the fixed-length embedded task).
+        source: where the tokenizer came from, for error messages.
+    """
+
+    def __init__(self, tokenizer, *, pad_token: str | None = None, add_eos: bool = True, source: str = ""):
+        self.tokenizer = tokenizer
+        where = f" of {source}" if source else ""
+        if pad_token is not None:
+            pad_id = tokenizer.convert_tokens_to_ids(pad_token)
+            if pad_id is None or (pad_id == tokenizer.unk_token_id and pad_token != tokenizer.unk_token):
+                raise PipelineError(f"model.pad_token {pad_token!r} is not in the vocabulary of the tokenizer{where}")
+            tokenizer.pad_token = pad_token
+        if tokenizer.pad_token_id is None:
+            eos = tokenizer.eos_token
+            hint = f" (e.g. --pad-token {eos!r}, its eos token)" if eos else ""
+            raise PipelineError(f"the tokenizer{where} has no pad token: pass --pad-token TOKEN or set "
+                                f"model.pad_token{hint}")
+        if add_eos and tokenizer.eos_token_id is None:
+            raise PipelineError(f"the tokenizer{where} has no eos token, so completions cannot end")
+        self.pad_id = int(tokenizer.pad_token_id)
+        self.eos_id = int(tokenizer.eos_token_id) if add_eos else None
+        self.add_eos = add_eos
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def prompt(self, text: str) -> list[int]:
+        """Prompt ids, with the tokenizer's special tokens (e.g. a leading bos)."""
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def completion(self, text: str) -> list[int]:
+        """Completion ids, no special tokens, then eos when ``add_eos``."""
+        ids = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids + [self.eos_id] if self.add_eos else ids
+
+    def decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def token_ids(self, chars: str) -> list[int]:
+        return [self.tokenizer.convert_tokens_to_ids(c) for c in chars]
+
+
+def save_tokenizer(tokenizer, path: str) -> None:
+    os.makedirs(path, exist_ok=True)
+    tokenizer.save_pretrained(path)
