@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from fastrlhf.pipeline import ops
+import fastrlhf
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import IndexStream, micro_batches
 from fastrlhf.pipeline.distributed import loss_scale, no_sync, shard, unwrap, wrap
@@ -48,7 +48,7 @@ def run_dpo(cfg: Config, rt: Runtime) -> dict:
     train, _, _ = preference_data(cfg, rt, codec, emb, lm)
     model = wrap(policy, rt.dist, rt.device)
     opt = adamw(policy, c.lr, c.weight_decay)
-    loss_fn = ops.get("dpo_loss")
+    loss_fn = fastrlhf.dpo_loss
     rt.print(f"[dpo] {c.loss_type} loss, beta={beta}, from {path}; {len(train)} preference pairs, log-probs: {mode}")
     stage = Stage(rt, "dpo", c.steps, modules={"policy": policy}, optimizers={"policy": opt}, lrs={"policy": c.lr},
                   warmup=c.warmup, postfix=("loss", "gap_closed"))

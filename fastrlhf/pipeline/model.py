@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from fastrlhf.pipeline import ops
+import fastrlhf
 from fastrlhf.pipeline.errors import PipelineError
 
 TASK_MARKER = "fastrlhf_task.json"
@@ -178,8 +178,6 @@ def fused_supported(lm) -> tuple[bool, str]:
             return False, f"the model's config sets {attr}"
     if not isinstance(lm.get_output_embeddings(), nn.Linear):
         return False, "the output embedding is not an nn.Linear"
-    if not ops.has("linear_token_logprobs"):
-        return False, "fastrlhf.linear_token_logprobs is not available"
     return True, ""
 
 
@@ -226,7 +224,7 @@ class PolicyModel(nn.Module):
                 if bias is not None:
                     bias = bias.to(hidden.dtype)
                 with self._time(OPS):
-                    out = ops.get("linear_token_logprobs")(
+                    out = fastrlhf.linear_token_logprobs(
                         hidden, head.weight.to(hidden.dtype), labels, bias=bias,
                         temperature=self.temperature, return_entropy=with_entropy)
             else:
@@ -234,7 +232,7 @@ class PolicyModel(nn.Module):
                 if self.logit_bias is not None:
                     logits = logits + self.logit_bias
                 with self._time(OPS):
-                    out = ops.get("token_logprobs")(logits, labels, temperature=self.temperature,
+                    out = fastrlhf.token_logprobs(logits, labels, temperature=self.temperature,
                                                     return_entropy=with_entropy)
         return out if with_entropy else (out, None)
 

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from fastrlhf.pipeline import ops
+import fastrlhf
 from fastrlhf.pipeline.bon import Scorer, prompt_set, rollout
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import IndexStream, micro_batches
@@ -77,11 +77,11 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     policy_ddp, critic_ddp = wrap(policy, rt.dist, rt.device), wrap(critic, rt.dist, rt.device)
     opt, critic_opt = adamw(policy, c.lr, c.weight_decay), adamw(critic, c.critic_lr, c.weight_decay)
     if c.adaptive_kl_target is not None:
-        controller = ops.get("AdaptiveKLController")(kl_coef, c.adaptive_kl_target, c.kl_horizon)
+        controller = fastrlhf.AdaptiveKLController(kl_coef, c.adaptive_kl_target, c.kl_horizon)
     else:
-        controller = ops.get("FixedKLController")(kl_coef)
-    kl_rewards, gae, whiten = ops.get("kl_penalized_rewards"), ops.get("gae"), ops.get("masked_whiten")
-    policy_loss_fn, value_loss_fn = ops.get("ppo_policy_loss"), ops.get("ppo_value_loss")
+        controller = fastrlhf.FixedKLController(kl_coef)
+    kl_rewards, gae, whiten = fastrlhf.kl_penalized_rewards, fastrlhf.gae, fastrlhf.masked_whiten
+    policy_loss_fn, value_loss_fn = fastrlhf.ppo_policy_loss, fastrlhf.ppo_value_loss
     scorer = Scorer(reward, codec, rt)
     prompts, texts = prompt_set(cfg, codec, emb, lm)
     rt.print(f"[ppo] policy from {path}, reward: {what}, critic from {critic_path}; {len(prompts)} prompts, "

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from fastrlhf.pipeline import ops
+import fastrlhf
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import IndexStream, collate, micro_batches
 from fastrlhf.pipeline.distributed import loss_scale, no_sync, shard, unwrap, wrap
@@ -69,7 +69,7 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     scalar = ScalarModel(seq_cls, timer=rt.timer)
     model = wrap(scalar, rt.dist, rt.device)
     opt = adamw(scalar, c.lr, c.weight_decay)
-    bt_loss = ops.get("bradley_terry_loss")
+    bt_loss = fastrlhf.bradley_terry_loss
     rt.print(f"[rm] backbone from {path}; {len(train)} preference pairs, {len(held_out)} held out")
     stage = Stage(rt, "rm", c.steps, modules={"rm": scalar}, optimizers={"rm": opt}, lrs={"rm": c.lr},
                   warmup=c.warmup, postfix=("loss", "accuracy"))
