@@ -147,7 +147,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Memory beyond inputs, outputs and gradients, with ``N = labels.numel()``:
     forward (triton) ``[4, splits, N]`` fp32 partial row statistics (``splits <= max(8,
     2 * SMs / ceil(N / 128))``) and ``[N, 2]`` fp32 row statistics kept for backward;
-    backward (triton) a ``dz`` workspace of at most ``max(2**27, 128 * N)`` elements in the
+    backward (triton) a ``dz`` workspace of at most ``max(2**26, 128 * N)`` elements in the
     inputs' dtype (the vocabulary is processed in chunks that fit), small fp32 partial
     sums for the bias gradient, and an fp32 ``[N, H]`` running sum of ``grad_hidden``
     for 16-bit inputs when there is more than one chunk. The ``torch`` backend works on
