@@ -68,6 +68,17 @@ def test_matches_reference(backend, shape, dtype, temperature):
     assert (got[0] <= 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_largest_vocabulary(backend, dtype):
+    """V = 262144 (the largest vocabularies in use), 64 tiles in one row."""
+    logits, labels = _case(1, 2, 262144, dtype, ignore_frac=0.0)
+    grads = (torch.randn(1, 2, device=DEVICE), torch.randn(1, 2, device=DEVICE))
+    got = _run(logits, labels, backend, grads)
+    truth = _run(logits.double(), labels, "reference", grads)
+    for err in _errors(got, truth):
+        assert err < (2e-4 if dtype == torch.float32 else 1e-2)
+
+
 def test_only_entropy_or_only_logp_used(backend):
     logits, labels = _case(2, 3, 257, torch.float32)
     for which in (0, 1):

@@ -124,8 +124,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     in one streaming pass over each row, without a scaled or fp32 copy of the logits.
 
     Args:
-        logits: ``[..., V]`` bf16/fp16/fp32/fp64, unit stride on the last dim (other strides
-            are free: ``logits[:, :-1]`` is read in place).
+        logits: ``[..., V]`` bf16/fp16/fp32/fp64, unit stride on the last dim. Other strides
+            are free: ``logits[:, :-1]`` or a transposed batch is read in place (only a
+            layout needing three separate leading strides is copied).
         labels: int32/int64 of shape ``logits.shape[:-1]``.
         temperature: a float > 0 the logits are divided by (inside the kernel).
         ignore_index: labels equal to it get log-prob 0, entropy 0 and zero gradient.
