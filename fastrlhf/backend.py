@@ -28,7 +28,7 @@ import threading
 import torch
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
-           "resolve_backend", "use_backend"]
+           "has_kernels", "launchers", "resolve_backend", "triton_interpreter", "use_backend"]
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -118,6 +118,7 @@ def _auto(device: torch.device, family: str | None) -> str:
     return "triton" if _triton_installed() else "torch"
 
 
+@functools.lru_cache(maxsize=None)
 def has_kernels(backend: str, family: str) -> bool:
     """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)."""
     return backend == "torch" or importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is not None
