@@ -89,7 +89,9 @@ void token_logprobs_bwd(const at::Tensor& grad_logp, const std::optional<at::Ten
   auto rows = row_layout({&x, &dx});
   if (!rows) {  // a layout of three or more strides: work on contiguous copies
     x = logits.contiguous();
-    dx = inplace ? x : at::empty_like(x, at::MemoryFormat::Contiguous);
+    dx = inplace ? x
+                 : (grad_logits.is_contiguous() ? grad_logits
+                                                : at::empty_like(x, at::MemoryFormat::Contiguous));
     rows = row_layout({&x, &dx});
   }
   FASTRLHF_CHECK_LAUNCH(

@@ -115,26 +115,35 @@ def _jit_load():
     name = f"fastrlhf_cuda_{key}"
     build_dir = os.path.join(cache_dir(), key)
     library = os.path.join(build_dir, name + (".pyd" if sys.platform == "win32" else ".so"))
+    stale = ""
     if os.path.isfile(library):
-        return _import_file(name, library), ""
+        try:
+            return _import_file(name, library), ""
+        except Exception as e:  # noqa: BLE001  (a link cut short, or one still running elsewhere:
+            # the locked build below waits for it or redoes what is stale)
+            stale = (f"the cached build {library} does not load ({_first_error_line(str(e))}; "
+                     f"delete {build_dir} to rebuild); ")
     if not (cuda_home and os.path.isfile(os.path.join(cuda_home, "bin", "nvcc"))):
-        return None, (f"nvcc not found: install the CUDA toolkit for CUDA {torch.version.cuda} "
-                      "(or set CUDA_HOME) to build the extension")
+        return None, stale + (f"nvcc not found: install the CUDA toolkit for CUDA {torch.version.cuda} "
+                              "(or set CUDA_HOME) to build the extension")
     if not cpp_extension.is_ninja_available():
-        return None, "ninja not found (pip install ninja) to build the extension"
-    os.makedirs(build_dir, exist_ok=True)
+        return None, stale + "ninja not found (pip install ninja) to build the extension"
     print(f"fastrlhf: building the CUDA extension for sm {arch_key} (first use only, about a minute; "
           f"cached in {build_dir})", file=sys.stderr, flush=True)
+    log = os.path.join(build_dir, "build-error.log")
     try:
+        os.makedirs(build_dir, exist_ok=True)
         module = cpp_extension.load(
             name=name, sources=[os.path.join(root, s) for s in source_files(root)],
             extra_include_paths=[os.path.join(root, "kernels")], extra_cflags=CXX_FLAGS,
             extra_cuda_cflags=NVCC_FLAGS + arch_flags, build_directory=build_dir, verbose=False)
     except Exception as e:  # noqa: BLE001  (any failure means: no cuda backend, say why)
-        log = os.path.join(build_dir, "build-error.log")
-        with open(log, "w") as f:
-            f.write(str(e))
-        return None, f"build failed: {_first_error_line(str(e))} (full log: {log})"
+        try:
+            with open(log, "w") as f:
+                f.write(str(e))
+        except OSError:
+            log = "not written"
+        return None, stale + f"build failed: {_first_error_line(str(e))} (full log: {log})"
     return module, ""
 
 

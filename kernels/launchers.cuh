@@ -54,7 +54,8 @@ cudaError_t fastrlhf_kernels_check_device(int device);
  * has unit stride. labels: n_rows contiguous int32 (label_bytes = 4) or int64 (8).
  * Writes logp[r], stats[2r] = row max of z = logits * inv_temp, stats[2r + 1] =
  * log(sum(exp(z - max))), and entropy[r] unless entropy is NULL. Label == ignore_index: logp 0,
- * entropy 0. Label outside [0, V): logp NaN. logp is clamped to <= 0, entropy to >= 0. */
+ * entropy 0. Label outside [0, V): logp NaN. logp is clamped to <= 0, entropy to >= 0;
+ * NaN stays NaN. */
 cudaError_t fastrlhf_token_logprobs_fwd(
     fastrlhf_dtype dtype, const void* logits, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1,
     int64_t V, const void* labels, int label_bytes, double inv_temp, int64_t ignore_index,

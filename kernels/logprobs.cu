@@ -130,9 +130,12 @@ __global__ void __launch_bounds__(kMaxThreads) token_logprobs_fwd_kernel(
       stats[2 * row + 1] = log_s;
       const bool keep = label != ignore_index;
       const bool in_range = label >= 0 && label < V;
-      A lp = in_range ? fmin((z_label - st.m) - log_s, A(0)) : A(NAN);
-      logp[row] = keep ? lp : A(0);
-      if (kEntropy) entropy[row] = keep ? fmax(log_s - st.t / st.s, A(0)) : A(0);
+      // Clamps that keep NaN (fmin / fmax would drop it): a NaN or +inf logit, or a row of
+      // only -inf, gives NaN as in the reference, never a plausible 0.
+      const A lp = (z_label - st.m) - log_s;
+      const A h = log_s - st.t / st.s;
+      logp[row] = keep ? (in_range ? (lp > A(0) ? A(0) : lp) : A(NAN)) : A(0);
+      if (kEntropy) entropy[row] = keep ? (h < A(0) ? A(0) : h) : A(0);
     }
   }
 }

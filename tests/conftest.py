@@ -33,7 +33,11 @@ def device():
 
 @pytest.fixture(params=["torch"] + BACKENDS)
 def backend(request):
-    """Every backend that runs on this machine, the torch reference included."""
+    """Every backend that runs on this machine, the torch reference included; in a test
+    module with ``FAMILY = "<op family>"``, those without kernels for it are skipped."""
+    family = getattr(request.module, "FAMILY", None)
+    if family is not None and not has_kernels(request.param, family):
+        pytest.skip(f"backend {request.param!r} has no {family} kernels")
     return request.param
 
 

@@ -188,6 +188,38 @@ def test_build_failure_reason_is_the_first_error_line():
         .startswith("The detected CUDA version")
 
 
+def test_a_cached_build_that_does_not_load_is_rebuilt_not_raised(tmp_path, monkeypatch):
+    """A library cut short (a killed link, or another process still linking it) must not
+    escape as an ImportError from status(): the locked build runs, and if that fails too the
+    reason names the cached file."""
+    from torch.utils import cpp_extension
+
+    from fastrlhf import _cuda
+
+    fake_cuda = tmp_path / "cuda"
+    (fake_cuda / "bin").mkdir(parents=True)
+    (fake_cuda / "bin" / "nvcc").write_text("")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", str(fake_cuda))
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: True)
+    monkeypatch.setenv("FASTRLHF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "9.0")
+    key = _cuda._cache_key(_cuda.source_root(), "9.0", [], str(fake_cuda))
+    build_dir = os.path.join(_cuda.cache_dir(), key)
+    os.makedirs(build_dir)
+    with open(os.path.join(build_dir, f"fastrlhf_cuda_{key}.so"), "wb") as f:
+        f.write(b"\x7fELF cut short")
+
+    monkeypatch.setattr(cpp_extension, "load", lambda **kw: "rebuilt")
+    assert _cuda._jit_load() == ("rebuilt", "")
+
+    def fails(**kw):
+        raise ImportError(f"{build_dir}/x.so: file too short")
+
+    monkeypatch.setattr(cpp_extension, "load", fails)
+    module, why = _cuda._jit_load()
+    assert module is None and "does not load" in why and "build failed" in why and "\n" not in why
+
+
 def test_cache_key_follows_sources_and_archs(tmp_path):
     from fastrlhf import _cuda
 

@@ -128,17 +128,18 @@ def _reference(logits, labels, g_logp, g_ent, temperature):
 
 def _close(got, want, dtype):
     """fp32 math, then one rounding to ``dtype`` (half an ulp: 2**-9 bf16, 2**-12 fp16)."""
-    rtol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    rtol = {torch.float64: 1e-5, torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
     atol = 1e-5 * want.abs().nan_to_num(0.0).max().item() + 1e-7
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol, equal_nan=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_dtype_id)
 @pytest.mark.parametrize("offset", range(8))
 @pytest.mark.parametrize("V", [1, 7, 130, 4099, 32003])
 def test_logprobs_every_alignment(V, offset, dtype):
     """Rows starting at each offset from a 16-byte boundary; V = 1 and 7 have no full pack,
-    32003 makes every row start elsewhere. Values and gradients against the fp64 reference."""
+    32003 makes every row start elsewhere (fp64: packs of two, a head of 0 or 1). Values and
+    gradients against the fp64 reference."""
     cu = _cuda_lp()
     logits, labels = _inputs(5, V, dtype, offset=offset)
     g_logp, g_ent = torch.randn(5, device=DEVICE), torch.randn(5, device=DEVICE)
@@ -169,6 +170,7 @@ def test_logprobs_inplace_and_strided(dtype):
         for a, b in zip((lp, ent, stats), want):  # other row alignments: other summation order
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         dx = cu.token_logprobs_bwd(g, g, view.contiguous(), labels, stats, ent, 1.0, -100)
+        torch.testing.assert_close(cu.token_logprobs_bwd(g, g, view, labels, stats, ent, 1.0, -100), dx)
         work = base.clone()
         inplace_view = make(work)
         out = cu.token_logprobs_bwd(g, g, inplace_view, labels, stats, ent, 1.0, -100, inplace=True)
@@ -177,6 +179,27 @@ def test_logprobs_inplace_and_strided(dtype):
         untouched = torch.ones_like(work, dtype=torch.bool)
         make(untouched).fill_(False)
         assert torch.equal(work[untouched], base[untouched])  # nothing outside the view written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_dtype_id)
+def test_logprobs_nan_inf_and_all_masked_rows_follow_the_reference(dtype):
+    """A NaN logit, a +inf logit and a row of only -inf give NaN log-prob and entropy, as the
+    reference does (a clamp with fmin / fmax would turn them into a plausible 0); an ignored
+    row stays 0 whatever its logits hold."""
+    cu = _cuda_lp()
+    V = 4099  # odd: rows start at varying offsets; the last column is in a scalar tail
+    logits = torch.randn(6, V, device=DEVICE).to(dtype)
+    logits[0, 1000] = float("nan")
+    logits[1, 5] = float("inf")
+    logits[2] = float("-inf")
+    logits[4, V - 1] = float("nan")
+    labels = torch.tensor([1, 2, 4, 0, -100, 17], device=DEVICE)
+    lp, ent, _ = cu.token_logprobs_fwd(logits, labels, 0.8, -100, True)
+    want_lp, want_ent = ref.token_logprobs(logits.double(), labels, 0.8, return_entropy=True)
+    assert lp[:3].isnan().all() and ent[:3].isnan().all()
+    assert lp[4] == 0 and ent[4] == 0
+    torch.testing.assert_close(lp.double(), want_lp, atol=1e-4, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(ent.double(), want_ent, atol=1e-4, rtol=1e-5, equal_nan=True)
 
 
 def test_logprobs_without_entropy_and_int32_labels():
