@@ -399,18 +399,33 @@ def test_kernels_compile_for_gpus():
 
     mod = "fastrlhf.triton.advantages"
     cases = []
-    for r, m, summary, carry, has_values in [("bf16", "u8", True, True, True),
-                                             ("fp32", "fp32", False, True, True),
-                                             ("fp16", "i64", False, False, False)]:
+    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64.
+    for r, m, summary, carry, has_values, strides in [("bf16", "u8", True, True, True, "i64"),
+                                                      ("fp32", "fp32", False, True, True, "i32"),
+                                                      ("fp16", "i64", False, False, False, "i64"),
+                                                      ("fp64", "u8", False, True, True, "i32")]:
+        acc = "fp64" if r == "fp64" else "fp32"
         const = {"HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry,
-                 "ACC": "tl.float32", "BLOCK": 1024, "NCP": 64}
-        sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": "*fp32",
-               "ret_ptr": "*fp32", "agg_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32",
-               "sr": "i64", "sv": "i64", "sm": "i64", "gamma": "fp32", "gl": "fp32", "skip": "i32",
+                 "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024, "NCP": 64}
+        sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": f"*{acc}",
+               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "T": "i32", "NC": "i32", "CHUNK": "i32",
+               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32", "skip": "i32",
                **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_gae_kernel", sig, const, 4))
-    const = {"ACC": "tl.float32", "ROWS": 8, "BLOCK_G": 256}
-    sig = {"s_ptr": "*bf16", "out_ptr": "*fp32", "n_groups": "i32", "G": "i32", "eps": "fp32",
-           "method": "i32", **dict.fromkeys(const, "constexpr")}
-    cases.append((mod, "_group_advantages_kernel", sig, const, 4))
+    # Groups of 256 (8 per program) and groups of one in fp64 (a [64, 1] tile).
+    for s_dtype, acc, rows, block_g in (("bf16", "fp32", 8, 256), ("fp64", "fp64", 64, 1)):
+        const = {"ACC": f"tl.float{acc[2:]}", "ROWS": rows, "BLOCK_G": block_g}
+        sig = {"s_ptr": f"*{s_dtype}", "out_ptr": f"*{acc}", "n_groups": "i32", "G": "i32", "eps": "fp32",
+               "method": "i32", **dict.fromkeys(const, "constexpr")}
+        cases.append((mod, "_group_advantages_kernel", sig, const, 4))
+    # Ints equal to 1 are specialized to constexpr 1: groups of one (rloo: method 1), and
+    # rows of one token (T, row strides) in one chunk (NC) with holes skipped (skip).
+    one = {**const, "G": 1, "method": 1}
+    cases.append((mod, "_group_advantages_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
+    one = {"HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "ACC": "tl.float32", "BLOCK": 16,
+           "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm", "skip"), 1)}
+    sig = {"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
+           "agg_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32", "sm": "i32",
+           "gamma": "fp32", "gl": "fp32", "skip": "i32"}
+    cases.append((mod, "_gae_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 2))
     compile_for_gpus(cases)

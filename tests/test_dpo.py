@@ -91,6 +91,16 @@ def test_extreme_margins(backend, loss_type):
         _check(got, _run([x.double() for x in (pc, pr, rc, rr)], "reference", **kw), torch.float32)
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_nan_input_gives_nan_loss(backend, loss_type):
+    """A NaN log-prob gives a NaN loss, as the reference (hinge's relu included: the default
+    tl.maximum would clamp NaN to 0 and hide it)."""
+    xs = _pairs(5)
+    xs[0][2] = float("nan")
+    loss, metrics = dpo_loss(*xs, loss_type=loss_type, backend=backend)
+    assert loss.isnan() and metrics["rewards/chosen"].isnan()
+
+
 @pytest.mark.parametrize("loss_type, smoothing", [("sigmoid", 0.0), ("sigmoid", 0.3), ("sigmoid", 0.5),
                                                   ("robust", 0.0), ("robust", 0.45),
                                                   ("exo_pair", 0.0), ("exo_pair", 0.3)])
@@ -326,8 +336,13 @@ def test_kernels_compile_for_gpus():
     ins = {"pc_ptr": "*bf16", "pr_ptr": "*bf16", "rc_ptr": "*fp32", "rr_ptr": "*fp32"}
     fwd = {"ACC": "tl.float32", "FINAL": False, "BLOCK": 1024}
     bwd = {"ACC": "tl.float32", "BLOCK": 1024}
+    # fp64, one pair (N = 1 is specialized to constexpr 1; one block writes the means), ipo (loss_code 1)
+    fwd64 = {"ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1, "loss_code": 1}
+    ins64 = dict.fromkeys(ins, "*fp64")
     cases = [
         (mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(fwd, "constexpr")}, fwd, 4),
+        (mod, "_dpo_fwd_kernel", {**ins64, "out_ptr": "*fp64", **scalars, **dict.fromkeys(fwd64, "constexpr")},
+         fwd64, 4),
         (mod, "_dpo_bwd_kernel", {**ins, "g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16",
                                   "drc_ptr": "*fp32", "drr_ptr": "*fp32", **scalars,
                                   **dict.fromkeys(bwd, "constexpr")}, bwd, 4),

@@ -8,6 +8,8 @@ transformers = pytest.importorskip("transformers")
 from fastrlhf.integrations.transformers import causal_lm_logprobs  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 
+FAMILY = "linear_logprobs"  # the shared backend fixture skips backends without these kernels
+
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
          "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 1000}
 

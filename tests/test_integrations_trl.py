@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import fastrlhf
+from fastrlhf.backend import has_kernels
 from fastrlhf.integrations import trl as ft
 from tests.conftest import DEVICE
 
@@ -350,6 +351,8 @@ def _run_both(trl_dpo, token, mask, refs, backend="torch", **kw):
 
 @pytest.mark.parametrize("loss_type", ft.LOSS_TYPES)
 def test_dpo_loss_types_match_trl(trl_dpo, backend, loss_type):
+    if not has_kernels(backend, "dpo"):
+        pytest.skip(f"backend {backend!r} has no dpo kernels")
     token, mask, refs = _dpo_batch()
     (loss_t, metrics_t, grads_t), (loss, metrics, grads) = _run_both(
         trl_dpo, token, mask, refs, backend, beta=0.2, loss_type=loss_type,

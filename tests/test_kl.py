@@ -432,22 +432,31 @@ def test_kernels_compile_for_gpus():
     mod = "fastrlhf.triton.kl"
     scalars = {"clamp": "fp32", "log_ratio_clamp": "fp32"}
     cases = []
-    for dtype in ("bf16", "fp32"):
-        for est in range(4):
-            const = {"EST": est, "ACC": "tl.float32", "BLOCK": 1024}
-            fwd = {"logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "kl_ptr": "*fp32", "N": "i64", **scalars,
+    for dtype, ests in (("bf16", range(4)), ("fp32", range(4)), ("fp64", [3])):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        for est in ests:
+            const = {"EST": est, "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
+            fwd = {"logp_ptr": f"*{dtype}", "ref_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "N": "i64", **scalars,
                    **dict.fromkeys(const, "constexpr")}
             cases.append((mod, "_kl_fwd_kernel", fwd, const, 4))
             for straight in (False, True):
                 bconst = {**const, "STRAIGHT": straight, "WANT_LOGP": True, "WANT_REF": not straight}
-                bwd = {"grad_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "dlogp_ptr": f"*{dtype}",
-                       "dref_ptr": "*fp32", "N": "i32", **scalars, **dict.fromkeys(bconst, "constexpr")}
+                bwd = {"grad_ptr": f"*{acc}", "logp_ptr": f"*{dtype}", "ref_ptr": f"*{acc}",
+                       "dlogp_ptr": f"*{dtype}", "dref_ptr": f"*{acc}", "N": "i32", **scalars,
+                       **dict.fromkeys(bconst, "constexpr")}
                 cases.append((mod, "_kl_bwd_kernel", bwd, bconst, 4))
-    for mask_dtype, est, coef_tensor in (("i1", 3, True), ("i64", 0, False), ("fp32", 1, True)):
-        const = {"EST": est, "COEF_TENSOR": coef_tensor, "ACC": "tl.float32", "BLOCK_T": 2048}
-        sig = {"scores_ptr": "*fp32", "logp_ptr": "*bf16", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
-               "rewards_ptr": "*fp32", "kl_ptr": "*fp32", "coef_ptr": "*fp32", "T": "i32", "n_tiles": "i32",
-               "s_logp": "i64", "s_ref": "i64", "s_mask": "i64", "kl_coef": "fp32", **scalars,
+    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs.
+    for mask_dtype, est, coef_tensor, strides, dtype in (("i1", 3, True, "i64", "bf16"),
+                                                         ("i64", 0, False, "i32", "bf16"),
+                                                         ("fp32", 1, True, "i32", "fp64")):
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        const = {"EST": est, "COEF_TENSOR": coef_tensor, "ACC": f"tl.float{acc[2:]}", "BLOCK_T": 2048}
+        sig = {"scores_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
+               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "T": "i32", "n_tiles": "i32",
+               **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides), "kl_coef": "fp32", **scalars,
                "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
+    # T = 1: ints equal to 1 (T, n_tiles, row strides) are specialized to constexpr 1.
+    one = {**const, "BLOCK_T": 1, **dict.fromkeys(("T", "n_tiles", "s_logp", "s_ref", "s_mask"), 1)}
+    cases.append((mod, "_kl_rewards_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
     compile_for_gpus(cases)

@@ -9,7 +9,9 @@ from hypothesis import strategies as st
 
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.reference import linear_logprobs as ref
-from tests.conftest import BACKENDS, DEVICE
+from tests.conftest import DEVICE, family_backends
+
+FAMILY = "linear_logprobs"  # the shared backend fixture skips backends without these kernels
 
 # (N, H, V, bias, temperature). Odd sizes so no dimension lines up with a tile: one row and
 # a two-word vocabulary; N=37/H=80/V=1003 (8 vocabulary tiles of 128 under the interpreter,
@@ -160,6 +162,28 @@ def test_out_of_range_labels_give_nan(backend):
     assert (grads[0][0][3] == 0).all()  # the ignored row
 
 
+def test_nan_input_gives_nan(backend):
+    """A NaN in a row of ``hidden`` gives a NaN log-prob and entropy for that row, as the
+    reference, never a silent 0 (the default tl.minimum / tl.maximum clamps drop NaN)."""
+    hidden, weight, bias, labels = _case(3, 16, 40, torch.float32)
+    hidden[1, 5] = float("nan")
+    lp, ent = linear_token_logprobs(hidden, weight, labels.abs(), bias=bias, return_entropy=True,
+                                    backend=backend)
+    assert lp[1].isnan() and ent[1].isnan()
+    assert torch.isfinite(lp[[0, 2]]).all() and torch.isfinite(ent[[0, 2]]).all()
+
+
+def test_strided_labels(backend):
+    """``labels`` a strided 1-D view (every other token): read as the values, not the memory."""
+    hidden, weight, bias, _ = _case(6, 16, 40, torch.float32)
+    labels = torch.randint(0, 40, (12,), device=DEVICE)[::2]
+    grads = _grads(6)
+    got = _run(backend, hidden, weight, bias, labels, grads)
+    want = _run("reference", hidden, weight, bias, labels.contiguous(), grads)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 def test_fully_ignored_batch(backend):
     hidden, weight, bias, _ = _case(5, 16, 70, torch.bfloat16)
     labels = torch.full((5,), -1, device=DEVICE)
@@ -300,7 +324,7 @@ def test_property_against_reference(N, H, V, dtype, has_bias, scale, temperature
     want_lp, want_ent = ref.linear_token_logprobs(hidden.double(), weight.double(), labels,
                                                   None if bias is None else bias.double(),
                                                   temperature, return_entropy=True)
-    for backend in ("torch", *BACKENDS):
+    for backend in family_backends(FAMILY):
         lp, ent = linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
                                         return_entropy=True, backend=backend)
         assert (lp <= 0).all() and (ent >= 0).all() and (ent <= math.log(V) + 1e-4).all()
@@ -384,13 +408,17 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
 def test_kernels_compile_for_gpus():
     """Every kernel with the tiles an H100 run uses, bf16 and fp32. Unit inner strides are
-    constexpr 1, as Triton specializes them for contiguous inputs."""
+    constexpr 1, as Triton specializes them for contiguous inputs. Each dtype also with every
+    pointer and size divisible by 16, as a launch at N=8192, H=4096, V=151936 specializes
+    them: only then are the loads vectorized and pipelined (3 stages, the most shared memory)."""
     from tests.triton_aot import compile_for_gpus
 
     mod = "fastrlhf.triton.linear_logprobs"
     cases = []
-    for dt, bk, flag in (("bf16", 64, True), ("fp32", 32, False)):
-        common = {"INTERPRET": False, "PRECISION": "ieee", "sxk": 1}
+    for dt, bk, flag, aligned in (("bf16", 64, True, False), ("fp32", 32, False, False),
+                                  ("bf16", 64, False, True), ("fp32", 32, True, True)):
+        precision = "tf32" if dt == "fp32" and aligned else "ieee"
+        common = {"INTERPRET": False, "PRECISION": precision, "sxk": 1}
         tiles = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": bk}
         gemm_in = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
         fwd_c = {**common, "swk": 1, "HAS_BIAS": flag, "WITH_ENTROPY": flag, **tiles}
@@ -404,7 +432,7 @@ def test_kernels_compile_for_gpus():
               "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": f"*{dt}", "dbias_ptr": "*fp32",
               **dict.fromkeys(("N", "V", "H", "v_start", "width", "sxn", "swv"), "i32"),
               "inv_temp": "fp32", "ignore_index": "i32", **dict.fromkeys(dl_c, "constexpr")}
-        dh_c = {"LOAD_ACC": flag, "INTERPRET": False, "PRECISION": "ieee", "GROUP": 8, "swk": 1,
+        dh_c = {"LOAD_ACC": flag, "INTERPRET": False, "PRECISION": precision, "GROUP": 8, "swk": 1,
                 "BLOCK_N": 128, "BLOCK_H": 128, "BLOCK_K": bk}
         dh = {"dz_ptr": f"*{dt}", "w_ptr": f"*{dt}", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
               **dict.fromkeys(("N", "H", "v_start", "width", "swv"), "i32"),
@@ -413,11 +441,19 @@ def test_kernels_compile_for_gpus():
         dw = {"dz_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dw_ptr": f"*{dt}",
               **dict.fromkeys(("N", "H", "v_start", "width", "sxn"), "i32"),
               **dict.fromkeys(dw_c, "constexpr")}
-        cases += [(mod, "_fwd_kernel", fwd, fwd_c, 8), (mod, "_dlogits_kernel", dl, dl_c, 8),
-                  (mod, "_dhidden_kernel", dh, dh_c, 8), (mod, "_dweight_kernel", dw, dw_c, 8)]
+        kernels = [("_fwd_kernel", fwd, fwd_c), ("_dlogits_kernel", dl, dl_c),
+                   ("_dhidden_kernel", dh, dh_c), ("_dweight_kernel", dw, dw_c)]
+        for name, sig, const in kernels:
+            divisible = [k for k, t in sig.items() if t[0] in "*i" and k != "ignore_index"]
+            cases.append((mod, name, sig, const, 8, divisible if aligned else []))
     comb_c = {"WITH_ENTROPY": True, "BLOCK_R": 64, "BLOCK_S": 16}
     comb = {"part_ptr": "*fp32", "labels_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
             "stats_ptr": "*fp32", **dict.fromkeys(("N", "V", "splits", "step", "ignore_index"), "i32"),
             **dict.fromkeys(comb_c, "constexpr")}
     cases.append((mod, "_combine_kernel", comb, comb_c, 4))
+    # One row (fp32, TF32): ints equal to 1 (N, splits, tiles_per_split, step) become constexpr 1
+    # (the kernels doing arithmetic on them; N is _dweight_kernel's loop bound).
+    for name, sig, const in [kernels[0], kernels[3], ("_combine_kernel", comb, comb_c)]:
+        one = {**const, **{k: 1 for k in ("N", "splits", "tiles_per_split", "step") if k in sig}}
+        cases.append((mod, name, {**sig, **dict.fromkeys(one, "constexpr")}, one, 4 if sig is comb else 8))
     compile_for_gpus(cases)

@@ -173,6 +173,37 @@ def test_out_of_range_labels_give_nan(backend):
     assert torch.isfinite(grad).all() and (grad[0, 3] == 0).all()
 
 
+def test_nan_and_inf_logits_give_nan(backend):
+    """As documented and as the reference: a NaN or +inf logit anywhere in a row gives a NaN
+    log-prob and entropy, not 0 (the default tl.minimum / tl.maximum clamps drop NaN); other
+    rows and ignored rows are unaffected."""
+    logits = torch.randn(5, 9, device=DEVICE)
+    logits[0, 4] = float("nan")  # not the label
+    logits[1, 2] = float("nan")  # the label
+    logits[2, 6] = float("inf")
+    logits[4, 0] = float("nan")  # an ignored row
+    labels = torch.tensor([2, 2, 2, 2, -100], device=DEVICE)
+    lp, ent = fastrlhf.token_logprobs(logits, labels, return_entropy=True, backend=backend)
+    assert lp[:3].isnan().all() and ent[:3].isnan().all()
+    assert lp[4] == 0 and ent[4] == 0
+    want_lp, want_ent = ref.token_logprobs(logits[3:4], labels[3:4], return_entropy=True)
+    torch.testing.assert_close(lp[3:4], want_lp)
+    torch.testing.assert_close(ent[3:4], want_ent)
+
+
+def test_strided_labels(backend):
+    """Labels that are strided views even once flattened: a last-token slice ``ids[:, -1:]``
+    (flattens to stride T) and an expanded scalar (stride 0)."""
+    logits = torch.randn(4, 1, 11, device=DEVICE)
+    ids = torch.randint(0, 11, (4, 6), device=DEVICE)
+    for labels in (ids[:, -1:], torch.tensor(3, device=DEVICE).expand(4, 1)):
+        grads = (torch.randn(4, 1, device=DEVICE),) * 2
+        got = _run(logits, labels, backend, grads)
+        want = _run(logits, labels.contiguous(), "reference", grads)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
 def test_empty_and_single_token_vocab(backend):
     lp, ent = fastrlhf.token_logprobs(torch.randn(0, 5, 11, device=DEVICE),
                                       torch.zeros(0, 5, dtype=torch.long, device=DEVICE),
@@ -196,7 +227,8 @@ def test_64bit_offsets(backend):
         pytest.skip("the reference is plain PyTorch indexing")
     V = 64
     try:
-        storage = torch.empty(2**31 + V, dtype=torch.bfloat16, device=DEVICE)
+        # (empty_strided: not NaN-filled by conftest, so the 4 GiB are never touched)
+        storage = torch.empty_strided((2**31 + V,), (1,), dtype=torch.bfloat16, device=DEVICE)
     except RuntimeError as e:  # pragma: no cover - a machine without the memory
         pytest.skip(f"cannot reserve 4 GiB: {e}")
     logits = storage.as_strided((2, V), (2**31, 1))
@@ -286,24 +318,34 @@ def test_mismatched_devices():
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
 def test_kernels_compile_for_gpus():
+    """Each dtype with and without entropy, strides i64 (a batch past 2**31 elements); also
+    bf16 with every int scalar i32 and divisible by 16, as ``[16384, 151936]`` logits launch
+    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), and fp64."""
     from tests.triton_aot import compile_for_gpus
 
-    scalars = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
     cases = []
-    for dtype in ("bf16", "fp16", "fp32"):
-        for with_entropy in (False, True):
-            const = {"WITH_ENTROPY": with_entropy, "ACC": "tl.float32", "BLOCK_V": 4096}
-            fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": "*fp32",
-                   "ent_ptr": "*fp32", "stats_ptr": "*fp32", "D1": "i64", "sx0": "i64",
-                   "sx1": "i64", **scalars, **dict.fromkeys(const, "constexpr")}
-            bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
-                   "stats_ptr": "*fp32", "ent_ptr": "*fp32", "glogp_ptr": "*fp32",
-                   "gent_ptr": "*fp32", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), "i64"),
-                   **scalars, **dict.fromkeys(const, "constexpr")}
-            aligned = [k for k in bwd if k.endswith("_ptr") or k.startswith("s")]
-            cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
-                       [k for k in aligned if k in fwd]),
-                      ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
+    variants = [(dt, ent, "i64") for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
+    for dtype, with_entropy, ints in variants + [("bf16", True, "i32"), ("fp64", True, "i64")]:
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "BLOCK_V": 4096}
+        scalars = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+        fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": f"*{acc}",
+               "ent_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "D1": ints, "sx0": ints,
+               "sx1": ints, **scalars, **dict.fromkeys(const, "constexpr")}
+        bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
+               "stats_ptr": f"*{acc}", "ent_ptr": f"*{acc}", "glogp_ptr": f"*{acc}",
+               "gent_ptr": f"*{acc}", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), ints),
+               **scalars, **dict.fromkeys(const, "constexpr")}
+        aligned = [k for k in bwd if k.endswith("_ptr") or k.startswith("s")]
+        aligned += ["D1", "V"] if ints == "i32" else []
+        cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
+                   [k for k in aligned if k in fwd]),
+                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
+        if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
+            one = {"V": 1, "sx1": 1, "sd1": 1, "WITH_ENTROPY": True, "ACC": "tl.float32", "BLOCK_V": 1}
+            for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
+                sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
+                cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))
     compile_for_gpus(cases)
 
 

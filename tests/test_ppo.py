@@ -430,14 +430,22 @@ def test_kernels_compile_for_gpus():
     mod = "fastrlhf.triton.ppo"
     scalars = {"c0": "fp32", "c1": "fp32", "c2": "fp32", "c3": "fp32"}
     cases = []
-    for dtype, mask_dtype, value, per_row in [("bf16", "i1", False, False), ("fp32", "i64", False, True),
-                                              ("bf16", "fp32", True, True)]:
-        const = {"VALUE": value, "PER_ROW": per_row, "ACC": "tl.float32", "BLOCK": 1024}
-        inputs = {"x_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "y_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
+    # N: i64 past 2**31 tokens, i32 below (16M tokens); fp64 inputs accumulate in fp64.
+    for dtype, mask_dtype, value, per_row, n in [("bf16", "i1", False, False, "i64"),
+                                                 ("fp32", "i64", False, True, "i32"),
+                                                 ("bf16", "fp32", True, True, "i64"),
+                                                 ("fp64", "i1", False, True, "i32")]:
+        acc = "fp64" if dtype == "fp64" else "fp32"
+        const = {"VALUE": value, "PER_ROW": per_row, "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
+        inputs = {"x_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "y_ptr": f"*{acc}", "mask_ptr": f"*{mask_dtype}",
                   "rowcnt_ptr": "*i64"}
-        fwd = {**inputs, "sums_ptr": "*fp32", "counts_ptr": "*i32", "N": "i64", "T": "i32", "P": "i32",
+        fwd = {**inputs, "sums_ptr": f"*{acc}", "counts_ptr": "*i32", "N": n, "T": "i32", "P": "i32",
                **scalars, **dict.fromkeys(const, "constexpr")}
-        bwd = {"grad_ptr": "*fp32", "scale_ptr": "*fp32", **inputs, "dx_ptr": f"*{dtype}", "N": "i64", "T": "i32",
+        bwd = {"grad_ptr": f"*{acc}", "scale_ptr": f"*{acc}", **inputs, "dx_ptr": f"*{dtype}", "N": n, "T": "i32",
                **scalars, **dict.fromkeys(const, "constexpr")}
         cases += [(mod, "_ppo_fwd_kernel", fwd, const, 4), (mod, "_ppo_bwd_kernel", bwd, const, 4)]
+    # One token per row: T = 1 is specialized to constexpr 1.
+    one = {**const, "T": 1}
+    cases += [(mod, name, {**sig, "T": "constexpr"}, one, 4) for name, sig in (("_ppo_fwd_kernel", fwd),
+                                                                               ("_ppo_bwd_kernel", bwd))]
     compile_for_gpus(cases)

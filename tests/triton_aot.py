@@ -11,7 +11,11 @@ A case is ``(module, kernel name, signature, constexprs, num_warps[, aligned])``
 ``"constexpr"``); a constexpr value written ``"tl.float32"`` means that ``triton.language``
 dtype; ``aligned`` names the arguments (pointers, strides) to compile as divisible by 16, as
 the launcher specializes them at run time for aligned tensors (this enables vectorized and
-pipelined code paths).
+pipelined code paths). The launcher also turns an int argument equal to 1 (``T = 1``, a unit
+stride) into a constant: compile such a case with that argument ``"constexpr"`` and value 1.
+
+A kernel whose shared memory exceeds what one block may use on the arch also fails: the
+compiler accepts it, the launch would raise ``OutOfResources`` on the GPU.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import subprocess
 import sys
 
 ARCHS = (80, 90)
+MAX_SHARED = {80: 166912, 90: 232448}
+"""Bytes of shared memory one block may use (opt-in maximum): A100 163 KiB, H100 227 KiB."""
 
 
 def compile_for_gpus(cases: list) -> None:
@@ -52,7 +58,11 @@ def _main() -> None:
         attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in (aligned[0] if aligned else [])}
         for arch in ARCHS:
             src = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-            triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+            shared = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                                    options={"num_warps": num_warps}).metadata.shared
+            if shared > MAX_SHARED[arch]:
+                sys.exit(f"{module}.{name} {constexprs}: {shared} bytes of shared memory, more than "
+                         f"the {MAX_SHARED[arch]} a block may use on sm_{arch}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ tuples are combined with ``tl.associative_scan``. ``A_t`` is the composite of st
 ``t .. T-1`` applied to the state ``(0, 0)`` after the row's end.
 
 A tile is loaded in reversed time order and scanned forwards (``reverse=True`` is avoided:
-a compiled reverse scan with a non-commutative combine has an open correctness report,
-triton-lang/triton#4362). Tiles of a chunk run in sequence, carrying the state. Long rows
+compiled reverse scans with a non-commutative combine have been reported wrong in some
+Triton versions). Tiles of a chunk run in sequence, carrying the state. Long rows
 with few rows in the batch are cut into chunks that run in parallel: a first pass stores
 each chunk's composite map, and the second pass composes the maps of the later chunks of
 its row into its incoming state (a small scan over at most 256 maps) before scanning its

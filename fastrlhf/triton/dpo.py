@@ -66,7 +66,7 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
         da = 2 * d
         db = -da
     elif loss_code == 2:  # hinge
-        loss = tl.maximum(1 - z, 0.0)
+        loss = tl.maximum(1 - z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
         da = tl.where(1 - z > 0, -beta, 0.0).to(ACC)
         db = -da
     elif loss_code == 3:  # robust

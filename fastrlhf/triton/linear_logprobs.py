@@ -171,13 +171,14 @@ def _combine_kernel(
     log_s = tl.log(s)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     keep = label != ignore_index
-    logp = tl.minimum((z_label - m) - log_s, 0.0)
+    # Clamps keep NaN (the default drops it: NaN/+inf logits would give 0, not NaN)
+    logp = tl.minimum((z_label - m) - log_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where((label >= 0) & (label < V), logp, float("nan"))
     tl.store(logp_ptr + rows, tl.where(keep, logp, 0.0), mask=row_ok)
     tl.store(stats_ptr + 2 * rows, m, mask=row_ok)
     tl.store(stats_ptr + 2 * rows + 1, log_s, mask=row_ok)
     if WITH_ENTROPY:
-        ent = tl.maximum(log_s - t / s, 0.0)
+        ent = tl.maximum(log_s - t / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(ent_ptr + rows, tl.where(keep, ent, 0.0), mask=row_ok)
 
 
@@ -324,6 +325,7 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
     if N == 0:
         return logp, ent, stats
     bias = bias.contiguous() if bias is not None else None
+    labels = labels.contiguous()  # read as labels[row]: a strided [N] view would be misread
     cfg = _config(hidden.dtype)
     row_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
@@ -360,6 +362,7 @@ def linear_logprobs_bwd(grad_logp, grad_entropy, hidden, weight, bias, labels, s
     if N == 0:
         return gh, gw.zero_(), gb.zero_()
     bias = bias.contiguous() if bias is not None else None
+    labels = labels.contiguous()  # read as labels[row]: a strided [N] view would be misread
     cfg = _config(hidden.dtype)
     BN, BV, BK = cfg["BLOCK_N"], cfg["BLOCK_V"], cfg["BLOCK_K"]
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}

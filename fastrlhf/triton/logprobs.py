@@ -52,13 +52,14 @@ def _token_logprobs_fwd_kernel(
     keep = label != ignore_index
     in_range = (label >= 0) & (label < V)
     z_label = tl.load(x_row + tl.where(in_range, label, 0)).to(ACC) * inv_temp
-    logp = tl.minimum((z_label - m) - log_s, 0.0)
+    # Clamps keep NaN (the default drops it: NaN/+inf logits would give 0, not NaN)
+    logp = tl.minimum((z_label - m) - log_s, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(stats_ptr + 2 * row, m)
     tl.store(stats_ptr + 2 * row + 1, log_s)
     if WITH_ENTROPY:
-        ent = tl.maximum(log_s - tl.sum(t, axis=0) / s_sum, 0.0)
+        ent = tl.maximum(log_s - tl.sum(t, axis=0) / s_sum, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
 
 
@@ -137,7 +138,7 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
         return logp, ent, stats
     x, D1, s0, s1 = _rows(logits)
     _token_logprobs_fwd_kernel[(n,)](
-        x, labels.reshape(-1), logp, ent, stats, D1, s0, s1, logits.shape[-1],
+        x, labels.reshape(-1).contiguous(), logp, ent, stats, D1, s0, s1, logits.shape[-1],
         1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(logits.shape[-1]))
     return logp, ent, stats
@@ -156,7 +157,7 @@ def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, 
     dx, sd0, sd1 = (x, sx0, sx1) if inplace else (out, D1 * V, V)
     with_entropy = grad_entropy is not None
     _token_logprobs_bwd_kernel[(n,)](
-        x, dx, labels.reshape(-1), stats, entropy, grad_logp.reshape(-1).contiguous(),
+        x, dx, labels.reshape(-1).contiguous(), stats, entropy, grad_logp.reshape(-1).contiguous(),
         grad_entropy.reshape(-1).contiguous() if with_entropy else grad_logp,
         D1, sx0, sx1, sd0, sd1, V, 1.0 / temperature, ignore_index,
         WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(V))
