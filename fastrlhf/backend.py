@@ -118,7 +118,6 @@ def _auto(device: torch.device, family: str | None) -> str:
     return "triton" if _triton_installed() else "torch"
 
 
-@functools.lru_cache(maxsize=None)
 def has_kernels(backend: str, family: str) -> bool:
     """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)."""
     return backend == "torch" or importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is not None
