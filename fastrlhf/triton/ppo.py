@@ -59,6 +59,18 @@ def _value_terms(v, old, ret, clip):
 
 
 @triton.jit
+def _load_tile(x_ptr, old_ptr, y_ptr, mask_ptr, pid, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Offsets, in-bounds and valid flags, and the three inputs (0 where not valid) of tile ``pid``."""
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
+    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC)
+    y = tl.load(y_ptr + offs, mask=valid, other=0.0).to(ACC)
+    return offs, inb, valid, x, old, y
+
+
+@triton.jit
 def _ppo_fwd_kernel(x_ptr, old_ptr, y_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, N, T, P,
                     c0, c1, c2, c3,
                     VALUE: tl.constexpr, PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
@@ -68,12 +80,7 @@ def _ppo_fwd_kernel(x_ptr, old_ptr, y_ptr, mask_ptr, rowcnt_ptr, sums_ptr, count
     (valid, clipped, dual-clipped); the value loss writes only the first of each and the
     clipped count."""
     pid = tl.program_id(0)
-    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
-    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC)
-    y = tl.load(y_ptr + offs, mask=valid, other=0.0).to(ACC)
+    offs, inb, valid, x, old, y = _load_tile(x_ptr, old_ptr, y_ptr, mask_ptr, pid, N, ACC, BLOCK)
     if VALUE:
         loss, clipped, _ = _value_terms(x, old, y, c0)
     else:
@@ -93,12 +100,8 @@ def _ppo_bwd_kernel(grad_ptr, scale_ptr, x_ptr, old_ptr, y_ptr, mask_ptr, rowcnt
                     c0, c1, c2, c3,
                     VALUE: tl.constexpr, PER_ROW: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """``dx = grad * scale * w * d loss_token / dx`` on valid tokens, 0 elsewhere."""
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = offs < N
-    valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
-    x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(ACC)
-    old = tl.load(old_ptr + offs, mask=valid, other=0.0).to(ACC)
-    y = tl.load(y_ptr + offs, mask=valid, other=0.0).to(ACC)
+    offs, inb, valid, x, old, y = _load_tile(x_ptr, old_ptr, y_ptr, mask_ptr, tl.program_id(0), N,
+                                             ACC, BLOCK)
     if VALUE:
         _, _, d = _value_terms(x, old, y, c0)
     else:
