@@ -457,6 +457,6 @@ def test_kernels_compile_for_gpus():
                "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
     # T = 1: ints equal to 1 (T, n_tiles, row strides) are specialized to constexpr 1.
-    one = {**const, "BLOCK_T": 1, **dict.fromkeys(("T", "n_tiles", "s_logp", "s_ref", "s_mask"), 1)}
+    one = {**const, "BLOCK_T": 16, **dict.fromkeys(("T", "n_tiles", "s_logp", "s_ref", "s_mask"), 1)}
     cases.append((mod, "_kl_rewards_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
     compile_for_gpus(cases)

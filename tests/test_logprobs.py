@@ -342,7 +342,7 @@ def test_kernels_compile_for_gpus():
                    [k for k in aligned if k in fwd]),
                   ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
         if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
-            one = {"V": 1, "sx1": 1, "sd1": 1, "WITH_ENTROPY": True, "ACC": "tl.float32", "BLOCK_V": 1}
+            one = {"V": 1, "sx1": 1, "sd1": 1, "WITH_ENTROPY": True, "ACC": "tl.float32", "BLOCK_V": 16}
             for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
                 sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
                 cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))

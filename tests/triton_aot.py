@@ -32,16 +32,20 @@ MAX_SHARED = {80: 166912, 90: 232448}
 
 
 def compile_for_gpus(cases: list) -> None:
-    """Compile every case for every arch in ARCHS; fails the test with the compiler's error."""
+    """Compile every case for every arch in ARCHS, with this Triton and with each Python in
+    ``FASTRLHF_AOT_PYTHONS`` (``:``-separated; ``scripts/test.sh`` adds one with the oldest
+    Triton supported); fails the test with the compiler's error."""
     import pytest
 
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-m", "tests.triton_aot"], input=json.dumps(cases),
-                          capture_output=True, text=True, env=env, cwd=root, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"Triton compile for sm_{ARCHS} failed:\n{proc.stderr[-6000:]}")
+    pythons = [sys.executable] + [p for p in os.environ.get("FASTRLHF_AOT_PYTHONS", "").split(":") if p]
+    for python in pythons:
+        proc = subprocess.run([python, "-m", "tests.triton_aot"], input=json.dumps(cases),
+                              capture_output=True, text=True, env=env, cwd=root, timeout=600)
+        if proc.returncode != 0:
+            pytest.fail(f"Triton compile for sm_{ARCHS} failed ({python}):\n{proc.stderr[-6000:]}")
 
 
 def _main() -> None:

@@ -226,7 +226,7 @@ def group_advantages_fwd(scores, group_size, method, eps):
     n_groups = scores.numel() // group_size
     if n_groups == 0:
         return out
-    BLOCK_G = min(triton.next_power_of_2(group_size), 1024)
+    BLOCK_G = min(max(triton.next_power_of_2(group_size), 16), 1024)
     ROWS = max(1, min(64, 2048 // BLOCK_G))
     _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
         scores.contiguous(), out, n_groups, group_size, float(eps), METHODS.index(method),

@@ -121,12 +121,13 @@ def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_
 
     last = tl.max(tl.where(valid, cols, -1), axis=0)
     later = tl.full([], 0, tl.int32)
-    start = (tile + 1) * BLOCK_T
-    while (last >= 0) & (later == 0) & (start < T):
-        c = start + tl.arange(0, BLOCK_T)
-        m = tl.load(mask_ptr + row * s_mask + c, mask=c < T, other=0) != 0
-        later = tl.max(m.to(tl.int32), axis=0)
-        start += BLOCK_T
+    if n_tiles > 1:  # (a row of one tile has no later tiles; a loop that never runs breaks some compilers)
+        start = (tile + 1) * BLOCK_T
+        while (last >= 0) & (later == 0) & (start < T):
+            c = start + tl.arange(0, BLOCK_T)
+            m = tl.load(mask_ptr + row * s_mask + c, mask=c < T, other=0) != 0
+            later = tl.max(m.to(tl.int32), axis=0)
+            start += BLOCK_T
     score = tl.load(scores_ptr + row).to(ACC)
     score = _clamp(score, score_clip)
     rewards = tl.where((cols == last) & (later == 0), rewards + score, rewards)
@@ -200,7 +201,7 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
     if B * T == 0:
         return rewards, kl
     name, _ = parse_estimator(estimator)
-    block = min(triton.next_power_of_2(T), 2048)
+    block = min(max(triton.next_power_of_2(T), 16), 2048)  # >= 16: tiny tiles crash some Triton versions
     n_tiles = triton.cdiv(T, block)
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
     _kl_rewards_kernel[(B * n_tiles,)](

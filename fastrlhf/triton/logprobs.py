@@ -117,7 +117,7 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def _config(V: int) -> dict:
-    block = min(triton.next_power_of_2(V), 4096)
+    block = min(max(triton.next_power_of_2(V), 16), 4096)  # >= 16: tiny tiles crash some Triton versions
     return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
 
 
