@@ -24,17 +24,13 @@ def _all_pairs(emb: Embedded, device) -> Batch:
 def exact_logprobs(policy, emb: Embedded, rt) -> torch.Tensor:
     """``log pi(y|x)`` ``[X, C]`` float64 of a :class:`~fastrlhf.pipeline.model.PolicyModel`."""
     policy = unwrap(policy)
-    batch = _all_pairs(emb, rt.device)
-    out = []
-    was_training = policy.training
-    policy.eval()
-    for i in range(0, len(batch), CHUNK):
-        b = batch.rows(slice(i, i + CHUNK))
+
+    def seq_logp(b):
         with rt.autocast():
             logp, _ = policy(b.input_ids, b.attention_mask, b.n_prompt, b.completion_mask)
-        out.append(logp.double().sum(-1))
-    policy.train(was_training)
-    return torch.cat(out).view(len(emb.prompt_ids), -1).cpu()
+        return logp.double().sum(-1)
+
+    return _over_all_pairs(policy, emb, rt, seq_logp)
 
 
 @torch.no_grad()
@@ -48,13 +44,22 @@ def exact_rewards(reward, emb: Embedded, rt) -> torch.Tensor:
         prompts = [p for p in emb.task.prompts for _ in range(C)]
         return call_reward_fn(reward, prompts, emb.task.completions * X, "cpu").double().view(X, C)
     scalar = unwrap(reward)
-    batch = _all_pairs(emb, rt.device)
-    out = []
-    was_training = scalar.training
-    scalar.eval()
-    for i in range(0, len(batch), CHUNK):
-        b = batch.rows(slice(i, i + CHUNK))
+
+    def score(b):
         with rt.autocast():
-            out.append(scalar.score(b.input_ids, b.attention_mask).double())
-    scalar.train(was_training)
+            return scalar.score(b.input_ids, b.attention_mask).double()
+
+    return _over_all_pairs(scalar, emb, rt, score)
+
+
+def _over_all_pairs(module, emb: Embedded, rt, fn) -> torch.Tensor:
+    """``fn(batch)`` over every (prompt, completion) pair in chunks, ``module`` in eval mode,
+    as an ``[X, C]`` CPU tensor."""
+    batch = _all_pairs(emb, rt.device)
+    was_training = module.training
+    module.eval()
+    try:
+        out = [fn(batch.rows(slice(i, i + CHUNK))) for i in range(0, len(batch), CHUNK)]
+    finally:
+        module.train(was_training)
     return torch.cat(out).view(len(emb.prompt_ids), -1).cpu()
