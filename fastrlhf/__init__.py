@@ -1,6 +1,6 @@
 """fastrlhf: fused kernels for the hot paths of RLHF."""
 
-from fastrlhf.backend import available_backends, use_backend
+from fastrlhf.backend import BackendUnavailableError, available_backends, use_backend
 from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
 from fastrlhf.ops.dpo import bradley_terry_loss, choice_loss, dpo_loss
 from fastrlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards, kl_penalty
@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdaptiveKLController",
+    "BackendUnavailableError",
     "FixedKLController",
     "aggregate",
     "available_backends",
