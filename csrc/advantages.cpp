@@ -1,5 +1,6 @@
 // CUDA implementations of fastrlhf_cuda::gae_fwd and group_advantages_fwd (kernels/advantages.cu).
-// Outputs are allocated by the caller (fastrlhf/cuda/advantages.py) and written here.
+// Outputs and the chunk-map scratch are allocated by the caller (fastrlhf/cuda/advantages.py)
+// and written here.
 #include <torch/library.h>
 
 #include "checks.h"
@@ -8,14 +9,18 @@ namespace fastrlhf {
 namespace {
 
 void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
-             const at::Tensor& mask, double gamma, double lam, bool skip_holes,
-             const at::Tensor& advantages, const at::Tensor& returns) {
+             const at::Tensor& mask, double gamma, double lam, bool skip_holes, int64_t threads,
+             int64_t chunk, const at::Tensor& advantages, const at::Tensor& returns,
+             const at::Tensor& maps) {
   FASTRLHF_CHECK_CUDA(rewards);
   FASTRLHF_CHECK_FLOAT(rewards);
   TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", rewards.sizes());
   FASTRLHF_CHECK_SAME_DEVICE(mask, rewards);
   FASTRLHF_CHECK_MASK(mask);
   FASTRLHF_CHECK_SHAPE(mask, rewards.sizes());
+  TORCH_CHECK_VALUE(threads >= 32 && threads <= 512 && (threads & (threads - 1)) == 0,
+                    "threads must be a power of two in [32, 512], got ", threads);
+  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", chunk);
   at::ScalarType acc = acc_of({&rewards});
   if (values.has_value()) {
     FASTRLHF_CHECK_SAME_DEVICE(*values, rewards);
@@ -25,14 +30,19 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
     FASTRLHF_CHECK_OUT(returns, rewards, acc, rewards.sizes());
   }
   FASTRLHF_CHECK_OUT(advantages, rewards, acc, rewards.sizes());
+  const int64_t B = rewards.size(0), T = rewards.size(1);
+  const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
+  const std::vector<int64_t> maps_shape{B, n_chunks, 5};  // 5 numbers per chunk map
+  if (n_chunks > 1) FASTRLHF_CHECK_OUT(maps, rewards, acc, maps_shape);
   if (rewards.numel() == 0) return;
 
   const c10::cuda::CUDAGuard guard(rewards.device());
   const at::Tensor r = unit_t(rewards), m = unit_t(mask);
   const at::Tensor v = values.has_value() ? unit_t(*values) : at::Tensor();
   FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_gae_fwd(rewards.size(0), rewards.size(1), rows_arg(r), v.defined() ? rows_arg(v) : no_rows(),
-                       mask_arg(m), gamma, gamma * lam, skip_holes ? 1 : 0, acc == at::kDouble ? 1 : 0,
+      fastrlhf_gae_fwd(B, T, rows_arg(r), v.defined() ? rows_arg(v) : no_rows(), mask_arg(m), gamma,
+                       gamma * lam, skip_holes ? 1 : 0, acc == at::kDouble ? 1 : 0,
+                       static_cast<int>(threads), chunk, n_chunks > 1 ? maps.data_ptr() : nullptr,
                        advantages.data_ptr(), v.defined() ? returns.data_ptr() : nullptr,
                        current_stream(rewards)),
       "gae_fwd");

@@ -20,7 +20,7 @@ TORCH_LIBRARY(fastrlhf_cuda, m) {
         "Tensor stats, Tensor entropy, float temperature, int ignore_index, "
         "Tensor(a!) grad_logits) -> ()");
   m.def("gae_fwd(Tensor rewards, Tensor? values, Tensor mask, float gamma, float lam, bool skip_holes, "
-        "Tensor(a!) advantages, Tensor(b!) returns) -> ()");
+        "int threads, int chunk, Tensor(a!) advantages, Tensor(b!) returns, Tensor(c!) maps) -> ()");
   m.def("group_advantages_fwd(Tensor scores, int group_size, int method, float eps, Tensor(a!) out) -> ()");
   m.def("kl_penalty_fwd(Tensor logprobs, Tensor ref_logprobs, int estimator, float clamp, "
         "float log_ratio_clamp, Tensor(a!) out) -> ()");

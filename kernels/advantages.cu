@@ -7,12 +7,19 @@
 //   hole, skip mode:   the identity (the step does not exist)
 //   hole, zero mode:   a step with r = V = 0
 // and such maps A' = p A + q nv + u, nv' = s nv + w compose into maps of the same form.
-// One block per row walks it in tiles of blockDim * kItems positions, latest first, staged
-// through shared memory so global loads and stores stay coalesced. Each thread owns kItems
-// consecutive positions: it composes their maps, an exclusive scan of those composites
-// across the block (warp shuffles, then one warp over the warp totals) gives the state
-// entering its positions, and it replays the plain recurrence over them. The state leaving
-// a tile is the carry into the next one. Fixed order: deterministic.
+//
+// A row is cut into chunks of `chunk` positions (one chunk when the launcher keeps whole
+// rows); a block scans one chunk in tiles of blockDim * kItems positions, latest first,
+// staged through shared memory so global loads and stores stay coalesced. Each thread owns
+// kItems consecutive positions: it composes their maps, an exclusive scan of those
+// composites across the block (warp shuffles, then one warp over the warp totals) gives the
+// state entering its positions, and it replays the plain recurrence over them. The state
+// leaving a tile is the carry into the next one.
+//
+// Rows of several chunks take two launches. The summary pass stores each chunk's composite
+// map (5 numbers); the scan pass starts each chunk from the state its row has after it: one
+// warp composes the maps of the later chunks of the row, in a fixed order, and applies them
+// to (0, 0). Fixed order everywhere: deterministic.
 #include "common.cuh"
 
 namespace fastrlhf {
@@ -53,38 +60,78 @@ template <typename A> __device__ __forceinline__ StepMap<A> warp_scan(StepMap<A>
   return m;
 }
 
+// The composite of the maps of chunks n_chunks - 1, ..., c + 1 of a row (in that order), on
+// the last lane of the calling warp. Lane L composes the L-th run of ceil(n / 32)
+// consecutive maps; a warp scan composes the runs.
+template <typename A>
+__device__ __forceinline__ StepMap<A> later_chunks(const A* row_maps, int64_t c, int64_t n_chunks,
+                                                   int lane) {
+  const int64_t n = n_chunks - 1 - c;
+  const int64_t run = (n + kWarpSize - 1) / kWarpSize;
+  StepMap<A> mine = identity_map<A>();
+  for (int64_t k = lane * run; k < (lane + 1) * run && k < n; ++k) {
+    const A* m = row_maps + (n_chunks - 1 - k) * 5;
+    mine = then(mine, StepMap<A>{m[0], m[1], m[2], m[3], m[4]});
+  }
+  return warp_scan(mine, lane);
+}
+
 // Shared-memory slot of tile position i: one pad word per 32 keeps both the coalesced
 // staging loops and the per-thread kItems reads free of bank conflicts.
 __device__ __forceinline__ int slot(int i) { return i + (i >> 5); }
 
-template <typename A>
+// One block per (row, chunk) work item, item = row * n_chunks + c; chunk c covers positions
+// [c * chunk, min((c + 1) * chunk, T)). kSummary: write the chunk's composite map to
+// maps[item * 5 ..] (chunks c >= 1 only: no scan reads chunk 0's). Else: scan the chunk from
+// the state after it (read from the maps of the later chunks) and write the outputs.
+template <typename A, bool kSummary>
 __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
-    int64_t B, int64_t T, fastrlhf_rows rewards, fastrlhf_rows values, bool has_values,
-    fastrlhf_mask mask, A gamma, A gamma_lam, bool skip_holes, A* __restrict__ adv,
-    A* __restrict__ ret) {
+    int64_t B, int64_t T, int64_t chunk, int64_t n_chunks, fastrlhf_rows rewards,
+    fastrlhf_rows values, bool has_values, fastrlhf_mask mask, A gamma, A gamma_lam,
+    bool skip_holes, A* __restrict__ maps, A* __restrict__ adv, A* __restrict__ ret) {
   constexpr int kSlots = kMaxScanThreads * kItems + kMaxScanThreads * kItems / kWarpSize;
   constexpr uint8_t kValid = 1, kStep = 2;
   __shared__ A s_u[kSlots];  // r - V, then the advantage
   __shared__ A s_w[kSlots];  // V, then the return
   __shared__ uint8_t s_flags[kSlots];
   __shared__ StepMap<A> warp_maps[kMaxWarps];
+  __shared__ A s_state[2];  // the state after the chunk
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int n_warps = blockDim.x / kWarpSize;
   const int tile = blockDim.x * kItems;
 
-  for (int64_t row = blockIdx.x; row < B; row += gridDim.x) {
-    A carry_a = A(0), carry_nv = A(0);  // the state after the tile: nothing follows the row
-    for (int64_t hi = T; hi > 0; hi -= tile) {
-      // Stage the tile, latest position first: tile index i is position hi - 1 - i.
+  for (int64_t item = blockIdx.x; item < B * n_chunks; item += gridDim.x) {
+    const int64_t row = item / n_chunks, c = item % n_chunks;
+    if (kSummary && c == 0) continue;
+    const int64_t lo = c * chunk;
+    const int64_t end = T - lo > chunk ? lo + chunk : T;
+    StepMap<A> chunk_map = identity_map<A>();  // summary: the tiles composed so far
+    A carry_a = A(0), carry_nv = A(0);  // scan: the state after the tile; nothing follows the row
+    if (!kSummary && c + 1 < n_chunks) {
+      if (warp == 0) {
+        const StepMap<A> later = later_chunks(maps + row * n_chunks * 5, c, n_chunks, lane);
+        if (lane == kWarpSize - 1) {
+          s_state[0] = later.u;  // applied to (0, 0)
+          s_state[1] = later.w;
+        }
+      }
+      __syncthreads();  // s_state is rewritten only after this item's tile barriers
+      carry_a = s_state[0];
+      carry_nv = s_state[1];
+    }
+    for (int64_t hi = end; hi > lo; hi -= tile) {
+      // Stage the tile, latest position first: tile index i is position hi - 1 - i. Inputs
+      // are read without waiting on the mask and zeroed where masked.
       for (int i = threadIdx.x; i < tile; i += blockDim.x) {
         const int64_t t = hi - 1 - i;
-        const bool valid = t >= 0 && mask_at(mask, row * mask.row_stride + t);
-        const A r = valid ? load_as<A>(rewards, row * rewards.row_stride + t) : A(0);
-        const A v = valid && has_values ? load_as<A>(values, row * values.row_stride + t) : A(0);
-        s_u[slot(i)] = r - v;
-        s_w[slot(i)] = v;
-        s_flags[slot(i)] = (valid ? kValid : 0) | (valid || (t >= 0 && !skip_holes) ? kStep : 0);
+        const bool inside = t >= lo;
+        const bool valid = inside && mask_at(mask, row * mask.row_stride + t);
+        const A r = inside ? load_as<A>(rewards, row * rewards.row_stride + t) : A(0);
+        const A v = inside && has_values ? load_as<A>(values, row * values.row_stride + t) : A(0);
+        s_u[slot(i)] = valid ? r - v : A(0);
+        s_w[slot(i)] = valid ? v : A(0);
+        s_flags[slot(i)] = (valid ? kValid : 0) | (valid || (inside && !skip_holes) ? kStep : 0);
       }
       __syncthreads();
       // This thread's kItems positions, composed in processing order.
@@ -94,7 +141,7 @@ __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
         const int i = slot(threadIdx.x * kItems + k);
         if (s_flags[i] & kStep) mine = then(mine, StepMap<A>{gamma_lam, gamma, s_u[i], A(0), s_w[i]});
       }
-      // Exclusive prefix of the composites: the maps of every earlier thread in the block.
+      // Inclusive scan of the composites: warps, then warp 0 over the warp totals.
       const StepMap<A> inclusive = warp_scan(mine, lane);
       if (lane == kWarpSize - 1) warp_maps[warp] = inclusive;
       __syncthreads();
@@ -104,6 +151,12 @@ __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
         if (lane < n_warps) warp_maps[lane] = total;
       }
       __syncthreads();
+      const StepMap<A> total = warp_maps[n_warps - 1];  // the whole tile
+      if (kSummary) {  // read before the next tile's first barrier: no overwrite race
+        chunk_map = then(chunk_map, total);
+        continue;
+      }
+      // The exclusive prefix: the maps of every earlier thread in the block.
       const StepMap<A> in_warp = shfl_up(inclusive, 1);
       StepMap<A> prefix = lane > 0 ? in_warp : identity_map<A>();
       if (warp > 0) prefix = then(warp_maps[warp - 1], prefix);
@@ -124,18 +177,25 @@ __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
         s_u[i] = flags & kValid ? a : A(0);
         s_w[i] = flags & kValid ? a + w : A(0);
       }
-      const StepMap<A> total = warp_maps[n_warps - 1];
       const A next_a = total.p * carry_a + total.q * carry_nv + total.u;
       carry_nv = total.s * carry_nv + total.w;
       carry_a = next_a;
       __syncthreads();
       for (int i = threadIdx.x; i < tile; i += blockDim.x) {  // coalesced stores
         const int64_t t = hi - 1 - i;
-        if (t < 0) break;
+        if (t < lo) break;
         adv[row * T + t] = s_u[slot(i)];
         if (has_values) ret[row * T + t] = s_w[slot(i)];
       }
       __syncthreads();  // the next tile restages the shared arrays
+    }
+    if (kSummary && threadIdx.x == 0) {
+      A* out = maps + item * 5;
+      out[0] = chunk_map.p;
+      out[1] = chunk_map.q;
+      out[2] = chunk_map.u;
+      out[3] = chunk_map.s;
+      out[4] = chunk_map.w;
     }
   }
 }
@@ -179,27 +239,35 @@ __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, 
   }
 }
 
-int scan_threads(int64_t T) {
-  int t = kWarpSize;
-  while (t < kMaxScanThreads && int64_t(t) * kItems < T) t *= 2;
-  return t;
-}
-
 }  // namespace
 }  // namespace fastrlhf
 
 extern "C" cudaError_t fastrlhf_gae_fwd(int64_t B, int64_t T, fastrlhf_rows rewards,
                                         fastrlhf_rows values, fastrlhf_mask mask, double gamma,
                                         double gamma_lam, int skip_holes, int acc_double,
-                                        void* advantages, void* returns, cudaStream_t stream) {
+                                        int threads, int64_t chunk, void* maps, void* advantages,
+                                        void* returns, cudaStream_t stream) {
   using namespace fastrlhf;
   if (B <= 0 || T <= 0) return cudaSuccess;
+  if (threads < kWarpSize || threads > kMaxScanThreads || (threads & (threads - 1)) != 0 || chunk < 1)
+    return cudaErrorInvalidValue;
+  const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
+  if (n_chunks > 1 && maps == nullptr) return cudaErrorInvalidValue;
   return with_acc(acc_double, [&](auto tag) {
     using A = decltype(tag);
-    gae_kernel<A><<<grid_for(B), scan_threads(T), 0, stream>>>(
-        B, T, rewards, values, values.data != nullptr, mask, static_cast<A>(gamma),
-        static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(advantages),
-        static_cast<A*>(returns));
+    const unsigned int grid = grid_for(B * n_chunks);
+    if (n_chunks > 1) {
+      gae_kernel<A, true><<<grid, threads, 0, stream>>>(
+          B, T, chunk, n_chunks, rewards, values, values.data != nullptr, mask,
+          static_cast<A>(gamma), static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(maps),
+          nullptr, nullptr);
+      const cudaError_t err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+    }
+    gae_kernel<A, false><<<grid, threads, 0, stream>>>(
+        B, T, chunk, n_chunks, rewards, values, values.data != nullptr, mask,
+        static_cast<A>(gamma), static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(maps),
+        static_cast<A*>(advantages), static_cast<A*>(returns));
     return cudaGetLastError();
   });
 }

@@ -74,13 +74,19 @@ cudaError_t fastrlhf_token_logprobs_bwd(
 
 /* ------------------------------------------------------------------------- advantages */
 /* GAE over [B, T] (values NULL: discounted returns, values = 0) as a reverse scan of affine
- * step maps, one block per row with a block carry between tiles. A valid step (mask != 0):
- * A = gamma_lam * A_next + gamma * V_next + r - V, V_next = V. A masked step: skipped when
- * skip_holes (state carries across), else a step with r = V = 0. Outputs [B, T] contiguous in
- * the accumulation type (double when acc_double), 0 where masked; returns = A + V, or NULL. */
+ * step maps. A valid step (mask != 0): A = gamma_lam * A_next + gamma * V_next + r - V,
+ * V_next = V. A masked step: skipped when skip_holes (state carries across), else a step with
+ * r = V = 0. Rows are cut into chunks of `chunk` positions (chunk >= T: whole rows), one block
+ * of `threads` (a power of two in [32, 512]; a tile is 4 * threads positions) per chunk. With
+ * several chunks a first launch writes each chunk's composite map into `maps` (scratch of
+ * 5 * B * ceil(T / chunk) accumulation-type values), and the scan starts each chunk from the
+ * maps of the later chunks of its row. Outputs [B, T] contiguous in the accumulation type
+ * (double when acc_double), 0 where masked; returns = A + V, or NULL. An invalid threads,
+ * chunk, or a missing maps gives cudaErrorInvalidValue. */
 cudaError_t fastrlhf_gae_fwd(int64_t B, int64_t T, fastrlhf_rows rewards, fastrlhf_rows values,
                              fastrlhf_mask mask, double gamma, double gamma_lam, int skip_holes,
-                             int acc_double, void* advantages, void* returns, cudaStream_t stream);
+                             int acc_double, int threads, int64_t chunk, void* maps,
+                             void* advantages, void* returns, cudaStream_t stream);
 
 /* Advantages of scores [n_groups * group_size] within consecutive groups. method: 0 grpo
  * (s - mean) / (unbiased std + eps), 1 rloo (s - mean of the others), 2 dr_grpo (s - mean);

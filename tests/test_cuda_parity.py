@@ -319,7 +319,8 @@ def _mask(B, T, kind, dtype=torch.bool):
                                     (torch.float64, torch.float64)], ids=lambda d: "-".join(map(_dtype_id, d)))
 @pytest.mark.parametrize("B,T", [(3, 1), (4, 37), (2, 2051), (3, 4099)])
 def test_gae_against_reference(B, T, dtypes, skip):
-    """Tiles of up to 2048 positions: 2051 and 4099 carry the state across tiles."""
+    """T = 2051 and 4099 span several tiles; with this small batch the launcher cuts them into
+    chunks (forced layouts: test_gae_forced_chunks_against_reference)."""
     from fastrlhf.cuda import advantages as cu
     from fastrlhf.reference import advantages as ref_adv
 
@@ -360,6 +361,115 @@ def test_gae_long_rows_against_closed_form_and_triton():
         want = tri.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_gae_plan():
+    """Whole rows (no summary launch) when the batch fills the GPU or a row is one tile; a
+    long row of a small batch is cut into many chunks; every plan respects the kernel's limits."""
+    from fastrlhf.cuda import advantages as cu
+
+    assert cu.plan(8192, 2048) == (512, 2048, 1)
+    assert cu.plan(1, 2048) == (512, 2048, 1)
+    assert cu.plan(1, 65536) == (128, 512, 128)
+    assert cu.plan(1, 400, 128, 1) == (32, 128, 4)  # forced: tiles of 128, chunks of one tile
+    assert cu.plan(1, 400, 16, None)[:2] == (32, 128)  # tiles below 128 positions round up
+    for B, T in [(1, 1), (3, 37), (1, 4096), (8, 65536), (64, 100_000), (1, 2**22), (1023, 2049),
+                 (100_000, 3), (1, 5000)]:
+        for block, tiles in [(None, None), (128, 1), (300, 2), (2048, None)]:
+            threads, chunk, n_chunks = cu.plan(B, T, block, tiles)
+            assert threads in (32, 64, 128, 256, 512) and (n_chunks == 1 or chunk % (4 * threads) == 0)
+            assert 1 <= n_chunks <= cu.MAX_CHUNKS and (n_chunks - 1) * chunk < T <= n_chunks * chunk
+
+
+def _gae_case(B, T, chunk, seed=0):
+    """fp32 rewards (NaN under the mask), bf16 values, and a mask with holes on both sides of
+    every chunk boundary, a fully masked chunk (row 2), a fully masked row (row 1) and the
+    last position masked."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    mask = torch.rand(B, T, device=DEVICE, generator=g) < 0.7
+    for lo in range(chunk, T, chunk):
+        mask[0, lo - 1:lo + 1] = False
+    mask[1] = False
+    mask[2, chunk:2 * chunk] = False
+    mask[:, -1] = False
+    rewards = torch.randn(B, T, device=DEVICE, generator=g).masked_fill(~mask, float("nan"))
+    values = torch.randn(B, T, device=DEVICE, generator=g).to(torch.bfloat16)
+    return rewards, values, mask
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("with_values", [True, False], ids=["gae", "returns"])
+@pytest.mark.parametrize("block, tiles, chunks", [(128, 1, 33), (128, 3, 11), (256, 2, 9), (2048, 1, 3),
+                                                 (128, 10**6, 1)])
+def test_gae_forced_chunks_against_reference(block, tiles, chunks, with_values, skip):
+    """Rows of 4099 cut into 33, 11, 9 and 3 chunks of one or more tiles (the layout of
+    B = 1, T = 65,536 at a small scale; the last chunk partial), and one chunk of 33 tiles
+    (whole rows, block carry only). fp32 math on fp32/bf16 inputs with a bool mask, fp64 math
+    with a float mask whose holes hold -0.0; same bits run to run."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    B, T = 3, 4099
+    _, chunk, n_chunks = cu.plan(B, T, block, tiles)
+    assert n_chunks == chunks
+    rewards, values, mask = _gae_case(B, T, min(chunk, 1000))
+    gamma, lam, holes = 0.99, (0.95 if with_values else 1.0), "skip" if skip else "zero"
+    if with_values:
+        want = ref_adv.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
+    else:
+        want = (ref_adv.discounted_returns(rewards.double(), mask, gamma, holes),)
+    float_mask = torch.where(mask, 1.0, -0.0)
+    for r, v, m, tol in ((rewards, values, mask, 1e-4),
+                         (rewards.double(), values.double(), float_mask, 1e-10)):
+        got = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        again = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        for a, b, w in zip(got, again, want):
+            assert torch.equal(a, b)  # fixed composition order: deterministic
+            torch.testing.assert_close(a.double(), w, atol=tol, rtol=tol)
+
+
+def test_gae_one_long_row_is_chunked():
+    """B = 1, T = 65,536 (issue 5's shape): the launcher's own plan cuts the row into 128
+    chunks scanned by as many blocks. Holes around chunk boundaries and fully masked chunks;
+    against the fp64 reference (run on the CPU: a 65,536-step loop) and Triton."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    T = 65536
+    _, chunk, n_chunks = cu.plan(1, T)
+    assert n_chunks == 128
+    rewards, values, mask = (x[:1] for x in _gae_case(3, T, chunk, seed=1))  # row 0: boundary holes
+    rewards, mask = rewards * 0.1, mask.clone()
+    mask[:, 5 * chunk:9 * chunk] = False  # four fully masked chunks
+    r64, v64, m = rewards.cpu().double(), values.cpu().double(), mask.cpu()
+    cases = {(True, 0.95): values, (False, 1.0): None}  # (skip, lam): values, or None (returns)
+    got = {}
+    for (skip, lam), v in cases.items():
+        holes = "skip" if skip else "zero"
+        got[skip, lam] = cu.gae_fwd(rewards, v, mask, 0.999, lam, skip)
+        want = (ref_adv.gae(r64, v64, m, 0.999, lam, holes) if v is not None
+                else (ref_adv.discounted_returns(r64, m, 0.999, holes),))
+        for a, w in zip(got[skip, lam], want):
+            torch.testing.assert_close(a.double().cpu(), w, atol=1e-4, rtol=1e-4)
+    tri = pytest.importorskip("fastrlhf.triton.advantages")
+    for (skip, lam), v in cases.items():
+        for a, b in zip(got[skip, lam], tri.gae_fwd(rewards, v, mask, 0.999, lam, skip)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_gae_bad_input_in_cpp():
+    op = torch.ops.fastrlhf_cuda.gae_fwd
+    r = torch.randn(2, 300, device=DEVICE)
+    m = torch.ones(2, 300, device=DEVICE)
+    out, maps = torch.empty_like(r), torch.empty(2, 3, 5, device=DEVICE)
+    with pytest.raises(ValueError, match="threads must be a power of two in \\[32, 512\\], got 48"):
+        op(r, r, m, 0.99, 0.95, True, 48, 128, out, out, maps)
+    with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
+        op(r, r, m, 0.99, 0.95, True, 32, 0, out, out, maps)
+    with pytest.raises(ValueError, match=r"maps must have shape \[2, 5, 5\], got \[2, 3, 5\]"):
+        op(r, r, m, 0.99, 0.95, True, 32, 64, out, out, maps)
+    with pytest.raises(TypeError, match="maps must have dtype float32, got float64"):
+        op(r, r, m, 0.99, 0.95, True, 32, 128, out, out, maps.double())
 
 
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
