@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import fnmatch
 import math
 import os
 import types
@@ -17,6 +18,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastrlhf.pipeline.errors import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """What every training stage has: its length, batching and optimizer."""
+
+    steps: int = 200
+    """Optimizer steps (PPO: iterations, each a rollout and its updates)."""
+    micro_batch_size: int = 0
+    """Sequences (pairs for rm and dpo) per forward pass (0: a whole batch); gradients
+    accumulate over the micro-batches."""
+    lr: float = 3e-3
+    warmup: int = 20
+    """Steps of linear warm-up, then a cosine decay to 10% of ``lr``."""
+    weight_decay: float = 0.0
 
 
 @dataclass
@@ -66,43 +82,33 @@ class TaskConfig:
     demo_skill: float = 0.35
     """Probability that the demonstrator writes the letter the hidden human likes best."""
     n_demos: int = 4096
+    """Demonstrations sampled for sft."""
     n_pairs: int = 6144
+    """Preference pairs for rm and dpo (and ``data.eval_fraction`` more, held out)."""
     hidden_size: int = 64
+    """The tiny Llama: hidden size, MLP size, layers, attention heads."""
     intermediate_size: int = 128
     num_layers: int = 2
     num_heads: int = 4
 
 
 @dataclass
-class SFTConfig:
-    steps: int = 200
+class SFTConfig(TrainConfig):
     batch_size: int = 64
-    micro_batch_size: int = 0
-    """Sequences per forward pass (0: the whole batch); gradients accumulate over micro-batches."""
-    lr: float = 3e-3
-    warmup: int = 20
-    weight_decay: float = 0.0
 
 
 @dataclass
-class RMConfig:
+class RMConfig(TrainConfig):
     steps: int = 300
     batch_size: int = 64
     """Preference pairs per step."""
-    micro_batch_size: int = 0
-    lr: float = 3e-3
-    warmup: int = 20
-    weight_decay: float = 0.0
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(TrainConfig):
     steps: int = 150
     batch_size: int = 64
-    micro_batch_size: int = 0
     lr: float = 1e-3
-    warmup: int = 20
-    weight_decay: float = 0.0
     loss_type: str = "sigmoid"
     """sigmoid (DPO) or ipo, or any loss_type of fastrlhf.dpo_loss."""
     beta: float | None = None
@@ -111,20 +117,17 @@ class DPOConfig:
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainConfig):
     steps: int = 120
     rollout_batch: int = 128
     """Prompts sampled (one completion each) per step, over all processes."""
     minibatch_size: int = 64
-    micro_batch_size: int = 0
-    """Sequences per forward pass, in scoring and in training (0: a whole minibatch)."""
     generate_batch: int = 0
     """Prompts sampled at a time (0: the whole rollout batch of this process)."""
     epochs: int = 2
     lr: float = 1e-3
     critic_lr: float = 2e-3
     warmup: int = 10
-    weight_decay: float = 0.0
     kl_coef: float | None = None
     """Defaults to the run's beta (the regularization the exact optimum is computed for)."""
     kl_estimator: str = "k1"
@@ -142,6 +145,8 @@ class PPOConfig:
 
 @dataclass
 class BoNConfig:
+    """Best-of-n: ``n`` completions per prompt, the one the reward ranks first kept."""
+
     n: int = 8
     batch_size: int = 64
     """Prompts per generation batch."""
@@ -151,8 +156,12 @@ class BoNConfig:
 
 @dataclass
 class Config:
+    """A run: top-level keys, then a section per topic and per stage."""
+
     seed: int = 0
+    """The whole run (init, data, sampling, batches) follows from it."""
     out_dir: str = "fastrlhf-out"
+    """``<out>/<stage>/``: model, metrics.jsonl, metrics.png, summary.json, checkpoint."""
     device: str = "auto"
     """auto (cuda when present, else cpu) | cpu | cuda | cuda:N."""
     backend: str = "auto"
@@ -174,9 +183,6 @@ class Config:
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     bon: BoNConfig = field(default_factory=BoNConfig)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 QUICK = {
@@ -322,57 +328,61 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _flat(obj, prefix: str = "") -> dict[str, Any]:
+    """``{"section.key": value}`` of every leaf of the config."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out.update(_flat(value, f"{prefix}{f.name}."))
+        else:
+            out[prefix + f.name] = value
+    return out
+
+
+_POSITIVE = ("a finite number > 0", lambda v: math.isfinite(v) and v > 0)
+_AT_LEAST_1 = (">= 1", lambda v: v >= 1)
+_AT_LEAST_0 = (">= 0", lambda v: v >= 0)
+_UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
+RANGES = {
+    "beta": _POSITIVE, "*lr": _POSITIVE, "model.temperature": _POSITIVE, "*.kl_coef": _POSITIVE,
+    "dpo.beta": _POSITIVE, "*.adaptive_kl_target": _POSITIVE, "*.value_clip": _POSITIVE,
+    "*.score_clip": _POSITIVE,
+    "log_every": _AT_LEAST_1, "save_every": _AT_LEAST_1, "model.max_*": _AT_LEAST_1, "task.n_*": _AT_LEAST_1,
+    "task.*_len": _AT_LEAST_1, "task.*_size": _AT_LEAST_1, "task.num_*": _AT_LEAST_1, "*.batch_size": _AT_LEAST_1,
+    "*.minibatch_size": _AT_LEAST_1,
+    "*.rollout_batch": _AT_LEAST_1, "*.epochs": _AT_LEAST_1, "*.kl_horizon": _AT_LEAST_1, "bon.n": _AT_LEAST_1,
+    "bon.samples": _AT_LEAST_1,
+    "cpu_threads": _AT_LEAST_0, "*.steps": _AT_LEAST_0, "*.warmup": _AT_LEAST_0, "*.micro_batch_size": _AT_LEAST_0,
+    "*.generate_batch": _AT_LEAST_0, "*.weight_decay": _AT_LEAST_0,
+    "*.gamma": _UNIT, "*.lam": _UNIT, "task.demo_skill": _UNIT,
+}
+"""Allowed range per key (``fnmatch`` patterns, the first match wins); ``null`` is always
+allowed where the key's type allows it."""
+
+
+def _check_ranges(flat: dict[str, Any]) -> None:
+    for key, value in flat.items():
+        rule = next((r for pattern, r in RANGES.items() if fnmatch.fnmatchcase(key, pattern)), None)
+        if rule is None or value is None or isinstance(value, (bool, str)):
+            continue
+        text, ok = rule
+        _check(ok(value), f"{key} must be {text}, got {value}")
+    for key, choices in _CHOICES.items():
+        if choices is not None:
+            _check(flat[key] in choices, f"{key} must be one of {choices}, got {flat[key]!r}")
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone do not catch."""
-    for key, choices in _CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
-        if choices is not None:
-            _check(value in choices, f"{key} must be one of {choices}, got {value!r}")
+    _check_ranges(_flat(cfg))
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
-    positive_floats = {"beta": cfg.beta, "model.temperature": cfg.model.temperature,
-                       "sft.lr": cfg.sft.lr, "rm.lr": cfg.rm.lr, "dpo.lr": cfg.dpo.lr,
-                       "ppo.lr": cfg.ppo.lr, "ppo.critic_lr": cfg.ppo.critic_lr}
-    for key, value in positive_floats.items():
-        _check(math.isfinite(value) and value > 0, f"{key} must be a finite number > 0, got {value}")
-    for key in ("ppo.kl_coef", "dpo.beta", "ppo.adaptive_kl_target", "ppo.value_clip", "ppo.score_clip"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value is None or (math.isfinite(value) and value > 0),
-               f"{key} must be null or a finite number > 0, got {value}")
-    positive_ints = {
-        "log_every": cfg.log_every, "save_every": cfg.save_every,
-        "model.max_prompt_len": cfg.model.max_prompt_len, "model.max_new_tokens": cfg.model.max_new_tokens,
-        "task.n_prompts": cfg.task.n_prompts, "task.prompt_len": cfg.task.prompt_len,
-        "task.completion_len": cfg.task.completion_len, "task.n_demos": cfg.task.n_demos,
-        "task.n_pairs": cfg.task.n_pairs, "task.hidden_size": cfg.task.hidden_size,
-        "task.intermediate_size": cfg.task.intermediate_size, "task.num_layers": cfg.task.num_layers,
-        "task.num_heads": cfg.task.num_heads,
-        "sft.batch_size": cfg.sft.batch_size, "rm.batch_size": cfg.rm.batch_size,
-        "dpo.batch_size": cfg.dpo.batch_size, "ppo.rollout_batch": cfg.ppo.rollout_batch,
-        "ppo.minibatch_size": cfg.ppo.minibatch_size, "ppo.epochs": cfg.ppo.epochs,
-        "ppo.kl_horizon": cfg.ppo.kl_horizon, "bon.n": cfg.bon.n, "bon.batch_size": cfg.bon.batch_size,
-        "bon.samples": cfg.bon.samples,
-    }
-    for key, value in positive_ints.items():
-        _check(value >= 1, f"{key} must be >= 1, got {value}")
-    _check(cfg.cpu_threads >= 0, f"cpu_threads must be >= 0, got {cfg.cpu_threads}")
-    for key in ("sft.steps", "rm.steps", "dpo.steps", "ppo.steps", "sft.warmup", "rm.warmup",
-                "dpo.warmup", "ppo.warmup", "sft.micro_batch_size", "rm.micro_batch_size",
-                "dpo.micro_batch_size", "ppo.micro_batch_size", "ppo.generate_batch"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value >= 0, f"{key} must be >= 0, got {value}")
     _check(cfg.ppo.rollout_batch % cfg.ppo.minibatch_size == 0,
            f"ppo.rollout_batch ({cfg.ppo.rollout_batch}) must be a multiple of ppo.minibatch_size "
            f"({cfg.ppo.minibatch_size})")
-    _check(0 <= cfg.ppo.gamma <= 1 and 0 <= cfg.ppo.lam <= 1,
-           f"ppo.gamma and ppo.lam must be in [0, 1], got {cfg.ppo.gamma}, {cfg.ppo.lam}")
     _check(0 < cfg.ppo.clip < 1, f"ppo.clip must be in (0, 1), got {cfg.ppo.clip}")
     _check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
-    _check(0 <= cfg.task.demo_skill <= 1, f"task.demo_skill must be in [0, 1], got {cfg.task.demo_skill}")
     alphabet = cfg.task.alphabet
     _check(len(alphabet) >= 2 and len(set(alphabet)) == len(alphabet) and alphabet.isalpha()
            and alphabet.islower(), f"task.alphabet must be >= 2 distinct lowercase letters, got {alphabet!r}")

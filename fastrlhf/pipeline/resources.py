@@ -27,10 +27,8 @@ from fastrlhf.pipeline.model import (
     ScalarModel,
     check_model_dir,
     fused_supported,
-    load_causal_lm,
     load_seq_cls,
     read_task_marker,
-    tiny_llama,
 )
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.task import SyntheticTask, task_identity
@@ -101,30 +99,26 @@ def policy_path(cfg: Config, rt: Runtime) -> str:
 
 
 def stage_inputs(cfg: Config, rt: Runtime, stage: str):
-    """``(path, codec, embedded | None)`` of the model a stage after sft starts from."""
-    path = policy_path(cfg, rt)
-    tokenizer = load_tokenizer(path)
-    if is_embedded(cfg, stage):
-        _check_marker(path, cfg, "model")
-        codec = embedded_codec(cfg, tokenizer)
-        return path, codec, Embedded(SyntheticTask(cfg.task), codec)
-    return path, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path), None
-
-
-def open_sft_model(cfg: Config, rt: Runtime):
-    """``(lm, codec, embedded | None, source)`` sft starts from."""
-    if is_embedded(cfg, "sft"):
+    """``(path, codec, embedded | None)`` of the model ``stage`` starts from; ``path`` is None
+    for sft on the embedded task (the embedded tiny Llama, randomly initialized)."""
+    embedded = is_embedded(cfg, stage)
+    if stage != "sft":
+        path = policy_path(cfg, rt)
+    elif embedded:
         if cfg.model.path is not None:
             raise PipelineError("the embedded task trains the embedded tiny model; to fine-tune "
                                 f"{cfg.model.path!r} pass --demonstrations FILE.jsonl")
         codec = embedded_codec(cfg)
-        lm = tiny_llama(cfg.task, codec.tokenizer, rt.seed_value("init", per_rank=False))
-        return lm.to(device=rt.device, dtype=rt.param_dtype), codec, Embedded(SyntheticTask(cfg.task), codec), \
-            "the embedded tiny Llama (random init)"
-    path = check_model_dir(cfg.model.path, "model.path (--model)",
-                           hint="sft on --demonstrations fine-tunes the local model given by --model PATH")
-    codec = Codec(load_tokenizer(path), pad_token=cfg.model.pad_token, source=path)
-    return load_causal_lm(path, rt.param_dtype, rt.device), codec, None, path
+        return None, codec, Embedded(SyntheticTask(cfg.task), codec)
+    else:
+        path = check_model_dir(cfg.model.path, "model.path (--model)",
+                               hint="sft on --demonstrations fine-tunes the local model given by --model PATH")
+    tokenizer = load_tokenizer(path)
+    if embedded:
+        _check_marker(path, cfg, "model")
+        codec = embedded_codec(cfg, tokenizer)
+        return path, codec, Embedded(SyntheticTask(cfg.task), codec)
+    return path, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path), None
 
 
 def logprob_mode(cfg: Config, lm) -> str:

@@ -1,20 +1,93 @@
-"""The loop every training stage shares: LR schedule, logging, checkpoints, plots, timing."""
+"""What every stage shares: its context and set-up (:class:`StageContext`, :func:`open_stage`:
+the config, runtime, starting model, codec and embedded task, and model loading), and the
+loop (:class:`Stage`: optimizers, LR schedule, resume, logging, checkpoints, plots, timing)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 
 import torch
 
 from fastrlhf.pipeline.checkpoint import load_checkpoint, save_checkpoint
-from fastrlhf.pipeline.distributed import all_mean, barrier
-from fastrlhf.pipeline.metrics import OPTIM, MetricsLog, format_breakdown, plot_metrics
+from fastrlhf.pipeline.config import Config
+from fastrlhf.pipeline.data import IndexStream
+from fastrlhf.pipeline.distributed import all_mean, barrier, no_sync, shard, wrap
+from fastrlhf.pipeline.metrics import MODEL, OPTIM, MetricsLog, format_breakdown, plot_metrics
+from fastrlhf.pipeline.model import PolicyModel, ScalarModel, enable_gradient_checkpointing, load_causal_lm
+from fastrlhf.pipeline.model import load_seq_cls, save_model, tiny_llama
+from fastrlhf.pipeline.resources import Embedded, logprob_mode, stage_inputs
 from fastrlhf.pipeline.runtime import Runtime
+from fastrlhf.pipeline.tokenizer import Codec
+
+SAMPLING_STAGES = ("ppo", "bon")
+"""Stages that sample from the policy: their log-probs are taken at the sampling temperature."""
 
 
+@dataclass
+class StageContext:
+    """One stage's inputs: the run's config and runtime, the stage's ``name``, the model
+    directory it starts from (``path``; None: the embedded tiny Llama, for sft), its codec and
+    the embedded task (``emb``; None on your own data)."""
+
+    cfg: Config
+    rt: Runtime
+    name: str
+    path: str | None
+    codec: Codec
+    emb: Embedded | None
+
+    @property
+    def section(self):  # cfg.sft, cfg.ppo, ...
+        return getattr(self.cfg, self.name)
+
+    def print(self, text: str) -> None:
+        self.rt.print(f"[{self.name}] {text}")
+
+    def causal_lm(self, *, trainable: bool = True):
+        """The causal LM the stage starts from, to train or frozen (in eval mode)."""
+        rt = self.rt
+        dtype = rt.param_dtype if trainable else rt.frozen_dtype
+        if self.path is None:
+            lm = tiny_llama(self.cfg.task, self.codec.tokenizer, rt.seed_value("init", per_rank=False))
+            return self._mode(lm.to(device=rt.device, dtype=dtype), trainable)
+        return self._mode(load_causal_lm(self.path, dtype, rt.device), trainable)
+
+    def seq_cls(self, path: str, head_seed: str, *, trainable: bool = True):
+        """A 1-output sequence-classification model from ``path`` (a new head drawn from ``head_seed``)."""
+        rt = self.rt
+        return self._mode(load_seq_cls(path, rt.param_dtype if trainable else rt.frozen_dtype, rt.device,
+                                       self.codec.pad_id, rt.seed_value(head_seed, per_rank=False)), trainable)
+
+    def _mode(self, model, trainable: bool):
+        if not trainable:
+            return model.eval().requires_grad_(False)
+        if self.cfg.model.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        return model
+
+    def policy(self, lm) -> PolicyModel:
+        """``lm`` as a :class:`PolicyModel` (the embedded task's alphabet only; log-probs at the
+        sampling temperature in the stages that sample)."""
+        bias = None if self.emb is None else self.emb.logit_bias.to(self.rt.device)
+        temperature = self.cfg.model.temperature if self.name in SAMPLING_STAGES else 1.0
+        return PolicyModel(lm, mode=logprob_mode(self.cfg, lm), logit_bias=bias, temperature=temperature,
+                           timer=self.rt.timer)
+
+    def scalar(self, seq_cls) -> ScalarModel:
+        return ScalarModel(seq_cls, timer=self.rt.timer)
+
+
+def open_stage(cfg: Config, rt: Runtime, name: str) -> StageContext:
+    """The shared set-up: where the stage's model comes from, its tokenizer and task."""
+    return StageContext(cfg, rt, name, *stage_inputs(cfg, rt, name))
+
+
+# ------------------------------------------------------------------------------ loop
 def lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up from 0, then a cosine decay to 10% at the last step."""
     if warmup > 0 and step < warmup:
@@ -24,70 +97,101 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def adamw(module: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in module.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
 class Stage:
-    """One stage's run: resume, steps, metrics, checkpoints, and what it leaves behind.
+    """One stage's run: trained modules, resume, steps, metrics, checkpoints, what it leaves behind.
 
-    Args:
-        rt: the runtime; name: ``sft`` | ``rm`` | ``dpo`` | ``ppo`` | ``bon``.
-        steps: number of optimizer steps (iterations for PPO).
-        modules / optimizers: what a checkpoint holds (``{"policy": ..., ...}``).
-        lrs: ``{optimizer name: base lr}``; warmup: warm-up steps of the schedule.
-        postfix: metric names shown live on the progress bar.
+    Register what is trained with :meth:`train`; iterating resumes from the last checkpoint
+    (``--resume``) and yields the steps (the section's ``steps``) with the LR schedule applied.
+    ``postfix``: metric names shown live on the progress bar.
     """
 
-    def __init__(self, rt: Runtime, name: str, steps: int, *, modules: dict | None = None,
-                 optimizers: dict | None = None, lrs: dict | None = None, warmup: int = 0,
-                 postfix: tuple[str, ...] = ()):
-        self.rt, self.name, self.steps = rt, name, steps
-        self.modules, self.optimizers = modules or {}, optimizers or {}
-        self.lrs, self.warmup = lrs or {}, warmup
-        self.dir = rt.stage_dir(name)
+    def __init__(self, ctx: StageContext, *, postfix: tuple[str, ...] = ()):
+        self.ctx, self.rt, self.name, self.postfix = ctx, ctx.rt, ctx.name, postfix
+        self.steps, self.warmup = getattr(ctx.section, "steps", 0), getattr(ctx.section, "warmup", 0)
+        self.modules, self.wrapped, self.optimizers, self.lrs = {}, {}, {}, {}
+        self.dir = self.rt.stage_dir(self.name)
         self.ckpt_dir = os.path.join(self.dir, "checkpoint")
         self.extra: dict = {}
         self.start = 0
-        rt.timer.reset()
+        self.log: MetricsLog | None = None
+        self.rt.timer.reset()
         self._t0 = time.perf_counter()
-        if rt.is_main:
+        if self.rt.is_main:
             os.makedirs(self.dir, exist_ok=True)
+
+    def train(self, key: str, module: torch.nn.Module, lr: float) -> torch.nn.Module:
+        """Train ``module`` with AdamW at ``lr``; returns the module to call (DDP when distributed)."""
+        self.modules[key], self.lrs[key] = module, lr
+        self.wrapped[key] = wrap(module, self.rt.dist, self.rt.device)
+        self.optimizers[key] = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
+                                                 weight_decay=self.ctx.section.weight_decay)
+        return self.wrapped[key]
+
+    def begin(self) -> dict:
+        """Resume when asked to, open the metrics log; returns the checkpoint's extra state."""
+        if self.log is not None:
+            return self.extra
+        rt, name = self.rt, self.name
         if rt.cfg.resume and self.optimizers:
             state = load_checkpoint(self.ckpt_dir, self.modules, self.optimizers, rt.device)
             if state is None:
                 rt.print(f"[{name}] no checkpoint in {self.ckpt_dir}: starting from step 0")
             else:
                 self.start, self.extra = state["step"], state["extra"]
-                rt.print(f"[{name}] resuming from {self.ckpt_dir} at step {self.start}/{steps}")
-        self.log = MetricsLog(os.path.join(self.dir, "metrics.jsonl"), total=steps, start=self.start,
-                              enabled=rt.is_main, progress=rt.cfg.progress, desc=name, postfix=postfix)
+                rt.print(f"[{name}] resuming from {self.ckpt_dir} at step {self.start}/{self.steps}")
+        self.log = MetricsLog(os.path.join(self.dir, "metrics.jsonl"), total=self.steps, start=self.start,
+                              enabled=rt.is_main, progress=rt.cfg.progress, desc=name, postfix=self.postfix)
+        return self.extra
 
     def __iter__(self):
+        self.begin()
         for step in range(self.start, self.steps):
-            for opt_name, opt in self.optimizers.items():
+            for key, opt in self.optimizers.items():
                 for group in opt.param_groups:
-                    group["lr"] = self.lrs[opt_name] * lr_factor(step, self.steps, self.warmup)
+                    group["lr"] = self.lrs[key] * lr_factor(step, self.steps, self.warmup)
             yield step
         self.log.close()  # the bar ends before the stage prints its results
 
-    def is_log_step(self, step: int) -> bool:
-        return (step + 1) % self.rt.cfg.log_every == 0 or step == self.steps - 1 or step == 0
+    def batches(self, data: list, batch_size: int):
+        """The steps, each with this process's share of a global batch of ``data`` (epochs of
+        seeded permutations: a resumed run sees what the original saw)."""
+        stream = IndexStream(len(data), batch_size,
+                             lambda e: self.rt.seed_value(self.name, "epoch", e, per_rank=False))
+        mine = shard(batch_size, self.rt.dist)
+        for step in self:
+            yield step, [data[i] for i in stream.batch(step)[mine]]
 
-    def optimizer_step(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                       max_norm: float = 1.0) -> float:
+    def lr(self, key: str) -> float:
+        return self.optimizers[key].param_groups[0]["lr"]
+
+    def step(self, parts: list, loss_fn, max_norm: float = 1.0) -> tuple[dict, dict[str, float]]:
+        """One optimizer step of every trained module: ``loss_fn(part) -> (loss, stats)`` and its
+        backward for each micro-batch (gradients all-reduced after the last only), then each
+        module's gradient norm clipped to ``max_norm``. Returns the summed stats and the norms."""
+        acc: dict = {}
+        for k, part in enumerate(parts):
+            with contextlib.ExitStack() as stack:
+                for module in self.wrapped.values():
+                    stack.enter_context(no_sync(module, k < len(parts) - 1))
+                loss, stats = loss_fn(part)
+                with self.rt.timer(MODEL):
+                    loss.backward()
+            for key, v in stats.items():
+                acc[key] = acc.get(key, 0.0) + v.detach()
+        norms = {}
         with self.rt.timer(OPTIM):
-            norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return norm
+            for key, opt in self.optimizers.items():
+                norms[key] = float(torch.nn.utils.clip_grad_norm_(self.modules[key].parameters(), max_norm))
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        return acc, norms
 
-    def end_step(self, step: int, metrics: dict | None) -> dict | None:
-        """Log ``metrics`` (averaged over processes; None on non-log steps), checkpoint, and
-        return the averaged metrics."""
+    def end_step(self, step: int, metrics) -> dict | None:
+        """On log steps, log ``metrics()`` (a callable; averaged over processes); checkpoint when
+        due. Returns the averaged metrics (None on other steps)."""
+        log_step = (step + 1) % self.rt.cfg.log_every == 0 or step == self.steps - 1 or step == 0
+        metrics = all_mean({k: float(v) for k, v in metrics().items()}, self.rt.dist) if log_step else None
         if metrics is not None:
-            metrics = all_mean({k: float(v) for k, v in metrics.items()}, self.rt.dist)
             self.log.log(step, metrics)
         self.log.advance()
         done = step + 1
@@ -97,20 +201,28 @@ class Stage:
             barrier(self.rt.dist)
         return metrics
 
-    def finish(self, summary: dict, outputs: dict[str, str] | None = None) -> dict:
-        """Write ``summary.json`` and the PNG plot, print the stage summary and timing."""
-        self.log.close()
-        elapsed = time.perf_counter() - self._t0
-        times = self.rt.timer.breakdown(elapsed)
+    def finish(self, summary: dict, models: dict | None = None, files: dict[str, str] | None = None) -> dict:
+        """Save ``models`` (``{folder: model}``, with the tokenizer) in the stage folder, write
+        ``summary.json`` and the PNG plot, print the stage summary and timing."""
+        files = dict(files or {})
+        for folder, model in (models or {}).items():
+            files[folder] = os.path.join(self.dir, folder)
+            if self.rt.is_main:
+                save_model(model, self.ctx.codec.tokenizer, files[folder],
+                           self.ctx.cfg.task if self.ctx.emb is not None else None)
+        if "model" in files:
+            summary["model"] = files["model"]
+        records = self.log.records if self.log is not None else []
+        if self.log is not None:
+            self.log.close()
+        times = self.rt.timer.breakdown(time.perf_counter() - self._t0)
         summary = {"stage": self.name, **summary, "time": times}
         if self.rt.is_main:
-            plot = plot_metrics(self.log.records, os.path.join(self.dir, "metrics.png"),
-                                f"fastrlhf {self.name}") if self.log.records else None
-            files = dict(outputs or {})
-            if self.log.records:
+            if records:
                 files["metrics"] = os.path.join(self.dir, "metrics.jsonl")
-            if plot:
-                files["plot"] = plot
+                plot = plot_metrics(records, os.path.join(self.dir, "metrics.png"), f"fastrlhf {self.name}")
+                if plot:
+                    files["plot"] = plot
             summary["files"] = files
             with open(os.path.join(self.dir, "summary.json"), "w") as f:
                 json.dump(summary, f, indent=1)

@@ -6,7 +6,6 @@ like any local model. :class:`Codec` is the one place prompts and completions be
 
 from __future__ import annotations
 
-import os
 
 from fastrlhf.pipeline.errors import PipelineError
 
@@ -89,8 +88,3 @@ class Codec:
 
     def token_ids(self, chars: str) -> list[int]:
         return [self.tokenizer.convert_tokens_to_ids(c) for c in chars]
-
-
-def save_tokenizer(tokenizer, path: str) -> None:
-    os.makedirs(path, exist_ok=True)
-    tokenizer.save_pretrained(path)

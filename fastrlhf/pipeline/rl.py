@@ -1,0 +1,69 @@
+"""Policy-gradient training on rollouts, shared by ``ppo`` and ``grpo``: the forward passes
+that score a rollout, the policy loss (computed in one place), and the update loop."""
+
+from __future__ import annotations
+
+from collections import namedtuple
+
+import torch
+
+import fastrlhf
+from fastrlhf.pipeline.data import Batch, micro_batches
+from fastrlhf.pipeline.distributed import all_sum
+
+
+Counts = namedtuple("Counts", "tokens seqs")
+"""Valid tokens and sequences of a minibatch summed over all processes (0-dim tensors)."""
+
+
+def global_counts(mask: torch.Tensor, dist) -> Counts:
+    return Counts(*all_sum(torch.stack([mask.sum(), (mask.sum(-1) > 0).sum()]), dist))
+
+
+@torch.no_grad()
+def no_grad_passes(batch: Batch, micro_batch_size: int, rt, passes: dict) -> dict[str, torch.Tensor]:
+    """``{name: fn(micro_batch, rows)}`` over the micro-batches of ``batch`` (under autocast), concatenated."""
+    out: dict[str, list] = {name: [] for name in passes}
+    for part in micro_batches(len(batch), micro_batch_size):
+        b = batch.rows(part)
+        for name, fn in passes.items():
+            with rt.autocast():
+                out[name].append(fn(b, part))
+    return {name: torch.cat(v) for name, v in out.items()}
+
+
+def policy_loss(c, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                counts: Counts):
+    """The policy loss of ``ppo`` and ``grpo``: ``fastrlhf.ppo_policy_loss`` with the stage's
+    clip range, as this process's share of the minibatch's loss. Returns ``(loss, stats)``."""
+    return fastrlhf.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=c.clip, global_tokens=counts.tokens)
+
+
+def update(stage, batch: Batch, loss_fn, *, epochs: int, minibatch_size: int, micro_batch_size: int,
+           seed: int) -> dict[str, float]:
+    """Train on ``batch`` (this process's rows of the rollout): ``epochs`` passes over shuffled
+    minibatches of ``minibatch_size`` rows, one optimizer step each.
+
+    ``loss_fn(rows, counts) -> (loss, stats)`` gives a micro-batch's loss and stats as its share
+    of the minibatch's (normalized by the global ``counts``). Returns the stats summed per
+    minibatch, averaged over the updates and scaled so that their mean over processes is global.
+    """
+    world = stage.rt.dist.world_size
+    g = torch.Generator().manual_seed(seed)
+    acc: dict[str, torch.Tensor] = {}
+    n_updates = 0
+    for _ in range(epochs):
+        perm = torch.randperm(len(batch), generator=g)
+        for start in range(0, len(batch), minibatch_size):
+            rows = perm[start:start + minibatch_size].to(stage.rt.device)
+            counts = global_counts(batch.completion_mask[rows], stage.rt.dist)
+
+            def scaled(part):
+                loss, stats = loss_fn(rows[part], counts)
+                return loss * world, stats  # DDP averages the gradients over processes
+
+            stats, _ = stage.step(micro_batches(len(rows), micro_batch_size), scaled)
+            for key, v in stats.items():
+                acc[key] = acc.get(key, 0.0) + v
+            n_updates += 1
+    return {k: float(v) * world / n_updates for k, v in acc.items()}
