@@ -2,8 +2,8 @@
 
 ``fastrlhf info``                 versions, devices and available backends
 ``fastrlhf demo``                 the whole pipeline on the embedded task (no downloads)
-``fastrlhf sft|rm|dpo|ppo|bon``   one stage, configured by ``--config FILE`` (YAML or TOML)
-                                  and flags that override it
+``fastrlhf sft|rm|dpo|ppo|grpo|bon``  one stage, configured by ``--config FILE`` (YAML or
+                                  TOML) and flags that override it
 
 Multi-process: ``torchrun --nproc_per_node N -m fastrlhf <command> ...``.
 """
@@ -11,6 +11,7 @@ Multi-process: ``torchrun --nproc_per_node N -m fastrlhf <command> ...``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 STAGE_HELP = {
@@ -18,6 +19,7 @@ STAGE_HELP = {
     "rm": "a reward model from preference pairs (Bradley-Terry)",
     "dpo": "DPO (or IPO, ...) from preference pairs",
     "ppo": "PPO against the reward model with a KL penalty to the reference",
+    "grpo": "GRPO, RLOO or Dr. GRPO: critic-free, a baseline from a group of completions per prompt",
     "bon": "best-of-n sampling ranked by the reward model",
 }
 
@@ -27,14 +29,19 @@ PIPELINE_DEPENDENCIES = ("transformers", "tokenizers", "safetensors", "yaml", "t
 FLAGS = {
     "out": "out_dir", "seed": "seed", "device": "device", "backend": "backend", "beta": "beta",
     "model": "model.path", "reward_model": "model.reward_model", "reward_fn": "model.reward_fn",
+    "policy": "model.policy", "parallel": "parallel",
     "pad_token": "model.pad_token", "precision": "model.precision", "logprobs": "model.logprobs",
     "max_new_tokens": "model.max_new_tokens", "prompts": "data.prompts", "preferences": "data.preferences",
     "demonstrations": "data.demonstrations",
 }
 
 
+CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pipeline", "configs")
+"""The example configs installed with the package."""
+
+
 def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
-    p.add_argument("--config", "-c", metavar="FILE", help="YAML or TOML config file (see fastrlhf/pipeline/configs/)")
+    p.add_argument("--config", "-c", metavar="FILE", help=f"YAML or TOML config file (examples: {CONFIGS})")
     p.add_argument("--set", "-s", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set ppo.lr=1e-5 (repeatable)")
     p.add_argument("--quick", action="store_true", help="the shortened run used by the tests")
@@ -45,6 +52,7 @@ def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
     p.add_argument("--precision", help="auto | fp32 | bf16-mixed | bf16")
     p.add_argument("--beta", type=float, help="KL-regularization strength (PPO kl_coef, DPO beta)")
     p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+    p.add_argument("--parallel", help="under torchrun: ddp | fsdp (FSDP2: sharded parameters and optimizer state)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if stage is None:
         return
@@ -52,10 +60,14 @@ def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
         p.add_argument("--steps", type=int, help=f"{stage}.steps")
         p.add_argument("--micro-batch-size", type=int, help=f"{stage}.micro_batch_size (gradient accumulation)")
         p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--model", metavar="PATH", help="local Hugging Face model directory (with its tokenizer)")
+    p.add_argument("--model", metavar="PATH", help="the base model: a local Hugging Face model directory (with its "
+                   "tokenizer), a .gguf file or a directory holding one" + ("" if stage == "sft" else
+                   "; this stage starts from <out>/sft/model when it exists"))
+    if stage != "sft":
+        p.add_argument("--policy", metavar="PATH", help="start from this model instead of <out>/sft/model or --model")
     p.add_argument("--pad-token", metavar="TOKEN", help="pad token for a tokenizer that has none")
     p.add_argument("--logprobs", help="auto | fused | logits")
-    if stage in ("ppo", "bon"):
+    if stage in ("ppo", "grpo", "bon"):
         p.add_argument("--reward-model", metavar="PATH", help="local sequence-classification model (1 label)")
         p.add_argument("--reward-fn", metavar="MODULE:FUNCTION",
                        help="Python reward fn(prompts, completions) -> list of floats")
@@ -69,16 +81,20 @@ def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
         p.add_argument("--loss-type", help="sigmoid (DPO) | ipo | hinge | robust | ...")
     if stage == "bon":
         p.add_argument("--n", type=int, help="samples per prompt")
+    if stage == "grpo":
+        p.add_argument("--group-size", type=int, help="completions per prompt")
+        p.add_argument("--advantage", help="grpo | rloo | dr_grpo")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastrlhf", description="Fused kernels and a reference pipeline for RLHF.")
+    parser = argparse.ArgumentParser(prog="fastrlhf", description="Fused kernels and a reference pipeline for RLHF.",
+                                     epilog=f"Example configs (YAML, TOML): {CONFIGS}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
-    _common(sub.add_parser("demo", help="SFT, reward model, best-of-n, DPO and PPO on the embedded task, "
+    _common(sub.add_parser("demo", help="SFT, reward model, best-of-n, DPO, PPO and GRPO on the embedded task, "
                                         "checked against the exact optimum (no downloads)"), None)
     for stage, text in STAGE_HELP.items():
-        _common(sub.add_parser(stage, help=text), stage)
+        _common(sub.add_parser(stage, help=text, epilog=f"Example configs: {CONFIGS}"), stage)
     return parser
 
 
@@ -101,6 +117,9 @@ def config_from_args(args: argparse.Namespace):
         overrides["dpo.loss_type"] = args.loss_type
     if getattr(args, "n", None) is not None:
         overrides["bon.n"] = args.n
+    for flag in ("group_size", "advantage"):
+        if getattr(args, flag, None) is not None:
+            overrides[f"grpo.{flag}"] = getattr(args, flag)
     if args.resume:
         overrides["resume"] = True
     if args.no_progress:

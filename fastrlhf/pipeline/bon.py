@@ -8,6 +8,7 @@ On the embedded task its distribution is also computed exactly
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -25,18 +26,19 @@ def run_bon(cfg: Config, rt: Runtime) -> dict:
     c = cfg.bon
     ctx = open_stage(cfg, rt, "bon")
     ref = ctx.policy(ctx.causal_lm(trainable=False))
-    reward, what = open_reward(cfg, rt, "bon", ctx.codec)
-    rollouts = Rollouts(ctx, reward, ref.lm)
-    stage = Stage(ctx)
+    reward, what = open_reward(ctx)
+    rollouts = Rollouts(ctx, reward)
     ctx.print(f"best of {c.n} from {ctx.path}, ranked by the {what}, on {c.samples} prompts")
     order = [i % len(rollouts) for i in range(c.samples)]
     mine = order[shard(len(order) - len(order) % rt.dist.world_size, rt.dist)]
+    stage = Stage(ctx, steps=math.ceil(len(mine) / c.batch_size), postfix=("best_score", "mean_score"))
     oracle = Oracle(ctx, ref=ref, reward=reward, beta=cfg.beta)
     records, scores, oracle_scores = [], [], []
-    for start in range(0, len(mine), c.batch_size):
+    for step in stage:
+        start = step * c.batch_size
         idx = mine[start:start + c.batch_size]
         rep = [i for i in idx for _ in range(c.n)]
-        batch = rollouts.sample(ref.lm, rep, rt.generator("bon", start))
+        batch = rollouts.sample(ref, rep, rt.generator("bon", start))
         scores.append(rollouts.score(batch, rep).view(len(idx), c.n))
         best = scores[-1].argmax(-1).tolist()
         oracle_scores.append(oracle.sample_reward(rep, batch.input_ids[:, batch.n_prompt:]))
@@ -44,6 +46,7 @@ def run_bon(cfg: Config, rt: Runtime) -> dict:
         records += [{"prompt": rollouts.texts[i], "completion": texts[j * c.n + best[j]],
                      "score": float(scores[-1][j, best[j]]), "mean_score": float(scores[-1][j].mean())}
                     for j, i in enumerate(idx)]
+        stage.end_step(step, lambda: {"best_score": scores[-1].max(-1).values.mean(), "mean_score": scores[-1].mean()})
     scores = torch.cat(scores)
     best = scores.argmax(-1, keepdim=True)
     local = {"best_score": scores.gather(-1, best).mean().item(), "mean_score": scores.mean().item()}

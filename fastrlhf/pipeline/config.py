@@ -38,8 +38,12 @@ class TrainConfig:
 @dataclass
 class ModelConfig:
     path: str | None = None
-    """Local Hugging Face causal-LM directory (with its tokenizer) the policy starts from.
-    None: ``sft`` starts from the embedded tiny model; later stages from ``<out>/sft/model``."""
+    """The base model: a local Hugging Face causal-LM directory (with its tokenizer), a GGUF
+    file, or a directory holding one. ``sft`` fine-tunes it (None: the embedded tiny model);
+    the later stages start from it only where ``<out>/sft/model`` does not exist."""
+    policy: str | None = None
+    """The model rm, dpo, ppo, grpo and bon start from, when it is not the chain's
+    (``<out>/sft/model``, else ``path``)."""
     reward_model: str | None = None
     """Local Hugging Face sequence-classification directory (1 label). None: ``<out>/rm/model``."""
     reward_fn: str | None = None
@@ -117,30 +121,70 @@ class DPOConfig(TrainConfig):
 
 
 @dataclass
-class PPOConfig(TrainConfig):
-    steps: int = 120
+class RLConfig(TrainConfig):
+    """What ppo and grpo share: rollouts, minibatches, the KL penalty and the policy loss."""
+
     rollout_batch: int = 128
-    """Prompts sampled (one completion each) per step, over all processes."""
+    """Prompts sampled per step, over all processes."""
     minibatch_size: int = 64
+    """Sequences per optimizer step, over all processes."""
     generate_batch: int = 0
     """Prompts sampled at a time (0: the whole rollout batch of this process)."""
     epochs: int = 2
-    lr: float = 1e-3
-    critic_lr: float = 2e-3
-    warmup: int = 10
+    """Passes over the rollout, each in minibatches."""
     kl_coef: float | None = None
     """Defaults to the run's beta (the regularization the exact optimum is computed for)."""
     kl_estimator: str = "k1"
+    """fastrlhf.kl_penalty estimator; k1 in the reward makes the objective exactly
+    E[r] - kl_coef * KL(pi || pi_ref)."""
+    clip: float = 0.2
+    clip_high: float | None = None
+    """Upper clip range of the policy ratio (None: clip); asymmetric clipping as DAPO."""
+    dual_clip: float | None = None
+    """Dual clip c > 1 for negative advantages (None: off)."""
+    agg: str = "token-mean"
+    """Loss aggregation (fastrlhf.aggregate modes), normalized by global counts."""
+    score_clip: float | None = None
+
+
+@dataclass
+class PPOConfig(RLConfig):
+    steps: int = 120
+    lr: float = 1e-3
+    critic_lr: float = 2e-3
+    warmup: int = 10
     adaptive_kl_target: float | None = None
     """Target KL per sequence for an adaptive KL coefficient; None keeps it fixed."""
     kl_horizon: int = 10000
     gamma: float = 1.0
     lam: float = 0.95
-    clip: float = 0.2
     value_clip: float | None = 0.2
     value_coef: float = 0.5
     whiten_advantages: bool = True
-    score_clip: float | None = None
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Critic-free: ``group_size`` completions per prompt, each scored against its group."""
+
+    steps: int = 100
+    rollout_batch: int = 16
+    """Prompts per step, over all processes; each sampled ``group_size`` times."""
+    group_size: int = 8
+    minibatch_size: int = 64
+    epochs: int = 1
+    lr: float = 1e-3
+    warmup: int = 10
+    advantage: str = "grpo"
+    """fastrlhf.group_advantages method: grpo ((s - mean) / std), rloo (leave-one-out
+    baseline) or dr_grpo (s - mean)."""
+    agg: str = "auto"
+    """auto: seq-mean-token-mean for grpo, token-mean for rloo, seq-mean-token-sum-norm for
+    dr_grpo (normalized by model.max_new_tokens)."""
+    kl_in: str = "reward"
+    """reward: the sequence's summed KL estimate is subtracted from its score before the group
+    baseline (k1: the exact KL-regularized objective); loss: kl_coef * the aggregated per-token
+    estimate is added to the loss (as GRPO, with k3)."""
 
 
 @dataclass
@@ -169,10 +213,17 @@ class Config:
     beta: float = 1.0
     """KL-regularization strength: PPO's KL coefficient and DPO's beta unless they set their own."""
     cpu_threads: int = 0
-    """Intra-op threads on CPU; 0: 1 for the embedded task (its tiny matrices gain nothing from
-    more, and a busy machine makes them much slower), else torch's default."""
+    """Intra-op threads on CPU, at most the cores this process may use; 0: 1 for the embedded
+    task (its tiny matrices gain nothing from more, and a busy machine makes them much slower),
+    else torch's default."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (a replica of each trained model per process) or fsdp (FSDP2
+    fully_shard: parameters, gradients and optimizer state sharded over the processes;
+    the reference and reward models too)."""
     log_every: int = 10
     save_every: int = 100
+    keep_checkpoints: int = 1
+    """Checkpoints kept per stage, the newest; 0: none once the stage has finished."""
     resume: bool = False
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -182,21 +233,28 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
     bon: BoNConfig = field(default_factory=BoNConfig)
 
 
 QUICK = {
-    "sft.steps": 150, "rm.steps": 200, "dpo.steps": 120, "ppo.steps": 60, "bon.samples": 128,
+    "sft.steps": 150, "rm.steps": 200, "dpo.steps": 120, "ppo.steps": 60, "grpo.steps": 40, "bon.samples": 128,
     "task.n_demos": 2048, "task.n_pairs": 3072, "log_every": 5,
 }
 """The shortened run (``--quick``): used by the tests and for a smoke check."""
 
+PRETRAINED = {
+    "beta": 0.1, "sft.lr": 2e-5, "sft.warmup": 10, "rm.lr": 1e-5, "rm.warmup": 10, "dpo.lr": 1e-6,
+    "dpo.warmup": 10, "ppo.lr": 1e-6, "ppo.critic_lr": 1e-5, "ppo.warmup": 10, "grpo.lr": 1e-6,
+    "grpo.warmup": 10,
+}
+"""Defaults for a pretrained model (a run with data files), where the config sets nothing:
+the embedded task's learning rates (3e-3 for sft) would wreck a pretrained model."""
+
 _CHOICES = {
-    "device": None, "backend": ("auto", "torch", "triton", "cuda"),
+    "device": None, "backend": ("auto", "torch", "triton", "cuda"), "parallel": ("ddp", "fsdp"),
     "model.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
-    "model.logprobs": ("auto", "fused", "logits"),
-    "ppo.kl_estimator": ("k1", "k2", "k3", "abs", "mse", "low_var_kl", "k1+", "k2+", "k3+", "abs+", "mse+",
-                         "low_var_kl+"),
+    "model.logprobs": ("auto", "fused", "logits"), "grpo.kl_in": ("reward", "loss"),
 }
 
 
@@ -307,17 +365,41 @@ def parse_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _keys(data: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k, v in data.items():
+        out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + str(k)}
+    return out
+
+
+def uses_own_data(cfg: Config) -> bool:
+    """Whether the run trains a model of your own (a data file or a model is given)."""
+    d, m = cfg.data, cfg.model
+    return any(x is not None for x in (d.prompts, d.preferences, d.demonstrations, m.path, m.policy))
+
+
 def load_config(path: str | None = None, overrides: dict[str, Any] | None = None,
                 quick: bool = False) -> Config:
-    """Defaults, then the ``--quick`` preset, then the file, then ``overrides`` (``key -> value``)."""
+    """Defaults, then the ``--quick`` preset, then the file, then ``overrides`` (``key -> value``).
+
+    On your own data (:func:`uses_own_data`), the :data:`PRETRAINED` defaults replace the
+    embedded task's where neither the file nor an override sets the key; they are listed in
+    ``cfg.pretrained_defaults``.
+    """
     cfg = Config()
+    data = _read_file(path) if path else {}
     if quick:
         for key, value in QUICK.items():
             set_key(cfg, key, value)
-    if path:
-        _apply(cfg, _read_file(path))
+    _apply(cfg, data)
     for key, value in (overrides or {}).items():
         set_key(cfg, key, value)
+    cfg.pretrained_defaults = {}
+    if uses_own_data(cfg):
+        explicit = _keys(data) | set(overrides or {})
+        cfg.pretrained_defaults = {k: v for k, v in PRETRAINED.items() if k not in explicit}
+        for key, value in cfg.pretrained_defaults.items():
+            set_key(cfg, key, value)
     validate(cfg)
     return cfg
 
@@ -347,13 +429,13 @@ _UNIT = ("in [0, 1]", lambda v: 0 <= v <= 1)
 RANGES = {
     "beta": _POSITIVE, "*lr": _POSITIVE, "model.temperature": _POSITIVE, "*.kl_coef": _POSITIVE,
     "dpo.beta": _POSITIVE, "*.adaptive_kl_target": _POSITIVE, "*.value_clip": _POSITIVE,
-    "*.score_clip": _POSITIVE,
+    "*.score_clip": _POSITIVE, "*.clip_high": _POSITIVE,
     "log_every": _AT_LEAST_1, "save_every": _AT_LEAST_1, "model.max_*": _AT_LEAST_1, "task.n_*": _AT_LEAST_1,
     "task.*_len": _AT_LEAST_1, "task.*_size": _AT_LEAST_1, "task.num_*": _AT_LEAST_1, "*.batch_size": _AT_LEAST_1,
     "*.minibatch_size": _AT_LEAST_1,
     "*.rollout_batch": _AT_LEAST_1, "*.epochs": _AT_LEAST_1, "*.kl_horizon": _AT_LEAST_1, "bon.n": _AT_LEAST_1,
-    "bon.samples": _AT_LEAST_1,
-    "cpu_threads": _AT_LEAST_0, "*.steps": _AT_LEAST_0, "*.warmup": _AT_LEAST_0, "*.micro_batch_size": _AT_LEAST_0,
+    "bon.samples": _AT_LEAST_1, "*.steps": _AT_LEAST_1, "*.group_size": _AT_LEAST_1,
+    "cpu_threads": _AT_LEAST_0, "keep_checkpoints": _AT_LEAST_0, "*.warmup": _AT_LEAST_0, "*.micro_batch_size": _AT_LEAST_0,
     "*.generate_batch": _AT_LEAST_0, "*.weight_decay": _AT_LEAST_0,
     "*.gamma": _UNIT, "*.lam": _UNIT, "task.demo_skill": _UNIT,
 }
@@ -373,15 +455,57 @@ def _check_ranges(flat: dict[str, Any]) -> None:
             _check(flat[key] in choices, f"{key} must be one of {choices}, got {flat[key]!r}")
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _check_op_choices(cfg: Config) -> None:
+    """Loss types, estimators and modes as the fastrlhf ops accept them (asked of the ops)."""
+    import torch
+
+    import fastrlhf
+
+    z = torch.zeros(1)
+    probes = {
+        "dpo.loss_type": lambda v: fastrlhf.dpo_loss(z, z, z, z, loss_type=v, label_smoothing=cfg.dpo.label_smoothing,
+                                                     backend="torch"),
+        "ppo.kl_estimator": lambda v: fastrlhf.kl_penalty(z, z, estimator=v, backend="torch"),
+        "grpo.kl_estimator": lambda v: fastrlhf.kl_penalty(z, z, estimator=v, backend="torch"),
+        "ppo.agg": lambda v: fastrlhf.aggregate(z[None], z[None], mode=v),
+        "grpo.agg": lambda v: v == "auto" or fastrlhf.aggregate(z[None], z[None], mode=v),
+        "grpo.advantage": lambda v: fastrlhf.group_advantages(z, 1, method=v, backend="torch"),
+    }
+    flat = _flat(cfg)
+    for key, probe in probes.items():
+        try:
+            probe(flat[key])
+        except (ValueError, TypeError) as e:
+            name, _, rest = str(e).partition(" ")  # "loss_type must be one of ..." -> "dpo.loss_type must be ..."
+            raise ConfigError(f"{key} {rest}" if rest.startswith("must be") else f"{key}={flat[key]!r}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
-    """Range and choice checks that types alone do not catch."""
+    """Range and choice checks that types alone do not catch, all before anything loads."""
     _check_ranges(_flat(cfg))
+    _check_op_choices(cfg)
+    cores = usable_cores()
+    _check(cfg.cpu_threads <= cores, f"cpu_threads={cfg.cpu_threads} is more than the {cores} cores this process "
+           f"may use: give at most {cores}, or 0 for the default")
+    for name in ("ppo", "grpo"):
+        c = getattr(cfg, name)
+        _check(0 < c.clip < 1, f"{name}.clip must be in (0, 1), got {c.clip}")
+        _check(c.dual_clip is None or c.dual_clip > 1, f"{name}.dual_clip must be null or > 1, got {c.dual_clip}")
+    g = cfg.grpo
+    _check((g.rollout_batch * g.group_size) % g.minibatch_size == 0,
+           f"grpo.rollout_batch x grpo.group_size ({g.rollout_batch * g.group_size} completions) must be a multiple "
+           f"of grpo.minibatch_size ({g.minibatch_size})")
+    _check(g.kl_in == "reward" or not g.kl_estimator.startswith("k1"),
+           "grpo.kl_in=loss needs grpo.kl_estimator k2 or k3 (the gradient of k1 in the loss is zero in expectation)")
     _check(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
            f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     _check(cfg.ppo.rollout_batch % cfg.ppo.minibatch_size == 0,
            f"ppo.rollout_batch ({cfg.ppo.rollout_batch}) must be a multiple of ppo.minibatch_size "
            f"({cfg.ppo.minibatch_size})")
-    _check(0 < cfg.ppo.clip < 1, f"ppo.clip must be in (0, 1), got {cfg.ppo.clip}")
     _check(0 <= cfg.data.eval_fraction < 1, f"data.eval_fraction must be in [0, 1), got {cfg.data.eval_fraction}")
     alphabet = cfg.task.alphabet
     _check(len(alphabet) >= 2 and len(set(alphabet)) == len(alphabet) and alphabet.isalpha()

@@ -28,8 +28,13 @@ def read_jsonl(path: str | None, keys: tuple[str, ...], what: str, flag: str) ->
     if not os.path.isfile(path):
         raise PipelineError(f"{what} file {path!r} does not exist")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise PipelineError(f"{path}:{n}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                    "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -67,10 +72,6 @@ def check_prompt_lengths(prompts: list[list[int]], *, max_prompt_len: int, max_n
     if context is not None and n + max_new_tokens > context:
         raise PipelineError(f"the longest prompt ({where}, {n} tokens) plus model.max_new_tokens="
                             f"{max_new_tokens} exceeds the model's context of {context} tokens")
-
-
-def model_context(lm) -> int | None:
-    return getattr(lm.config, "max_position_embeddings", None)
 
 
 # ---------------------------------------------------------------------------- padding

@@ -2,49 +2,54 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import time
 
 from fastrlhf.backend import use_backend
-from fastrlhf.pipeline.config import Config
+from fastrlhf.pipeline.config import Config, uses_own_data
 from fastrlhf.pipeline.errors import ConfigError
+from fastrlhf.pipeline.lock import output_lock
 from fastrlhf.pipeline.runtime import Runtime
+from fastrlhf.pipeline.stage import finished
 
-STAGES = ("sft", "rm", "bon", "dpo", "ppo")
+STAGES = ("sft", "rm", "bon", "dpo", "ppo", "grpo")
+
+
+RUNNERS = {"sft": "sft:run_sft", "rm": "reward_model:run_rm", "dpo": "dpo:run_dpo", "ppo": "ppo:run_ppo",
+           "grpo": "grpo:run_grpo", "bon": "bon:run_bon"}
 
 
 def run_stage(name: str, cfg: Config, rt: Runtime) -> dict:
-    """Run one stage by name (``sft``, ``rm``, ``dpo``, ``ppo``, ``bon``) with the ops on ``cfg.backend``."""
-    if name == "sft":
-        from fastrlhf.pipeline.sft import run_sft as fn
-    elif name == "rm":
-        from fastrlhf.pipeline.reward_model import run_rm as fn
-    elif name == "dpo":
-        from fastrlhf.pipeline.dpo import run_dpo as fn
-    elif name == "ppo":
-        from fastrlhf.pipeline.ppo import run_ppo as fn
-    elif name == "bon":
-        from fastrlhf.pipeline.bon import run_bon as fn
-    else:
+    """Run one stage by name (``sft``, ``rm``, ``dpo``, ``ppo``, ``grpo``, ``bon``) with the ops on
+    ``cfg.backend``, holding the lock on the output folder; with ``--resume``, a stage that
+    already finished is not run again."""
+    if name not in RUNNERS:
         raise ValueError(f"unknown stage {name!r}")
-    if cfg.backend == "auto":  # FASTRLHF_BACKEND, when set, still applies
-        return fn(cfg, rt)
-    with use_backend(cfg.backend):
-        return fn(cfg, rt)
+    module, fn = RUNNERS[name].split(":")
+    fn = getattr(importlib.import_module(f"fastrlhf.pipeline.{module}"), fn)
+    with output_lock(cfg.out_dir, rt.dist):
+        done = finished(cfg, rt, name)
+        if done is not None:
+            return done
+        if cfg.backend == "auto":  # FASTRLHF_BACKEND, when set, still applies
+            return fn(cfg, rt)
+        with use_backend(cfg.backend):
+            return fn(cfg, rt)
 
 
 def run_demo(cfg: Config, rt: Runtime) -> dict:
-    """SFT -> reward model -> best-of-n, DPO, PPO on the embedded task; prints the summary."""
-    if any(getattr(cfg.data, k) for k in ("prompts", "preferences", "demonstrations")) or cfg.model.path \
-            or cfg.model.reward_model or cfg.model.reward_fn:
-        raise ConfigError("the demo runs the embedded task only; run the stages (fastrlhf sft/rm/ppo/dpo/bon) "
+    """SFT -> reward model -> best-of-n, DPO, PPO, GRPO on the embedded task; prints the summary."""
+    if uses_own_data(cfg) or cfg.model.reward_model or cfg.model.reward_fn:
+        raise ConfigError("the demo runs the embedded task only; run the stages (fastrlhf sft/rm/dpo/ppo/grpo/bon) "
                           "to train your own model on your own data")
     t0 = time.perf_counter()
     results = {}
-    for name in STAGES:
-        rt.print(f"\n== {name} ==")
-        results[name] = run_stage(name, cfg, rt)
+    with output_lock(cfg.out_dir, rt.dist):
+        for name in STAGES:
+            rt.print(f"\n== {name} ==")
+            results[name] = run_stage(name, cfg, rt)
     results["wall_time"] = time.perf_counter() - t0
     if rt.is_main:
         text = summary_text(cfg, results)
@@ -74,7 +79,8 @@ def summary_text(cfg: Config, results: dict) -> str:
     ]
     rows = [("BoN-%d" % results["bon"]["n"], "r (RM)", results["bon"]["exact"]),
             ("DPO", "r* (oracle)", results["dpo"]["exact"]),
-            ("PPO", "r (RM)", results["ppo"]["exact"])]
+            ("PPO", "r (RM)", results["ppo"]["exact"]),
+            ("GRPO", "r (RM)", results["grpo"]["exact"])]
     for name, target, e in rows:
         lines.append(f"  {name:<8} {target:<12} {e['oracle_reward_ref']:.3f} -> {e['oracle_reward']:.3f}"
                      f"{'':6} {e['kl_ref']:>10.4f}   {e['kl_opt']:>13.4f}   {e['gap_closed']:>10.3f}")
@@ -84,8 +90,8 @@ def summary_text(cfg: Config, results: dict) -> str:
     lines += [
         "",
         "  gap closed = (J(pi) - J(pi_ref)) / (J* - J(pi_ref)), J = E[r] - beta KL(pi || pi_ref), J* = E[beta log Z],",
-        "  pi* = pi_ref exp(r / beta) / Z. PPO and best-of-n optimize the reward model r; DPO learns from the",
-        f"  preference labels of r*. Best-of-{results['bon']['n']} is not tuned to beta: its KL is about "
+        "  pi* = pi_ref exp(r / beta) / Z. PPO, GRPO and best-of-n optimize the reward model r; DPO learns from",
+        f"  the preference labels of r*. Best-of-{results['bon']['n']} is not tuned to beta: its KL is about "
         "log n - (n-1)/n whatever beta is.",
         "",
         "  time: " + ", ".join(f"{s} {results[s]['time']['total']:.1f}s" for s in STAGES)

@@ -1,9 +1,12 @@
-"""Data parallelism on ``torch.distributed``: started by ``torchrun``, DDP-wrapped models.
+"""Data parallelism on ``torch.distributed``: started by ``torchrun``; DDP or FSDP2 models.
 
-Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every process trains a replica on
-its share of each batch; gradients are averaged by DDP, so each process scales its loss by
-``world_size / global_count`` (see :func:`loss_scale`) and the result is the loss normalized by
-the global token (or sequence) count, whatever the split. Backend: nccl on CUDA, gloo on CPU.
+Under ``torchrun`` (``WORLD_SIZE > 1`` in the environment) every process trains on its share
+of each batch, with a replica of each model (``parallel = "ddp"``) or a shard of its
+parameters, gradients and optimizer state (``"fsdp"``: FSDP2 ``fully_shard`` of each
+transformer block and of the whole). Both average the gradients over processes, so each
+process scales its loss by ``world_size / global_count`` (see :func:`loss_scale`) and the
+result is the loss normalized by the global token (or sequence) count, whatever the split.
+Backend: nccl on CUDA, gloo on CPU.
 """
 
 from __future__ import annotations
@@ -86,10 +89,44 @@ def loss_scale(global_count: torch.Tensor | float, info: DistInfo):
     return info.world_size / global_count
 
 
-def wrap(module: torch.nn.Module, info: DistInfo, device: torch.device) -> torch.nn.Module:
-    """``DistributedDataParallel(module)`` when distributed, else ``module``."""
+def broadcast(obj, info: DistInfo):
+    """Rank 0's ``obj`` (picklable) on every process."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shard_fully(module: torch.nn.Module, mixed_precision: bool = False) -> torch.nn.Module:
+    """FSDP2 ``fully_shard`` of each transformer block of ``module`` (the classes its Hugging
+    Face models name in ``_no_split_modules``), then of ``module`` itself (in place)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = set()
+    for m in module.modules():
+        blocks |= set(getattr(m, "_no_split_modules", None) or ())
+    kw = {"mp_policy": MixedPrecisionPolicy(torch.bfloat16, torch.float32)} if mixed_precision else {}
+    for m in list(module.modules())[1:]:
+        if type(m).__name__ in blocks:
+            fully_shard(m, **kw)
+    return fully_shard(module, **kw)
+
+
+def is_sharded(module: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def wrap(module: torch.nn.Module, info: DistInfo, device: torch.device, parallel: str = "ddp",
+         mixed_precision: bool = False) -> torch.nn.Module:
+    """The module to train: ``DistributedDataParallel(module)``, or ``module`` sharded in place
+    (``parallel="fsdp"``), when distributed; else ``module``."""
     if not info.enabled:
         return module
+    if parallel == "fsdp":
+        return shard_fully(module, mixed_precision)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
@@ -100,11 +137,21 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", module)
 
 
+@contextlib.contextmanager
 def no_sync(module: torch.nn.Module, skip: bool):
-    """``module.no_sync()`` (no gradient all-reduce) when ``skip`` and ``module`` is DDP."""
+    """No gradient reduction over processes in the block when ``skip`` (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync(False)``); gradients accumulate locally."""
     if skip and hasattr(module, "no_sync"):
-        return module.no_sync()
-    return contextlib.nullcontext()
+        with module.no_sync():
+            yield
+    elif skip and hasattr(module, "set_requires_gradient_sync"):
+        module.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            module.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def shard(n: int, info: DistInfo) -> slice:

@@ -17,7 +17,7 @@ from fastrlhf.pipeline.data import micro_batches
 from fastrlhf.pipeline.distributed import loss_scale
 from fastrlhf.pipeline.evaluation import Oracle
 from fastrlhf.pipeline.metrics import OPS
-from fastrlhf.pipeline.reward_model import pair_batch, preference_data
+from fastrlhf.pipeline.reward_model import pair_batch
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.stage import Stage, open_stage
 
@@ -35,7 +35,7 @@ def run_dpo(cfg: Config, rt: Runtime) -> dict:
     codec = ctx.codec
     policy = ctx.policy(ctx.causal_lm())
     ref = ctx.policy(ctx.causal_lm(trainable=False))
-    train, _, _ = preference_data(cfg, rt, codec, ctx.emb, policy.lm)
+    train = ctx.data[0]
     ctx.print(f"{c.loss_type} loss, beta={beta}, from {ctx.path}; {len(train)} preference pairs, "
               f"log-probs: {policy.mode}")
     stage = Stage(ctx, postfix=("loss", "gap_closed"))
@@ -64,4 +64,4 @@ def run_dpo(cfg: Config, rt: Runtime) -> dict:
                                       **oracle.progress(policy)})
 
     summary = {"loss_type": c.loss_type, "beta": beta, **oracle.final(policy)}
-    return stage.finish(summary, {"model": policy.lm})
+    return stage.finish(summary, {"model": policy})

@@ -122,33 +122,43 @@ def read_jsonl_records(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_metrics(records: list[dict], path: str, title: str) -> str | None:
-    """One panel per numeric metric against ``step``; returns the PNG path (None without
-    matplotlib or data)."""
+def plot_metrics(records: list[dict], path: str, title: str, first: tuple[str, ...] = ()) -> str | None:
+    """One panel per numeric metric against ``step`` (``first`` first, then by name; metrics
+    that never change are listed under the title instead); returns the PNG path (None without
+    matplotlib or data). Panels are 3.4 x 2.5 inches at 100 dpi, at most four a row."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
         print("matplotlib is not installed: no plots (pip install matplotlib)")
         return None
-    keys = sorted({k for r in records for k, v in r.items() if k != "step" and isinstance(v, (int, float))
-                   and not isinstance(v, bool)})
-    if not keys:
+    series: dict[str, list] = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                series.setdefault(k, []).append((r["step"], v))
+    if not series:
         return None
-    cols = min(3, len(keys))
+    constant = {k: pts[0][1] for k, pts in series.items() if len({v for _, v in pts}) == 1 and len(pts) > 1}
+    keys = [k for k in first if k in series and k not in constant]
+    keys += sorted(k for k in series if k not in constant and k not in keys)
+    if not keys:
+        keys = sorted(series)
+    cols = min(4, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig = Figure(figsize=(4.2 * cols, 2.8 * rows))
+    fig = Figure(figsize=(3.4 * cols, 2.5 * rows + 0.5), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     for i, key in enumerate(keys):
         ax = fig.add_subplot(rows, cols, i + 1)
-        pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        xs, ys = zip(*pts)
-        ax.plot(xs, ys, marker="." if len(pts) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.tick_params(labelsize=7)
+        xs, ys = zip(*series[key])
+        ax.plot(xs, ys, lw=1.4, marker="." if len(xs) < 30 else None, color="C0" if key not in first else "C3")
+        ax.set_title(key, fontsize=10)
+        ax.tick_params(labelsize=8)
+        ax.ticklabel_format(axis="y", style="sci", scilimits=(-4, 5), useOffset=False)
         ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.5 / rows, top=1 - 0.45 / rows, wspace=0.3, hspace=0.75)
-    fig.savefig(path, dpi=80)
+        if i >= len(keys) - cols:
+            ax.set_xlabel("step", fontsize=9)
+    note = ", ".join(f"{k} = {v:.4g}" for k, v in sorted(constant.items()))
+    fig.suptitle(title + (f"\nconstant: {note}" if note else ""), fontsize=11)
+    fig.savefig(path)
     return path

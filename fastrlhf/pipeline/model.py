@@ -14,6 +14,8 @@ first completion token of every row, and ``attention_mask`` marks the real token
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import inspect
 import json
 import os
 
@@ -60,25 +62,71 @@ def tiny_llama(task_cfg, tokenizer, seed: int):
         return LlamaForCausalLM(config)
 
 
+def model_source(path: str | None, what: str, hint: str = "") -> tuple[str, str | None]:
+    """``(directory, GGUF file name or None)`` of a model given as a local Hugging Face
+    directory, a ``.gguf`` file, or a directory holding one ``.gguf`` file (and no config.json)."""
+    tail = f"; {hint}" if hint else ""
+    if path is None:
+        raise PipelineError(f"{what}: no path was given{tail}")
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    if not os.path.isdir(path):
+        raise PipelineError(f"{what}: {path!r} is not a directory or a .gguf file{tail}")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path, None
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    if len(ggufs) > 1:
+        raise PipelineError(f"{what}: {path!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); pass one of them")
+    if not ggufs:
+        raise PipelineError(f"{what}: {path!r} is not a Hugging Face model directory (no config.json) and holds "
+                            "no .gguf file")
+    return path, ggufs[0]
+
+
 def check_model_dir(path: str | None, what: str, hint: str = "") -> str:
-    if path is None or not os.path.isdir(path):
-        missing = "no path was given" if path is None else f"{path!r} is not a directory"
-        raise PipelineError(f"{what}: {missing}{'; ' + hint if hint else ''}")
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise PipelineError(f"{what}: {path!r} is not a Hugging Face model directory (no config.json)")
+    """``path`` if it is a model :func:`model_source` can read (GGUF: with the gguf package)."""
+    if model_source(path, what, hint)[1] is not None and importlib.util.find_spec("gguf") is None:
+        raise PipelineError(f"{what}: reading the GGUF file {path!r} needs the gguf package: pip install gguf")
     return path
 
 
+def _source_kwargs(path: str) -> tuple[str, dict]:
+    directory, gguf = model_source(path, "model")
+    return directory, {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
+
+
+def _dequantized(model):
+    """A model loaded from GGUF is dequantized on load: make it a plain model (that saves)."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer, model.is_quantized, model.quantization_method = None, False, None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def model_context(path: str) -> int | None:
+    """The context length in the model's config (no weights are loaded)."""
+    from transformers import AutoConfig
+
+    _quiet_transformers()
+    directory, kw = _source_kwargs(path)
+    try:
+        return getattr(AutoConfig.from_pretrained(directory, **kw), "max_position_embeddings", None)
+    except Exception as e:  # noqa: BLE001
+        raise PipelineError(f"cannot read the config of the model {path!r}: {str(e).splitlines()[0]}") from None
+
+
 def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device):
-    """A causal LM from a local directory (``local_files_only``: nothing is fetched from a hub)."""
+    """A causal LM from a local directory or GGUF file (nothing is fetched from a hub)."""
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
+    directory, kw = _source_kwargs(path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, **_dtype_kwarg(dtype))
-    except Exception as e:
+        model = AutoModelForCausalLM.from_pretrained(directory, **kw, **_dtype_kwarg(dtype))
+    except Exception as e:  # noqa: BLE001
         raise PipelineError(f"cannot load a causal LM from {path!r}: {e}") from None
-    return model.to(device)
+    return _dequantized(model).to(device)
 
 
 def score_head(seq_cls) -> nn.Module | None:
@@ -97,11 +145,13 @@ def load_seq_cls(path: str, dtype: torch.dtype, device: torch.device, pad_id: in
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
+    directory, kw = _source_kwargs(path)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, local_files_only=True, output_loading_info=True, **_dtype_kwarg(dtype))
-    except Exception as e:
+            directory, num_labels=1, output_loading_info=True, **kw, **_dtype_kwarg(dtype))
+    except Exception as e:  # noqa: BLE001
         raise PipelineError(f"cannot load a sequence-classification model from {path!r}: {e}") from None
+    model = _dequantized(model)
     head = score_head(model)
     if head is None or head.out_features != 1:
         raise PipelineError(f"{type(model).__name__} from {path!r} has no 1-output linear score head "
@@ -119,13 +169,15 @@ def load_seq_cls(path: str, dtype: torch.dtype, device: torch.device, pad_id: in
     return model.to(device)
 
 
-def save_model(model: nn.Module, tokenizer, path: str, task_cfg=None) -> None:
-    """``save_pretrained`` of the model and its tokenizer (a regular local HF directory)."""
+def save_model(model: nn.Module, tokenizer, path: str, task_cfg=None, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` of the model (with ``state_dict`` when given: gathered from shards)
+    and its tokenizer: a regular local Hugging Face directory."""
     from fastrlhf.pipeline.distributed import unwrap
     from fastrlhf.pipeline.task import task_identity
 
+    _quiet_transformers()
     os.makedirs(path, exist_ok=True)
-    unwrap(model).save_pretrained(path)
+    unwrap(model).save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
     tokenizer.save_pretrained(path)
     marker = os.path.join(path, TASK_MARKER)
     if task_cfg is not None:
@@ -181,7 +233,16 @@ def fused_supported(lm) -> tuple[bool, str]:
     return True, ""
 
 
+def _own(t: torch.Tensor | None) -> torch.Tensor | None:
+    """``t`` as a tensor of its own, not a view: the output of an FSDP2 root must not be a view
+    (an in-place op on it would skip the gradient hooks)."""
+    return t.clone() if t is not None and t._base is not None else t
+
+
 class PolicyModel(nn.Module):
+    INNER = "lm"
+    """The attribute holding the Hugging Face model (what a stage saves)."""
+
     """Causal LM -> log-probs (and entropy) of the completion tokens, through fastrlhf ops.
 
     Args:
@@ -205,10 +266,14 @@ class PolicyModel(nn.Module):
     def _time(self, name):
         return self.timer(name) if self.timer is not None else contextlib.nullcontext()
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int,
-                completion_mask: torch.Tensor, with_entropy: bool = False):
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int | None = None,
+                completion_mask: torch.Tensor | None = None, with_entropy: bool = False, **lm_kwargs):
         """``(logp, entropy)`` of ``input_ids[:, n_prompt:]``, fp32 ``[B, N]``; 0 where
-        ``completion_mask`` is 0; ``entropy`` is None unless asked for."""
+        ``completion_mask`` is 0; ``entropy`` is None unless asked for. Without ``n_prompt``,
+        the causal LM's own output (for :func:`sample`: through this module's forward, so a
+        sharded model gathers its parameters)."""
+        if n_prompt is None:
+            return self.lm(input_ids=input_ids, attention_mask=attention_mask, **lm_kwargs)
         labels = input_ids[:, n_prompt:].masked_fill(completion_mask == 0, -100)
         kw = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": positions(attention_mask), "use_cache": False}
@@ -234,21 +299,28 @@ class PolicyModel(nn.Module):
                 with self._time(OPS):
                     out = fastrlhf.token_logprobs(logits, labels, temperature=self.temperature,
                                                     return_entropy=with_entropy)
-        return out if with_entropy else (out, None)
+        out = out if with_entropy else (out, None)
+        return tuple(_own(t) for t in out)
 
 
 class ScalarModel(nn.Module):
     """Sequence-classification model -> one fp32 scalar per token ``[B, T]`` (its score head
     applied to every hidden state)."""
 
+    INNER = "model"
+
     def __init__(self, seq_cls, timer=None):
         super().__init__()
         self.model = seq_cls
-        self.head = score_head(seq_cls)
-        if self.head is None or self.head.out_features != 1:
+        head = score_head(seq_cls)
+        if head is None or head.out_features != 1:
             raise PipelineError(f"{type(seq_cls).__name__} has no 1-output linear score head "
                                 "('score' or 'classifier'); use a decoder sequence-classification model")
         self.timer = timer
+
+    @property
+    def head(self) -> nn.Linear:  # not a submodule of its own: the state dict names it once
+        return score_head(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         from fastrlhf.pipeline.metrics import MODEL
@@ -257,7 +329,7 @@ class ScalarModel(nn.Module):
             hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions(attention_mask),
                                            use_cache=False).last_hidden_state
-            return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+            return _own(self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float())
 
     def score(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The scalar at the last real token of each row ``[B]`` (the reward)."""
@@ -272,6 +344,7 @@ def sample(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_t
     """Ancestral sampling (no top-k/top-p: the exact policy) with a KV cache.
 
     Args:
+        lm: a causal LM, or a :class:`PolicyModel` (called through its forward).
         prompt_ids, prompt_mask: ``[B, P]`` left-padded prompts.
         eos_id: a row stops after sampling it (None: every row samples ``max_new_tokens``).
 
@@ -283,13 +356,15 @@ def sample(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_t
 
     was_training = lm.training
     lm.eval()
+    # transformers >= 5.x names the cache argument ``cache`` (``past_key_values`` is deprecated)
+    cache_arg = "cache" if "cache" in inspect.signature(getattr(lm, "lm", lm).forward).parameters else "past_key_values"
     try:
         B = prompt_ids.shape[0]
         attn = prompt_mask.long()
         pos = positions(attn)
-        out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos,
-                 past_key_values=DynamicCache(), use_cache=True)
-        past, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1] + 1
+        past = DynamicCache()
+        out = lm(input_ids=prompt_ids, attention_mask=attn, position_ids=pos, use_cache=True, **{cache_arg: past})
+        logits, next_pos = out.logits[:, -1], pos[:, -1] + 1
         done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
         tokens, alive = [], []
         for t in range(max_new_tokens):
@@ -305,9 +380,9 @@ def sample(lm, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, max_new_t
             if t == max_new_tokens - 1 or bool(done.all()):
                 break
             attn = torch.cat([attn, torch.ones_like(attn[:, :1])], -1)
-            out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None],
-                     past_key_values=past, use_cache=True)
-            past, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            out = lm(input_ids=tok[:, None], attention_mask=attn, position_ids=next_pos[:, None], use_cache=True,
+                     **{cache_arg: past})
+            logits, next_pos = out.logits[:, -1], next_pos + 1
         return torch.stack(tokens, -1), torch.stack(alive, -1).long()
     finally:
         lm.train(was_training)

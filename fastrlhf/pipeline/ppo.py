@@ -25,19 +25,12 @@ from fastrlhf.pipeline import rl
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import Batch
 from fastrlhf.pipeline.distributed import all_sum
-from fastrlhf.pipeline.errors import ConfigError
 from fastrlhf.pipeline.evaluation import Oracle
 from fastrlhf.pipeline.metrics import OPS
 from fastrlhf.pipeline.resources import open_reward
 from fastrlhf.pipeline.rollout import Rollouts
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.stage import Stage, open_stage
-
-
-def check_world(c, world: int, stage: str) -> None:
-    if c.rollout_batch % world or c.minibatch_size % world:
-        raise ConfigError(f"{stage}.rollout_batch ({c.rollout_batch}) and {stage}.minibatch_size "
-                          f"({c.minibatch_size}) must be multiples of the number of processes ({world})")
 
 
 def score(c, batch: Batch, idx: list[int], models: dict, rollouts: Rollouts, kl_coef: float, rt: Runtime) -> dict:
@@ -69,7 +62,7 @@ def update(c, stage: Stage, batch: Batch, exp: dict, policy, critic, step: int) 
             logp, entropy = policy(b.input_ids, b.attention_mask, P, mask, with_entropy=True)
             values = critic(b.input_ids, b.attention_mask)[:, P - 1:-1]
         with rt.timer(OPS):
-            pl, pstats = rl.policy_loss(c, logp, exp["old_logp"][rows], exp["advantages"][rows], mask, counts)
+            pl, pstats = rl.policy_loss(c, logp, exp["old_logp"][rows], exp["advantages"][rows], mask, counts, c.agg)
             vl, vstats = fastrlhf.ppo_value_loss(values, exp["values"][rows], exp["returns"][rows], mask,
                                                  clip=c.value_clip, global_tokens=counts.tokens)
         share = mask.sum() / counts.tokens
@@ -90,15 +83,14 @@ def _critic_init(cfg: Config, rt: Runtime, policy_path: str) -> str:
 
 def run_ppo(cfg: Config, rt: Runtime) -> dict:
     c = cfg.ppo
-    check_world(c, rt.dist.world_size, "ppo")
     kl_coef = c.kl_coef if c.kl_coef is not None else cfg.beta
     ctx = open_stage(cfg, rt, "ppo")
     policy = ctx.policy(ctx.causal_lm())
     ref = ctx.policy(ctx.causal_lm(trainable=False))
-    reward, what = open_reward(cfg, rt, "ppo", ctx.codec)
+    reward, what = open_reward(ctx)
     critic_path = _critic_init(cfg, rt, ctx.path)
     critic = ctx.scalar(ctx.seq_cls(critic_path, "critic-head"))
-    rollouts = Rollouts(ctx, reward, policy.lm)
+    rollouts = Rollouts(ctx, reward)
     if c.adaptive_kl_target is not None:
         controller = fastrlhf.AdaptiveKLController(kl_coef, c.adaptive_kl_target, c.kl_horizon)
     else:
@@ -111,7 +103,7 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     oracle = Oracle(ctx, ref=ref, reward=reward, beta=kl_coef, target=f"the {' '.join(what.split()[:2])}'s r")
     models = {"policy": policy, "ref": ref, "critic": critic}
     for step, idx in stage.batches(list(range(len(rollouts))), c.rollout_batch):
-        batch = rollouts.sample(policy.lm, idx, rt.generator("ppo", step), c.generate_batch)
+        batch = rollouts.sample(policy, idx, rt.generator("ppo", step), c.generate_batch)
         exp = score(c, batch, idx, models, rollouts, controller.value, rt)
         stats = update(c, stage, batch, exp, policy_t, critic_t, step)
         kl_seq = exp["kl"].sum(-1).mean()
@@ -128,4 +120,4 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
         stage.end_step(step, metrics)
 
     summary = {"kl_coef": controller.value, **oracle.final(policy)}
-    return stage.finish(summary, {"model": policy.lm, "critic": critic.model})
+    return stage.finish(summary, {"model": policy, "critic": critic})

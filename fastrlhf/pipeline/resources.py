@@ -2,12 +2,13 @@
 
 With no data file for a stage, the stage runs the embedded task (:mod:`fastrlhf.pipeline.task`)
 and its models carry a marker of the task config they were trained on. With data files, the
-stage runs on the local Hugging Face model given by ``--model``.
+stage runs on your model: a local Hugging Face directory or a GGUF file (``--model``).
 
-Inputs default to the previous stage's outputs in the same ``--out`` folder:
-``sft`` writes ``<out>/sft/model``, ``rm`` writes ``<out>/rm/model``; ``rm``, ``dpo``, ``ppo``
-and ``bon`` start from ``--model`` or else ``<out>/sft/model``; ``ppo`` and ``bon`` score with
-``--reward-fn``, ``--reward-model`` or else ``<out>/rm/model``.
+The stages chain through the ``--out`` folder: ``sft`` fine-tunes ``--model`` into
+``<out>/sft/model``; ``rm``, ``dpo``, ``ppo``, ``grpo`` and ``bon`` start from ``--policy``,
+else ``<out>/sft/model``, else ``--model`` (saying so); ``ppo``, ``grpo`` and ``bon`` score with
+``--reward-fn``, ``--reward-model`` or else ``<out>/rm/model``. Everything here is checked,
+and the data read, before any model loads.
 """
 
 from __future__ import annotations
@@ -15,27 +16,23 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import numbers
 import os
 import sys
 
 import torch
 
 from fastrlhf.pipeline.config import Config
-from fastrlhf.pipeline.data import check_prompt_lengths, model_context, read_jsonl
-from fastrlhf.pipeline.errors import PipelineError
-from fastrlhf.pipeline.model import (
-    ScalarModel,
-    check_model_dir,
-    fused_supported,
-    load_seq_cls,
-    read_task_marker,
-)
+from fastrlhf.pipeline.data import check_prompt_lengths, read_jsonl
+from fastrlhf.pipeline.errors import ConfigError, PipelineError
+from fastrlhf.pipeline.model import ScalarModel, check_model_dir, fused_supported, load_seq_cls, model_context
+from fastrlhf.pipeline.model import read_task_marker
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.task import SyntheticTask, task_identity
 from fastrlhf.pipeline.tokenizer import Codec, build_char_tokenizer, load_tokenizer
 
 DATA_KEY = {"sft": "demonstrations", "rm": "preferences", "dpo": "preferences", "ppo": "prompts",
-            "bon": "prompts"}
+            "grpo": "prompts", "bon": "prompts"}
 FLAG = {"demonstrations": "--demonstrations", "prompts": "--prompts", "preferences": "--preferences"}
 
 
@@ -89,36 +86,54 @@ def _check_marker(path: str, cfg: Config, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------ models
-def policy_path(cfg: Config, rt: Runtime) -> str:
-    """The model ``rm``/``dpo``/``ppo``/``bon`` start from: ``--model`` or ``<out>/sft/model``."""
+def policy_source(cfg: Config, rt: Runtime) -> tuple[str, str]:
+    """``(path, why)``: the model rm, dpo, ppo, grpo and bon start from: ``model.policy``, else
+    the sft stage's output, else the base model ``model.path``."""
+    if cfg.model.policy is not None:
+        return check_model_dir(cfg.model.policy, "model.policy (--policy)"), "--policy"
+    sft = os.path.join(rt.stage_dir("sft"), "model")
+    if os.path.isdir(sft):
+        return check_model_dir(sft, "the sft stage's model"), "the sft stage's output"
     if cfg.model.path is not None:
-        return check_model_dir(cfg.model.path, "model.path (--model)")
-    path = os.path.join(rt.stage_dir("sft"), "model")
-    return check_model_dir(path, "no policy to start from",
-                           hint=f"pass --model PATH or run `fastrlhf sft --out {rt.out_dir}` first")
+        return check_model_dir(cfg.model.path, "model.path (--model)"), f"the base model: there is no {sft} yet"
+    return check_model_dir(None, "no policy to start from",
+                           hint=f"pass --model PATH or run `fastrlhf sft --out {rt.out_dir}` first"), ""
 
 
 def stage_inputs(cfg: Config, rt: Runtime, stage: str):
-    """``(path, codec, embedded | None)`` of the model ``stage`` starts from; ``path`` is None
-    for sft on the embedded task (the embedded tiny Llama, randomly initialized)."""
+    """``(path, why, codec, embedded | None)`` of the model ``stage`` starts from; ``path`` is
+    None for sft on the embedded task (the embedded tiny Llama, randomly initialized)."""
     embedded = is_embedded(cfg, stage)
     if stage != "sft":
-        path = policy_path(cfg, rt)
+        path, why = policy_source(cfg, rt)
     elif embedded:
         if cfg.model.path is not None:
             raise PipelineError("the embedded task trains the embedded tiny model; to fine-tune "
                                 f"{cfg.model.path!r} pass --demonstrations FILE.jsonl")
         codec = embedded_codec(cfg)
-        return None, codec, Embedded(SyntheticTask(cfg.task), codec)
+        return None, "random init", codec, Embedded(SyntheticTask(cfg.task), codec)
     else:
         path = check_model_dir(cfg.model.path, "model.path (--model)",
                                hint="sft on --demonstrations fine-tunes the local model given by --model PATH")
+        why = "--model"
     tokenizer = load_tokenizer(path)
     if embedded:
         _check_marker(path, cfg, "model")
         codec = embedded_codec(cfg, tokenizer)
-        return path, codec, Embedded(SyntheticTask(cfg.task), codec)
-    return path, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path), None
+        return path, why, codec, Embedded(SyntheticTask(cfg.task), codec)
+    return path, why, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path), None
+
+
+BATCHES = {"sft": ("batch_size",), "rm": ("batch_size",), "dpo": ("batch_size",),
+           "ppo": ("rollout_batch", "minibatch_size"), "grpo": ("rollout_batch", "minibatch_size")}
+
+
+def check_world(cfg: Config, stage: str, world: int) -> None:
+    """Every global batch of ``stage`` splits evenly over the ``world`` processes."""
+    for key in BATCHES.get(stage, ()):
+        n = getattr(getattr(cfg, stage), key)
+        if n % world:
+            raise ConfigError(f"{stage}.{key} ({n}) must be a multiple of the number of processes ({world})")
 
 
 def logprob_mode(cfg: Config, lm) -> str:
@@ -132,11 +147,11 @@ def logprob_mode(cfg: Config, lm) -> str:
     return mode
 
 
-def open_reward(cfg: Config, rt: Runtime, stage: str, codec: Codec):
-    """``(reward, description)``: a :class:`ScalarModel` or a Python function. A reward model
-    reads the policy's token ids, so the two must share a tokenizer."""
+def reward_source(cfg: Config, rt: Runtime, stage: str):
+    """The reward of a sampling stage, checked before anything loads: the reward function
+    (imported), or the reward model's path."""
     if cfg.model.reward_fn is not None:
-        return load_reward_fn(cfg.model.reward_fn), f"reward function {cfg.model.reward_fn}"
+        return load_reward_fn(cfg.model.reward_fn)
     path = cfg.model.reward_model
     if path is None:
         path = os.path.join(rt.stage_dir("rm"), "model")
@@ -146,6 +161,15 @@ def open_reward(cfg: Config, rt: Runtime, stage: str, codec: Codec):
         check_model_dir(path, "model.reward_model (--reward-model)")
     if is_embedded(cfg, stage):
         _check_marker(path, cfg, "reward model")
+    return path
+
+
+def open_reward(ctx):
+    """``(reward, description)``: a frozen :class:`ScalarModel` or the reward function. A reward
+    model reads the policy's token ids, so the two must share a tokenizer."""
+    if not isinstance(ctx.reward, str):
+        return ctx.reward, f"reward function {ctx.cfg.model.reward_fn}"
+    path, codec, rt = ctx.reward, ctx.codec, ctx.rt
     rm = load_seq_cls(path, rt.frozen_dtype, rt.device, codec.pad_id, seed=0)
     if rm.config.num_labels != 1:
         raise PipelineError(f"reward model {path!r} has {rm.config.num_labels} labels; a reward model has 1")
@@ -184,48 +208,83 @@ def load_reward_fn(spec: str):
 
 
 def call_reward_fn(fn, prompts: list[str], completions: list[str], device) -> torch.Tensor:
+    """``fn(prompts, completions)`` as an fp32 ``[N]`` tensor, with a clear error for anything
+    but one finite number per completion."""
     out = fn(prompts, completions)
-    try:
-        scores = torch.as_tensor(out, dtype=torch.float32).reshape(-1)
-    except Exception:
-        raise PipelineError(f"the reward function returned {type(out).__name__}; expected a list of floats") from None
-    if scores.numel() != len(prompts):
-        raise PipelineError(f"the reward function returned {scores.numel()} scores for {len(prompts)} completions")
+    if isinstance(out, torch.Tensor):
+        out = out.detach().cpu().reshape(-1).tolist()
+    if isinstance(out, (str, bytes, dict)) or not hasattr(out, "__iter__"):
+        raise PipelineError(f"the reward function returned a {type(out).__name__}; expected a list of numbers, "
+                            "one per completion")
+    out = list(out)
+    for i, x in enumerate(out):
+        if isinstance(x, (str, bytes)) or not isinstance(x, numbers.Real) and not hasattr(x, "__float__"):
+            raise PipelineError(f"the reward function returned a list whose item {i} is a {type(x).__name__} "
+                                f"({str(x)[:40]!r}); expected a number per completion")
+    if len(out) != len(prompts):
+        raise PipelineError(f"the reward function returned {len(out)} scores for {len(prompts)} completions")
+    scores = torch.tensor([float(x) for x in out], dtype=torch.float32)
     if not torch.isfinite(scores).all():
         raise PipelineError("the reward function returned a NaN or infinite score")
     return scores.to(device)
 
 
 # -------------------------------------------------------------------------------- data
-def load_prompts(cfg: Config, codec: Codec, lm) -> tuple[list[list[int]], list[str]]:
+def stage_data(cfg: Config, rt: Runtime, stage: str, codec: Codec, emb, path: str | None):
+    """The stage's data, read and checked against the model's context before any model loads:
+    sft ``[(prompt ids, completion ids)]``; rm and dpo ``(train, held_out, oracle index | None)``;
+    ppo, grpo and bon ``(prompt ids, prompt texts)``."""
+    if stage == "sft":
+        if emb is not None:
+            return emb.demonstrations(cfg.task.n_demos, rt.seed_value("demonstrations", per_rank=False))
+        return load_demonstrations(cfg, codec, model_context(path))
+    if stage in ("rm", "dpo"):
+        return preference_data(cfg, rt, codec, emb, path)
+    if emb is not None:
+        return emb.prompt_ids, list(emb.task.prompts)
+    return load_prompts(cfg, codec, model_context(path))
+
+
+def preference_data(cfg: Config, rt: Runtime, codec: Codec, emb, path: str | None):
+    """``(train, held_out, oracle_index | None)``; the same pairs for rm and dpo."""
+    seed = rt.seed_value("preferences", per_rank=False)
+    if emb is not None:
+        n_eval = int(cfg.task.n_pairs * cfg.data.eval_fraction)
+        pairs, index = emb.preferences(cfg.task.n_pairs + n_eval, seed)
+        return pairs[n_eval:], pairs[:n_eval], tuple(t[:n_eval] for t in index)
+    pairs = load_preferences(cfg, codec, model_context(path))
+    train, held_out = split_eval(pairs, cfg.data.eval_fraction, seed)
+    return train, held_out, None
+
+
+def load_prompts(cfg: Config, codec: Codec, context: int | None) -> tuple[list[list[int]], list[str]]:
     recs = read_jsonl(cfg.data.prompts, ("prompt",), "prompts", FLAG["prompts"])
     ids = [codec.prompt(r["prompt"]) for r in recs]
     check_prompt_lengths(ids, max_prompt_len=cfg.model.max_prompt_len, max_new_tokens=cfg.model.max_new_tokens,
-                         context=model_context(lm), source=cfg.data.prompts, lines=[r["_line"] for r in recs])
+                         context=context, source=cfg.data.prompts, lines=[r["_line"] for r in recs])
     return ids, [r["prompt"] for r in recs]
 
 
-def load_demonstrations(cfg: Config, codec: Codec, lm) -> list[tuple[list[int], list[int]]]:
+def load_demonstrations(cfg: Config, codec: Codec, context: int | None) -> list[tuple[list[int], list[int]]]:
     recs = read_jsonl(cfg.data.demonstrations, ("prompt", "completion"), "demonstrations", FLAG["demonstrations"])
     out = [(codec.prompt(r["prompt"]), codec.completion(r["completion"])) for r in recs]
-    _check_pairs_fit(cfg, [p for p, _ in out], [len(c) for _, c in out], cfg.data.demonstrations, recs, lm)
+    _check_pairs_fit(cfg, [p for p, _ in out], [len(c) for _, c in out], cfg.data.demonstrations, recs, context)
     return out
 
 
-def load_preferences(cfg: Config, codec: Codec, lm) -> list[tuple[list[int], list[int], list[int]]]:
+def load_preferences(cfg: Config, codec: Codec, context: int | None) -> list[tuple[list[int], list[int], list[int]]]:
     recs = read_jsonl(cfg.data.preferences, ("prompt", "chosen", "rejected"), "preferences", FLAG["preferences"])
     out = [(codec.prompt(r["prompt"]), codec.completion(r["chosen"]), codec.completion(r["rejected"]))
            for r in recs]
     _check_pairs_fit(cfg, [p for p, _, _ in out], [max(len(c), len(r)) for _, c, r in out],
-                     cfg.data.preferences, recs, lm)
+                     cfg.data.preferences, recs, context)
     return out
 
 
-def _check_pairs_fit(cfg, prompts, completion_lens, source, recs, lm) -> None:
+def _check_pairs_fit(cfg, prompts, completion_lens, source, recs, context) -> None:
     lines = [r["_line"] for r in recs]
     check_prompt_lengths(prompts, max_prompt_len=cfg.model.max_prompt_len, max_new_tokens=0,
                          context=None, source=source, lines=lines)
-    context = model_context(lm)
     if context is not None:
         for p, n, line in zip(prompts, completion_lens, lines):
             if len(p) + n > context:

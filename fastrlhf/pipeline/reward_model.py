@@ -16,7 +16,6 @@ from fastrlhf.pipeline.distributed import loss_scale, unwrap
 from fastrlhf.pipeline.evaluation import Oracle
 from fastrlhf.pipeline.metrics import OPS
 from fastrlhf.pipeline.model import last_index
-from fastrlhf.pipeline.resources import load_preferences, split_eval
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.stage import Stage, open_stage
 
@@ -25,18 +24,6 @@ def pair_batch(pairs, pad_id: int):
     """Chosen rows then rejected rows of ``pairs`` ``[(prompt, chosen, rejected)]`` in one batch."""
     prompts = [p for p, _, _ in pairs]
     return collate(prompts + prompts, [c for _, c, _ in pairs] + [r for _, _, r in pairs], pad_id)
-
-
-def preference_data(cfg: Config, rt: Runtime, codec, emb, lm):
-    """``(train, held_out, oracle_index | None)``; the same pairs for rm and dpo."""
-    seed = rt.seed_value("preferences", per_rank=False)
-    if emb is not None:
-        n_eval = int(cfg.task.n_pairs * cfg.data.eval_fraction)
-        pairs, index = emb.preferences(cfg.task.n_pairs + n_eval, seed)
-        return pairs[n_eval:], pairs[:n_eval], tuple(t[:n_eval] for t in index)
-    pairs = load_preferences(cfg, codec, lm)
-    train, held_out = split_eval(pairs, cfg.data.eval_fraction, seed)
-    return train, held_out, None
 
 
 @torch.no_grad()
@@ -62,7 +49,7 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
     ctx = open_stage(cfg, rt, "rm")
     codec = ctx.codec
     scalar = ctx.scalar(ctx.seq_cls(ctx.path, "rm-head"))
-    train, held_out, eval_index = preference_data(cfg, rt, codec, ctx.emb, scalar.model)
+    train, held_out, eval_index = ctx.data
     ctx.print(f"backbone from {ctx.path}; {len(train)} preference pairs, {len(held_out)} held out")
     stage = Stage(ctx, postfix=("loss", "accuracy"))
     model = stage.train("rm", scalar, c.lr)
@@ -101,4 +88,4 @@ def run_rm(cfg: Config, rt: Runtime) -> dict:
                  f"{summary['heldout_oracle_accuracy']:.3f}; correlation with r* "
                  f"{summary['oracle_correlation']:.3f}")
     ctx.print(line)
-    return stage.finish(summary, {"model": scalar.model})
+    return stage.finish(summary, {"model": scalar})

@@ -32,11 +32,23 @@ def no_grad_passes(batch: Batch, micro_batch_size: int, rt, passes: dict) -> dic
     return {name: torch.cat(v) for name, v in out.items()}
 
 
+def agg_counts(agg: str, counts: Counts, scale_factor: float | None = None) -> dict:
+    """The global-count keywords of the fastrlhf loss ops for aggregation mode ``agg``."""
+    if agg == "token-mean":
+        return {"global_tokens": counts.tokens}
+    if agg == "seq-mean-token-sum-norm":
+        return {"global_seqs": counts.seqs, "loss_scale_factor": scale_factor}
+    return {"global_seqs": counts.seqs} if agg.startswith("seq-mean") else {}
+
+
 def policy_loss(c, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                counts: Counts):
-    """The policy loss of ``ppo`` and ``grpo``: ``fastrlhf.ppo_policy_loss`` with the stage's
-    clip range, as this process's share of the minibatch's loss. Returns ``(loss, stats)``."""
-    return fastrlhf.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=c.clip, global_tokens=counts.tokens)
+                counts: Counts, agg: str, scale_factor: float | None = None):
+    """The policy loss of ``ppo`` and ``grpo`` (the one place it is computed): the clipped
+    surrogate of ``fastrlhf.ppo_policy_loss`` with the stage's clip ranges, aggregated by
+    ``agg`` over the minibatch's global ``counts``, as this process's share. Returns
+    ``(loss, stats)``."""
+    return fastrlhf.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=c.clip, clip_high=c.clip_high,
+                                    dual_clip=c.dual_clip, agg=agg, **agg_counts(agg, counts, scale_factor))
 
 
 def update(stage, batch: Batch, loss_fn, *, epochs: int, minibatch_size: int, micro_batch_size: int,

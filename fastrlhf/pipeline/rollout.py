@@ -9,27 +9,25 @@ import torch
 from fastrlhf.pipeline.data import Batch, collate, micro_batches, pad_left
 from fastrlhf.pipeline.metrics import GENERATE, REWARD
 from fastrlhf.pipeline.model import sample
-from fastrlhf.pipeline.resources import call_reward_fn, load_prompts
+from fastrlhf.pipeline.resources import call_reward_fn
 
 
 class Rollouts:
-    """The stage's prompts (checked against the context of ``lm``), sampled from and scored by
-    ``reward`` (a :class:`~fastrlhf.pipeline.model.ScalarModel` or a reward function)."""
+    """The stage's prompts (``ctx.data``), sampled from a policy and scored by ``reward`` (a
+    :class:`~fastrlhf.pipeline.model.ScalarModel` or a reward function)."""
 
-    def __init__(self, ctx, reward, lm):
+    def __init__(self, ctx, reward):
         self.ctx, self.reward, self.rt, self.codec = ctx, reward, ctx.rt, ctx.codec
-        if ctx.emb is not None:
-            self.prompts, self.texts = ctx.emb.prompt_ids, list(ctx.emb.task.prompts)
-        else:
-            self.prompts, self.texts = load_prompts(ctx.cfg, ctx.codec, lm)
+        self.prompts, self.texts = ctx.data
         self.max_new = ctx.cfg.task.completion_len if ctx.emb is not None else ctx.cfg.model.max_new_tokens
 
     def __len__(self) -> int:
         return len(self.prompts)
 
-    def sample(self, lm, idx: list[int], generator: torch.Generator, chunk: int = 0) -> Batch:
-        """One completion for each prompt index in ``idx``, ``chunk`` prompts at a time (0: all
-        at once): the full sequences as a :class:`~fastrlhf.pipeline.data.Batch`."""
+    def sample(self, policy, idx: list[int], generator: torch.Generator, chunk: int = 0) -> Batch:
+        """One completion from ``policy`` (a :class:`~fastrlhf.pipeline.model.PolicyModel`) for
+        each prompt index in ``idx``, ``chunk`` prompts at a time (0: all at once): the full
+        sequences as a :class:`~fastrlhf.pipeline.data.Batch`."""
         rt, codec = self.rt, self.codec
         prompts = [self.prompts[i] for i in idx]
         bias = None if self.ctx.emb is None else self.ctx.emb.logit_bias.to(rt.device)
@@ -37,7 +35,7 @@ class Rollouts:
         for part in micro_batches(len(prompts), chunk):
             ids, mask = pad_left(prompts[part], codec.pad_id)
             with rt.timer(GENERATE), rt.autocast():
-                comp, comp_mask = sample(lm, ids.to(rt.device), mask.to(rt.device), max_new_tokens=self.max_new,
+                comp, comp_mask = sample(policy, ids.to(rt.device), mask.to(rt.device), max_new_tokens=self.max_new,
                                          pad_id=codec.pad_id, eos_id=codec.eos_id, generator=generator,
                                          temperature=self.ctx.cfg.model.temperature, logit_bias=bias)
             completions += [row[m != 0].tolist() for row, m in zip(comp.cpu(), comp_mask.cpu())]

@@ -13,7 +13,6 @@ from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import collate, micro_batches
 from fastrlhf.pipeline.distributed import all_sum, loss_scale
 from fastrlhf.pipeline.evaluation import Oracle
-from fastrlhf.pipeline.resources import load_demonstrations
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.stage import Stage, open_stage
 
@@ -21,17 +20,13 @@ from fastrlhf.pipeline.stage import Stage, open_stage
 def run_sft(cfg: Config, rt: Runtime) -> dict:
     c = cfg.sft
     ctx = open_stage(cfg, rt, "sft")
+    data = ctx.data
     policy = ctx.policy(ctx.causal_lm())
-    if ctx.emb is not None:
-        data = ctx.emb.demonstrations(cfg.task.n_demos, rt.seed_value("demonstrations", per_rank=False))
-    else:
-        data = load_demonstrations(cfg, ctx.codec, policy.lm)
     ctx.print(f"{ctx.path or 'the embedded tiny Llama (random init)'}: {sum(p.numel() for p in policy.parameters()):,} "
               f"parameters, {len(data)} demonstrations, log-probs: {policy.mode}, device {rt.device}, "
               f"precision {rt.precision}")
     stage = Stage(ctx, postfix=("loss",))
     model = stage.train("policy", policy, c.lr)
-    loss_value = float("nan")
     for step, items in stage.batches(data, c.batch_size):
         scale = loss_scale(int(all_sum(torch.tensor(sum(len(y) for _, y in items), device=rt.device), rt.dist)), rt.dist)
         batch = collate([p for p, _ in items], [y for _, y in items], ctx.codec.pad_id).to(rt.device)
@@ -44,14 +39,13 @@ def run_sft(cfg: Config, rt: Runtime) -> dict:
             return loss, {"loss": loss}
 
         stats, norms = stage.step(micro_batches(len(batch), c.micro_batch_size), loss_fn)
-        metrics = stage.end_step(step, lambda: {"loss": stats["loss"], "grad_norm": norms["policy"],
-                                                "lr": stage.lr("policy")})
-        loss_value = metrics["loss"] if metrics is not None else loss_value
+        stage.end_step(step, lambda: {"loss": stats["loss"], "grad_norm": norms["policy"], "lr": stage.lr("policy")})
 
+    loss_value = stage.last("loss")
     summary = {"loss": loss_value, **Oracle(ctx).demonstrator_fit(policy)}
     line = f"loss {loss_value:.4f} per token"
     if "kl_demo_sft" in summary:
         line += (f" (the demonstrator's entropy is {summary['demo_entropy']:.4f}); KL(demonstrator || pi_sft) = "
                  f"{summary['kl_demo_sft']:.4f}")
     ctx.print(line)
-    return stage.finish(summary, {"model": policy.lm})
+    return stage.finish(summary, {"model": policy})

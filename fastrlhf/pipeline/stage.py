@@ -13,33 +13,40 @@ from dataclasses import dataclass
 
 import torch
 
-from fastrlhf.pipeline.checkpoint import load_checkpoint, save_checkpoint
+from fastrlhf.pipeline.checkpoint import checkpoints, full_model_state, load_checkpoint, prune, save_checkpoint
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import IndexStream
-from fastrlhf.pipeline.distributed import all_mean, barrier, no_sync, shard, wrap
+from fastrlhf.pipeline.distributed import all_mean, barrier, is_sharded, no_sync, shard, shard_fully, wrap
+from fastrlhf.pipeline.errors import PipelineError
 from fastrlhf.pipeline.metrics import MODEL, OPTIM, MetricsLog, format_breakdown, plot_metrics
 from fastrlhf.pipeline.model import PolicyModel, ScalarModel, enable_gradient_checkpointing, load_causal_lm
 from fastrlhf.pipeline.model import load_seq_cls, save_model, tiny_llama
-from fastrlhf.pipeline.resources import Embedded, logprob_mode, stage_inputs
+from fastrlhf.pipeline.resources import Embedded, check_world, logprob_mode, reward_source, stage_data, stage_inputs
 from fastrlhf.pipeline.runtime import Runtime
 from fastrlhf.pipeline.tokenizer import Codec
 
-SAMPLING_STAGES = ("ppo", "bon")
+SAMPLING_STAGES = ("ppo", "grpo", "bon")
 """Stages that sample from the policy: their log-probs are taken at the sampling temperature."""
 
 
 @dataclass
 class StageContext:
-    """One stage's inputs: the run's config and runtime, the stage's ``name``, the model
-    directory it starts from (``path``; None: the embedded tiny Llama, for sft), its codec and
-    the embedded task (``emb``; None on your own data)."""
+    """One stage's inputs, all checked before any model loads: the run's config and runtime,
+    the stage's ``name``, the model it starts from (``path``, a directory or GGUF file; None:
+    the embedded tiny Llama, for sft) and ``why`` that one, its codec, the embedded task
+    (``emb``; None on your own data), the stage's ``data`` (see
+    :func:`~fastrlhf.pipeline.resources.stage_data`) and its ``reward`` (sampling stages: a
+    reward function, or the reward model's path)."""
 
     cfg: Config
     rt: Runtime
     name: str
     path: str | None
+    why: str
     codec: Codec
     emb: Embedded | None
+    data: object = None
+    reward: object = None
 
     @property
     def section(self):  # cfg.sft, cfg.ppo, ...
@@ -72,19 +79,58 @@ class StageContext:
 
     def policy(self, lm) -> PolicyModel:
         """``lm`` as a :class:`PolicyModel` (the embedded task's alphabet only; log-probs at the
-        sampling temperature in the stages that sample)."""
+        sampling temperature in the stages that sample); a frozen one is sharded under fsdp."""
         bias = None if self.emb is None else self.emb.logit_bias.to(self.rt.device)
         temperature = self.cfg.model.temperature if self.name in SAMPLING_STAGES else 1.0
-        return PolicyModel(lm, mode=logprob_mode(self.cfg, lm), logit_bias=bias, temperature=temperature,
-                           timer=self.rt.timer)
+        return self._frozen(PolicyModel(lm, mode=logprob_mode(self.cfg, lm), logit_bias=bias,
+                                        temperature=temperature, timer=self.rt.timer))
 
     def scalar(self, seq_cls) -> ScalarModel:
-        return ScalarModel(seq_cls, timer=self.rt.timer)
+        return self._frozen(ScalarModel(seq_cls, timer=self.rt.timer))
+
+    def _frozen(self, module):
+        frozen = not any(p.requires_grad for p in module.parameters())
+        if frozen and self.rt.dist.enabled and self.cfg.parallel == "fsdp":
+            shard_fully(module, self.rt.precision == "bf16-mixed")
+        return module
 
 
 def open_stage(cfg: Config, rt: Runtime, name: str) -> StageContext:
-    """The shared set-up: where the stage's model comes from, its tokenizer and task."""
-    return StageContext(cfg, rt, name, *stage_inputs(cfg, rt, name))
+    """The shared set-up, before any model loads: the process count against the batch sizes,
+    where the stage's model comes from, its tokenizer and task, its data and its reward."""
+    check_world(cfg, name, rt.dist.world_size)
+    ctx = StageContext(cfg, rt, name, *stage_inputs(cfg, rt, name))
+    if name in SAMPLING_STAGES:
+        ctx.reward = reward_source(cfg, rt, name)
+    ctx.data = stage_data(cfg, rt, name, ctx.codec, ctx.emb, ctx.path)
+    if ctx.path is not None:
+        ctx.print(f"starting from {ctx.path} ({ctx.why})")
+    uses_beta = name not in ("sft", "rm")
+    changed = {k: v for k, v in getattr(cfg, "pretrained_defaults", {}).items()
+               if k.split(".")[0] == name or (k == "beta" and uses_beta)}
+    if changed:
+        ctx.print("your own data and model: the pretrained-model defaults apply where the config sets nothing: "
+                  + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return ctx
+
+
+def finished(cfg: Config, rt: Runtime, name: str) -> dict | None:
+    """With ``--resume``, the summary of a stage that already ran all its steps (None otherwise).
+    Raises when it finished fewer steps and kept no checkpoint to continue from."""
+    path = os.path.join(rt.stage_dir(name), "summary.json")
+    steps = getattr(getattr(cfg, name), "steps", None)
+    if not cfg.resume or steps is None or not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    done = summary.get("steps")
+    if done == steps:
+        rt.print(f"[{name}] already finished ({done}/{steps} steps, {path}): nothing to do")
+        return summary
+    if isinstance(done, int) and not checkpoints(os.path.join(rt.stage_dir(name), "checkpoint")):
+        raise PipelineError(f"{name} finished {done} steps and kept no checkpoint (keep_checkpoints=0), so it "
+                            f"cannot continue to {name}.steps={steps}: run it without --resume to start over")
+    return None
 
 
 # ------------------------------------------------------------------------------ loop
@@ -101,13 +147,15 @@ class Stage:
     """One stage's run: trained modules, resume, steps, metrics, checkpoints, what it leaves behind.
 
     Register what is trained with :meth:`train`; iterating resumes from the last checkpoint
-    (``--resume``) and yields the steps (the section's ``steps``) with the LR schedule applied.
+    (``--resume``) and yields the steps (``steps``, default the section's) with the LR schedule
+    applied.
     ``postfix``: metric names shown live on the progress bar.
     """
 
-    def __init__(self, ctx: StageContext, *, postfix: tuple[str, ...] = ()):
+    def __init__(self, ctx: StageContext, *, steps: int | None = None, postfix: tuple[str, ...] = ()):
         self.ctx, self.rt, self.name, self.postfix = ctx, ctx.rt, ctx.name, postfix
-        self.steps, self.warmup = getattr(ctx.section, "steps", 0), getattr(ctx.section, "warmup", 0)
+        self.steps = getattr(ctx.section, "steps", 0) if steps is None else steps
+        self.warmup = getattr(ctx.section, "warmup", 0)
         self.modules, self.wrapped, self.optimizers, self.lrs = {}, {}, {}, {}
         self.dir = self.rt.stage_dir(self.name)
         self.ckpt_dir = os.path.join(self.dir, "checkpoint")
@@ -122,7 +170,8 @@ class Stage:
     def train(self, key: str, module: torch.nn.Module, lr: float) -> torch.nn.Module:
         """Train ``module`` with AdamW at ``lr``; returns the module to call (DDP when distributed)."""
         self.modules[key], self.lrs[key] = module, lr
-        self.wrapped[key] = wrap(module, self.rt.dist, self.rt.device)
+        self.wrapped[key] = wrap(module, self.rt.dist, self.rt.device, self.rt.cfg.parallel,
+                                 self.rt.precision == "bf16-mixed")
         self.optimizers[key] = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=lr,
                                                  weight_decay=self.ctx.section.weight_decay)
         return self.wrapped[key]
@@ -133,12 +182,15 @@ class Stage:
             return self.extra
         rt, name = self.rt, self.name
         if rt.cfg.resume and self.optimizers:
-            state = load_checkpoint(self.ckpt_dir, self.modules, self.optimizers, rt.device)
+            state = load_checkpoint(self.ckpt_dir, self.modules, self.optimizers, stage=name, total=self.steps,
+                                    dist=rt.dist)
             if state is None:
                 rt.print(f"[{name}] no checkpoint in {self.ckpt_dir}: starting from step 0")
             else:
                 self.start, self.extra = state["step"], state["extra"]
-                rt.print(f"[{name}] resuming from {self.ckpt_dir} at step {self.start}/{self.steps}")
+                n = state["world_size"]
+                were = f" (written by {n} process{'es' * (n > 1)})" if n != rt.dist.world_size else ""
+                rt.print(f"[{name}] resuming from {self.ckpt_dir} at step {self.start}/{self.steps}{were}")
         self.log = MetricsLog(os.path.join(self.dir, "metrics.jsonl"), total=self.steps, start=self.start,
                               enabled=rt.is_main, progress=rt.cfg.progress, desc=name, postfix=self.postfix)
         return self.extra
@@ -160,6 +212,11 @@ class Stage:
         mine = shard(batch_size, self.rt.dist)
         for step in self:
             yield step, [data[i] for i in stream.batch(step)[mine]]
+
+    def last(self, key: str) -> float:
+        """The last logged value of metric ``key`` (NaN when none was logged)."""
+        values = [r[key] for r in (self.log.records if self.log else []) if r.get(key) is not None]
+        return values[-1] if values else float("nan")
 
     def lr(self, key: str) -> float:
         return self.optimizers[key].param_groups[0]["lr"]
@@ -196,22 +253,38 @@ class Stage:
         self.log.advance()
         done = step + 1
         if self.optimizers and (done % self.rt.cfg.save_every == 0 or done == self.steps):
-            if self.rt.is_main:
-                save_checkpoint(self.ckpt_dir, done, self.modules, self.optimizers, self.extra)
+            save_checkpoint(self.ckpt_dir, done, self.modules, self.optimizers, self.extra, stage=self.name,
+                            total=self.steps, keep=self.rt.cfg.keep_checkpoints, dist=self.rt.dist)
             barrier(self.rt.dist)
         return metrics
 
+    def save(self, folder: str, module) -> str:
+        """Save the Hugging Face model inside ``module`` (a :class:`PolicyModel` or
+        :class:`ScalarModel`, gathered from its shards under fsdp) and the tokenizer in
+        ``<stage>/<folder>``."""
+        path, inner = os.path.join(self.dir, folder), module.INNER
+        state = None
+        if is_sharded(module):  # every process takes part in gathering the full state
+            state = {k[len(inner) + 1:]: v for k, v in full_model_state(module).items() if k.startswith(inner + ".")}
+        if self.rt.is_main:
+            save_model(getattr(module, inner), self.ctx.codec.tokenizer, path,
+                       self.ctx.cfg.task if self.ctx.emb is not None else None, state_dict=state)
+        return path
+
     def finish(self, summary: dict, models: dict | None = None, files: dict[str, str] | None = None) -> dict:
-        """Save ``models`` (``{folder: model}``, with the tokenizer) in the stage folder, write
-        ``summary.json`` and the PNG plot, print the stage summary and timing."""
+        """Save ``models`` (``{folder: PolicyModel or ScalarModel}``) in the stage folder, write
+        ``summary.json`` and the PNG plot, print the stage summary and timing; with
+        ``keep_checkpoints = 0`` delete the stage's checkpoints."""
         files = dict(files or {})
-        for folder, model in (models or {}).items():
-            files[folder] = os.path.join(self.dir, folder)
-            if self.rt.is_main:
-                save_model(model, self.ctx.codec.tokenizer, files[folder],
-                           self.ctx.cfg.task if self.ctx.emb is not None else None)
+        for folder, module in (models or {}).items():
+            files[folder] = self.save(folder, module)
         if "model" in files:
             summary["model"] = files["model"]
+        summary["init"] = self.ctx.path
+        if self.optimizers:
+            summary["steps"] = self.steps
+            if self.rt.cfg.keep_checkpoints == 0 and self.rt.is_main:
+                prune(self.ckpt_dir, 0)
         records = self.log.records if self.log is not None else []
         if self.log is not None:
             self.log.close()
@@ -220,7 +293,8 @@ class Stage:
         if self.rt.is_main:
             if records:
                 files["metrics"] = os.path.join(self.dir, "metrics.jsonl")
-                plot = plot_metrics(records, os.path.join(self.dir, "metrics.png"), f"fastrlhf {self.name}")
+                plot = plot_metrics(records, os.path.join(self.dir, "metrics.png"), f"fastrlhf {self.name}",
+                                    first=self.postfix)
                 if plot:
                     files["plot"] = plot
             summary["files"] = files

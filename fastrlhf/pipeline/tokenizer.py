@@ -6,6 +6,7 @@ like any local model. :class:`Codec` is the one place prompts and completions be
 
 from __future__ import annotations
 
+import os
 
 from fastrlhf.pipeline.errors import PipelineError
 
@@ -30,15 +31,26 @@ def build_char_tokenizer(alphabet: str):
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD)
 
 
+VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+               "sentencepiece.bpe.model", "tiktoken.model")
+"""Files that hold a tokenizer's vocabulary (one of them must be there)."""
+
+
 def load_tokenizer(path: str):
-    """The tokenizer saved in the local model directory ``path`` (never fetched from a hub)."""
+    """The tokenizer saved in the local model directory ``path``, or in its GGUF file (never
+    fetched from a hub)."""
     from transformers import AutoTokenizer
 
+    from fastrlhf.pipeline.model import model_source
+
+    directory, gguf = model_source(path, "model")
+    if gguf is None and not any(os.path.isfile(os.path.join(directory, f)) for f in VOCAB_FILES):
+        raise PipelineError(f"no tokenizer found in {path!r} (none of {', '.join(VOCAB_FILES)}): save the "
+                            "model's tokenizer there with tokenizer.save_pretrained(PATH)")
     try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception as e:
-        raise PipelineError(f"cannot load a tokenizer from {path!r}: {e}. The model directory must hold "
-                            "its tokenizer files (save it with tokenizer.save_pretrained(path))") from None
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+    except Exception as e:  # noqa: BLE001
+        raise PipelineError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
 
 
 class Codec:
