@@ -494,3 +494,52 @@ def test_local_model_errors(tmp_path, capsys):
     code, res = _run(["bon", "--model", short, "--prompts", prompts, "--reward-fn", "no_such_module:f",
                       "--out", str(tmp_path)], capsys)
     assert code == 2 and "cannot import reward function module 'no_such_module'" in res.err
+
+
+# -------------------------------------------------------------------------- grpo
+def test_quick_demo_grpo_closes_the_gap(quick_demo):
+    out, s = quick_demo
+    e = s["grpo"]["exact"]
+    assert e["gap_closed"] >= 0.5, e
+    assert e["oracle_reward"] > e["oracle_reward_ref"] + 0.3 and e["kl_opt"] < 0.5 * e["kl_opt_ref"]
+    assert (s["grpo"]["advantage"], s["grpo"]["agg"], s["grpo"]["kl_in"]) == ("grpo", "seq-mean-token-mean", "reward")
+    records = [json.loads(line) for line in open(out / "grpo" / "metrics.jsonl")]
+    assert records[-1]["step"] == load_config(quick=True).grpo.steps - 1
+    assert {"score", "kl", "reward", "policy_loss", "clipfrac", "entropy", "gap_closed", "group_score_std"} \
+        <= set(records[-1])
+    assert "GRPO" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("settings", [
+    {"grpo.advantage": "rloo"},
+    {"grpo.advantage": "dr_grpo", "grpo.epochs": 2, "grpo.clip_high": 0.28},
+    {"grpo.kl_in": "loss", "grpo.kl_estimator": "k3", "grpo.dual_clip": 3.0},
+], ids=["rloo", "dr_grpo", "kl-in-loss"])
+def test_grpo_variants_train(settings, quick_demo, tmp_path):
+    from fastrlhf.pipeline.demo import run_stage
+    from fastrlhf.pipeline.runtime import Runtime
+
+    src, s = quick_demo
+    _copy_inputs(src, tmp_path)
+    cfg = _stage_cfg(tmp_path, log_every=1, **{"grpo.steps": 3, "grpo.rollout_batch": 8, **settings})
+    res = run_stage("grpo", cfg, Runtime(cfg))
+    logs = [json.loads(line) for line in open(tmp_path / "grpo" / "metrics.jsonl")]
+    assert [r["step"] for r in logs] == [0, 1, 2] and all(math.isfinite(v) for v in logs[-1].values())
+    assert ("kl_loss" in logs[-1]) == (settings.get("grpo.kl_in") == "loss")
+    assert res["agg"] == {"rloo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}.get(
+        settings.get("grpo.advantage"), "seq-mean-token-mean")
+    assert res["exact"]["kl_ref"] > 0  # the policy moved
+
+
+def test_grpo_on_a_local_model_with_a_reward_function(tmp_path, capsys):
+    model = make_local_model(tmp_path / "base")
+    _, _, prompts = local_data(tmp_path)
+    fn = tmp_path / "my_reward.py"
+    fn.write_text(REWARD_FN)
+    out = str(tmp_path / "run")
+    assert _run(["grpo", "--model", model, "--prompts", prompts, "--reward-fn", f"{fn}:reward", "--steps", "2",
+                 "--group-size", "4", "--advantage", "rloo", "--micro-batch-size", "3", "--set", "grpo.rollout_batch=4",
+                 "--set", "grpo.minibatch_size=8", "--set", "model.max_new_tokens=5", "--out", out])[0] == 0
+    s = json.load(open(os.path.join(out, "grpo", "summary.json")))
+    assert s["steps"] == 2 and s["init"] == model and "exact" not in s
+    assert os.path.isfile(os.path.join(out, "grpo", "model", "model.safetensors"))
