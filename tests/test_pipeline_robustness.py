@@ -287,3 +287,33 @@ def test_validation_lists_every_bad_range():
                                 ("parallel", "zero3", "parallel must be one of")):
         with pytest.raises(ConfigError, match=message):
             load_config(overrides={key: value})
+
+
+def test_chat_template_wraps_prompts_for_instruction_tuned_models(base):
+    from transformers import AutoTokenizer
+
+    from fastrlhf.pipeline.tokenizer import Codec
+
+    tok = AutoTokenizer.from_pretrained(base[0], local_files_only=True)
+    plain = Codec(tok).prompt("count one")
+    with pytest.raises(PipelineError, match="data.chat_template is set but the tokenizer of m has no chat template"):
+        Codec(tok, chat_template=True, source="m")
+    tok.chat_template = "{% for m in messages %}say {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} yes{% endif %}"
+    templated = Codec(tok, chat_template=True).prompt("count one")
+    assert templated == tok("say count one yes", add_special_tokens=False)["input_ids"] and templated != plain
+
+
+def test_arithmetic_example_data_and_reward(tmp_path):
+    from fastrlhf.pipeline.data import read_jsonl
+    from fastrlhf.pipeline.examples import arithmetic
+
+    files = arithmetic.make(str(tmp_path))
+    sft = read_jsonl(files["sft"], ("prompt", "completion"), "demonstrations", "--demonstrations")
+    prefs = read_jsonl(files["preferences"], ("prompt", "chosen", "rejected"), "preferences", "--preferences")
+    held = read_jsonl(files["eval"], ("prompt",), "prompts", "--prompts")
+    assert (len(sft), len(prefs), len(held)) == (80, 160, 20)
+    assert not {r["prompt"] for r in held} & {r["prompt"] for r in sft}
+    prompts = [r["prompt"] for r in sft]
+    assert arithmetic.reward(prompts, [r["completion"] for r in sft]) == [1.0] * 80
+    assert arithmetic.reward([prompts[0]] * 3, [f"It is {sft[0]['completion']}.", "no", "-1"]) == [0.5, 0.0, 0.0]
+    assert all(s < 1 for s in arithmetic.reward([r["prompt"] for r in prefs], [r["rejected"] for r in prefs]))

@@ -71,6 +71,9 @@ class DataConfig:
     demonstrations: str | None = None
     """JSONL of {"prompt": ..., "completion": ...} for sft."""
     eval_fraction: float = 0.1
+    chat_template: bool = False
+    """Put each prompt in the tokenizer's chat template as a user message, then the
+    assistant's turn (instruction-tuned models); the reward function still gets the prompt's text."""
     """Share of the preference pairs held out to measure the reward model's accuracy."""
 
 

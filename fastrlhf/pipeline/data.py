@@ -6,8 +6,9 @@ JSONL formats (one JSON object per line):
 * preferences (rm, dpo): ``{"prompt": str, "chosen": str, "rejected": str}``
 * prompts (ppo, bon): ``{"prompt": str}``
 
-Prompts are used as they are (no chat template): apply one before writing the file if the
-model expects it. Completions end with the tokenizer's eos token.
+Prompts are used as they are, or as a user message in the tokenizer's chat template with
+``data.chat_template = true`` (instruction-tuned models). Completions end with the
+tokenizer's eos token.
 """
 
 from __future__ import annotations

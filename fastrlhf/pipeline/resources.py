@@ -121,7 +121,8 @@ def stage_inputs(cfg: Config, rt: Runtime, stage: str):
         _check_marker(path, cfg, "model")
         codec = embedded_codec(cfg, tokenizer)
         return path, why, codec, Embedded(SyntheticTask(cfg.task), codec)
-    return path, why, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path), None
+    return path, why, Codec(tokenizer, pad_token=cfg.model.pad_token, source=path,
+                            chat_template=cfg.data.chat_template), None
 
 
 BATCHES = {"sft": ("batch_size",), "rm": ("batch_size",), "dpo": ("batch_size",),

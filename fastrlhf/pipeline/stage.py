@@ -252,7 +252,8 @@ class Stage:
             self.log.log(step, metrics)
         self.log.advance()
         done = step + 1
-        if self.optimizers and (done % self.rt.cfg.save_every == 0 or done == self.steps):
+        last = done == self.steps and self.rt.cfg.keep_checkpoints > 0  # with 0 kept it would go at once
+        if self.optimizers and (done % self.rt.cfg.save_every == 0 and done < self.steps or last):
             save_checkpoint(self.ckpt_dir, done, self.modules, self.optimizers, self.extra, stage=self.name,
                             total=self.steps, keep=self.rt.cfg.keep_checkpoints, dist=self.rt.dist)
             barrier(self.rt.dist)

@@ -61,11 +61,16 @@ class Codec:
         pad_token: the token to pad with when the tokenizer has none (e.g. its eos token).
         add_eos: end every completion with the eos token (off for the fixed-length embedded task).
         source: where the tokenizer came from, for error messages.
+        chat_template: each prompt becomes a user message in the tokenizer's chat template,
+            followed by the assistant's turn (for instruction-tuned models).
     """
 
-    def __init__(self, tokenizer, *, pad_token: str | None = None, add_eos: bool = True, source: str = ""):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, *, pad_token: str | None = None, add_eos: bool = True, source: str = "",
+                 chat_template: bool = False):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
         where = f" of {source}" if source else ""
+        if chat_template and not getattr(tokenizer, "chat_template", None):
+            raise PipelineError(f"data.chat_template is set but the tokenizer{where} has no chat template")
         if pad_token is not None:
             pad_id = tokenizer.convert_tokens_to_ids(pad_token)
             if pad_id is None or (pad_id == tokenizer.unk_token_id and pad_token != tokenizer.unk_token):
@@ -87,8 +92,12 @@ class Codec:
         return len(self.tokenizer)
 
     def prompt(self, text: str) -> list[int]:
-        """Prompt ids, with the tokenizer's special tokens (e.g. a leading bos)."""
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        """Prompt ids, with the tokenizer's special tokens (e.g. a leading bos), or the chat
+        template's (the template holds them)."""
+        if self.chat_template:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return list(self.tokenizer(text, add_special_tokens=not self.chat_template)["input_ids"])
 
     def completion(self, text: str) -> list[int]:
         """Completion ids, no special tokens, then eos when ``add_eos``."""
