@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs fastrlhf and runs its main job: the environment report, then the end-to-end demo
-# (SFT -> reward model -> PPO, DPO and best-of-N on the embedded task, checked against the
+# (SFT -> reward model -> best-of-N, DPO, PPO and GRPO on the embedded task, checked against the
 # exact optimum). Extra args go to `fastrlhf demo` (e.g. --quick, --out DIR, --seed N).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -317,3 +317,12 @@ def test_arithmetic_example_data_and_reward(tmp_path):
     assert arithmetic.reward(prompts, [r["completion"] for r in sft]) == [1.0] * 80
     assert arithmetic.reward([prompts[0]] * 3, [f"It is {sft[0]['completion']}.", "no", "-1"]) == [0.5, 0.0, 0.0]
     assert all(s < 1 for s in arithmetic.reward([r["prompt"] for r in prefs], [r["rejected"] for r in prefs]))
+
+
+def test_every_example_config_loads():
+    from fastrlhf.cli import CONFIGS
+
+    names = sorted(os.listdir(CONFIGS))
+    assert {"demo.yaml", "local_model.toml", "smollm2.toml"} <= set(names)
+    for name in names:
+        load_config(os.path.join(CONFIGS, name))
