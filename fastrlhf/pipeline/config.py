@@ -174,6 +174,7 @@ class GRPOConfig(RLConfig):
     rollout_batch: int = 16
     """Prompts per step, over all processes; each sampled ``group_size`` times."""
     group_size: int = 8
+    """Completions per prompt: a group, whose scores are each other's baseline."""
     minibatch_size: int = 64
     epochs: int = 1
     lr: float = 1e-3

@@ -25,12 +25,10 @@ import fastrlhf
 from fastrlhf.pipeline import rl
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import Batch
-from fastrlhf.pipeline.evaluation import Oracle
 from fastrlhf.pipeline.metrics import OPS
-from fastrlhf.pipeline.resources import open_reward
 from fastrlhf.pipeline.rollout import Rollouts
 from fastrlhf.pipeline.runtime import Runtime
-from fastrlhf.pipeline.stage import Stage, open_stage
+from fastrlhf.pipeline.stage import Stage
 
 AUTO_AGG = {"grpo": "seq-mean-token-mean", "rloo": "token-mean", "dr_grpo": "seq-mean-token-sum-norm"}
 """The loss aggregation each advantage method is published with (``agg = "auto"``)."""
@@ -82,19 +80,14 @@ def update(c, stage: Stage, batch: Batch, exp: dict, policy, kl_coef: float, ste
 
 def run_grpo(cfg: Config, rt: Runtime) -> dict:
     c = cfg.grpo
-    kl_coef = c.kl_coef if c.kl_coef is not None else cfg.beta
-    ctx = open_stage(cfg, rt, "grpo")
-    policy = ctx.policy(ctx.causal_lm())
-    ref = ctx.policy(ctx.causal_lm(trainable=False))
-    reward, what = open_reward(ctx)
-    rollouts = Rollouts(ctx, reward)
+    s = rl.open_rl_stage(cfg, rt, "grpo")
+    ctx, policy, ref, rollouts, kl_coef, oracle = s.ctx, s.policy, s.ref, s.rollouts, s.kl_coef, s.oracle
     agg = AUTO_AGG[c.advantage] if c.agg == "auto" else c.agg
-    ctx.print(f"{c.advantage} advantages over groups of {c.group_size}, reward: {what}; {len(rollouts)} prompts, "
+    ctx.print(f"{c.advantage} advantages over groups of {c.group_size}, reward: {s.what}; {len(rollouts)} prompts, "
               f"kl_coef={kl_coef} ({c.kl_estimator} in the {c.kl_in}), loss aggregation {agg}, "
               f"log-probs: {policy.mode}")
     stage = Stage(ctx, postfix=("score", "kl", "gap_closed"))
     policy_t = stage.train("policy", policy, c.lr)
-    oracle = Oracle(ctx, ref=ref, reward=reward, beta=kl_coef, target=f"the {' '.join(what.split()[:2])}'s r")
     models = {"policy": policy, "ref": ref}
     for step, idx in stage.batches(list(range(len(rollouts))), c.rollout_batch):
         rep = [i for i in idx for _ in range(c.group_size)]

@@ -18,6 +18,7 @@ With a fixed ``kl_coef = beta`` and the ``k1`` estimator the objective is exactl
 from __future__ import annotations
 
 import os
+
 import torch
 
 import fastrlhf
@@ -25,12 +26,10 @@ from fastrlhf.pipeline import rl
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import Batch
 from fastrlhf.pipeline.distributed import all_sum
-from fastrlhf.pipeline.evaluation import Oracle
 from fastrlhf.pipeline.metrics import OPS
-from fastrlhf.pipeline.resources import open_reward
 from fastrlhf.pipeline.rollout import Rollouts
 from fastrlhf.pipeline.runtime import Runtime
-from fastrlhf.pipeline.stage import Stage, open_stage
+from fastrlhf.pipeline.stage import Stage
 
 
 def score(c, batch: Batch, idx: list[int], models: dict, rollouts: Rollouts, kl_coef: float, rt: Runtime) -> dict:
@@ -83,24 +82,19 @@ def _critic_init(cfg: Config, rt: Runtime, policy_path: str) -> str:
 
 def run_ppo(cfg: Config, rt: Runtime) -> dict:
     c = cfg.ppo
-    kl_coef = c.kl_coef if c.kl_coef is not None else cfg.beta
-    ctx = open_stage(cfg, rt, "ppo")
-    policy = ctx.policy(ctx.causal_lm())
-    ref = ctx.policy(ctx.causal_lm(trainable=False))
-    reward, what = open_reward(ctx)
+    s = rl.open_rl_stage(cfg, rt, "ppo")
+    ctx, policy, ref, rollouts, kl_coef, oracle = s.ctx, s.policy, s.ref, s.rollouts, s.kl_coef, s.oracle
     critic_path = _critic_init(cfg, rt, ctx.path)
     critic = ctx.scalar(ctx.seq_cls(critic_path, "critic-head"))
-    rollouts = Rollouts(ctx, reward)
     if c.adaptive_kl_target is not None:
         controller = fastrlhf.AdaptiveKLController(kl_coef, c.adaptive_kl_target, c.kl_horizon)
     else:
         controller = fastrlhf.FixedKLController(kl_coef)
-    ctx.print(f"policy from {ctx.path}, reward: {what}, critic from {critic_path}; {len(rollouts)} prompts, "
+    ctx.print(f"policy from {ctx.path}, reward: {s.what}, critic from {critic_path}; {len(rollouts)} prompts, "
               f"kl_coef={kl_coef}{' (adaptive)' if c.adaptive_kl_target else ''}, log-probs: {policy.mode}")
     stage = Stage(ctx, postfix=("score", "kl", "gap_closed"))
     policy_t, critic_t = stage.train("policy", policy, c.lr), stage.train("critic", critic, c.critic_lr)
     controller.value = stage.begin().get("kl_coef", controller.value)
-    oracle = Oracle(ctx, ref=ref, reward=reward, beta=kl_coef, target=f"the {' '.join(what.split()[:2])}'s r")
     models = {"policy": policy, "ref": ref, "critic": critic}
     for step, idx in stage.batches(list(range(len(rollouts))), c.rollout_batch):
         batch = rollouts.sample(policy, idx, rt.generator("ppo", step), c.generate_batch)

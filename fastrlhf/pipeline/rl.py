@@ -1,15 +1,48 @@
-"""Policy-gradient training on rollouts, shared by ``ppo`` and ``grpo``: the forward passes
-that score a rollout, the policy loss (computed in one place), and the update loop."""
+"""Policy-gradient training on rollouts, shared by ``ppo`` and ``grpo``: the set-up, the
+forward passes that score a rollout, the policy loss (computed in one place), and the update
+loop."""
 
 from __future__ import annotations
 
 from collections import namedtuple
+from dataclasses import dataclass
 
 import torch
 
 import fastrlhf
+from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import Batch, micro_batches
 from fastrlhf.pipeline.distributed import all_sum
+from fastrlhf.pipeline.evaluation import Oracle
+from fastrlhf.pipeline.resources import open_reward
+from fastrlhf.pipeline.rollout import Rollouts
+from fastrlhf.pipeline.stage import StageContext, open_stage
+
+
+@dataclass
+class RLStage:
+    """What ppo and grpo start with: the stage's context, the trained policy and the frozen
+    reference, the reward (``what`` it is), the rollouts, the KL coefficient and the oracle."""
+
+    ctx: StageContext
+    policy: torch.nn.Module
+    ref: torch.nn.Module
+    reward: object
+    what: str
+    rollouts: Rollouts
+    kl_coef: float
+    oracle: Oracle
+
+
+def open_rl_stage(cfg: Config, rt, name: str) -> RLStage:
+    """The set-up ppo and grpo share (after :func:`~fastrlhf.pipeline.stage.open_stage`'s checks)."""
+    c = getattr(cfg, name)
+    kl_coef = c.kl_coef if c.kl_coef is not None else cfg.beta
+    ctx = open_stage(cfg, rt, name)
+    policy, ref = ctx.policy(ctx.causal_lm()), ctx.policy(ctx.causal_lm(trainable=False))
+    reward, what = open_reward(ctx)
+    oracle = Oracle(ctx, ref=ref, reward=reward, beta=kl_coef, target=f"the {' '.join(what.split()[:2])}'s r")
+    return RLStage(ctx, policy, ref, reward, what, Rollouts(ctx, reward), kl_coef, oracle)
 
 
 Counts = namedtuple("Counts", "tokens seqs")
