@@ -42,6 +42,17 @@ def mask(name: str, x, shape: Sequence[int], device: torch.device) -> torch.Tens
     return x
 
 
+def matching(names: Sequence[str], tensors: Sequence, dtypes: Sequence[torch.dtype] = FLOAT_DTYPES,
+             *, dim: int | None = None) -> None:
+    """Check tensors that go together: each with one of ``dtypes``, all of the first one's
+    shape (which must have ``dim`` dimensions when given) and on its device."""
+    first = tensor(names[0], tensors[0], dtypes, dim=dim)
+    for name, x in zip(names[1:], tensors[1:]):
+        tensor(name, x, dtypes)
+        same_shape(name, x, first.shape, f"{names[0]}.shape")
+        same_device(name, x, first.device)
+
+
 def same_shape(name: str, x: torch.Tensor, shape: Sequence[int], expected: str = "") -> None:
     if tuple(x.shape) != tuple(shape):
         hint = f" ({expected})" if expected else ""
@@ -53,16 +64,52 @@ def same_device(name: str, x: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} must be on {device} like the other inputs, got {x.device}")
 
 
-def positive(name: str, value) -> float:
-    """A finite Python number > 0."""
+def number(name: str, value) -> float:
+    """A finite Python number (``bool`` is not one), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def positive(name: str, value) -> float:
+    """A finite Python number > 0."""
+    if number(name, value) <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return float(value)
 
 
+def non_negative(name: str, value) -> float:
+    """A finite Python number >= 0."""
+    if number(name, value) < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return float(value)
+
+
+def optional_positive(name: str, value) -> float | None:
+    """``None``, or a finite Python number > 0."""
+    return None if value is None else positive(name, value)
+
+
+def unit_interval(name: str, value) -> float:
+    """A Python number in ``[0, 1]``."""
+    if not 0.0 <= number(name, value) <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return float(value)
+
+
 def integer(name: str, value) -> int:
+    """A Python int that fits in int64 (kernels and index tensors are int64 at most)."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be a Python int, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"{name} must fit in int64, got {value}")
+    return value
+
+
+def choice(name: str, value, choices: Sequence[str]) -> str:
+    """One of the strings ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf._cuda import ops
+from fastrlhf._numerics import acc_dtype
 
 METHODS = ("grpo", "rloo", "dr_grpo")
 ITEMS = 4  # positions per thread in a tile (kItems in kernels/advantages.cu)
@@ -59,9 +60,7 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk
     fp32 (fp64 when an input is fp64); ``values=None`` gives discounted returns and an empty
     second output. Allocates the outputs and, for chunked rows, ``5 * B * n_chunks`` floats.
     ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
-    acc = torch.promote_types(torch.float32, rewards.dtype)
-    if values is not None:
-        acc = torch.promote_types(acc, values.dtype)
+    acc = acc_dtype(rewards, values)
     adv = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
     ret = torch.empty_like(adv) if values is not None else adv.new_empty(0)
     B, T = rewards.shape
@@ -76,7 +75,7 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk
 
 def group_advantages_fwd(scores, group_size, method, eps):
     """One warp per group. Returns a new ``[N]`` fp32 (fp64) tensor."""
-    acc = torch.promote_types(torch.float32, scores.dtype)
+    acc = acc_dtype(scores)
     out = torch.empty(scores.shape, dtype=acc, device=scores.device)
     if scores.numel():
         ops().group_advantages_fwd(scores, int(group_size), METHODS.index(method), float(eps), out)

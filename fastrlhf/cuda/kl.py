@@ -11,13 +11,10 @@ import math
 import torch
 
 from fastrlhf._cuda import ops
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.reference.kl import parse_estimator
 
 _EST_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def _inf(x: float | None) -> float:
@@ -27,7 +24,7 @@ def _inf(x: float | None) -> float:
 def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp):
     """The clamped estimate, a new contiguous tensor of the inputs' shape, fp32 (fp64 for fp64)."""
     name, _ = parse_estimator(estimator)
-    out = torch.empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs), device=logprobs.device)
+    out = torch.empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs), device=logprobs.device)
     if out.numel():
         ops().kl_penalty_fwd(logprobs, ref_logprobs, _EST_ID[name], _inf(clamp), _inf(log_ratio_clamp), out)
     return out
@@ -52,7 +49,7 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
     ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the kernel when given,
     else the Python float ``kl_coef``. One block per row.
     """
-    dtype = _out_dtype(logprobs, ref_logprobs)
+    dtype = acc_dtype(logprobs, ref_logprobs)
     rewards = torch.empty(logprobs.shape, dtype=dtype, device=logprobs.device)
     kl = torch.empty(logprobs.shape, dtype=dtype, device=logprobs.device)
     if rewards.numel():

@@ -9,13 +9,14 @@ from __future__ import annotations
 import torch
 
 from fastrlhf._cuda import ops
+from fastrlhf._numerics import acc_dtype
 
 
 def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
     """Launch the forward kernel. Returns ``(logp, entropy, stats)``: ``labels.shape``,
     ``labels.shape`` (``[0]`` unless ``with_entropy``) and ``labels.shape + (2,)`` (row max
     and log-sum-exp relative to it), fp32 (fp64 for fp64 logits). Allocates only these."""
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out_dtype = acc_dtype(logits)
     logp = logits.new_empty(labels.shape, dtype=out_dtype)
     stats = logits.new_empty((*labels.shape, 2), dtype=out_dtype)
     ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=out_dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf._cuda import ops
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.reference.ppo import kernel_params, reduce_partials
 
 _TILE = 2048  # tokens per partial sum
@@ -27,7 +28,7 @@ def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
     """
     B, T = x.shape
     n = B * T
-    dtype = torch.float64 if torch.float64 in (x.dtype, old.dtype, y.dtype) else torch.float32
+    dtype = acc_dtype(x, old, y)
     per_row = agg == "seq-mean-token-mean"
     row_counts = (mask != 0).sum(-1) if per_row else None  # the kernel weighs tokens by them
     P = -(-n // _TILE)

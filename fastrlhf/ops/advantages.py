@@ -9,20 +9,15 @@ differentiate: the ops read their inputs detached and their outputs carry no gra
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import advantages as ref
 
 HOLES = ("skip", "zero")
 METHODS = ("grpo", "rloo", "dr_grpo")
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -41,7 +36,7 @@ def _gae_op(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tens
 
 @_gae_op.register_fake
 def _(rewards, values, mask, gamma, lam, skip_holes, backend):
-    dtype = _out_dtype(rewards) if values is None else _out_dtype(rewards, values)
+    dtype = acc_dtype(rewards, values)
     out = rewards.new_empty(rewards.shape, dtype=dtype)
     return out, (torch.empty_like(out) if values is not None else out.new_empty(0))
 
@@ -57,24 +52,10 @@ def _group_advantages_op(scores: torch.Tensor, group_size: int, method: str, eps
 
 @_group_advantages_op.register_fake
 def _(scores, group_size, method, eps, backend):
-    return scores.new_empty(scores.shape, dtype=_out_dtype(scores))
+    return scores.new_empty(scores.shape, dtype=acc_dtype(scores))
 
 
 # ------------------------------------------------------------------------------- checks
-def _unit_interval(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
-
-
-def _choice(name: str, value, choices) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
-
-
 def _check_rows(name: str, x, shape=None, device=None) -> torch.Tensor:
     _checks.tensor(name, x, _checks.FLOAT_DTYPES, dim=2)
     if shape is not None:
@@ -115,8 +96,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, gamm
     _check_rows("rewards", rewards)
     _check_rows("values", values, rewards.shape, rewards.device)
     _checks.mask("mask", mask, rewards.shape, rewards.device)
-    gamma, lam = _unit_interval("gamma", gamma), _unit_interval("lam", lam)
-    _choice("holes", holes, HOLES)
+    gamma, lam = _checks.unit_interval("gamma", gamma), _checks.unit_interval("lam", lam)
+    _checks.choice("holes", holes, HOLES)
     name = resolve_backend(backend, rewards.device, "advantages")
     return _gae_op(rewards.detach(), values.detach(), mask.detach(), gamma, lam, holes == "skip", name)
 
@@ -132,8 +113,8 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, *, gamma: floa
     """
     _check_rows("rewards", rewards)
     _checks.mask("mask", mask, rewards.shape, rewards.device)
-    gamma = _unit_interval("gamma", gamma)
-    _choice("holes", holes, HOLES)
+    gamma = _checks.unit_interval("gamma", gamma)
+    _checks.choice("holes", holes, HOLES)
     name = resolve_backend(backend, rewards.device, "advantages")
     return _gae_op(rewards.detach(), None, mask.detach(), gamma, 1.0, holes == "skip", name)[0]
 
@@ -175,10 +156,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, method: str = "gr
     if scores.shape[0] % group_size:
         raise ValueError(f"scores must hold whole groups: N = {scores.shape[0]} is not a multiple "
                          f"of group_size = {group_size}")
-    _choice("method", method, METHODS)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a Python float, got {type(eps).__name__}")
-    if not (math.isfinite(eps) and (eps > 0 or (eps == 0 and method != "grpo"))):
+    _checks.choice("method", method, METHODS)
+    if not (_checks.number("eps", eps) > 0 or (eps == 0 and method != "grpo")):
         raise ValueError(f"eps must be a finite number > 0 (>= 0 unless method='grpo'), got {eps}")
     name = resolve_backend(backend, scores.device, "advantages")
     return _group_advantages_op(scores.detach(), group_size, method, float(eps), name)

@@ -14,16 +14,13 @@ import math
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.reference import dpo as ref
 from fastrlhf.reference.dpo import LOSS_TYPES
 
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 # --------------------------------------------------------------------------- forward op
@@ -40,7 +37,7 @@ def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tens
 
 @_dpo_op.register_fake
 def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
-    return pc.new_empty(5, dtype=_out_dtype(pc, pr, rc, rr))
+    return pc.new_empty(5, dtype=acc_dtype(pc, pr, rc, rr))
 
 
 # -------------------------------------------------------------------------- backward op
@@ -78,14 +75,6 @@ _dpo_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public API
-def _check_pairs(names, xs) -> None:
-    first = _checks.tensor(names[0], xs[0], _checks.FLOAT_DTYPES)
-    for name, x in zip(names[1:], xs[1:]):
-        _checks.tensor(name, x, _checks.FLOAT_DTYPES)
-        _checks.same_shape(name, x, first.shape, f"{names[0]}.shape")
-        _checks.same_device(name, x, first.device)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, backend: str = "auto"):
@@ -128,10 +117,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """
     names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
     xs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    _check_pairs(names, xs)
+    _checks.matching(names, xs)
     beta = _checks.positive("beta", beta)
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _checks.choice("loss_type", loss_type, LOSS_TYPES)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
     high = {"robust": 0.5, "exo_pair": 1.0}.get(loss_type, 1.0)
@@ -158,7 +146,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; finite for any
     finite scores.
     """
-    _check_pairs(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
+    _checks.matching(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
     zeros = torch.zeros_like(chosen_rewards)
     if margin is None:
         margin = zeros
@@ -166,9 +154,9 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
         if not math.isfinite(margin):
             raise ValueError(f"margin must be finite, got {margin}")
         margin = torch.full(chosen_rewards.shape, float(margin), device=chosen_rewards.device,
-                            dtype=_out_dtype(chosen_rewards, rejected_rewards))
+                            dtype=acc_dtype(chosen_rewards, rejected_rewards))
     else:
-        _check_pairs(("chosen_rewards", "margin"), (chosen_rewards, margin))
+        _checks.matching(("chosen_rewards", "margin"), (chosen_rewards, margin))
     name = resolve_backend(backend, chosen_rewards.device, "dpo")
     return _dpo_op(chosen_rewards, rejected_rewards, margin, zeros, 1.0, "sigmoid", 0.0, name)[0]
 

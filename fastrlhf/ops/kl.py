@@ -12,14 +12,11 @@ import math
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
 
 _NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 # ------------------------------------------------------------------------- kl_penalty op
@@ -36,7 +33,7 @@ def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
 
 @_kl_penalty_op.register_fake
 def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
-    return logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
+    return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs))
 
 
 @torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
@@ -94,28 +91,11 @@ def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
 @_kl_rewards_op.register_fake
 def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator, kl_clamp,
       log_ratio_clamp, score_clip, backend):
-    out = logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
+    out = logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs))
     return out, torch.empty_like(out)
 
 
 # ------------------------------------------------------------------------- public API
-def _optional_bound(name: str, value) -> float | None:
-    return None if value is None else _checks.positive(name, value)
-
-
-def _check_estimator(estimator) -> str:
-    if not isinstance(estimator, str) or estimator not in _NAMES:
-        raise ValueError(f"estimator must be one of {_NAMES}, got {estimator!r}")
-    return estimator
-
-
-def _check_pair(logprobs, ref_logprobs):
-    _checks.tensor("logprobs", logprobs, _checks.FLOAT_DTYPES)
-    _checks.tensor("ref_logprobs", ref_logprobs, _checks.FLOAT_DTYPES)
-    _checks.same_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
-    _checks.same_device("ref_logprobs", ref_logprobs, logprobs.device)
-
-
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
                clamp: float | None = None, log_ratio_clamp: float | None = None,
                backend: str = "auto") -> torch.Tensor:
@@ -143,10 +123,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     overflows to ``+inf`` (gradient ``-inf``) for ``lr < -88`` in fp32: set ``log_ratio_clamp``.
     Memory (triton): the output; backward allocates only the gradients asked for.
     """
-    _check_pair(logprobs, ref_logprobs)
-    _check_estimator(estimator)
-    clamp = _optional_bound("clamp", clamp)
-    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
+    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs))
+    _checks.choice("estimator", estimator, _NAMES)
+    clamp = _checks.optional_positive("clamp", clamp)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
 
@@ -178,17 +158,16 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
 
     Memory (triton): the two outputs, nothing else; one kernel.
     """
-    _check_pair(logprobs, ref_logprobs)
-    _checks.tensor("logprobs", logprobs, dim=2)
+    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs), dim=2)
     B = logprobs.shape[0]
     _checks.tensor("scores", scores, _checks.FLOAT_DTYPES, dim=1)
     _checks.same_shape("scores", scores, (B,), "logprobs.shape[:1]")
     _checks.same_device("scores", scores, logprobs.device)
     _checks.mask("mask", mask, logprobs.shape, logprobs.device)
-    _check_estimator(estimator)
-    kl_clamp = _optional_bound("kl_clamp", kl_clamp)
-    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
-    score_clip = _optional_bound("score_clip", score_clip)
+    _checks.choice("estimator", estimator, _NAMES)
+    kl_clamp = _checks.optional_positive("kl_clamp", kl_clamp)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    score_clip = _checks.optional_positive("score_clip", score_clip)
     coef, coef_t = _check_coef(kl_coef, logprobs.device)
     name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_rewards_op(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), coef,
@@ -214,9 +193,7 @@ class FixedKLController:
     """A constant KL coefficient: ``.value`` never changes; ``update`` is a no-op."""
 
     def __init__(self, coef: float):
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-            raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
-        self.value = float(coef)
+        self.value = _checks.non_negative("coef", coef)
 
     def update(self, current_kl=None, n_steps: int = 1) -> float:
         return self.value
@@ -231,10 +208,7 @@ class AdaptiveKLController:
     """
 
     def __init__(self, init_coef: float, target: float, horizon: float):
-        if isinstance(init_coef, bool) or not isinstance(init_coef, (int, float)) \
-                or not math.isfinite(init_coef) or init_coef < 0:
-            raise ValueError(f"init_coef must be a finite number >= 0, got {init_coef!r}")
-        self.value = float(init_coef)
+        self.value = _checks.non_negative("init_coef", init_coef)
         self.target = _checks.positive("target", target)
         self.horizon = _checks.positive("horizon", horizon)
 

@@ -10,12 +10,9 @@ from __future__ import annotations
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import logprobs as ref
-
-
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
 
 
 # --------------------------------------------------------------------------- forward op
@@ -28,13 +25,13 @@ def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: 
                                                                   ignore_index, with_entropy)
     with torch.no_grad():
         out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
-        logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=_out_dtype(logits)))
+        logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits)))
         return logp, ent, ref.row_stats(logits, temperature)
 
 
 @_token_logprobs_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    logp = logits.new_empty(labels.shape, dtype=_out_dtype(logits))
+    logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
     ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=logp.dtype)
     return logp, ent, logits.new_empty((*labels.shape, 2), dtype=logp.dtype)
 

@@ -26,19 +26,14 @@ world size (verl's ``dp_size`` factor). Pass counts that change every step as 0-
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import ppo as ref
 
 AGG_MODES = ref.AGG_MODES
-
-
-def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 _NORMALIZER = {"token-mean": "global_tokens", "seq-mean-token-sum": "global_seqs",
@@ -89,7 +84,7 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
 @_policy_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
       agg, denom, denom_t, backend):
-    dtype = _acc_dtype(logprobs, old_logprobs, advantages)
+    dtype = acc_dtype(logprobs, old_logprobs, advantages)
     loss = logprobs.new_empty((), dtype=dtype)
     return (loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss),
             *_fake_aux(logprobs, agg, dtype))
@@ -155,7 +150,7 @@ def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
 
 @_value_op.register_fake
 def _(values, old_values, returns, mask, clip, agg, denom, denom_t, backend):
-    dtype = _acc_dtype(values, old_values, returns)
+    dtype = acc_dtype(values, old_values, returns)
     loss = values.new_empty((), dtype=dtype)
     return loss, torch.empty_like(loss), *_fake_aux(values, agg, dtype)
 
@@ -194,12 +189,6 @@ _value_op.register_autograd(_value_backward, setup_context=_value_setup_context)
 
 
 # ------------------------------------------------------------------------- public API
-def _check_agg(agg, name: str = "agg") -> str:
-    if not isinstance(agg, str) or agg not in AGG_MODES:
-        raise ValueError(f"{name} must be one of {AGG_MODES}, got {agg!r}")
-    return agg
-
-
 def _check_count(name: str, value, device: torch.device):
     """``None``, a finite Python number ``>= 0`` or a 0-dim real tensor on ``device``."""
     if value is None:
@@ -210,11 +199,7 @@ def _check_count(name: str, value, device: torch.device):
                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
         _checks.same_device(name, value, device)
         return value.detach()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number or a 0-dim tensor, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    return _checks.non_negative(name, value)
 
 
 def _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor):
@@ -237,17 +222,8 @@ def _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor):
 
 
 def _check_inputs(names, tensors, mask):
-    first = tensors[0]
-    _checks.tensor(names[0], first, _checks.FLOAT_DTYPES, dim=2)
-    for name, x in zip(names[1:], tensors[1:]):
-        _checks.tensor(name, x, _checks.FLOAT_DTYPES)
-        _checks.same_shape(name, x, first.shape, f"{names[0]}.shape")
-        _checks.same_device(name, x, first.device)
-    _checks.mask("mask", mask, first.shape, first.device)
-
-
-def _optional_positive(name, value):
-    return None if value is None else _checks.positive(name, value)
+    _checks.matching(names, tensors, dim=2)
+    _checks.mask("mask", mask, tensors[0].shape, tensors[0].device)
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -298,8 +274,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         dual_clip = float(dual_clip)
-    log_ratio_clamp = _optional_positive("log_ratio_clamp", log_ratio_clamp)
-    _check_agg(agg)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    _checks.choice("agg", agg, AGG_MODES)
     denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, logprobs.device, "ppo")
     loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
@@ -327,8 +303,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         is the fraction of valid tokens where the clipped term is strictly larger.
     """
     _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
-    clip = _optional_positive("clip", clip)
-    _check_agg(agg)
+    clip = _checks.optional_positive("clip", clip)
+    _checks.choice("agg", agg, AGG_MODES)
     denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, values.device, "ppo")
     loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, denom, denom_t, name)
@@ -344,6 +320,6 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     for fp64 input); invalid tokens are selected away, never multiplied (NaN there is harmless).
     """
     _check_inputs(("loss_mat",), (loss_mat,), mask)
-    _check_agg(mode, "mode")
+    _checks.choice("mode", mode, AGG_MODES)
     denom, denom_t = _denom(mode, mask, global_tokens, global_seqs, loss_scale_factor)
     return ref.aggregate(loss_mat, mask, mode, **_ref_counts(mode, denom if denom_t is None else denom_t))

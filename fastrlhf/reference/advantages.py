@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
+from fastrlhf._numerics import acc_dtype
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -33,7 +28,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     ``delta_t = r_t + gamma * V_next - V_t``; ``A_t = delta_t + gamma * lam * A_next``.
     """
-    acc = _acc(rewards, values)
+    acc = acc_dtype(rewards, values)
     valid = mask != 0
     r = torch.where(valid, rewards.to(acc), 0.0)
     v = torch.where(valid, values.to(acc), 0.0)
@@ -57,7 +52,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
                        holes: str = "skip") -> torch.Tensor:
     """``G_t = r_t + gamma * G_next`` over ``[B, T]`` (REINFORCE-style returns)."""
     valid = mask != 0
-    r = torch.where(valid, rewards.to(_acc(rewards)), 0.0)
+    r = torch.where(valid, rewards.to(acc_dtype(rewards)), 0.0)
     running = r.new_zeros(r.shape[0])
     out = torch.zeros_like(r)
     for t in reversed(range(r.shape[1])):
@@ -76,7 +71,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     elements means mean 0, so the result is all zeros. Differentiable.
     """
     valid = mask != 0
-    xf = torch.where(valid, x.to(_acc(x)), 0.0)
+    xf = torch.where(valid, x.to(acc_dtype(x)), 0.0)
     n = valid.sum()
     mean = xf.sum() / n.clamp(min=1)
     dev = torch.where(valid, xf - mean, 0.0)
@@ -95,7 +90,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo"
     ``grpo``: ``(s - mean) / (std + eps)`` (unbiased std); ``rloo``: ``s - mean(others)``;
     ``dr_grpo``: ``s - mean``. A group of one has no baseline: mean 0 and std 1.
     """
-    s = scores.to(_acc(scores)).view(-1, group_size)
+    s = scores.to(acc_dtype(scores)).view(-1, group_size)
     if group_size == 1 or s.numel() == 0:
         out = s / (1 + eps) if method == "grpo" else s.clone()
     elif method == "rloo":

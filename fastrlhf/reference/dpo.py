@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastrlhf._numerics import acc_dtype
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
               "apo_zero", "apo_down")
 
@@ -28,9 +30,7 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def _upcast(*xs: torch.Tensor) -> list[torch.Tensor]:
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
+    dtype = acc_dtype(*xs)
     return [x.to(dtype) for x in xs]
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf._numerics import acc_dtype
+
 ESTIMATORS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
 """Accepted names (``+`` may be appended to each) and the estimator they mean."""
 
@@ -14,10 +16,6 @@ def parse_estimator(estimator: str) -> tuple[str, bool]:
     """``("k1" | "abs" | "k2" | "k3", straight_through)`` of an estimator name such as ``"k3+"``."""
     straight = estimator.endswith("+")
     return ESTIMATORS[estimator.removesuffix("+")], straight
-
-
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1",
@@ -29,7 +27,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: st
     (straight-through, on the unclamped ``lr``).
     """
     name, straight = parse_estimator(estimator)
-    acc = _acc(logprobs, ref_logprobs)
+    acc = acc_dtype(logprobs, ref_logprobs)
     lr = logprobs.to(acc) - ref_logprobs.to(acc)
     x = lr if log_ratio_clamp is None else lr.clamp(-log_ratio_clamp, log_ratio_clamp)
     if name == "k1":
@@ -57,7 +55,7 @@ def kl_penalty_backward(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
     the unselected branch (an overflowing ``k3`` under an active ``clamp`` has gradient 0).
     """
     name, straight = parse_estimator(estimator)
-    acc = _acc(logprobs, ref_logprobs)
+    acc = acc_dtype(logprobs, ref_logprobs)
     lr = logprobs.to(acc) - ref_logprobs.to(acc)
     if straight:
         d = lr

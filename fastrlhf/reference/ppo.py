@@ -11,12 +11,10 @@ import math
 
 import torch
 
+from fastrlhf._numerics import acc_dtype
+
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
-
-
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def safe_div(total: torch.Tensor, count) -> torch.Tensor:
@@ -29,7 +27,7 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
               global_tokens=None, global_seqs=None, loss_scale_factor=None) -> torch.Tensor:
     """A scalar from a ``[B, T]`` per-token loss; see ``fastrlhf.ops.ppo.aggregate``."""
     valid = mask != 0
-    x = torch.where(valid, loss_mat.to(_acc(loss_mat)), 0.0)
+    x = torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0)
     if mode == "token-mean":
         return safe_div(x.sum(), valid.sum() if global_tokens is None else global_tokens)
     if mode == "token-sum":
@@ -51,7 +49,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def policy_terms(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip, log_ratio_clamp):
     """Per token: ``(loss, clipped, dual_clipped, clamped log-ratio)``."""
-    acc = _acc(logprobs, old_logprobs, advantages)
+    acc = acc_dtype(logprobs, old_logprobs, advantages)
     lr = logprobs.to(acc) - old_logprobs.to(acc)
     if log_ratio_clamp is not None:
         lr = lr.clamp(-log_ratio_clamp, log_ratio_clamp)
@@ -87,7 +85,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip
 def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean",
                    global_tokens=None, global_seqs=None, loss_scale_factor=None):
     """``(0.5 * agg(max((v - R)**2, (clip(v, old +- clip) - R)**2)), {"vf_clipfrac": ...})``."""
-    acc = _acc(values, old_values, returns)
+    acc = acc_dtype(values, old_values, returns)
     v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
     loss1 = (v - ret).square()
     if clip is None:
@@ -140,7 +138,7 @@ def ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, sca
     unclipped surrogate is chosen; 0 where the clipped one is strictly larger, where dual clip
     caps the loss, or where the log-ratio clamp is active.
     """
-    acc = _acc(logprobs, old_logprobs, advantages)
+    acc = acc_dtype(logprobs, old_logprobs, advantages)
     raw = logprobs.to(acc) - old_logprobs.to(acc)
     c = float("inf") if log_ratio_clamp is None else log_ratio_clamp
     ratio = torch.exp(raw.clamp(-c, c))
@@ -158,7 +156,7 @@ def ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, sca
 def ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, row_counts, clip):
     """``d loss / d values`` (in ``values.dtype``): ``v - R`` unless the clipped term is
     strictly larger (then 0)."""
-    acc = _acc(values, old_values, returns)
+    acc = acc_dtype(values, old_values, returns)
     v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
     d = v - ret
     if clip is not None:

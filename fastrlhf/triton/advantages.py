@@ -27,6 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf._numerics import acc_dtype
+from fastrlhf.triton._common import tl_acc
+
 MAX_CHUNKS = 256
 TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
 
@@ -124,10 +127,6 @@ def _gae_kernel(
             NV = _last(nv, j, BLOCK)
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """``(x, row_stride)`` with unit stride along T (copied only when it is not)."""
     if x.stride(1) != 1 and x.shape[1] > 1:
@@ -158,9 +157,7 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk
     fp32 (fp64 when an input is fp64); ``values=None`` gives discounted returns and an empty
     second output. Allocates the outputs and, for chunked rows, ``5 * B * NC`` floats."""
     B, T = rewards.shape
-    acc = torch.promote_types(torch.float32, rewards.dtype)
-    if values is not None:
-        acc = torch.promote_types(acc, values.dtype)
+    acc = acc_dtype(rewards, values)
     adv = torch.empty((B, T), dtype=acc, device=rewards.device)
     ret = torch.empty_like(adv) if values is not None else adv.new_empty(0)
     if B == 0 or T == 0:
@@ -172,7 +169,7 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk
     agg = torch.empty((B, NC, 5), dtype=acc, device=rewards.device) if NC > 1 else adv
     args = (r, v, m, adv, ret, agg, T, NC, CHUNK, sr, sv, sm, float(gamma), float(gamma * lam),
             int(skip))
-    meta = dict(HAS_VALUES=values is not None, HAS_CARRY=NC > 1, ACC=_acc(acc),
+    meta = dict(HAS_VALUES=values is not None, HAS_CARRY=NC > 1, ACC=tl_acc(acc),
                 BLOCK=BLOCK, NCP=triton.next_power_of_2(NC), num_warps=4 if BLOCK >= 512 else 2)
     if NC > 1:
         _gae_kernel[(B * NC,)](*args, SUMMARY=True, **meta)
@@ -221,7 +218,7 @@ def _group_advantages_kernel(
 
 def group_advantages_fwd(scores, group_size, method, eps):
     """Launch one program per block of groups. Returns a new ``[N]`` fp32 (fp64) tensor."""
-    acc = torch.promote_types(torch.float32, scores.dtype)
+    acc = acc_dtype(scores)
     out = torch.empty(scores.shape, dtype=acc, device=scores.device)
     n_groups = scores.numel() // group_size
     if n_groups == 0:
@@ -230,5 +227,5 @@ def group_advantages_fwd(scores, group_size, method, eps):
     ROWS = max(1, min(64, 2048 // BLOCK_G))
     _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
         scores.contiguous(), out, n_groups, group_size, float(eps), METHODS.index(method),
-        ACC=_acc(acc), ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
+        ACC=tl_acc(acc), ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
     return out

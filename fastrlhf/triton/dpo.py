@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.reference.dpo import LOSS_TYPES, exo_smoothing
+from fastrlhf.triton._common import tl_acc
 
 BLOCK = 1024
 
@@ -154,10 +156,6 @@ def _dpo_bwd_kernel(
     tl.store(drr_ptr + offs, (-(g * db)).to(drr_ptr.dtype.element_ty), mask=ok)
 
 
-def _acc_dtype(xs) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 def _scalars(beta, loss_type, label_smoothing):
     eps = exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
     c_pos = math.log1p(-eps) if eps < 1 else 0.0
@@ -169,7 +167,7 @@ def dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     """Launch the forward. Returns a new ``[5]`` tensor: mean loss, mean chosen reward, mean
     rejected reward, mean margin, accuracy (fp32; fp64 for fp64 inputs; zeros for N = 0).
     Allocates ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
-    acc = _acc_dtype((pc, pr, rc, rr))
+    acc = acc_dtype(pc, pr, rc, rr)
     out = torch.empty(5, dtype=acc, device=pc.device)
     N = pc.numel()
     if N == 0:
@@ -177,12 +175,11 @@ def dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing):
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
     n_blocks = triton.cdiv(N, BLOCK)
     part = out if n_blocks == 1 else torch.empty((n_blocks, 5), dtype=acc, device=pc.device)
-    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
     _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, *_scalars(beta, loss_type, label_smoothing),
-                                 LOSS_TYPES.index(loss_type), ACC=tl_acc,
+                                 LOSS_TYPES.index(loss_type), ACC=tl_acc(acc),
                                  FINAL=n_blocks == 1, BLOCK=BLOCK, num_warps=4)
     if n_blocks > 1:
-        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
+        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc(acc), BLOCK=BLOCK, num_warps=4)
     return out
 
 
@@ -194,8 +191,7 @@ def dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
     if N == 0:
         return grads
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
-    tl_acc = tl.float64 if _acc_dtype(xs) == torch.float64 else tl.float32
     _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
         *xs, grad.reshape(1), *grads, N, *_scalars(beta, loss_type, label_smoothing),
-        LOSS_TYPES.index(loss_type), ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
+        LOSS_TYPES.index(loss_type), ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)
     return grads

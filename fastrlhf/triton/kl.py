@@ -13,7 +13,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.reference.kl import parse_estimator
+from fastrlhf.triton._common import tl_acc
 
 _EST_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _BLOCK = 1024
@@ -136,14 +138,6 @@ def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_
     tl.store(kl_ptr + out, kl, mask=inb)
 
 
-def _acc(*xs: torch.Tensor):
-    return tl.float64 if any(x.dtype == torch.float64 for x in xs) else tl.float32
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """A contiguous 1-D view (a copy only for a non-contiguous or expanded input)."""
     return x.reshape(-1).contiguous()
@@ -156,12 +150,12 @@ def _inf(x: float | None) -> float:
 def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp):
     """The clamped estimate, a new contiguous tensor of the inputs' shape, fp32 (fp64 for fp64)."""
     name, _ = parse_estimator(estimator)
-    out = torch.empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs), device=logprobs.device)
+    out = torch.empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs), device=logprobs.device)
     n = out.numel()
     if n:
         _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
             _flat(logprobs), _flat(ref_logprobs), out, n, _inf(clamp), _inf(log_ratio_clamp),
-            EST=_EST_ID[name], ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
+            EST=_EST_ID[name], ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
     return out
 
 
@@ -176,7 +170,7 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_cla
         _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
             _flat(grad), _flat(logprobs), _flat(ref_logprobs), dlogp, dref, n,
             _inf(clamp), _inf(log_ratio_clamp), EST=_EST_ID[name], STRAIGHT=straight,
-            WANT_LOGP=want_logp, WANT_REF=want_ref, ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
+            WANT_LOGP=want_logp, WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
     return dlogp, dref
 
 
@@ -195,7 +189,7 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
     else the Python float ``kl_coef``.
     """
     B, T = logprobs.shape
-    dtype = _out_dtype(logprobs, ref_logprobs)
+    dtype = acc_dtype(logprobs, ref_logprobs)
     rewards = torch.empty((B, T), dtype=dtype, device=logprobs.device)
     kl = torch.empty((B, T), dtype=dtype, device=logprobs.device)
     if B * T == 0:
@@ -208,5 +202,5 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
         T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), _inf(kl_clamp), _inf(log_ratio_clamp),
         _inf(score_clip), EST=_EST_ID[name], COEF_TENSOR=kl_coef_t is not None,
-        ACC=_acc(logprobs, ref_logprobs), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
+        ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
     return rewards, kl

@@ -16,6 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf._numerics import acc_dtype
+from fastrlhf.triton._common import tl_acc
+
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -121,15 +124,11 @@ def _config(V: int) -> dict:
     return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-def _acc(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
     """Launch the forward kernel. Returns ``(logp, entropy, stats)``: ``labels.shape``,
     ``labels.shape`` (``[0]`` unless ``with_entropy``) and ``labels.shape + (2,)`` (row max
     and log-sum-exp relative to it), fp32 (fp64 for fp64 logits)."""
-    out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    out_dtype = acc_dtype(logits)
     logp = logits.new_empty(labels.shape, dtype=out_dtype)
     stats = logits.new_empty((*labels.shape, 2), dtype=out_dtype)
     ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=out_dtype)
@@ -140,7 +139,7 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
     _token_logprobs_fwd_kernel[(n,)](
         x, labels.reshape(-1).contiguous(), logp, ent, stats, D1, s0, s1, logits.shape[-1],
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(logits.shape[-1]))
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(logits.dtype), **_config(logits.shape[-1]))
     return logp, ent, stats
 
 
@@ -160,7 +159,7 @@ def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, 
         x, dx, labels.reshape(-1).contiguous(), stats, entropy, grad_logp.reshape(-1).contiguous(),
         grad_entropy.reshape(-1).contiguous() if with_entropy else grad_logp,
         D1, sx0, sx1, sd0, sd1, V, 1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=_acc(logits.dtype), **_config(V))
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(logits.dtype), **_config(V))
     if dx is not out:  # inplace on a layout that _rows had to copy
         out.copy_(dx.view(out.shape))
     return out

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.reference.ppo import kernel_params, reduce_partials
+from fastrlhf.triton._common import tl_acc
 
 _BLOCK = 1024
 
@@ -112,10 +114,6 @@ def _ppo_bwd_kernel(grad_ptr, scale_ptr, x_ptr, old_ptr, y_ptr, mask_ptr, rowcnt
     tl.store(dx_ptr + offs, tl.where(valid, w * d, 0.0).to(dx_ptr.dtype.element_ty), mask=inb)
 
 
-def _acc(*xs: torch.Tensor):
-    return tl.float64 if any(x.dtype == torch.float64 for x in xs) else tl.float32
-
-
 def _flat(x: torch.Tensor) -> torch.Tensor:
     """A contiguous 1-D view (a copy only for a non-contiguous or expanded input)."""
     return x.reshape(-1).contiguous()
@@ -131,7 +129,7 @@ def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
     """
     B, T = x.shape
     n = B * T
-    dtype = torch.float64 if _acc(x, old, y) == tl.float64 else torch.float32
+    dtype = acc_dtype(x, old, y)
     per_row = agg == "seq-mean-token-mean"
     row_counts = (mask != 0).sum(-1) if per_row else None  # the kernel weighs tokens by them
     P = triton.cdiv(n, _BLOCK)
@@ -141,7 +139,7 @@ def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
         _ppo_fwd_kernel[(P,)](
             _flat(x), _flat(old), _flat(y), _flat(mask), row_counts if per_row else counts,
             sums, counts, n, T, P, *kernel_params(value, clips),
-            VALUE=value, PER_ROW=per_row, ACC=_acc(x, old, y), BLOCK=_BLOCK)
+            VALUE=value, PER_ROW=per_row, ACC=tl_acc(acc_dtype(x, old, y)), BLOCK=_BLOCK)
     return reduce_partials(value, sums, counts, mask, agg, denom, dtype, row_counts)
 
 
@@ -154,5 +152,5 @@ def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
         _ppo_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
             grad, scale, _flat(x), _flat(old), _flat(y), _flat(mask), row_counts if per_row else scale,
             dx, n, x.shape[1], *kernel_params(value, clips),
-            VALUE=value, PER_ROW=per_row, ACC=_acc(x, old, y), BLOCK=_BLOCK)
+            VALUE=value, PER_ROW=per_row, ACC=tl_acc(acc_dtype(x, old, y)), BLOCK=_BLOCK)
     return dx
