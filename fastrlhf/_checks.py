@@ -53,6 +53,20 @@ def matching(names: Sequence[str], tensors: Sequence, dtypes: Sequence[torch.dty
         same_device(name, x, first.device)
 
 
+def writable_in_place(name: str, x: torch.Tensor, why: str) -> None:
+    """Check that no two elements of ``x`` share memory, so that writing every element (``why``)
+    is well defined: with the dims sorted by stride, each stride must pass the farthest offset
+    the smaller ones reach. An expanded (stride-0) or otherwise overlapping view fails, as do
+    the rare interleaved layouts this rule cannot prove safe."""
+    reach = 0
+    for stride, size in sorted((abs(st), n) for n, st in zip(x.shape, x.stride()) if n > 1):
+        if stride <= reach:
+            raise ValueError(f"{name} must not have elements that share memory for {why} (got shape "
+                             f"{tuple(x.shape)}, strides {x.stride()}; an expanded view?): pass a "
+                             f".contiguous() tensor or do not ask for it")
+        reach += stride * (size - 1)
+
+
 def same_shape(name: str, x: torch.Tensor, shape: Sequence[int], expected: str = "") -> None:
     if tuple(x.shape) != tuple(shape):
         hint = f" ({expected})" if expected else ""

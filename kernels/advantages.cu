@@ -200,9 +200,12 @@ __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
   }
 }
 
+// Statistics and outputs in double (STATS_DTYPE of fastrlhf/_numerics.py: no finite fp32 score
+// overflows them), stored as A.
 template <typename A>
 __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, int64_t G,
                                         int method, A eps, A* __restrict__ out) {
+  using S = double;
   const int lane = threadIdx.x % kWarpSize;
   const int64_t warps_per_block = blockDim.x / kWarpSize;
   const int64_t stride = int64_t(gridDim.x) * warps_per_block;
@@ -210,31 +213,31 @@ __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, 
   // One warp per group; lanes stride over its members, warp sums in a fixed order.
   for (int64_t g = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize; g < n_groups; g += stride) {
     const int64_t base = g * G;
-    A total = A(0);
-    for (int64_t i = lane; i < G; i += kWarpSize) total += load_as<A>(scores, base + i);
-    total = warp_reduce<SumOp<A>>(total);
-    const A mean = many ? total / A(G) : A(0);
-    A denom = A(1);
+    S total = S(0);
+    for (int64_t i = lane; i < G; i += kWarpSize) total += load_as<S>(scores, base + i);
+    total = warp_reduce<SumOp<S>>(total);
+    const S mean = many ? total / S(G) : S(0);
+    S denom = S(1);
     if (method == 0) {  // grpo: unbiased std, second pass
-      A ss = A(0);
+      S ss = S(0);
       for (int64_t i = lane; i < G; i += kWarpSize) {
-        const A d = load_as<A>(scores, base + i) - mean;
+        const S d = load_as<S>(scores, base + i) - mean;
         ss += d * d;
       }
-      ss = warp_reduce<SumOp<A>>(ss);
-      denom = (many ? sqrt(ss / A(G - 1)) : A(1)) + eps;
+      ss = warp_reduce<SumOp<S>>(ss);
+      denom = (many ? sqrt(ss / S(G - 1)) : S(1)) + S(eps);
     }
     for (int64_t i = lane; i < G; i += kWarpSize) {
-      const A x = load_as<A>(scores, base + i);
-      A y;
+      const S x = load_as<S>(scores, base + i);
+      S y;
       if (method == 0) {
         y = (x - mean) / denom;
       } else if (method == 1) {  // rloo: minus the mean of the others
-        y = many ? x - (total - x) / A(G - 1) : x;
+        y = many ? x - (total - x) / S(G - 1) : x;
       } else {
         y = x - mean;
       }
-      out[base + i] = y;
+      out[base + i] = static_cast<A>(y);
     }
   }
 }

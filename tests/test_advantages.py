@@ -332,6 +332,36 @@ def test_group_advantages_by_hand(backend):
     assert group_advantages(s[:0], 4, backend=backend).shape == (0,)
 
 
+# --------------------------------------------------------------- extreme but finite values
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 60), log10_scale=st.integers(-30, 37), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_masked_whiten_is_scale_invariant(n, log10_scale, seed, dtype):
+    """Any finite scale of a 16/32-bit input (the square of 1e20 overflows fp32): the result is
+    that of the same values in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = ((torch.randn(n, generator=gen) + 1) * 10.0**log10_scale).to(dtype).to(DEVICE)
+    m = torch.rand(n, generator=gen).to(DEVICE) < 0.8
+    got = masked_whiten(x, m)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), masked_whiten(x.double(), m), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(group_size=st.integers(1, 40), n_groups=st.integers(1, 4), log10_scale=st.integers(-30, 37),
+       method=st.sampled_from(["grpo", "rloo", "dr_grpo"]), seed=st.integers(0, 2**16))
+def test_group_advantages_any_scale(group_size, n_groups, log10_scale, method, seed):
+    """Scores at any finite fp32 scale: every backend gives the fp64 answer (a grpo std of scores
+    around 1e20 overflowed fp32 and gave zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(group_size * n_groups, generator=gen) * 3 * 10.0**log10_scale).float().to(DEVICE)
+    want = ref.group_advantages(scores.double(), group_size, method)
+    for backend in family_backends("advantages"):
+        got = group_advantages(scores, group_size, method=method, backend=backend)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
 # ------------------------------------------------------------------------ bad input
 def _gae_call(**kw):
     args = {"rewards": torch.randn(2, 5), "values": torch.randn(2, 5), "mask": torch.ones(2, 5)}
@@ -414,7 +444,7 @@ def test_kernels_compile_for_gpus():
         cases.append((mod, "_gae_kernel", sig, const, 4))
     # Groups of 256 (8 per program) and groups of one in fp64 (a [64, 1] tile).
     for s_dtype, acc, rows, block_g in (("bf16", "fp32", 8, 256), ("fp64", "fp64", 64, 1)):
-        const = {"ACC": f"tl.float{acc[2:]}", "ROWS": rows, "BLOCK_G": block_g}
+        const = {"ROWS": rows, "BLOCK_G": block_g}
         sig = {"s_ptr": f"*{s_dtype}", "out_ptr": f"*{acc}", "n_groups": "i32", "G": "i32", "eps": "fp32",
                "method": "i32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_group_advantages_kernel", sig, const, 4))

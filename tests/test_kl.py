@@ -335,6 +335,28 @@ def test_adaptive_controller():
     assert fixed.value == 0.05
 
 
+@settings(max_examples=60, deadline=None)
+@given(kl=st.floats(0, 1e6), target=st.floats(1e-3, 100), horizon=st.floats(1, 1e5),
+       n_steps=st.integers(0, 10**7), init=st.floats(1e-6, 10))
+def test_adaptive_controller_never_turns_negative(kl, target, horizon, n_steps, init):
+    """However many steps one update covers against the horizon, the coefficient moves by at
+    most 20 % and stays positive; while n_steps <= horizon it is the peers' uncapped update."""
+    ctl = AdaptiveKLController(init, target=target, horizon=horizon)
+    value = ctl.update(kl, n_steps)
+    assert 0.8 * init * (1 - 1e-12) <= value <= 1.2 * init * (1 + 1e-12)
+    if n_steps <= horizon:
+        err = min(max(kl / target - 1, -0.2), 0.2)
+        assert math.isclose(value, init * (1 + err * n_steps / horizon))
+
+
+@pytest.mark.parametrize("coef", [-0.1, -1e-30, float("-inf")])
+def test_negative_kl_coef_is_refused(coef):
+    """A negative coefficient would reward divergence from the reference."""
+    with pytest.raises(ValueError, match="kl_coef must be"):
+        kl_penalized_rewards(torch.randn(2), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3),
+                             kl_coef=coef)
+
+
 @pytest.mark.parametrize("make, exc", [
     (lambda: AdaptiveKLController(0.1, 0.0, 10), ValueError),
     (lambda: AdaptiveKLController(0.1, 6.0, -1), ValueError),

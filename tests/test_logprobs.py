@@ -355,3 +355,44 @@ def test_int32_labels_with_an_ignore_index_outside_int32(backend):
     labels = torch.tensor([[0, 3, 8]], dtype=torch.int32, device=DEVICE)
     lp = fastrlhf.token_logprobs(logits, labels, ignore_index=-(2**63), backend=backend)
     torch.testing.assert_close(lp, ref.token_logprobs(logits, labels.long()))
+
+
+# ------------------------------------------- adversarial inputs (memory sharing, extreme values)
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(1, 40, device=DEVICE).expand(3, 40),                   # stride 0
+    lambda: torch.randn(3, 40, device=DEVICE).as_strided((3, 40), (20, 1)),    # rows overlap
+    lambda: torch.randn(1, 1, 40, device=DEVICE).expand(2, 3, 40),
+], ids=["expanded-rows", "overlapping-rows", "expanded-batch"])
+def test_inplace_backward_refuses_overlapping_logits(backend, make):
+    """Writing a gradient into logits whose elements share memory is ill-defined: every backend
+    refuses it with the same error, before any kernel; out of place it works."""
+    logits = make()
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="logits must not have elements that share memory"):
+        fastrlhf.token_logprobs(logits, labels, inplace_backward=True, backend=backend)
+    x = logits.detach().clone().requires_grad_(True)
+    want = fastrlhf.token_logprobs(x, labels, backend="torch")
+    torch.testing.assert_close(fastrlhf.token_logprobs(logits, labels, backend=backend), want)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 10**30])
+def test_ignore_index_outside_int64(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastrlhf.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), ignore_index=ignore_index)
+
+
+@settings(max_examples=20, deadline=None)
+@given(V=st.integers(2, 300), log10_t=st.sampled_from([0.0, 6.0, 30.0, 39.0, 46.0, 100.0, 300.0]),
+       seed=st.integers(0, 2**16))
+def test_any_temperature_agrees_with_the_reference(V, log10_t, seed):
+    """Up to temperatures whose reciprocal underflows fp32 (every logit then scales to 0: the
+    uniform distribution), every backend gives the reference's log-probs and entropy."""
+    torch.manual_seed(seed)
+    logits, labels = _case(2, 3, V, torch.float32, ignore_frac=0.0)
+    want = ref.token_logprobs(logits, labels, 10.0**log10_t, return_entropy=True)
+    for backend in fastrlhf.available_backends(DEVICE):
+        got = fastrlhf.token_logprobs(logits, labels, temperature=10.0**log10_t, return_entropy=True,
+                                      backend=backend)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

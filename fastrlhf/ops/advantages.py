@@ -128,8 +128,10 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
 
     Defined everywhere, never NaN: masked positions are 0; with too few valid elements for
     the variance (``n = 0``, or ``n = 1`` when unbiased) nothing is scaled, and ``n = 0``
-    takes mean 0, so a fully masked input gives zeros. Returns a new fp32 tensor of ``x``'s
-    shape (fp64 for fp64 ``x``); plain PyTorch, differentiable, no host sync.
+    takes mean 0, so a fully masked input gives zeros. The mean and variance accumulate in
+    fp64, so whitening is scale-invariant for every finite bf16/fp16/fp32 input (fp64 inputs:
+    up to about 1e150). Returns a new fp32 tensor of ``x``'s shape (fp64 for fp64 ``x``);
+    plain PyTorch, differentiable, no host sync.
     """
     _checks.tensor("x", x, _checks.FLOAT_DTYPES)
     _checks.mask("mask", mask, x.shape, x.device)
@@ -146,7 +148,8 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, method: str = "gr
     * ``"dr_grpo"``: ``s - mean`` (no std division).
 
     A group of one has no baseline (mean 0, std 1): ``grpo`` gives ``s / (1 + eps)``, the
-    others ``s``. A group of equal scores gives 0. Returns a new fp32 ``[N]`` tensor (fp64
+    others ``s``. A group of equal scores gives 0. Group statistics accumulate in fp64: any
+    finite fp32 scores give finite advantages. Returns a new fp32 ``[N]`` tensor (fp64
     for fp64 scores) with no gradient. Raises ``ValueError`` unless ``N % group_size == 0``.
     """
     _checks.tensor("scores", scores, _checks.FLOAT_DTYPES, dim=1)

@@ -143,8 +143,10 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
         margin: ``None`` (0), a float, or a tensor of the same shape (a per-pair margin,
             which also receives a gradient if it requires one).
 
-    Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; finite for any
-    finite scores.
+    Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; never NaN for finite
+    scores: a difference too large for the dtype (``|r_c - r_r - margin|`` past about 3.4e38 in
+    fp32) counts as infinite, so such a pair's loss is 0 (chosen far ahead) or ``+inf`` (the
+    true loss, past the dtype's range).
     """
     _checks.matching(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
     zeros = torch.zeros_like(chosen_rewards)
@@ -182,7 +184,8 @@ def choice_loss(rewards: torch.Tensor, chosen_index: torch.Tensor, backend: str 
     if rewards.stride(1) != 1 and rewards.shape[1] > 1:
         raise ValueError(f"rewards must have unit stride on the last dimension (call .contiguous()), "
                          f"got strides {rewards.stride()}")
-    # no index is ignored: the smallest int64 is never a valid choice anyway (int64 indices,
-    # so that no int32 index compares equal to it after a wrap-around)
-    logp = token_logprobs(rewards, chosen_index.long(), ignore_index=-(2**63), backend=backend)
+    # No index is ignored: negative ones become K (out of range too: NaN), so -1 can serve as an
+    # ignore index that no label equals.
+    labels = torch.where(chosen_index < 0, rewards.shape[1], chosen_index.long())
+    logp = token_logprobs(rewards, labels, ignore_index=-1, backend=backend)
     return -logp.sum() / max(logp.numel(), 1)

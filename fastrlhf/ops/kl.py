@@ -145,8 +145,10 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
         scores: ``[B]`` float sequence scores (reward-model outputs).
         logprobs, ref_logprobs: ``[B, T]`` float; read in place when the last dim has unit stride.
         mask: ``[B, T]`` bool, integer or float; a token is valid where ``mask != 0``.
-        kl_coef: a Python float, or a 0-dim float tensor on the inputs' device (read on the
-            device: an adaptive coefficient neither syncs nor recompiles under ``torch.compile``).
+        kl_coef: a Python float ``>= 0`` (a negative one would reward divergence: ``ValueError``),
+            or a 0-dim float tensor on the inputs' device (read on the device: an adaptive
+            coefficient neither syncs nor recompiles under ``torch.compile``; its sign is not
+            checked, as that would read it on the host).
         estimator, kl_clamp, log_ratio_clamp: as ``estimator``, ``clamp`` and
             ``log_ratio_clamp`` of :func:`kl_penalty`.
         score_clip: ``None`` or a float ``c > 0`` (OpenRLHF clips scores to ``+-10``).
@@ -183,9 +185,7 @@ def _check_coef(kl_coef, device: torch.device) -> tuple[float, torch.Tensor | No
         return 0.0, kl_coef.detach()
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
         raise TypeError(f"kl_coef must be a Python float or a 0-dim float tensor, got {type(kl_coef).__name__}")
-    if not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
-    return float(kl_coef), None
+    return _checks.non_negative("kl_coef", kl_coef), None
 
 
 # ---------------------------------------------------------------------- controllers
@@ -203,8 +203,14 @@ class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019; as in verl and OpenRLHF).
 
     ``update(current_kl, n_steps)``: ``err = clip(current_kl / target - 1, -0.2, 0.2)``, then
-    ``value *= 1 + err * n_steps / horizon``. ``current_kl`` may be a float or a 0-dim tensor
-    (read with one host sync, once per update). Returns the new ``.value``.
+    ``value *= 1 + err * min(n_steps / horizon, 1)``. ``current_kl`` may be a float or a 0-dim
+    tensor (read with one host sync, once per update). Returns the new ``.value``.
+
+    The step fraction ``n_steps / horizon`` is capped at 1, so one update moves the
+    coefficient by at most 20 % and it never turns negative. verl 0.9.1 and OpenRLHF 0.11.2
+    leave it uncapped, which makes the factor negative (a coefficient that rewards
+    divergence) once ``n_steps > 5 * horizon``; while ``n_steps <= horizon`` (the usual case)
+    the two agree exactly.
     """
 
     def __init__(self, init_coef: float, target: float, horizon: float):
@@ -220,5 +226,5 @@ class AdaptiveKLController:
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         err = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + err * n_steps / self.horizon
+        self.value *= 1.0 + err * min(n_steps / self.horizon, 1.0)
         return self.value

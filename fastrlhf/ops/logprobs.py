@@ -98,7 +98,7 @@ _token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_co
 
 
 # ------------------------------------------------------------------------ public API
-def _check_logits_labels(logits, labels, temperature, ignore_index):
+def _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward=False):
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.tensor("labels", labels, _checks.INDEX_DTYPES)
     _checks.same_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
@@ -110,6 +110,8 @@ def _check_logits_labels(logits, labels, temperature, ignore_index):
                          f"got strides {logits.stride()}")
     _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
+    if inplace_backward:
+        _checks.writable_in_place("logits", logits, "inplace_backward=True")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
@@ -129,7 +131,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         ignore_index: labels equal to it get log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return the entropy ``-sum(p * log p)`` of each row.
         inplace_backward: write the gradient w.r.t. ``logits`` into ``logits``' own buffer,
-            saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later.
+            saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later;
+            logits whose elements share memory (an expanded view) raise ``ValueError``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``fastrlhf.backend``).
 
     Returns:
@@ -147,7 +150,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     ``inplace_backward``. The gradient has the logits' dtype. The ``torch`` backend
     materializes fp32 ``[..., V]`` tensors.
     """
-    _check_logits_labels(logits, labels, temperature, ignore_index)
+    _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
     name = resolve_backend(backend, logits.device, "logprobs")
     logp, ent, _ = _token_logprobs_op(logits, labels, float(temperature), ignore_index,
                                       bool(return_entropy), bool(inplace_backward), name)

@@ -180,33 +180,33 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk
 # ------------------------------------------------------------------- group advantages
 @triton.jit
 def _group_advantages_kernel(
-    s_ptr, out_ptr, n_groups, G, eps, method,
-    ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+    s_ptr, out_ptr, n_groups, G, eps, method, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
 ):
+    """Statistics and outputs in fp64 (``STATS_DTYPE``), stored in the output's dtype."""
     groups = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     group_ok = groups < n_groups
     base = groups[:, None] * G
     cols = tl.arange(0, BLOCK_G)
-    total = tl.zeros([ROWS], ACC)
+    total = tl.zeros([ROWS], tl.float64)
     for start in range(0, G, BLOCK_G):
         c = start + cols
         ok = group_ok[:, None] & (c < G)[None, :]
-        total += tl.sum(tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(ACC), axis=1)
+        total += tl.sum(tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64), axis=1)
     many = G > 1
     mean = tl.where(many, total / G, 0.0)  # a group of one: no baseline
-    ss = tl.zeros([ROWS], ACC)
+    ss = tl.zeros([ROWS], tl.float64)
     if method == 0:  # grpo: unbiased std, two-pass
         for start in range(0, G, BLOCK_G):
             c = start + cols
             ok = group_ok[:, None] & (c < G)[None, :]
-            x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(ACC)
+            x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64)
             d = tl.where(ok, x - mean[:, None], 0.0)
             ss += tl.sum(d * d, axis=1)
     denom = tl.where(many, tl.sqrt(ss / tl.maximum(G - 1, 1)), 1.0) + eps
     for start in range(0, G, BLOCK_G):
         c = start + cols
         ok = group_ok[:, None] & (c < G)[None, :]
-        x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(ACC)
+        x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64)
         if method == 0:
             y = (x - mean[:, None]) / denom[:, None]
         elif method == 1:  # rloo: minus the mean of the others
@@ -227,5 +227,5 @@ def group_advantages_fwd(scores, group_size, method, eps):
     ROWS = max(1, min(64, 2048 // BLOCK_G))
     _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
         scores.contiguous(), out, n_groups, group_size, float(eps), METHODS.index(method),
-        ACC=tl_acc(acc), ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
+        ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
     return out

@@ -46,6 +46,12 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _weighted(w, x):
+    """``w * x``, 0 where ``w`` is 0 even for an infinite ``x`` (see ``reference.dpo.weighted``)."""
+    return tl.where(w == 0, 0.0, w * x)
+
+
+@triton.jit
 def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, loss_code,
            ACC: tl.constexpr):
     """``(loss, dL/da, dL/db, a, b)`` of the pairs at ``offs``. ``c_pos``/``c_neg``:
@@ -59,7 +65,7 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
     b = pr - rr
     z = beta * h
     if loss_code == 0:  # sigmoid (conservative DPO with label smoothing eps)
-        loss = -_logsigmoid(z) * (1 - eps) - _logsigmoid(-z) * eps
+        loss = _weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, -_logsigmoid(-z))
         da = beta * (-(1 - eps) * _sigmoid(-z) + eps * _sigmoid(z))
         db = -da
     elif loss_code == 1:  # ipo
@@ -72,14 +78,14 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
         da = tl.where(1 - z > 0, -beta, 0.0).to(ACC)
         db = -da
     elif loss_code == 3:  # robust
-        loss = (-_logsigmoid(z) * (1 - eps) + _logsigmoid(-z) * eps) / (1 - 2 * eps)
+        loss = (_weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, _logsigmoid(-z))) / (1 - 2 * eps)
         da = beta * (-(1 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1 - 2 * eps)
         db = -da
     elif loss_code == 4:  # exo_pair
         sp = _sigmoid(z)
         sn = _sigmoid(-z)
-        loss = sp * (_logsigmoid(z) - c_pos) + sn * (_logsigmoid(-z) - c_neg)
-        da = beta * sp * sn * (z - c_pos + c_neg)
+        loss = _weighted(sp, _logsigmoid(z) - c_pos) + _weighted(sn, _logsigmoid(-z) - c_neg)
+        da = beta * _weighted(sp * sn, z - c_pos + c_neg)
         db = -da
     elif loss_code == 5:  # nca_pair
         za = beta * a

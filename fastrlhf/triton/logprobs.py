@@ -37,7 +37,8 @@ def _token_logprobs_fwd_kernel(
     t = tl.zeros([BLOCK_V], ACC)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
-        z = tl.load(x_row + idx, mask=idx < V, other=_NEG_INF).to(ACC) * inv_temp
+        # padding lanes are -inf after the scaling (-inf * inv_temp is NaN when 1/T underflows)
+        z = tl.where(idx < V, tl.load(x_row + idx, mask=idx < V, other=0.0).to(ACC) * inv_temp, _NEG_INF)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row of -inf so far: keep exp finite
         alpha = tl.exp(m - shift)
