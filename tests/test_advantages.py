@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
+from fastrlhf.ops.advantages import discounted_returns, gae, gae_outputs, group_advantages, masked_whiten
 from fastrlhf.reference import advantages as ref
 from tests.conftest import BACKENDS, DEVICE, family_backends
 
@@ -110,8 +110,9 @@ def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
     mask = torch.rand(1, T, device=DEVICE) > 0.5
     mask[0, 100:170] = False  # a hole wider than a tile and a chunk
     gamma, lam = 0.999, 0.97
-    got = gae_fwd(rewards, values if with_values else None, mask, gamma, lam if with_values else 1.0,
-                  holes == "skip", block, tiles_per_chunk)
+    v = values if with_values else None
+    got = gae_outputs(rewards, v)
+    gae_fwd(rewards, v, mask, gamma, lam if with_values else 1.0, holes == "skip", *got, block, tiles_per_chunk)
     if with_values:
         want = ref.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
         _close(got[0], want[0])

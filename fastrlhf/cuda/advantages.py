@@ -11,12 +11,9 @@ entering its chunk.
 
 from __future__ import annotations
 
-import torch
-
 from fastrlhf._cuda import ops
-from fastrlhf._numerics import acc_dtype
+from fastrlhf.cuda import extension_ops
 
-METHODS = ("grpo", "rloo", "dr_grpo")
 ITEMS = 4  # positions per thread in a tile (kItems in kernels/advantages.cu)
 MAX_THREADS = 512  # threads per block (kMaxScanThreads): a tile of 2048 positions at most
 MAX_CHUNKS = 256
@@ -55,28 +52,14 @@ def plan(B: int, T: int, block: int | None = None, tiles_per_chunk: int | None =
     return tile // ITEMS, tiles_per_chunk * tile, _cdiv(n_tiles, tiles_per_chunk)
 
 
-def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk=None):
-    """Launch the scan. Returns ``(advantages, returns)``, new contiguous ``[B, T]`` tensors in
-    fp32 (fp64 when an input is fp64); ``values=None`` gives discounted returns and an empty
-    second output. Allocates the outputs and, for chunked rows, ``5 * B * n_chunks`` floats.
-    ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
-    acc = acc_dtype(rewards, values)
-    adv = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
-    ret = torch.empty_like(adv) if values is not None else adv.new_empty(0)
-    B, T = rewards.shape
-    if B == 0 or T == 0:
-        return adv, ret
-    threads, chunk, n_chunks = plan(B, T, block, tiles_per_chunk)
-    maps = adv.new_empty((B, n_chunks, 5)) if n_chunks > 1 else adv.new_empty(0)
+def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, block=None, tiles_per_chunk=None):
+    """Fill ``advantages`` and ``returns`` as :func:`fastrlhf.triton.advantages.gae_fwd`.
+    Allocates ``5 * B * n_chunks`` floats for chunked rows. ``block`` / ``tiles_per_chunk``:
+    see :func:`plan`."""
+    threads, chunk, n_chunks = plan(*rewards.shape, block, tiles_per_chunk)
+    maps = advantages.new_empty((rewards.shape[0], n_chunks, 5) if n_chunks > 1 else 0)
     ops().gae_fwd(rewards, values, mask, float(gamma), float(lam), bool(skip), threads, chunk,
-                  adv, ret, maps)
-    return adv, ret
+                  advantages, returns, maps)
 
 
-def group_advantages_fwd(scores, group_size, method, eps):
-    """One warp per group. Returns a new ``[N]`` fp32 (fp64) tensor."""
-    acc = acc_dtype(scores)
-    out = torch.empty(scores.shape, dtype=acc, device=scores.device)
-    if scores.numel():
-        ops().group_advantages_fwd(scores, int(group_size), METHODS.index(method), float(eps), out)
-    return out
+(group_advantages_fwd,) = extension_ops("group_advantages_fwd")

@@ -21,38 +21,52 @@ METHODS = ("grpo", "rloo", "dr_grpo")
 
 
 # --------------------------------------------------------------------------- custom ops
+def gae_outputs(rewards: torch.Tensor, values: torch.Tensor | None):
+    """``(advantages, returns)``: new contiguous ``[B, T]`` tensors in the accumulation dtype
+    (``returns`` empty for discounted returns, ``values=None``), as the launchers fill them."""
+    adv = torch.empty(rewards.shape, dtype=acc_dtype(rewards, values), device=rewards.device)
+    return adv, (torch.empty_like(adv) if values is not None else adv.new_empty(0))
+
+
 @torch.library.custom_op("fastrlhf::gae", mutates_args=())
 def _gae_op(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float,
             lam: float, skip_holes: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        kernels = launchers(backend, "advantages")
-        return kernels.gae_fwd(rewards, values, mask, gamma, lam, skip_holes)
-    holes = "skip" if skip_holes else "zero"
-    if values is None:
-        out = ref.discounted_returns(rewards, mask, gamma, holes)
-        return out, out.new_empty(0)
-    return ref.gae(rewards, values, mask, gamma, lam, holes)
+    if backend == "torch":
+        holes = "skip" if skip_holes else "zero"
+        if values is None:
+            out = ref.discounted_returns(rewards, mask, gamma, holes)
+            return out, out.new_empty(0)
+        return ref.gae(rewards, values, mask, gamma, lam, holes)
+    adv, ret = gae_outputs(rewards, values)
+    if adv.numel():
+        launchers(backend, "advantages").gae_fwd(rewards, values, mask, gamma, lam, skip_holes, adv, ret)
+    return adv, ret
 
 
 @_gae_op.register_fake
 def _(rewards, values, mask, gamma, lam, skip_holes, backend):
-    dtype = acc_dtype(rewards, values)
-    out = rewards.new_empty(rewards.shape, dtype=dtype)
-    return out, (torch.empty_like(out) if values is not None else out.new_empty(0))
+    return gae_outputs(rewards, values)
+
+
+def _group_output(scores):
+    return torch.empty(scores.shape, dtype=acc_dtype(scores), device=scores.device)
 
 
 @torch.library.custom_op("fastrlhf::group_advantages", mutates_args=())
 def _group_advantages_op(scores: torch.Tensor, group_size: int, method: str, eps: float,
                          backend: str) -> torch.Tensor:
-    if backend != "torch":
-        kernels = launchers(backend, "advantages")
-        return kernels.group_advantages_fwd(scores, group_size, method, eps)
-    return ref.group_advantages(scores, group_size, method, eps)
+    if backend == "torch":
+        return ref.group_advantages(scores, group_size, method, eps)
+    out = _group_output(scores)
+    if out.numel():
+        launchers(backend, "advantages").group_advantages_fwd(scores, group_size, METHODS.index(method),
+                                                              eps, out)
+    return out
 
 
 @_group_advantages_op.register_fake
 def _(scores, group_size, method, eps, backend):
-    return scores.new_empty(scores.shape, dtype=acc_dtype(scores))
+    return _group_output(scores)
 
 
 # ------------------------------------------------------------------------------- checks

@@ -23,16 +23,27 @@ from fastrlhf.reference.dpo import LOSS_TYPES
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
+def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
+    """``(loss number, beta, eps, log(1 - eps), log(eps))`` as the kernels take them, ``eps``
+    the label smoothing (exo_pair's effective one, ``reference.dpo.exo_smoothing``)."""
+    eps = ref.exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
+    return (LOSS_TYPES.index(loss_type), beta, eps, math.log1p(-eps) if eps < 1 else 0.0,
+            math.log(eps) if eps > 0 else 0.0)
+
+
 # --------------------------------------------------------------------------- forward op
 @torch.library.custom_op("fastrlhf::dpo_loss", mutates_args=())
 def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
             loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
     """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
-    if backend != "torch":
-        return launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    with torch.no_grad():
-        loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    return torch.stack([loss, *(metrics[k] for k in METRICS)])
+    if backend == "torch":
+        with torch.no_grad():
+            loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        return torch.stack([loss, *(metrics[k] for k in METRICS)])
+    out = torch.zeros(5, dtype=acc_dtype(pc, pr, rc, rr), device=pc.device)  # an empty batch: 0s
+    if pc.numel():
+        launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing), out)
+    return out
 
 
 @_dpo_op.register_fake
@@ -45,18 +56,25 @@ def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
 def _dpo_bwd_op(grad: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
                 rr: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        return tuple(launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type,
-                                                       label_smoothing))
-    da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    scale = grad / max(pc.numel(), 1)
-    da, db = da * scale, db * scale
-    return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
+    if backend == "torch":
+        da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        scale = grad / max(pc.numel(), 1)
+        da, db = da * scale, db * scale
+        return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
+    grads = _gradients(pc, pr, rc, rr)
+    if pc.numel():
+        launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing),
+                                          grads)
+    return grads
+
+
+def _gradients(*xs):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
 
 
 @_dpo_bwd_op.register_fake
 def _(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (pc, pr, rc, rr))
+    return _gradients(pc, pr, rc, rr)
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,40 +19,66 @@ from fastrlhf.reference import kl as ref
 _NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
 
+_KERNEL_ESTIMATOR = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+"""The kernels' number of each estimator (``EST`` in fastrlhf/triton/kl.py, kernels/kl.cu)."""
+
+
+def _kernel_args(estimator: str, *bounds: float | None) -> tuple:
+    """``(estimator number, straight-through, *bounds)`` as the kernels take them: a ``None``
+    bound is ``inf``, which changes nothing (so no kernel specializes on it)."""
+    name, straight = ref.parse_estimator(estimator)
+    return _KERNEL_ESTIMATOR[name], straight, *(math.inf if b is None else b for b in bounds)
+
+
+def _per_token(logprobs, ref_logprobs):
+    """A new contiguous tensor of the inputs' shape in their accumulation dtype."""
+    return torch.empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs), device=logprobs.device)
+
+
 # ------------------------------------------------------------------------- kl_penalty op
 @torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
-    with torch.no_grad():  # the value of a "+" estimator is the plain one's
-        return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
-                              log_ratio_clamp).contiguous()
+    if backend == "torch":
+        with torch.no_grad():  # the value of a "+" estimator is the plain one's
+            return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
+                                  log_ratio_clamp).contiguous()
+    out = _per_token(logprobs, ref_logprobs)
+    if out.numel():
+        est, _, clamp, log_ratio_clamp = _kernel_args(estimator, clamp, log_ratio_clamp)
+        launchers(backend, "kl").kl_penalty_fwd(logprobs, ref_logprobs, est, clamp, log_ratio_clamp, out)
+    return out
 
 
 @_kl_penalty_op.register_fake
 def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
-    return logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs))
+    return _per_token(logprobs, ref_logprobs)
 
 
 @torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
 def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        estimator: str, clamp: float | None, log_ratio_clamp: float | None,
                        want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
-                                      want_logp, want_ref)
-    dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
-    return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
-            dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
+    if backend == "torch":
+        dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
+        return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
+                dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
+    dlogp, dref = _gradients(logprobs, ref_logprobs, want_logp, want_ref)
+    if logprobs.numel() and (want_logp or want_ref):
+        launchers(backend, "kl").kl_penalty_bwd(grad, logprobs, ref_logprobs,
+                                                *_kernel_args(estimator, clamp, log_ratio_clamp), dlogp, dref)
+    return dlogp, dref
+
+
+def _gradients(logprobs, ref_logprobs, want_logp, want_ref):
+    """New contiguous gradients in the inputs' dtypes; an unwanted one is empty (not written)."""
+    return (torch.empty(logprobs.shape if want_logp else 0, dtype=logprobs.dtype, device=logprobs.device),
+            torch.empty(ref_logprobs.shape if want_ref else 0, dtype=ref_logprobs.dtype, device=logprobs.device))
 
 
 @_kl_penalty_bwd_op.register_fake
 def _(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, want_logp, want_ref, backend):
-    return (logprobs.new_empty(logprobs.shape if want_logp else 0),
-            ref_logprobs.new_empty(ref_logprobs.shape if want_ref else 0))
+    return _gradients(logprobs, ref_logprobs, want_logp, want_ref)
 
 
 def _setup_context(ctx, inputs, output):
@@ -78,21 +104,23 @@ def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t,
-                                                estimator, kl_clamp, log_ratio_clamp, score_clip)
-    coef = kl_coef if kl_coef_t is None else kl_coef_t
-    rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
-                                           kl_clamp, log_ratio_clamp, score_clip)
-    return rewards.contiguous(), kl.contiguous()
+    if backend == "torch":
+        coef = kl_coef if kl_coef_t is None else kl_coef_t
+        rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
+                                               kl_clamp, log_ratio_clamp, score_clip)
+        return rewards.contiguous(), kl.contiguous()
+    rewards, kl = _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
+    if rewards.numel():
+        est, _, *bounds = _kernel_args(estimator, kl_clamp, log_ratio_clamp, score_clip)
+        launchers(backend, "kl").kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef,
+                                                          kl_coef_t, est, *bounds, rewards, kl)
+    return rewards, kl
 
 
 @_kl_rewards_op.register_fake
 def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator, kl_clamp,
       log_ratio_clamp, score_clip, backend):
-    out = logprobs.new_empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs))
-    return out, torch.empty_like(out)
+    return _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
 
 
 # ------------------------------------------------------------------------- public API

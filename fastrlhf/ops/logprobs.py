@@ -16,35 +16,48 @@ from fastrlhf.reference import logprobs as ref
 
 
 # --------------------------------------------------------------------------- forward op
+def _forward_outputs(logits, labels, with_entropy):
+    """``(logp, entropy, stats)`` in the accumulation dtype: ``labels.shape``, the same (or
+    ``[0]`` without entropy) and ``labels.shape + (2,)`` (row max and log-sum-exp, for backward)."""
+    logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    return logp, entropy, logp.new_empty((*labels.shape, 2))
+
+
 @torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        return launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature,
-                                                                  ignore_index, with_entropy)
-    with torch.no_grad():
-        out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
-        logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits)))
-        return logp, ent, ref.row_stats(logits, temperature)
+    if backend == "torch":
+        with torch.no_grad():
+            out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
+            logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits)))
+            return logp, ent, ref.row_stats(logits, temperature)
+    out = _forward_outputs(logits, labels, with_entropy)
+    if labels.numel():
+        launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature, ignore_index,
+                                                          with_entropy, *out)
+    return out
 
 
 @_token_logprobs_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
-    ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=logp.dtype)
-    return logp, ent, logits.new_empty((*labels.shape, 2), dtype=logp.dtype)
+    return _forward_outputs(logits, labels, with_entropy)
 
 
 # -------------------------------------------------------------------------- backward ops
 def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
               ignore_index, backend, inplace):
-    if backend != "torch":
-        return launchers(backend, "logprobs").token_logprobs_bwd(
-            grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, inplace)
-    dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
-                                     temperature, ignore_index)
-    return logits.copy_(dx) if inplace else dx
+    """``d loss / d logits`` in the logits' dtype: a new tensor, or ``logits`` overwritten."""
+    if backend == "torch":
+        dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
+                                         temperature, ignore_index)
+        return logits.copy_(dx) if inplace else dx
+    dx = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if labels.numel():
+        launchers(backend, "logprobs").token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats,
+                                                          entropy, temperature, ignore_index, dx)
+    return dx
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())

@@ -27,13 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrlhf._numerics import acc_dtype
 from fastrlhf.triton._common import tl_acc
 
 MAX_CHUNKS = 256
 TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
-
-METHODS = ("grpo", "rloo", "dr_grpo")
 
 
 @triton.jit
@@ -152,29 +149,23 @@ def plan(B: int, T: int, block: int | None = None, tiles_per_chunk: int | None =
     return BLOCK, CHUNK, triton.cdiv(n_tiles, tiles_per_chunk)
 
 
-def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk=None):
-    """Launch the scan. Returns ``(advantages, returns)``, new contiguous ``[B, T]`` tensors in
-    fp32 (fp64 when an input is fp64); ``values=None`` gives discounted returns and an empty
-    second output. Allocates the outputs and, for chunked rows, ``5 * B * NC`` floats."""
+def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, block=None, tiles_per_chunk=None):
+    """Fill ``advantages`` and ``returns`` (contiguous ``[B, T]``, B and T > 0; ``values=None``:
+    discounted returns into ``advantages``, ``returns`` empty and unwritten). Allocates
+    ``5 * B * NC`` floats for chunked rows. ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
     B, T = rewards.shape
-    acc = acc_dtype(rewards, values)
-    adv = torch.empty((B, T), dtype=acc, device=rewards.device)
-    ret = torch.empty_like(adv) if values is not None else adv.new_empty(0)
-    if B == 0 or T == 0:
-        return adv, ret
     BLOCK, CHUNK, NC = plan(B, T, block, tiles_per_chunk)
     r, sr = _rows(rewards)
     m, sm = _rows(mask)
     v, sv = _rows(values) if values is not None else (r, 0)
-    agg = torch.empty((B, NC, 5), dtype=acc, device=rewards.device) if NC > 1 else adv
-    args = (r, v, m, adv, ret, agg, T, NC, CHUNK, sr, sv, sm, float(gamma), float(gamma * lam),
+    agg = advantages.new_empty((B, NC, 5)) if NC > 1 else advantages
+    args = (r, v, m, advantages, returns, agg, T, NC, CHUNK, sr, sv, sm, float(gamma), float(gamma * lam),
             int(skip))
-    meta = dict(HAS_VALUES=values is not None, HAS_CARRY=NC > 1, ACC=tl_acc(acc),
+    meta = dict(HAS_VALUES=values is not None, HAS_CARRY=NC > 1, ACC=tl_acc(advantages.dtype),
                 BLOCK=BLOCK, NCP=triton.next_power_of_2(NC), num_warps=4 if BLOCK >= 512 else 2)
     if NC > 1:
         _gae_kernel[(B * NC,)](*args, SUMMARY=True, **meta)
     _gae_kernel[(B * NC,)](*args, SUMMARY=False, **meta)
-    return adv, ret
 
 
 # ------------------------------------------------------------------- group advantages
@@ -216,16 +207,13 @@ def _group_advantages_kernel(
         tl.store(out_ptr + base + c[None, :], y, mask=ok)
 
 
-def group_advantages_fwd(scores, group_size, method, eps):
-    """Launch one program per block of groups. Returns a new ``[N]`` fp32 (fp64) tensor."""
-    acc = acc_dtype(scores)
-    out = torch.empty(scores.shape, dtype=acc, device=scores.device)
+def group_advantages_fwd(scores, group_size, method, eps, out):
+    """Fill ``out`` (contiguous ``[N]``, N > 0); ``method`` numbers ``fastrlhf.ops.advantages.METHODS``
+    (0 grpo, 1 rloo, 2 dr_grpo). One program
+    per block of groups."""
     n_groups = scores.numel() // group_size
-    if n_groups == 0:
-        return out
     BLOCK_G = min(max(triton.next_power_of_2(group_size), 16), 1024)
     ROWS = max(1, min(64, 2048 // BLOCK_G))
     _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
-        scores.contiguous(), out, n_groups, group_size, float(eps), METHODS.index(method),
+        scores.contiguous(), out, n_groups, group_size, float(eps), method,
         ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
-    return out

@@ -14,14 +14,10 @@ adds the block sums in a fixed order. Backward: ``d pi_c = g/N * dL/da``,
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.reference.dpo import LOSS_TYPES, exo_smoothing
 from fastrlhf.triton._common import tl_acc
 
 BLOCK = 1024
@@ -162,42 +158,25 @@ def _dpo_bwd_kernel(
     tl.store(drr_ptr + offs, (-(g * db)).to(drr_ptr.dtype.element_ty), mask=ok)
 
 
-def _scalars(beta, loss_type, label_smoothing):
-    eps = exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
-    c_pos = math.log1p(-eps) if eps < 1 else 0.0
-    c_neg = math.log(eps) if eps > 0 else 0.0
-    return float(beta), float(eps), c_pos, c_neg
-
-
-def dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing):
-    """Launch the forward. Returns a new ``[5]`` tensor: mean loss, mean chosen reward, mean
-    rejected reward, mean margin, accuracy (fp32; fp64 for fp64 inputs; zeros for N = 0).
-    Allocates ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
-    acc = acc_dtype(pc, pr, rc, rr)
-    out = torch.empty(5, dtype=acc, device=pc.device)
+def dpo_fwd(pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, out):
+    """Fill ``out`` (``[5]``): mean loss, mean chosen reward, mean rejected reward, mean margin,
+    accuracy, for ``N > 0`` pairs (kernel arguments from ``fastrlhf.ops.dpo``). Allocates
+    ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
     N = pc.numel()
-    if N == 0:
-        return out.zero_()
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
     n_blocks = triton.cdiv(N, BLOCK)
-    part = out if n_blocks == 1 else torch.empty((n_blocks, 5), dtype=acc, device=pc.device)
-    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, *_scalars(beta, loss_type, label_smoothing),
-                                 LOSS_TYPES.index(loss_type), ACC=tl_acc(acc),
+    part = out if n_blocks == 1 else out.new_empty((n_blocks, 5))
+    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, beta, eps, c_pos, c_neg, loss_code, ACC=tl_acc(out.dtype),
                                  FINAL=n_blocks == 1, BLOCK=BLOCK, num_warps=4)
     if n_blocks > 1:
-        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc(acc), BLOCK=BLOCK, num_warps=4)
-    return out
+        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc(out.dtype), BLOCK=BLOCK, num_warps=4)
 
 
-def dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
-    """Launch the backward for upstream gradient ``grad`` (a 0-dim tensor of the mean loss).
-    Returns four new tensors shaped and typed like the inputs."""
-    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (pc, pr, rc, rr)]
+def dpo_bwd(grad, pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, grads):
+    """Fill ``grads``, four contiguous tensors shaped and typed like the inputs, for upstream
+    gradient ``grad`` (a 0-dim tensor of the mean loss), ``N > 0`` pairs."""
     N = pc.numel()
-    if N == 0:
-        return grads
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
     _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-        *xs, grad.reshape(1), *grads, N, *_scalars(beta, loss_type, label_smoothing),
-        LOSS_TYPES.index(loss_type), ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)
-    return grads
+        *xs, grad.reshape(1), *grads, N, beta, eps, c_pos, c_neg, loss_code,
+        ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)

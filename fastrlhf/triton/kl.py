@@ -1,23 +1,19 @@
 """Triton kernels for KL estimators and KL-penalized per-token rewards.
 
-All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp is passed as ``inf``, which leaves
+All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp comes as ``inf``, which leaves
 every value unchanged, so clamps are runtime arguments and never specialize a kernel.
-Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3.
+Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3 (``fastrlhf.ops.kl`` numbers them).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.reference.kl import parse_estimator
 from fastrlhf.triton._common import tl_acc
 
-_EST_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _BLOCK = 1024
 
 
@@ -143,35 +139,23 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).contiguous()
 
 
-def _inf(x: float | None) -> float:
-    return math.inf if x is None else float(x)
-
-
-def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp):
-    """The clamped estimate, a new contiguous tensor of the inputs' shape, fp32 (fp64 for fp64)."""
-    name, _ = parse_estimator(estimator)
-    out = torch.empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs), device=logprobs.device)
+def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, out):
+    """Fill ``out`` (contiguous, the inputs' shape) with the clamped estimate."""
     n = out.numel()
-    if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            _flat(logprobs), _flat(ref_logprobs), out, n, _inf(clamp), _inf(log_ratio_clamp),
-            EST=_EST_ID[name], ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
-    return out
+    _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+        _flat(logprobs), _flat(ref_logprobs), out, n, clamp, log_ratio_clamp,
+        EST=estimator, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
-def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
-                   want_logp=True, want_ref=True):
-    """``(d logprobs, d ref_logprobs)`` in the inputs' dtypes; an unwanted one is an empty tensor."""
-    name, straight = parse_estimator(estimator)
-    dlogp = torch.empty(logprobs.shape if want_logp else 0, dtype=logprobs.dtype, device=logprobs.device)
-    dref = torch.empty(ref_logprobs.shape if want_ref else 0, dtype=ref_logprobs.dtype, device=logprobs.device)
+def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log_ratio_clamp,
+                   grad_logprobs, grad_ref_logprobs):
+    """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
     n = logprobs.numel()
-    if n and (want_logp or want_ref):
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            _flat(grad), _flat(logprobs), _flat(ref_logprobs), dlogp, dref, n,
-            _inf(clamp), _inf(log_ratio_clamp), EST=_EST_ID[name], STRAIGHT=straight,
-            WANT_LOGP=want_logp, WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
-    return dlogp, dref
+    want_logp, want_ref = grad_logprobs.numel() > 0, grad_ref_logprobs.numel() > 0
+    _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+        _flat(grad), _flat(logprobs), _flat(ref_logprobs), grad_logprobs, grad_ref_logprobs, n,
+        clamp, log_ratio_clamp, EST=estimator, STRAIGHT=straight, WANT_LOGP=want_logp,
+        WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -182,25 +166,15 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator,
-                             kl_clamp, log_ratio_clamp, score_clip):
-    """``(rewards, kl)``: new contiguous ``[B, T]`` tensors, fp32 (fp64 for fp64 log-probs).
-
-    ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the kernel when given,
-    else the Python float ``kl_coef``.
-    """
+                             kl_clamp, log_ratio_clamp, score_clip, rewards, kl):
+    """Fill ``rewards`` and ``kl`` (contiguous ``[B, T]``). ``kl_coef_t`` (a 0-dim tensor on the
+    inputs' device) is read by the kernel when given, else the Python float ``kl_coef``."""
     B, T = logprobs.shape
-    dtype = acc_dtype(logprobs, ref_logprobs)
-    rewards = torch.empty((B, T), dtype=dtype, device=logprobs.device)
-    kl = torch.empty((B, T), dtype=dtype, device=logprobs.device)
-    if B * T == 0:
-        return rewards, kl
-    name, _ = parse_estimator(estimator)
     block = min(max(triton.next_power_of_2(T), 16), 2048)  # >= 16: tiny tiles crash some Triton versions
     n_tiles = triton.cdiv(T, block)
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
     _kl_rewards_kernel[(B * n_tiles,)](
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
-        T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), _inf(kl_clamp), _inf(log_ratio_clamp),
-        _inf(score_clip), EST=_EST_ID[name], COEF_TENSOR=kl_coef_t is not None,
-        ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
-    return rewards, kl
+        T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), kl_clamp, log_ratio_clamp, score_clip,
+        EST=estimator, COEF_TENSOR=kl_coef_t is not None, ACC=tl_acc(rewards.dtype), BLOCK_T=block,
+        num_warps=8 if block >= 2048 else 4)

@@ -16,7 +16,6 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrlhf._numerics import acc_dtype
 from fastrlhf.triton._common import tl_acc
 
 _NEG_INF = tl.constexpr(float("-inf"))
@@ -125,44 +124,29 @@ def _config(V: int) -> dict:
     return {"BLOCK_V": block, "num_warps": 8 if block >= 2048 else 4}
 
 
-def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy):
-    """Launch the forward kernel. Returns ``(logp, entropy, stats)``: ``labels.shape``,
-    ``labels.shape`` (``[0]`` unless ``with_entropy``) and ``labels.shape + (2,)`` (row max
-    and log-sum-exp relative to it), fp32 (fp64 for fp64 logits)."""
-    out_dtype = acc_dtype(logits)
-    logp = logits.new_empty(labels.shape, dtype=out_dtype)
-    stats = logits.new_empty((*labels.shape, 2), dtype=out_dtype)
-    ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=out_dtype)
-    n = labels.numel()
-    if n == 0:
-        return logp, ent, stats
+def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, logp, entropy, stats):
+    """Fill ``logp``, ``entropy`` (when ``with_entropy``) and ``stats`` (contiguous, shaped as
+    ``fastrlhf.ops.logprobs`` allocates them) for ``labels.numel() > 0`` rows."""
     x, D1, s0, s1 = _rows(logits)
-    _token_logprobs_fwd_kernel[(n,)](
-        x, labels.reshape(-1).contiguous(), logp, ent, stats, D1, s0, s1, logits.shape[-1],
+    _token_logprobs_fwd_kernel[(labels.numel(),)](
+        x, labels.reshape(-1).contiguous(), logp, entropy, stats, D1, s0, s1, logits.shape[-1],
         1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=tl_acc(logits.dtype), **_config(logits.shape[-1]))
-    return logp, ent, stats
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(logp.dtype), **_config(logits.shape[-1]))
 
 
 def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
-                       ignore_index, inplace=False):
-    """Launch the backward kernel and return ``d loss / d logits`` in the logits' dtype:
-    a new contiguous tensor, or ``logits`` itself overwritten when ``inplace``."""
-    out = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
-    n = labels.numel()
-    if n == 0:
-        return out
+                       ignore_index, grad_logits):
+    """Write ``d loss / d logits`` into ``grad_logits``: a contiguous tensor of the logits'
+    shape and dtype, or ``logits`` itself (an in-place backward)."""
     V = logits.shape[-1]
     x, D1, sx0, sx1 = _rows(logits)
-    dx, sd0, sd1 = (x, sx0, sx1) if inplace else (out, D1 * V, V)
+    inplace = grad_logits is logits
+    dx, sd0, sd1 = (x, sx0, sx1) if inplace else (grad_logits, D1 * V, V)
     with_entropy = grad_entropy is not None
-    _token_logprobs_bwd_kernel[(n,)](
+    _token_logprobs_bwd_kernel[(labels.numel(),)](
         x, dx, labels.reshape(-1).contiguous(), stats, entropy, grad_logp.reshape(-1).contiguous(),
         grad_entropy.reshape(-1).contiguous() if with_entropy else grad_logp,
         D1, sx0, sx1, sd0, sd1, V, 1.0 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=tl_acc(logits.dtype), **_config(V))
-    if dx is not out:  # inplace on a layout that _rows had to copy
-        out.copy_(dx.view(out.shape))
-    return out
-
-
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(stats.dtype), **_config(V))
+    if dx is not grad_logits:  # in place on a layout that _rows had to copy
+        grad_logits.copy_(dx.view(grad_logits.shape))
