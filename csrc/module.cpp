@@ -29,10 +29,16 @@ TORCH_LIBRARY(fastrlhf_cuda, m) {
   m.def("kl_penalized_rewards_fwd(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, "
         "float kl_coef, Tensor? kl_coef_t, int estimator, float kl_clamp, float log_ratio_clamp, "
         "float score_clip, Tensor(a!) rewards, Tensor(b!) kl) -> ()");
-  m.def("ppo_loss_fwd(bool value, Tensor x, Tensor old, Tensor y, Tensor mask, Tensor? row_counts, "
-        "float c0, float c1, float c2, float c3, Tensor(a!) sums, Tensor(b!) counts) -> ()");
-  m.def("ppo_loss_bwd(bool value, Tensor grad, Tensor scale, Tensor x, Tensor old, Tensor y, Tensor mask, "
-        "Tensor? row_counts, float c0, float c1, float c2, float c3, Tensor(a!) grad_x) -> ()");
+  m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "Tensor? row_counts, float ratio_low, float ratio_high, float dual_clip, float log_ratio_clamp, "
+        "Tensor(a!) sums, Tensor(b!) counts) -> ()");
+  m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? row_counts, "
+        "float clip, Tensor(a!) sums, Tensor(b!) counts) -> ()");
+  m.def("ppo_policy_bwd(Tensor grad, Tensor scale, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+        "Tensor mask, Tensor? row_counts, float ratio_low, float ratio_high, float dual_clip, "
+        "float log_ratio_clamp, Tensor(a!) grad_logprobs) -> ()");
+  m.def("ppo_value_bwd(Tensor grad, Tensor scale, Tensor values, Tensor old_values, Tensor returns, "
+        "Tensor mask, Tensor? row_counts, float clip, Tensor(a!) grad_values) -> ()");
 }
 
 namespace {

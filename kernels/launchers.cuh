@@ -123,26 +123,41 @@ cudaError_t fastrlhf_kl_rewards_fwd(int64_t B, int64_t T, fastrlhf_rows scores,
                                     cudaStream_t stream);
 
 /* --------------------------------------------------------------------------------- ppo */
-/* PPO losses over n = B * T flat, contiguous tokens (x, old, y, mask). Policy (value = 0):
- * x, old, y = log-probs, old log-probs, advantages; c0, c1 = ratio bounds 1 - clip_low,
- * 1 + clip_high, c2 = dual clip, c3 = log-ratio clamp. Value (value = 1): values, old values,
- * returns; c0 = clip. row_counts (int64 [B], NULL unless seq-mean-token-mean) divides each
- * token's loss by its row's count. Forward: block p of n_parts sums its share of the tokens:
- * sums[p] = loss, sums[n_parts + p] = -log-ratio (policy), counts[p] = valid,
- * counts[n_parts + p] = clipped, counts[2 * n_parts + p] = dual-clipped (policy). */
-cudaError_t fastrlhf_ppo_loss_fwd(int value, int64_t n, int64_t T, fastrlhf_rows x,
-                                  fastrlhf_rows old, fastrlhf_rows y, fastrlhf_mask mask,
-                                  const int64_t* row_counts, double c0, double c1, double c2,
-                                  double c3, int acc_double, int64_t n_parts, void* sums,
-                                  int32_t* counts, cudaStream_t stream);
+/* The tokens of a PPO loss: n = B * T flat, contiguous tokens of x (log-probs or values, the
+ * input with a gradient), old (its old values) and target (advantages or returns), and the
+ * mask. row_counts (int64 [B], NULL unless seq-mean-token-mean) divides each token's loss by
+ * its row's count of valid tokens. */
+typedef struct {
+  fastrlhf_rows x, old, target;
+  fastrlhf_mask mask;
+  int64_t n, T;
+  const int64_t* row_counts;
+} fastrlhf_ppo_tokens;
 
-/* grad_x (x's dtype) = grad * scale * d loss_token / dx (/ row count) on valid tokens, 0
- * elsewhere; grad and scale are 0-dim device values. */
-cudaError_t fastrlhf_ppo_loss_bwd(int value, int64_t n, int64_t T, fastrlhf_rows grad,
-                                  fastrlhf_rows scale, fastrlhf_rows x, fastrlhf_rows old,
-                                  fastrlhf_rows y, fastrlhf_mask mask, const int64_t* row_counts,
-                                  double c0, double c1, double c2, double c3, int acc_double,
-                                  void* grad_x, cudaStream_t stream);
+/* The policy loss's clip arguments; inf where an option is off. */
+typedef struct {
+  double ratio_low;       /* 1 - clip_low */
+  double ratio_high;      /* 1 + clip_high */
+  double dual_clip;       /* caps the loss at -advantage * dual_clip where advantage < 0 */
+  double log_ratio_clamp; /* the log-ratio is clamped to +-log_ratio_clamp before exp */
+} fastrlhf_policy_clip;
+
+/* Forward: block p of n_parts sums its share of the tokens. Policy: sums[p] = loss,
+ * sums[n_parts + p] = -log-ratio, counts[p] = valid, counts[n_parts + p] = clipped,
+ * counts[2 * n_parts + p] = dual-clipped. Value (clip around the old value): sums[p] = loss,
+ * counts[p] = valid, counts[n_parts + p] = clipped. */
+cudaError_t fastrlhf_ppo_policy_fwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip, int acc_double,
+                                    int64_t n_parts, void* sums, int32_t* counts, cudaStream_t stream);
+cudaError_t fastrlhf_ppo_value_fwd(fastrlhf_ppo_tokens tokens, double clip, int acc_double, int64_t n_parts,
+                                   void* sums, int32_t* counts, cudaStream_t stream);
+
+/* Backward: grad_x (x's dtype) = grad * scale * d loss_token / dx (/ row count) on valid
+ * tokens, 0 elsewhere; grad and scale are 0-dim device values. */
+cudaError_t fastrlhf_ppo_policy_bwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip, fastrlhf_rows grad,
+                                    fastrlhf_rows scale, int acc_double, void* grad_logprobs,
+                                    cudaStream_t stream);
+cudaError_t fastrlhf_ppo_value_bwd(fastrlhf_ppo_tokens tokens, double clip, fastrlhf_rows grad,
+                                   fastrlhf_rows scale, int acc_double, void* grad_values, cudaStream_t stream);
 
 #ifdef __cplusplus
 }

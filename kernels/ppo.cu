@@ -20,8 +20,7 @@ template <typename A> struct Terms {
   A d;           // d loss / d x
 };
 
-// Policy: x, old, y = log-prob, old log-prob, advantage; c0, c1 ratio bounds, c2 dual clip,
-// c3 log-ratio clamp.
+// Policy: ratio bounds lo = 1 - clip_low, hi = 1 + clip_high, dual clip, log-ratio clamp.
 template <typename A>
 __device__ __forceinline__ Terms<A> policy_terms(A logp, A old, A adv, A lo, A hi, A dual_clip,
                                                  A log_ratio_clamp) {
@@ -38,7 +37,7 @@ __device__ __forceinline__ Terms<A> policy_terms(A logp, A old, A adv, A lo, A h
   return {lower ? loss3 : loss, clipped, lower, lr, d};
 }
 
-// Value: x, old, y = value, old value, return; c0 = clip.
+// Value: clip of the value around the old value.
 template <typename A> __device__ __forceinline__ Terms<A> value_terms(A v, A old, A ret, A clip) {
   const A err = v - ret;
   const A loss1 = err * err;
@@ -49,11 +48,28 @@ template <typename A> __device__ __forceinline__ Terms<A> value_terms(A v, A old
   return {A(0.5) * (clipped ? loss2 : loss1), clipped, false, A(0), clipped ? A(0) : err};
 }
 
-template <typename A>
-__device__ __forceinline__ Terms<A> terms(bool value, fastrlhf_rows x, fastrlhf_rows old,
-                                          fastrlhf_rows y, int64_t i, A c0, A c1, A c2, A c3) {
-  const A a = load_as<A>(x, i), b = load_as<A>(old, i), c = load_as<A>(y, i);
-  return value ? value_terms(a, b, c, c0) : policy_terms(a, b, c, c0, c1, c2, c3);
+// The two losses, as functors of (x, old, target) -> Terms: Policy reads log-prob, old
+// log-prob, advantage; Value reads value, old value, return.
+struct PolicyLoss {
+  static constexpr bool kPolicy = true;
+  fastrlhf_policy_clip clip;
+  template <typename A> __device__ __forceinline__ Terms<A> operator()(A logp, A old, A adv) const {
+    return policy_terms(logp, old, adv, A(clip.ratio_low), A(clip.ratio_high), A(clip.dual_clip),
+                        A(clip.log_ratio_clamp));
+  }
+};
+
+struct ValueLoss {
+  static constexpr bool kPolicy = false;
+  double clip;
+  template <typename A> __device__ __forceinline__ Terms<A> operator()(A v, A old, A ret) const {
+    return value_terms(v, old, ret, A(clip));
+  }
+};
+
+template <typename A, typename Loss>
+__device__ __forceinline__ Terms<A> terms_at(const fastrlhf_ppo_tokens& t, const Loss& loss, int64_t i) {
+  return loss(load_as<A>(t.x, i), load_as<A>(t.old, i), load_as<A>(t.target, i));
 }
 
 template <typename A> struct Partial {
@@ -74,31 +90,32 @@ template <typename A> struct PartialOp {
   }
 };
 
-template <typename A>
-__global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(
-    bool value, int64_t n, int64_t T, fastrlhf_rows x, fastrlhf_rows old, fastrlhf_rows y,
-    fastrlhf_mask mask, const int64_t* __restrict__ row_counts, A c0, A c1, A c2, A c3,
-    int64_t n_parts, int64_t chunk, A* __restrict__ sums, int32_t* __restrict__ counts) {
+// Block p sums its contiguous share of the tokens: sums [k, n_parts], counts [k + 1, n_parts]
+// (policy: loss, -log-ratio; valid, clipped, dual-clipped. value: loss; valid, clipped).
+template <typename A, typename Loss>
+__global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(fastrlhf_ppo_tokens t, Loss loss, int64_t n_parts,
+                                                           int64_t chunk, A* __restrict__ sums,
+                                                           int32_t* __restrict__ counts) {
   __shared__ Partial<A> smem[kMaxWarps];
   for (int64_t part = blockIdx.x; part < n_parts; part += gridDim.x) {
     const int64_t lo = part * chunk;
-    const int64_t hi = lo + chunk < n ? lo + chunk : n;
+    const int64_t hi = lo + chunk < t.n ? lo + chunk : t.n;
     Partial<A> acc = PartialOp<A>::identity();
     for (int64_t i = lo + threadIdx.x; i < hi; i += blockDim.x) {
-      if (!mask_at(mask, i)) continue;  // masked tokens are never read: NaN there is harmless
-      const Terms<A> t = terms(value, x, old, y, i, c0, c1, c2, c3);
-      acc.loss += row_counts ? t.loss / static_cast<A>(row_counts[i / T]) : t.loss;
-      acc.neg_lr -= t.lr;
+      if (!mask_at(t.mask, i)) continue;  // masked tokens are never read: NaN there is harmless
+      const Terms<A> r = terms_at<A>(t, loss, i);
+      acc.loss += t.row_counts ? r.loss / static_cast<A>(t.row_counts[i / t.T]) : r.loss;
+      acc.neg_lr -= r.lr;
       acc.valid += 1;
-      acc.clipped += t.clipped;
-      acc.lower += t.lower;
+      acc.clipped += r.clipped;
+      acc.lower += r.lower;
     }
     acc = block_reduce<PartialOp<A>>(acc, smem);
     if (threadIdx.x == 0) {
       sums[part] = acc.loss;
       counts[part] = acc.valid;
       counts[n_parts + part] = acc.clipped;
-      if (!value) {
+      if (Loss::kPolicy) {
         sums[n_parts + part] = acc.neg_lr;
         counts[2 * n_parts + part] = acc.lower;
       }
@@ -106,58 +123,70 @@ __global__ void __launch_bounds__(kThreads) ppo_fwd_kernel(
   }
 }
 
-template <typename A>
-__global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(
-    bool value, int64_t n, int64_t T, fastrlhf_rows grad, fastrlhf_rows scale, fastrlhf_rows x,
-    fastrlhf_rows old, fastrlhf_rows y, fastrlhf_mask mask, const int64_t* __restrict__ row_counts,
-    A c0, A c1, A c2, A c3, void* dx) {
+// grad_x = grad * scale * d loss_token / dx (/ row count) on valid tokens, 0 elsewhere.
+template <typename A, typename Loss>
+__global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(fastrlhf_ppo_tokens t, Loss loss, fastrlhf_rows grad,
+                                                           fastrlhf_rows scale, void* grad_x) {
   const A w = load_as<A>(grad, 0) * load_as<A>(scale, 0);
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < t.n; i += int64_t(gridDim.x) * blockDim.x) {
     A g = A(0);
-    if (mask_at(mask, i)) {
-      A d = terms(value, x, old, y, i, c0, c1, c2, c3).d;
-      if (row_counts) d = d / static_cast<A>(row_counts[i / T]);
+    if (mask_at(t.mask, i)) {
+      A d = terms_at<A>(t, loss, i).d;
+      if (t.row_counts) d = d / static_cast<A>(t.row_counts[i / t.T]);
       g = w * d;
     }
-    store_as(dx, x.dtype, i, g);
+    store_as(grad_x, t.x.dtype, i, g);
   }
+}
+
+template <typename Loss>
+cudaError_t launch_fwd(const fastrlhf_ppo_tokens& t, const Loss& loss, int acc_double, int64_t n_parts, void* sums,
+                       int32_t* counts, cudaStream_t stream) {
+  if (t.n <= 0 || n_parts <= 0) return cudaSuccess;
+  const int64_t chunk = (t.n + n_parts - 1) / n_parts;
+  return with_acc(acc_double, [&](auto tag) {
+    using A = decltype(tag);
+    ppo_fwd_kernel<A, Loss><<<grid_for(n_parts), kThreads, 0, stream>>>(t, loss, n_parts, chunk,
+                                                                        static_cast<A*>(sums), counts);
+    return cudaGetLastError();
+  });
+}
+
+template <typename Loss>
+cudaError_t launch_bwd(const fastrlhf_ppo_tokens& t, const Loss& loss, fastrlhf_rows grad, fastrlhf_rows scale,
+                       int acc_double, void* grad_x, cudaStream_t stream) {
+  if (t.n <= 0) return cudaSuccess;
+  const int64_t blocks = (t.n + kThreads - 1) / kThreads;
+  return with_acc(acc_double, [&](auto tag) {
+    using A = decltype(tag);
+    ppo_bwd_kernel<A, Loss><<<static_cast<int>(blocks < 65536 ? blocks : 65536), kThreads, 0, stream>>>(
+        t, loss, grad, scale, grad_x);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_ppo_loss_fwd(int value, int64_t n, int64_t T, fastrlhf_rows x,
-                                             fastrlhf_rows old, fastrlhf_rows y, fastrlhf_mask mask,
-                                             const int64_t* row_counts, double c0, double c1,
-                                             double c2, double c3, int acc_double, int64_t n_parts,
-                                             void* sums, int32_t* counts, cudaStream_t stream) {
-  using namespace fastrlhf;
-  if (n <= 0 || n_parts <= 0) return cudaSuccess;
-  const int64_t chunk = (n + n_parts - 1) / n_parts;
-  return with_acc(acc_double, [&](auto tag) {
-    using A = decltype(tag);
-    ppo_fwd_kernel<A><<<grid_for(n_parts), kThreads, 0, stream>>>(
-        value != 0, n, T, x, old, y, mask, row_counts, static_cast<A>(c0), static_cast<A>(c1),
-        static_cast<A>(c2), static_cast<A>(c3), n_parts, chunk, static_cast<A*>(sums), counts);
-    return cudaGetLastError();
-  });
+extern "C" cudaError_t fastrlhf_ppo_policy_fwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip,
+                                               int acc_double, int64_t n_parts, void* sums, int32_t* counts,
+                                               cudaStream_t stream) {
+  return fastrlhf::launch_fwd(tokens, fastrlhf::PolicyLoss{clip}, acc_double, n_parts, sums, counts, stream);
 }
 
-extern "C" cudaError_t fastrlhf_ppo_loss_bwd(int value, int64_t n, int64_t T, fastrlhf_rows grad,
-                                             fastrlhf_rows scale, fastrlhf_rows x, fastrlhf_rows old,
-                                             fastrlhf_rows y, fastrlhf_mask mask,
-                                             const int64_t* row_counts, double c0, double c1,
-                                             double c2, double c3, int acc_double, void* grad_x,
-                                             cudaStream_t stream) {
-  using namespace fastrlhf;
-  if (n <= 0) return cudaSuccess;
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  return with_acc(acc_double, [&](auto tag) {
-    using A = decltype(tag);
-    ppo_bwd_kernel<A><<<static_cast<int>(blocks < 65536 ? blocks : 65536), kThreads, 0, stream>>>(
-        value != 0, n, T, grad, scale, x, old, y, mask, row_counts, static_cast<A>(c0),
-        static_cast<A>(c1), static_cast<A>(c2), static_cast<A>(c3), grad_x);
-    return cudaGetLastError();
-  });
+extern "C" cudaError_t fastrlhf_ppo_value_fwd(fastrlhf_ppo_tokens tokens, double clip, int acc_double,
+                                              int64_t n_parts, void* sums, int32_t* counts, cudaStream_t stream) {
+  return fastrlhf::launch_fwd(tokens, fastrlhf::ValueLoss{clip}, acc_double, n_parts, sums, counts, stream);
+}
+
+extern "C" cudaError_t fastrlhf_ppo_policy_bwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip,
+                                               fastrlhf_rows grad, fastrlhf_rows scale, int acc_double,
+                                               void* grad_logprobs, cudaStream_t stream) {
+  return fastrlhf::launch_bwd(tokens, fastrlhf::PolicyLoss{clip}, grad, scale, acc_double, grad_logprobs, stream);
+}
+
+extern "C" cudaError_t fastrlhf_ppo_value_bwd(fastrlhf_ppo_tokens tokens, double clip, fastrlhf_rows grad,
+                                              fastrlhf_rows scale, int acc_double, void* grad_values,
+                                              cudaStream_t stream) {
+  return fastrlhf::launch_bwd(tokens, fastrlhf::ValueLoss{clip}, grad, scale, acc_double, grad_values, stream);
 }

@@ -34,17 +34,33 @@ def _extension():
         pytest.fail(f"CUDA is present but the cuda backend is not: {why}")
 
 
+class _LogprobsOn:
+    """Token log-probs forward and backward of one backend, through the op layer's custom ops
+    (which allocate the outputs the launchers fill)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def token_logprobs_fwd(self, logits, labels, temperature, ignore_index, with_entropy):
+        return torch.ops.fastrlhf.token_logprobs(logits, labels, temperature, ignore_index, with_entropy,
+                                                 False, self.backend)
+
+    def token_logprobs_bwd(self, g_logp, g_ent, logits, labels, stats, ent, temperature, ignore_index,
+                           inplace=False):
+        args = (g_logp, g_ent, logits, labels, stats, ent, temperature, ignore_index, self.backend)
+        if inplace:
+            torch.ops.fastrlhf.token_logprobs_backward_(*args)
+            return logits
+        return torch.ops.fastrlhf.token_logprobs_backward(*args)
+
+
 def _triton():
     pytest.importorskip("triton")
-    from fastrlhf.triton import logprobs as tri
-
-    return tri
+    return _LogprobsOn("triton")
 
 
 def _cuda_lp():
-    from fastrlhf.cuda import logprobs as cu
-
-    return cu
+    return _LogprobsOn("cuda")
 
 
 def test_build_info_and_device():
@@ -86,7 +102,7 @@ DISPATCH = {
     "logprobs": (_call_logprobs, {"token_logprobs_fwd", "token_logprobs_bwd"}),
     "advantages": (_call_advantages, {"gae_fwd", "group_advantages_fwd"}),
     "kl": (_call_kl, {"kl_penalty_fwd", "kl_penalty_bwd", "kl_penalized_rewards_fwd"}),
-    "ppo": (_call_ppo, {"ppo_loss_fwd", "ppo_loss_bwd"}),
+    "ppo": (_call_ppo, {"ppo_policy_fwd", "ppo_policy_bwd"}),
 }
 
 
@@ -314,6 +330,15 @@ def _mask(B, T, kind, dtype=torch.bool):
     return m.to(dtype)
 
 
+def _gae(launchers, rewards, values, mask, gamma, lam, skip, *plan):
+    """``(advantages, returns)`` from ``launchers.gae_fwd`` into outputs allocated as the op does."""
+    from fastrlhf.ops.advantages import gae_outputs
+
+    out = gae_outputs(rewards, values)
+    launchers.gae_fwd(rewards, values, mask, gamma, lam, skip, *out, *plan)
+    return out
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                     (torch.float64, torch.float64)], ids=lambda d: "-".join(map(_dtype_id, d)))
@@ -329,13 +354,13 @@ def test_gae_against_reference(B, T, dtypes, skip):
     values = torch.randn(B, T, device=DEVICE).to(dtypes[1])
     for mask_dtype in (torch.bool, torch.float32, torch.int64):
         mask = _mask(B, T, "holes", mask_dtype)
-        adv, ret = cu.gae_fwd(rewards, values, mask, 0.99, 0.95, skip)
+        adv, ret = _gae(cu, rewards, values, mask, 0.99, 0.95, skip)
         want_adv, want_ret = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
         tol = 1e-10 if dtypes[0] == torch.float64 else 1e-4
         torch.testing.assert_close(adv.double(), want_adv, atol=tol, rtol=tol)
         torch.testing.assert_close(ret.double(), want_ret, atol=tol, rtol=tol)
         assert adv.dtype == ret.dtype == (torch.float64 if dtypes[0] == torch.float64 else torch.float32)
-        returns, empty = cu.gae_fwd(rewards, None, mask, 0.97, 1.0, skip)
+        returns, empty = _gae(cu, rewards, None, mask, 0.97, 1.0, skip)
         assert empty.numel() == 0
         want = ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes)
         torch.testing.assert_close(returns.double(), want, atol=tol, rtol=tol)
@@ -352,13 +377,13 @@ def test_gae_long_rows_against_closed_form_and_triton():
     mask = _mask(B, T, "holes")
     valid = mask.double()
     tail = (rewards.double() * valid).flip(-1).cumsum(-1).flip(-1)
-    adv, ret = cu.gae_fwd(rewards, values, mask, 1.0, 1.0, True)
+    adv, ret = _gae(cu, rewards, values, mask, 1.0, 1.0, True)
     torch.testing.assert_close(adv.double(), (tail - values.double()) * valid, atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(ret.double(), tail * valid, atol=2e-3, rtol=1e-4)
     tri = pytest.importorskip("fastrlhf.triton.advantages")
     for skip in (True, False):
-        got = cu.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
-        want = tri.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
+        got = _gae(cu, rewards, values, mask, 0.999, 0.95, skip)
+        want = _gae(tri, rewards, values, mask, 0.999, 0.95, skip)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -421,8 +446,8 @@ def test_gae_forced_chunks_against_reference(block, tiles, chunks, with_values, 
     float_mask = torch.where(mask, 1.0, -0.0)
     for r, v, m, tol in ((rewards, values, mask, 1e-4),
                          (rewards.double(), values.double(), float_mask, 1e-10)):
-        got = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
-        again = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        got = _gae(cu, r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        again = _gae(cu, r, v if with_values else None, m, gamma, lam, skip, block, tiles)
         for a, b, w in zip(got, again, want):
             assert torch.equal(a, b)  # fixed composition order: deterministic
             torch.testing.assert_close(a.double(), w, atol=tol, rtol=tol)
@@ -446,14 +471,14 @@ def test_gae_one_long_row_is_chunked():
     got = {}
     for (skip, lam), v in cases.items():
         holes = "skip" if skip else "zero"
-        got[skip, lam] = cu.gae_fwd(rewards, v, mask, 0.999, lam, skip)
+        got[skip, lam] = _gae(cu, rewards, v, mask, 0.999, lam, skip)
         want = (ref_adv.gae(r64, v64, m, 0.999, lam, holes) if v is not None
                 else (ref_adv.discounted_returns(r64, m, 0.999, holes),))
         for a, w in zip(got[skip, lam], want):
             torch.testing.assert_close(a.double().cpu(), w, atol=1e-4, rtol=1e-4)
     tri = pytest.importorskip("fastrlhf.triton.advantages")
     for (skip, lam), v in cases.items():
-        for a, b in zip(got[skip, lam], tri.gae_fwd(rewards, v, mask, 0.999, lam, skip)):
+        for a, b in zip(got[skip, lam], _gae(tri, rewards, v, mask, 0.999, lam, skip)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -475,13 +500,12 @@ def test_gae_bad_input_in_cpp():
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
 def test_group_advantages_against_reference(method, dtype):
-    from fastrlhf.cuda import advantages as cu
     from fastrlhf.reference import advantages as ref_adv
 
     for n_groups, G in [(7, 1), (5, 2), (3, 16), (2, 1000), (1, 4099)]:
         scores = (torch.randn(n_groups * G, device=DEVICE) * 3).to(dtype)
         scores[:G] = 0.5  # a group of equal scores (exact sums): 0, for grpo 0 / eps
-        got = cu.group_advantages_fwd(scores, G, method, 1e-6)
+        got = torch.ops.fastrlhf.group_advantages(scores, G, method, 1e-6, "cuda")
         want = ref_adv.group_advantages(scores.double(), G, method, 1e-6)
         tol = 1e-10 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -495,23 +519,23 @@ ESTIMATORS = ["k1", "abs", "k2", "k3", "k3+", "low_var_kl"]
 @pytest.mark.parametrize("clamps", [(None, None), (10.0, 20.0), (0.5, 1.0)],
                          ids=lambda c: f"clamp{c[0]}-lr{c[1]}")
 def test_kl_penalty_against_reference(estimator, clamps):
-    from fastrlhf.cuda import kl as cu
     from fastrlhf.reference import kl as ref_kl
 
+    op, bwd = torch.ops.fastrlhf.kl_penalty, torch.ops.fastrlhf.kl_penalty_backward
     logp = torch.randn(4, 513, device=DEVICE) * 3
     ref_lp = (torch.randn(4, 513, device=DEVICE) * 3).to(torch.bfloat16)  # mixed dtypes
     logp[0, :8] = torch.tensor([0.0, 30.0, -30.0, 1e-7, -1e-7, 25.0, -25.0, 5.0])
     grad = torch.randn(4, 513, device=DEVICE)
-    got = cu.kl_penalty_fwd(logp, ref_lp, estimator, *clamps)
+    got = op(logp, ref_lp, estimator, *clamps, "cuda")
     want = ref_kl.kl_penalty(logp.double(), ref_lp.double(), estimator, *clamps)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    dlogp, dref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps)
+    dlogp, dref = bwd(grad, logp, ref_lp, estimator, *clamps, True, True, "cuda")
     want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), logp.double(), ref_lp.double(),
                                                    estimator, *clamps)
     assert dlogp.dtype == torch.float32 and dref.dtype == torch.bfloat16
     torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dref.double(), want_ref, atol=1e-2, rtol=8e-3)
-    only_ref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps, want_logp=False)
+    only_ref = bwd(grad, logp, ref_lp, estimator, *clamps, False, True, "cuda")
     assert only_ref[0].numel() == 0 and torch.equal(only_ref[1], dref)
 
 
@@ -520,7 +544,6 @@ def test_kl_penalty_against_reference(estimator, clamps):
 def test_kl_penalized_rewards_against_reference(estimator, T):
     """Holes, a fully masked row (no score), a score at the last valid token, clips, and the
     coefficient as a float or a 0-dim tensor."""
-    from fastrlhf.cuda import kl as cu
     from fastrlhf.reference import kl as ref_kl
 
     B = 4
@@ -529,7 +552,8 @@ def test_kl_penalized_rewards_against_reference(estimator, T):
     scores = torch.randn(B, device=DEVICE) * 20
     mask = _mask(B, T, "holes", torch.float32)
     for coef, coef_t in ((0.05, None), (0.0, torch.tensor(0.2, device=DEVICE, dtype=torch.float64))):
-        got = cu.kl_penalized_rewards_fwd(scores, logp, ref_lp, mask, coef, coef_t, estimator, 10.0, 20.0, 5.0)
+        got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, mask, coef, coef_t, estimator,
+                                                      10.0, 20.0, 5.0, "cuda")
         want = ref_kl.kl_penalized_rewards(scores.double(), logp.double(), ref_lp.double(), mask,
                                            coef if coef_t is None else coef_t.double(), estimator,
                                            10.0, 20.0, 5.0)
@@ -546,28 +570,31 @@ AGGS = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("value", [False, True], ids=["policy", "value"])
 def test_ppo_losses_against_triton(value, agg):
-    """Both launchers on the same inputs (NaN under the mask, mixed dtypes, a masked row):
-    loss, statistics, scale, row counts and gradient agree."""
-    tri = pytest.importorskip("fastrlhf.triton.ppo")
-    from fastrlhf.cuda import ppo as cu
-
+    """Both backends on the same inputs (NaN under the mask, mixed dtypes, a masked row): loss,
+    statistics and gradient agree, with local and global counts."""
+    pytest.importorskip("triton")
     B, T = 6, 1501
     x = torch.randn(B, T, device=DEVICE) * 0.3
     old = (x + torch.randn(B, T, device=DEVICE) * 0.2).to(torch.bfloat16)
     y = torch.randn(B, T, device=DEVICE)
     mask = _mask(B, T, "prompt+pad")
     x = x.masked_fill(~mask, float("nan"))
-    grad = torch.tensor(1.7, device=DEVICE)
-    for clips in ([(None,), (0.2,)] if value else POLICY_CLIPS):
-        for denom in (None, torch.tensor(37.0, device=DEVICE)):
-            got = cu.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
-            want = tri.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
-            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-            for a, b in zip(got[1], want[1]):
-                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(got[2], want[2])
-            torch.testing.assert_close(got[3], want[3])
-            dx = cu.ppo_loss_bwd(value, grad, got[2], x, old, y, mask, got[3], clips, agg)
-            dx_t = tri.ppo_loss_bwd(value, grad, want[2], x, old, y, mask, want[3], clips, agg)
+    if value:
+        cases = [{"clip": None}, {"clip": 0.2}]
+    else:
+        cases = [dict(zip(("clip_low", "clip_high", "dual_clip", "log_ratio_clamp"), c)) for c in POLICY_CLIPS]
+    for kw in cases:
+        for counts in ({}, {"global_tokens": torch.tensor(37.0, device=DEVICE), "global_seqs": 37}):
+            results = []
+            for backend in ("cuda", "triton"):
+                leaf = x.clone().requires_grad_(True)
+                fn = fastrlhf.ppo_value_loss if value else fastrlhf.ppo_policy_loss
+                loss, stats = fn(leaf, old, y, mask, agg=agg, backend=backend, **kw, **counts)
+                (loss * 1.7).backward()
+                results.append((loss, stats, leaf.grad))
+            (loss, stats, dx), (loss_t, stats_t, dx_t) = results
+            torch.testing.assert_close(loss, loss_t, atol=1e-5, rtol=1e-5)
+            for k in stats:
+                torch.testing.assert_close(stats[k], stats_t[k], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(dx, dx_t, atol=1e-7, rtol=1e-5)
             assert (dx[~mask] == 0).all() and torch.isfinite(dx).all()

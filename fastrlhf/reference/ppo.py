@@ -7,8 +7,6 @@ whatever they hold (even NaN) reaches neither the loss nor the statistics.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from fastrlhf._numerics import acc_dtype
@@ -97,32 +95,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean
     return total, {"vf_clipfrac": masked_mean(clipped.to(acc), mask).detach()}
 
 
-# ------------------------------------------------- what the kernels compute, split in parts
-def loss_scale(mask: torch.Tensor, agg: str, denom=None, dtype: torch.dtype = torch.float32,
-               n_tokens=None, row_counts=None):
-    """``(scale, row_counts)``: the aggregate is ``scale * sum(w * loss)`` over the valid tokens,
-    ``w = 1 / row_counts[row]`` for ``seq-mean-token-mean`` and 1 otherwise (``row_counts`` is
-    ``None`` then). ``denom`` overrides the mode's normalizer (global tokens, global sequences
-    or the loss scale factor). ``scale`` is 0-dim, 0 when the normalizer is ``<= 0``.
-    ``n_tokens`` / ``row_counts``: counts already known (the kernels count valid tokens)."""
-    one = torch.ones((), dtype=dtype, device=mask.device)
-    if agg == "token-sum":
-        return one, None
-    if agg == "token-mean":
-        if denom is None:
-            denom = (mask != 0).sum() if n_tokens is None else n_tokens
-        return safe_div(one, denom), None
-    if agg == "seq-mean-token-sum-norm":
-        if denom is None:
-            denom = (mask != 0).any(-1).sum() * mask.shape[-1]
-        return safe_div(one, denom), None
-    per_row = agg == "seq-mean-token-mean"
-    if row_counts is None and (per_row or denom is None):
-        row_counts = (mask != 0).sum(-1)
-    scale = safe_div(one, (row_counts > 0).sum() if denom is None else denom)
-    return scale, (row_counts if per_row else None)
-
-
+# ------------------------------------------ gradients in closed form (the torch backend's backward)
 def _token_weight(grad, mask, scale, row_counts, dtype):
     w = (grad.to(dtype) * scale.to(dtype)).expand(mask.shape)
     if row_counts is not None:
@@ -164,28 +137,3 @@ def ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, row_
         d = torch.where(loss2 > d.square(), 0.0, d)
     w = _token_weight(grad, mask, scale, row_counts, acc)
     return torch.where(mask != 0, w * d, 0.0).to(values.dtype)
-
-
-def kernel_params(value: bool, clips: tuple) -> tuple[float, float, float, float]:
-    """The fused kernels' scalars ``c0..c3`` from ``(clip_low, clip_high, dual_clip,
-    log_ratio_clamp)`` (policy) or ``(clip,)`` (value); ``None`` -> ``inf`` (changes nothing)."""
-    inf = math.inf
-    if value:
-        (clip,) = clips
-        return (inf if clip is None else float(clip)), 0.0, 0.0, 0.0
-    clip_low, clip_high, dual_clip, log_ratio_clamp = clips
-    return (1.0 - clip_low, 1.0 + clip_high, inf if dual_clip is None else float(dual_clip),
-            inf if log_ratio_clamp is None else float(log_ratio_clamp))
-
-
-def reduce_partials(value: bool, sums, counts, mask, agg, denom, dtype, row_counts):
-    """Second stage of the fused forward kernels: a fixed-order sum of the per-program
-    partials (``sums``: loss [, minus log-ratio]; ``counts``: valid, clipped [, dual-clipped])
-    and the normalization. Returns ``(loss, stats, scale, row_counts or an empty tensor)``."""
-    s = sums.sum(1)
-    c = counts.sum(1)
-    scale, _ = loss_scale(mask, agg, denom, dtype, n_tokens=c[0], row_counts=row_counts)
-    frac = [safe_div(c[i].to(dtype), c[0]) for i in range(1, c.numel())]
-    stats = tuple(frac) if value else (frac[0], frac[1], safe_div(s[1], c[0]))
-    keep = row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
-    return s[0] * scale, stats, scale, keep
