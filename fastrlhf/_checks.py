@@ -67,6 +67,31 @@ def writable_in_place(name: str, x: torch.Tensor, why: str) -> None:
         reach += stride * (size - 1)
 
 
+def cu_seqlens(name: str, offsets, total: int, device: torch.device) -> int:
+    """Check packed-sequence offsets (flash-attention's varlen convention) and return the number
+    of sequences ``S``: an int32 tensor ``[S + 1]`` on ``device``, starting at 0,
+    non-decreasing (empty sequences allowed), ending at ``total`` (the packed length).
+
+    The values are read on the host (one device sync for CUDA offsets) in eager mode; under
+    ``torch.compile`` only dtype, shape and device are checked (reading would break the graph).
+    """
+    tensor(name, offsets, (torch.int32,), dim=1)
+    same_device(name, offsets, device)
+    if offsets.numel() < 1:
+        raise ValueError(f"{name} must hold at least one offset (0), got shape {tuple(offsets.shape)}")
+    if not torch.compiler.is_compiling():
+        values = offsets.tolist()
+        if values[0] != 0:
+            raise ValueError(f"{name} must start at 0, got {values[0]}")
+        if values[-1] != total:
+            raise ValueError(f"{name} must end at the packed length {total}, got {values[-1]}")
+        steps = [(i, b - a) for i, (a, b) in enumerate(zip(values, values[1:])) if b < a]
+        if steps:
+            raise ValueError(f"{name} must be non-decreasing, got {values[steps[0][0]]} then "
+                             f"{values[steps[0][0] + 1]} at index {steps[0][0]}")
+    return offsets.numel() - 1
+
+
 def same_shape(name: str, x: torch.Tensor, shape: Sequence[int], expected: str = "") -> None:
     if tuple(x.shape) != tuple(shape):
         hint = f" ({expected})" if expected else ""
