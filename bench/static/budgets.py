@@ -76,6 +76,12 @@ BUDGETS: list[Budget] = [
     Budget("gae.B8192-T2048", "_gae_kernel", "prediction.copy_share", ">=", 0.8,
            "issue 11: GAE [8192, 2048] fp32 with holes predicted >= 80 % of copy bandwidth "
            "(17 B per token; a scan is cheap enough to hide behind the traffic)"),
+    *[Budget(cases, kernel, "region.load_chain", "<=", 1,
+             "added with issue 11 (mask=valid loads): a load masked by loaded data waits a whole "
+             "memory latency for the mask first, and cannot be vectorised; the two-floor "
+             "prediction does not see that latency, so no streaming load may wait for another")
+      for cases, kernel in (("gae.*", "_gae_kernel"), ("kl_penalized_rewards.*", "_kl_rewards_kernel"),
+                            ("ppo_*", "_ppo_*"))],
     Budget("kl_*", "_kl_*", "prediction.copy_share", ">=", 0.8,
            "KL ops are elementwise over 12-17 B per token: predicted memory-bound, >= 80 % of "
            "copy bandwidth"),
