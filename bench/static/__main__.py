@@ -10,13 +10,15 @@ import sys
 import time
 import warnings
 
+from bench.static.build import ROOT
+
 
 def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__)
     p.add_argument("--arch", default="90,80", help="comma-separated SM archs to compile for (default: 90,80)")
     p.add_argument("--only", default="*", help="fnmatch pattern over case names (default: every case)")
-    p.add_argument("--out", default=os.path.join("bench", "results", "static-sm90"),
-                   help="output folder (default: bench/results/static-sm90)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "static-sm90"),
+                   help="output folder (default: bench/results/static-sm90 of this checkout)")
     p.add_argument("--no-fail", action="store_true", help="exit 0 even when a budget fails")
     p.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     return p.parse_args(argv)

@@ -114,8 +114,10 @@ def markdown(doc: dict) -> str:
         if arch != 90:
             out += ["Resources and counts only: the predictions use H100 constants.", ""]
         out += [_MAIN, "|" + "---|" * (_MAIN.count("|") - 1)]
-        out += [_main_row(r, checks) for r in rows
-                if r["arch"] == arch and r["compiled"] and not r["case"].startswith("cuda.all.")]
+        shown = [r for r in rows if r["arch"] == arch and r["compiled"] and not r["case"].startswith("cuda.all.")]
+        out += [_main_row(r, checks) for r in shown]
+        out.append("")
+        out += [f"- {r['case']}: {r['notes']}" for r in shown if r.get("notes")]
         out.append("")
     out += ["## Every CUDA instantiation (`kernels/*.cu`)", "",
             "Main loop of each `__global__` instantiation (no per-element count: elements per iteration "
