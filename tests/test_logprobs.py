@@ -321,29 +321,34 @@ def test_mismatched_devices():
 def test_kernels_compile_for_gpus():
     """Each dtype with and without entropy, strides i64 (a batch past 2**31 elements); also
     bf16 with every int scalar i32 and divisible by 16, as ``[16384, 151936]`` logits launch
-    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), and fp64."""
+    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), fp64, and
+    a tensor whose storage does not start at a 16-byte boundary (``ALIGNED`` off)."""
     from tests.triton_aot import compile_for_gpus
 
     cases = []
-    variants = [(dt, ent, "i64") for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
-    for dtype, with_entropy, ints in variants + [("bf16", True, "i32"), ("fp64", True, "i64")]:
+    variants = [(dt, ent, "i64", True) for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
+    for dtype, with_entropy, ints, aligned in variants + [("bf16", True, "i32", True), ("fp64", True, "i64", True),
+                                                          ("bf16", False, "i64", False)]:
         acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "BLOCK_V": 4096}
-        scalars = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+        vec = {"fp64": 2, "fp32": 4}.get(dtype, 8)
+        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "VEC": vec, "BLOCK_V": 4096,
+                 "ALIGNED": aligned, "FAST": dtype != "fp64"}
+        scalars = {"V": "i32", "lead": "i32", "c": "fp32", "ignore_index": "i32"}
         fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": f"*{acc}",
                "ent_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "D1": ints, "sx0": ints,
                "sx1": ints, **scalars, **dict.fromkeys(const, "constexpr")}
         bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
                "stats_ptr": f"*{acc}", "ent_ptr": f"*{acc}", "glogp_ptr": f"*{acc}",
                "gent_ptr": f"*{acc}", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), ints),
-               **scalars, **dict.fromkeys(const, "constexpr")}
-        aligned = [k for k in bwd if k.endswith("_ptr") or k.startswith("s")]
-        aligned += ["D1", "V"] if ints == "i32" else []
+               "V": "i32", "lead": "i32", "dlead": "i32", "c": "fp32", "inv_temp": "fp32", "ignore_index": "i32",
+               **dict.fromkeys(const, "constexpr")}
+        aligned_args = [k for k in bwd if (k.endswith("_ptr") and aligned) or k.startswith("s")]
+        aligned_args += ["D1", "V"] if ints == "i32" else []
         cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
-                   [k for k in aligned if k in fwd]),
-                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
+                   [k for k in aligned_args if k in fwd]),
+                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned_args)]
         if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
-            one = {"V": 1, "sx1": 1, "sd1": 1, "WITH_ENTROPY": True, "ACC": "tl.float32", "BLOCK_V": 16}
+            one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16}
             for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
                 sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
                 cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))

@@ -81,11 +81,11 @@ BUDGETS: list[Budget] = [
              "memory latency for the mask first, and cannot be vectorised; the two-floor "
              "prediction does not see that latency, so no streaming load may wait for another")
       for cases, kernel in (("gae.*", "_gae_kernel"), ("kl_penalized_rewards.*", "_kl_rewards_kernel"),
-                            ("ppo_*", "_ppo_*"))],
+                            ("ppo_*", "_*_*_kernel"))],
     Budget("kl_*", "_kl_*", "prediction.copy_share", ">=", 0.8,
            "KL ops are elementwise over 12-17 B per token: predicted memory-bound, >= 80 % of "
            "copy bandwidth"),
-    Budget("ppo_*", "_ppo_*", "prediction.copy_share", ">=", 0.8,
+    Budget("ppo_*", "_*_*_kernel", "prediction.copy_share", ">=", 0.8,
            "PPO losses are elementwise over 13-17 B per token: predicted memory-bound, >= 80 % "
            "of copy bandwidth"),
     Budget("dpo.*", "_dpo_*", "prediction.copy_share", ">=", 0.8,

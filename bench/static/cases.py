@@ -66,8 +66,10 @@ KERNELS = {
     "_kl_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_rewards_kernel": Counting("straight", ("BLOCK_T",)),
-    "_ppo_fwd_kernel": Counting("straight", ("BLOCK",)),
-    "_ppo_bwd_kernel": Counting("straight", ("BLOCK",)),
+    "_policy_fwd_kernel": Counting("straight", ("BLOCK",)),
+    "_policy_bwd_kernel": Counting("straight", ("BLOCK",)),
+    "_value_fwd_kernel": Counting("straight", ("BLOCK",)),
+    "_value_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_dpo_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_dpo_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_sum_blocks_kernel": Counting("loop", ("BLOCK",)),
@@ -104,14 +106,15 @@ def _logits(V: int, sliced: bool) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _token_fwd(V, ent, sliced=False):
     x, labels = _logits(V, sliced)
-    return lambda: logprobs.token_logprobs_fwd(x, labels, 1.0, -100, ent)
+    n = labels.shape
+    return lambda: logprobs.token_logprobs_fwd(x, labels, 1.0, -100, ent, t(*n), t(*n) if ent else t(0), t(*n, 2))
 
 
 def _token_bwd(V, ent, sliced=False):
     x, labels = _logits(V, sliced)
     n = labels.shape
     return lambda: logprobs.token_logprobs_bwd(t(*n), t(*n) if ent else None, x, labels, t(*n, 2),
-                                               t(*n) if ent else t(0), 1.0, -100)
+                                               t(*n) if ent else t(0), 1.0, -100, t(*x.shape, dtype=BF16))
 
 
 def _token_cases() -> list[TritonCase]:
@@ -148,15 +151,25 @@ def _linear_cases() -> list[TritonCase]:
 
 # ------------------------------------------------------------------ advantages, KL, PPO, DPO
 def _gae(b, n):
-    return lambda: advantages.gae_fwd(t(b, n), t(b, n), t(b, n, dtype=torch.bool), 0.99, 0.95, True)
+    return lambda: advantages.gae_fwd(t(b, n), t(b, n), t(b, n, dtype=torch.bool), 0.99, 0.95, True,
+                                      t(b, n), t(b, n))
 
 
 def _ppo(direction, value, agg):
     x, old, y, mask = t(B, T), t(B, T), t(B, T), t(B, T, dtype=torch.bool)
-    clips = (0.2,) if value else (0.2, 0.28, 3.0, None)
+    rows = t(B, dtype=I64) if agg == "seq-mean-token-mean" else None
+    clip = (0.2,) if value else (0.8, 1.28, 3.0, float("inf"))
+    P = -(-B * T // ppo.TOKENS_PER_PARTIAL)
     if direction == "fwd":
-        return lambda: ppo.ppo_loss_fwd(value, x, old, y, mask, clips, agg, None)
-    return lambda: ppo.ppo_loss_bwd(value, t(), t(), x, old, y, mask, t(B, dtype=I64), clips, agg)
+        partials = (t(1 if value else 2, P), t(2 if value else 3, P, dtype=torch.int32))
+        launch = ppo.ppo_value_fwd if value else ppo.ppo_policy_fwd
+        return lambda: launch(x, old, y, mask, rows, *clip, *partials)
+    launch = ppo.ppo_value_bwd if value else ppo.ppo_policy_bwd
+    return lambda: launch(t(), t(), x, old, y, mask, rows, *clip, t(B, T))
+
+
+K3 = 3  # the kernels' number of the k3 estimator (fastrlhf.ops.kl)
+SIGMOID = (0, 0.1, 0.0, 0.0, 0.0)  # DPO kernel arguments: loss number, beta, eps, log(1 - eps), log(eps)
 
 
 def _small_cases() -> list[TritonCase]:
@@ -166,25 +179,26 @@ def _small_cases() -> list[TritonCase]:
         TritonCase("gae.B8192-T2048", _gae(8192, 2048), {"_gae_kernel": 17}, "token"),
         TritonCase("gae.B1-T65536", _gae(1, 65536), {"_gae_kernel": 17}, "token"),
         TritonCase("group_advantages.grpo.N1048576-G16",
-                   lambda: advantages.group_advantages_fwd(t(1 << 20), 16, "grpo", 1e-6),
+                   lambda: advantages.group_advantages_fwd(t(1 << 20), 16, 0, 1e-6, t(1 << 20)),
                    {"_group_advantages_kernel": 8}, "score"),
         TritonCase("kl_penalty.fwd.k3.B8192-T2048",
-                   lambda: kl.kl_penalty_fwd(lp, ref, "k3", 10.0, 20.0), {"_kl_fwd_kernel": 12}, "token"),
+                   lambda: kl.kl_penalty_fwd(lp, ref, K3, 10.0, 20.0, t(B, T)), {"_kl_fwd_kernel": 12}, "token"),
         TritonCase("kl_penalty.bwd.k3.B8192-T2048",
-                   lambda: kl.kl_penalty_bwd(t(B, T), lp, ref, "k3", 10.0, 20.0, True, False),
+                   lambda: kl.kl_penalty_bwd(t(B, T), lp, ref, K3, False, 10.0, 20.0, t(B, T), t(0)),
                    {"_kl_bwd_kernel": 16}, "token"),
         TritonCase("kl_penalized_rewards.k3.B8192-T2048",
-                   lambda: kl.kl_penalized_rewards_fwd(t(B), lp, ref, mask, 0.05, None, "k3", 10.0,
-                                                       20.0, None),
+                   lambda: kl.kl_penalized_rewards_fwd(t(B), lp, ref, mask, 0.05, None, K3, 10.0, 20.0,
+                                                       float("inf"), t(B, T), t(B, T)),
                    {"_kl_rewards_kernel": 17}, "token"),
         *[TritonCase(f"ppo_{'value' if v else 'policy'}.{d}.{agg}.B8192-T2048", _ppo(d, v, agg),
-                     {f"_ppo_{d}_kernel": 13 if d == "fwd" else 17}, "token")
+                     {f"_{'value' if v else 'policy'}_{d}_kernel": 13 if d == "fwd" else 17}, "token")
           for v, agg in ((False, "token-mean"), (False, "seq-mean-token-mean"), (True, "token-mean"))
           for d in ("fwd", "bwd")],
         TritonCase("dpo.sigmoid.fwd.N1048576",
-                   lambda: dpo.dpo_fwd(*pairs, 0.1, "sigmoid", 0.0), {"_dpo_fwd_kernel": 16}, "pair"),
+                   lambda: dpo.dpo_fwd(*pairs, *SIGMOID, t(5)), {"_dpo_fwd_kernel": 16}, "pair"),
         TritonCase("dpo.sigmoid.bwd.N1048576",
-                   lambda: dpo.dpo_bwd(t(), *pairs, 0.1, "sigmoid", 0.0), {"_dpo_bwd_kernel": 32}, "pair"),
+                   lambda: dpo.dpo_bwd(t(), *pairs, *SIGMOID, [t(1 << 20) for _ in range(4)]),
+                   {"_dpo_bwd_kernel": 32}, "pair"),
     ]
 
 
