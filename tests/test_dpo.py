@@ -396,20 +396,21 @@ def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
     mod = "fastrlhf.triton.dpo"
-    scalars = {"N": "i32", "beta": "fp32", "eps": "fp32", "c_pos": "fp32", "c_neg": "fp32", "loss_code": "i32"}
+    scalars = {"N": "i32", "beta": "fp32", "eps": "fp32", "c_pos": "fp32", "c_neg": "fp32"}
     ins = {"pc_ptr": "*bf16", "pr_ptr": "*bf16", "rc_ptr": "*fp32", "rr_ptr": "*fp32"}
-    fwd = {"ACC": "tl.float32", "FINAL": False, "BLOCK": 1024}
+    grads = {"g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16", "drc_ptr": "*fp32", "drr_ptr": "*fp32"}
     bwd = {"ACC": "tl.float32", "BLOCK": 1024}
-    # fp64, one pair (N = 1 is specialized to constexpr 1; one block writes the means), ipo (loss_code 1)
-    fwd64 = {"ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1, "loss_code": 1}
+    # every loss type (a constexpr); fp64, one pair (N = 1 is specialized to constexpr 1; one block
+    # writes the means), ipo (loss 1)
+    fwd64 = {"LOSS": 1, "ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1}
     ins64 = dict.fromkeys(ins, "*fp64")
     cases = [
-        (mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(fwd, "constexpr")}, fwd, 4),
+        *[(mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
+          for const in ({"LOSS": i, "ACC": "tl.float32", "FINAL": False, "BLOCK": 1024} for i in range(len(LOSS_TYPES)))],
+        *[(mod, "_dpo_bwd_kernel", {**ins, **grads, **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
+          for const in ({"LOSS": i, **bwd} for i in range(len(LOSS_TYPES)))],
         (mod, "_dpo_fwd_kernel", {**ins64, "out_ptr": "*fp64", **scalars, **dict.fromkeys(fwd64, "constexpr")},
          fwd64, 4),
-        (mod, "_dpo_bwd_kernel", {**ins, "g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16",
-                                  "drc_ptr": "*fp32", "drr_ptr": "*fp32", **scalars,
-                                  **dict.fromkeys(bwd, "constexpr")}, bwd, 4),
         (mod, "_sum_blocks_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_blocks": "i32", "N": "i32",
                                      **dict.fromkeys(bwd, "constexpr")}, bwd, 4),
     ]

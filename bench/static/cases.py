@@ -235,8 +235,10 @@ CUDA_CASES: list[CudaCase] = [
     CudaCase("cuda.kl_penalty.bwd.B8192-T2048", "kl.cu", "kl_bwd_kernel<float>", 256, 1, 16, "token"),
     CudaCase("cuda.kl_penalized_rewards.B8192-T2048", "kl.cu", "kl_rewards_kernel<float>", 256, 1, 17,
              "token"),
-    CudaCase("cuda.ppo.fwd.B8192-T2048", "ppo.cu", "ppo_fwd_kernel<float>", 256, 1, 13, "token"),
-    CudaCase("cuda.ppo.bwd.B8192-T2048", "ppo.cu", "ppo_bwd_kernel<float>", 256, 1, 17, "token"),
+    CudaCase("cuda.ppo_policy.fwd.B8192-T2048", "ppo.cu", "ppo_fwd_kernel<float, PolicyLoss>", 256, 1, 13,
+             "token"),
+    CudaCase("cuda.ppo_policy.bwd.B8192-T2048", "ppo.cu", "ppo_bwd_kernel<float, PolicyLoss>", 256, 1, 17,
+             "token"),
 ]
 """Static counts of CUDA loops include every branch of the runtime dtype switches
 (``load_as``, ``mask_at``): an upper bound of what one dtype executes."""

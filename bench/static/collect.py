@@ -108,6 +108,7 @@ def _prediction(row: dict, bytes_per_elem: float | None) -> dict | None:
 def short_name(demangled: str) -> str:
     """``gae_kernel<float, false>`` from ``void fastrlhf::(anonymous namespace)::gae_kernel<float,
     false>(long, ...)``: the function and its template arguments."""
+    demangled = re.sub(r"(?:\w+::|\(anonymous namespace\)::)+", "", demangled)  # namespaces, also in arguments
     m = re.search(r"(\w+(?:<[^()]*>)?)\(", demangled)
     return m.group(1) if m else demangled
 

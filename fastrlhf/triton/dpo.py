@@ -48,7 +48,7 @@ def _weighted(w, x):
 
 
 @triton.jit
-def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, loss_code,
+def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, LOSS: tl.constexpr,
            ACC: tl.constexpr):
     """``(loss, dL/da, dL/db, a, b)`` of the pairs at ``offs``. ``c_pos``/``c_neg``:
     ``log(1 - eps)`` and ``log(eps)`` (exo_pair)."""
@@ -60,42 +60,42 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
     a = pc - rc
     b = pr - rr
     z = beta * h
-    if loss_code == 0:  # sigmoid (conservative DPO with label smoothing eps)
+    if LOSS == 0:  # sigmoid (conservative DPO with label smoothing eps)
         loss = _weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, -_logsigmoid(-z))
         da = beta * (-(1 - eps) * _sigmoid(-z) + eps * _sigmoid(z))
         db = -da
-    elif loss_code == 1:  # ipo
+    elif LOSS == 1:  # ipo
         d = h - 1 / (2 * beta)
         loss = d * d
         da = 2 * d
         db = -da
-    elif loss_code == 2:  # hinge
+    elif LOSS == 2:  # hinge
         loss = tl.maximum(1 - z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
         da = tl.where(1 - z > 0, -beta, 0.0).to(ACC)
         db = -da
-    elif loss_code == 3:  # robust
+    elif LOSS == 3:  # robust
         loss = (_weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, _logsigmoid(-z))) / (1 - 2 * eps)
         da = beta * (-(1 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1 - 2 * eps)
         db = -da
-    elif loss_code == 4:  # exo_pair
+    elif LOSS == 4:  # exo_pair
         sp = _sigmoid(z)
         sn = _sigmoid(-z)
         loss = _weighted(sp, _logsigmoid(z) - c_pos) + _weighted(sn, _logsigmoid(-z) - c_neg)
         da = beta * _weighted(sp * sn, z - c_pos + c_neg)
         db = -da
-    elif loss_code == 5:  # nca_pair
+    elif LOSS == 5:  # nca_pair
         za = beta * a
         zb = beta * b
         loss = -_logsigmoid(za) - 0.5 * _logsigmoid(-za) - 0.5 * _logsigmoid(-zb)
         da = beta * (0.5 * _sigmoid(za) - _sigmoid(-za))
         db = 0.5 * beta * _sigmoid(zb)
-    elif loss_code == 6:  # sppo_hard
+    elif LOSS == 6:  # sppo_hard
         dc = a - 0.5 / beta
         dr = b + 0.5 / beta
         loss = dc * dc + dr * dr
         da = 2 * dc
         db = 2 * dr
-    elif loss_code == 7:  # apo_zero
+    elif LOSS == 7:  # apo_zero
         za = beta * a
         zb = beta * b
         loss = (1 - _sigmoid(za)) + _sigmoid(zb)
@@ -111,14 +111,14 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
 
 @triton.jit
 def _dpo_fwd_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, loss_code,
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, LOSS: tl.constexpr,
     ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
-                                loss_code, ACC)
+                                LOSS, ACC)
     chosen = beta * a
     rejected = beta * b
     out = out_ptr + pid * 5
@@ -145,12 +145,12 @@ def _sum_blocks_kernel(part_ptr, out_ptr, n_blocks, N, ACC: tl.constexpr, BLOCK:
 @triton.jit
 def _dpo_bwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, g_ptr, dpc_ptr, dpr_ptr, drc_ptr, drr_ptr,
-    N, beta, eps, c_pos, c_neg, loss_code, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    N, beta, eps, c_pos, c_neg, LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
-                                loss_code, ACC)
+                                LOSS, ACC)
     g = tl.load(g_ptr).to(ACC) / N
     tl.store(dpc_ptr + offs, (g * da).to(dpc_ptr.dtype.element_ty), mask=ok)
     tl.store(drc_ptr + offs, (-(g * da)).to(drc_ptr.dtype.element_ty), mask=ok)

@@ -73,7 +73,7 @@ def _fold(x, ok, m, s, t, c, MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr, F
     if MASKED:
         arg = z - shift[:, None]
     else:
-        arg = x * c - shift[:, None]
+        arg = tl.fma(x, c, -shift[:, None])
     e = _exp2(arg, FAST)
     if WITH_ENTROPY:  # moving the max by d adds d * s to t
         d = tl.where(m == _NEG_INF, 0.0, m - shift)
@@ -121,7 +121,7 @@ def _token_logprobs_fwd_kernel(
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(x_row + mis + tl.where(in_range, label, 0)).to(ACC)
     # Clamps keep NaN (the default drops it: NaN/+inf logits would give 0, not NaN)
-    logp = tl.minimum(((x_label * c - shift) - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    logp = tl.minimum((tl.fma(x_label, c, -shift) - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
     tl.store(stats_ptr + 2 * row, m_nat)
@@ -137,7 +137,7 @@ def _grad_tile(x, c, m2, l2, a, b, WITH_ENTROPY: tl.constexpr, FAST: tl.constexp
     """``-(p / T) (g_logp + g_ent (log p + H))`` of a tile, as ``p * (a + b * arg)`` with
     ``arg = (x * c - m2) - l2`` (log2 p; clamped at -200, where 2**arg is already 0 in fp32, so
     that ``b * arg`` stays finite), ``a = -(g_logp + g_ent H) / T``, ``b = -g_ent ln 2 / T``."""
-    arg = tl.maximum((x * c - m2) - l2, -200.0, propagate_nan=tl.PropagateNan.ALL)
+    arg = tl.maximum(tl.fma(x, c, -m2) - l2, -200.0, propagate_nan=tl.PropagateNan.ALL)
     p = _exp2(arg, FAST)
     if WITH_ENTROPY:
         return p * (a + b * arg)

@@ -76,15 +76,20 @@ def _tokens(a_ptr, b_ptr, c_ptr, mask_ptr, offs, N, MASKED: tl.constexpr, ACC: t
 
 
 @triton.jit
-def _row_weight(x, rowcnt_ptr, offs, T, row_magic, row_shift, valid, PER_ROW: tl.constexpr,
+def _row_weight(x, rowcnt_ptr, offs, N, T, row_magic, row_shift, MASKED: tl.constexpr, PER_ROW: tl.constexpr,
                 FAST_ROWS: tl.constexpr):
-    """``x / n_row`` (``PER_ROW``), else ``x``."""
+    """``x / n_row`` (``PER_ROW``), else ``x``. Every in-bounds token's count is read, valid or
+    not (a load masked by the mask would wait for it); a masked row's 0 is selected away later."""
     if PER_ROW:
         if FAST_ROWS:
             row = (offs * row_magic) >> row_shift
         else:
             row = offs // T
-        x = x / tl.load(rowcnt_ptr + row, mask=valid, other=1).to(x.dtype)
+        if MASKED:
+            n_row = tl.load(rowcnt_ptr + row, mask=offs < N, other=1)
+        else:
+            n_row = tl.load(rowcnt_ptr + row)
+        x = x / n_row.to(x.dtype)
     return x
 
 
@@ -97,7 +102,7 @@ def _policy_partials(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr,
     valid, logp, old, adv = _tokens(logp_ptr, old_ptr, adv_ptr, mask_ptr, offs, N, MASKED, ACC)
     loss, clipped, lower, lr, _ = _policy_terms(logp, old, adv, ratio_low, ratio_high, dual_clip,
                                                 log_ratio_clamp)
-    loss = _row_weight(loss, rowcnt_ptr, offs, T, row_magic, row_shift, valid, PER_ROW, FAST_ROWS)
+    loss = _row_weight(loss, rowcnt_ptr, offs, N, T, row_magic, row_shift, MASKED, PER_ROW, FAST_ROWS)
     tl.store(sums_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
     tl.store(sums_ptr + P + pid, tl.sum(tl.where(valid, -lr, 0.0), axis=0))
     tl.store(counts_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
@@ -128,7 +133,7 @@ def _value_partials(v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, cou
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid, v, old, ret = _tokens(v_ptr, old_ptr, ret_ptr, mask_ptr, offs, N, MASKED, ACC)
     loss, clipped, _ = _value_terms(v, old, ret, clip)
-    loss = _row_weight(loss, rowcnt_ptr, offs, T, row_magic, row_shift, valid, PER_ROW, FAST_ROWS)
+    loss = _row_weight(loss, rowcnt_ptr, offs, N, T, row_magic, row_shift, MASKED, PER_ROW, FAST_ROWS)
     tl.store(sums_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0))
     tl.store(counts_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
     tl.store(counts_ptr + P + pid, tl.sum((valid & clipped).to(tl.int32), axis=0))
@@ -156,7 +161,7 @@ def _policy_grad(grad_ptr, scale_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, rowc
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid, logp, old, adv = _tokens(logp_ptr, old_ptr, adv_ptr, mask_ptr, offs, N, MASKED, ACC)
     _, _, _, _, d = _policy_terms(logp, old, adv, ratio_low, ratio_high, dual_clip, log_ratio_clamp)
-    d = _row_weight(d, rowcnt_ptr, offs, T, row_magic, row_shift, valid, PER_ROW, FAST_ROWS)
+    d = _row_weight(d, rowcnt_ptr, offs, N, T, row_magic, row_shift, MASKED, PER_ROW, FAST_ROWS)
     g = tl.where(valid, tl.load(grad_ptr).to(ACC) * tl.load(scale_ptr).to(ACC) * d, 0.0)
     _store(dx_ptr, offs, g, N, MASKED)
 
@@ -183,7 +188,7 @@ def _value_grad(grad_ptr, scale_ptr, v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_p
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid, v, old, ret = _tokens(v_ptr, old_ptr, ret_ptr, mask_ptr, offs, N, MASKED, ACC)
     _, _, d = _value_terms(v, old, ret, clip)
-    d = _row_weight(d, rowcnt_ptr, offs, T, row_magic, row_shift, valid, PER_ROW, FAST_ROWS)
+    d = _row_weight(d, rowcnt_ptr, offs, N, T, row_magic, row_shift, MASKED, PER_ROW, FAST_ROWS)
     g = tl.where(valid, tl.load(grad_ptr).to(ACC) * tl.load(scale_ptr).to(ACC) * d, 0.0)
     _store(dx_ptr, offs, g, N, MASKED)
 
