@@ -24,6 +24,35 @@ def _clamp(x, bound):
 
 
 @triton.jit
+def _k3(x):
+    """``(exp(-x) - 1 + x, 1 - exp(-x))`` to a few ulps: the series of ``e**y - 1 - y``
+    (``y = -x``) where ``|x| < 1``, the direct forms beyond (``reference.kl.k3_parts``)."""
+    y = -x
+    p = tl.full(x.shape, 8.22063524662433e-18, x.dtype)
+    p = p * y + 1.5619206968586225e-16
+    p = p * y + 2.8114572543455206e-15
+    p = p * y + 4.779477332387385e-14
+    p = p * y + 7.647163731819816e-13
+    p = p * y + 1.1470745597729725e-11
+    p = p * y + 1.6059043836821613e-10
+    p = p * y + 2.08767569878681e-09
+    p = p * y + 2.505210838544172e-08
+    p = p * y + 2.755731922398589e-07
+    p = p * y + 2.7557319223985893e-06
+    p = p * y + 2.48015873015873e-05
+    p = p * y + 0.0001984126984126984
+    p = p * y + 0.001388888888888889
+    p = p * y + 0.008333333333333333
+    p = p * y + 0.041666666666666664
+    p = p * y + 0.16666666666666666
+    p = p * y + 0.5
+    tail = y * y * p
+    near = tl.abs(x) < 1.0
+    e = tl.exp(y)
+    return tl.where(near, tail, e - 1.0 + x), tl.where(near, -(y + tail), 1.0 - e)
+
+
+@triton.jit
 def _kl_value(lr, log_ratio_clamp, EST: tl.constexpr):
     x = _clamp(lr, log_ratio_clamp)
     if EST == 0:
@@ -33,7 +62,7 @@ def _kl_value(lr, log_ratio_clamp, EST: tl.constexpr):
     elif EST == 2:
         v = 0.5 * x * x
     else:
-        v = tl.exp(-x) - 1.0 + x
+        v, _ = _k3(x)
     return x, v
 
 
@@ -58,7 +87,7 @@ def _kl_derivative(lr, clamp, log_ratio_clamp, EST: tl.constexpr, STRAIGHT: tl.c
         elif EST == 2:
             d = x
         else:
-            d = 1.0 - tl.exp(-x)
+            _, d = _k3(x)
         active = (tl.abs(lr) > log_ratio_clamp) | (tl.abs(v) > clamp)
         d = tl.where(active, 0.0, d)
     return d
@@ -109,7 +138,7 @@ def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_
     cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
     inb = cols < T
     valid = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
-    lr = _log_ratio(logp_ptr + row * s_logp, ref_ptr + row * s_ref, cols, valid, ACC)
+    lr = _log_ratio(logp_ptr + row * s_logp, ref_ptr + row * s_ref, cols, inb, ACC)  # (not the mask: no wait)
     kl = tl.where(valid, _kl_estimate(lr, clamp, log_ratio_clamp, EST), 0.0)
     if COEF_TENSOR:
         coef = tl.load(coef_ptr).to(ACC)
