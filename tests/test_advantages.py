@@ -112,7 +112,8 @@ def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
     gamma, lam = 0.999, 0.97
     v = values if with_values else None
     got = gae_outputs(rewards, v)
-    gae_fwd(rewards, v, mask, gamma, lam if with_values else 1.0, holes == "skip", *got, block, tiles_per_chunk)
+    gae_fwd(rewards, v, mask, gamma, lam if with_values else 1.0, holes == "skip", *got, block=block,
+            tiles_per_chunk=tiles_per_chunk)
     if with_values:
         want = ref.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
         _close(got[0], want[0])
@@ -124,9 +125,9 @@ def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
 def test_plan_respects_launch_limits():
     from fastrlhf.triton.advantages import MAX_CHUNKS, plan
 
-    assert plan(8192, 2048) == (1024, 2048, 1)  # the batch fills the GPU: whole rows
+    assert plan(8192, 2048) == (512, 2048, 1)  # the batch fills the GPU: whole rows
     BLOCK, CHUNK, NC = plan(1, 65536)
-    assert (BLOCK, NC) == (1024, 64) and NC * CHUNK >= 65536  # one long row: 64 chunks
+    assert (BLOCK, NC) == (512, 128) and NC * CHUNK >= 65536  # one long row: 128 chunks
     for B, T in [(1, 1), (1, 2**22), (3, 37), (64, 100_000), (100_000, 3)]:
         BLOCK, CHUNK, NC = plan(B, T)
         assert CHUNK % BLOCK == 0 and (NC - 1) * CHUNK < T <= NC * CHUNK
@@ -430,19 +431,20 @@ def test_kernels_compile_for_gpus():
 
     mod = "fastrlhf.triton.advantages"
     cases = []
-    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64.
-    for r, m, summary, carry, has_values, strides in [("bf16", "u8", True, True, True, "i64"),
-                                                      ("fp32", "fp32", False, True, True, "i32"),
-                                                      ("fp16", "i64", False, False, False, "i64"),
-                                                      ("fp64", "u8", False, True, True, "i32")]:
+    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64; packed
+    # sequences (int32 offsets); holes skipped or zeroed; with and without values.
+    for r, m, summary, carry, has_values, strides, packed, skip in [
+            ("bf16", "u8", True, True, True, "i64", False, True), ("fp32", "fp32", False, True, True, "i32", False, False),
+            ("fp16", "i64", False, False, False, "i64", False, True), ("fp64", "u8", False, True, True, "i32", False, True),
+            ("fp32", "u8", True, True, True, "i32", True, True), ("bf16", "u8", False, False, True, "i32", True, False)]:
         acc = "fp64" if r == "fp64" else "fp32"
-        const = {"HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry,
-                 "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024, "NCP": 64}
+        const = {"SKIP": skip, "HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry, "PACKED": packed,
+                 "ACC": f"tl.float{acc[2:]}", "R": 64, "NCP": 64}
         sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": f"*{acc}",
-               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "T": "i32", "NC": "i32", "CHUNK": "i32",
-               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32", "skip": "i32",
+               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "cu_ptr": "*i32", "T": "i32", "NC": "i32", "CHUNK": "i32",
+               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32",
                **dict.fromkeys(const, "constexpr")}
-        cases.append((mod, "_gae_kernel", sig, const, 4))
+        cases.append((mod, "_gae_kernel", sig, const, 2))
     # Groups of 256 (8 per program) and groups of one in fp64 (a [64, 1] tile).
     for s_dtype, acc, rows, block_g in (("bf16", "fp32", 8, 256), ("fp64", "fp64", 64, 1)):
         const = {"ROWS": rows, "BLOCK_G": block_g}
@@ -456,10 +458,10 @@ def test_kernels_compile_for_gpus():
     # rows of one token (T, row strides) in one chunk (NC) with holes skipped (skip).
     one = {**const, "G": 1, "method": 1}
     cases.append((mod, "_group_advantages_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
-    one = {"HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "ACC": "tl.float32", "BLOCK": 16,
-           "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm", "skip"), 1)}
+    one = {"SKIP": True, "HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "PACKED": False,
+           "ACC": "tl.float32", "R": 2, "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm"), 1)}
     sig = {"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
-           "agg_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32", "sm": "i32",
-           "gamma": "fp32", "gl": "fp32", "skip": "i32"}
+           "agg_ptr": "*fp32", "cu_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32",
+           "sm": "i32", "gamma": "fp32", "gl": "fp32"}
     cases.append((mod, "_gae_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 2))
     compile_for_gpus(cases)

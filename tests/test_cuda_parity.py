@@ -330,12 +330,12 @@ def _mask(B, T, kind, dtype=torch.bool):
     return m.to(dtype)
 
 
-def _gae(launchers, rewards, values, mask, gamma, lam, skip, *plan):
+def _gae(launchers, rewards, values, mask, gamma, lam, skip, block=None, tiles=None):
     """``(advantages, returns)`` from ``launchers.gae_fwd`` into outputs allocated as the op does."""
     from fastrlhf.ops.advantages import gae_outputs
 
     out = gae_outputs(rewards, values)
-    launchers.gae_fwd(rewards, values, mask, gamma, lam, skip, *out, *plan)
+    launchers.gae_fwd(rewards, values, mask, gamma, lam, skip, *out, block=block, tiles_per_chunk=tiles)
     return out
 
 

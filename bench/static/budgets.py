@@ -73,6 +73,9 @@ BUDGETS: list[Budget] = [
     Budget("*", "*", "spill_instrs", "==", 0,
            "no spills anywhere: LDL/STL in a kernel means registers ran out (or a local array), "
            "a latency cliff the launch configuration should avoid", arch=None),
+    Budget("gae.*", "_gae_kernel*", "occupancy.fraction", ">=", 0.5,
+           "issue 11: GAE with fewer registers, occupancy >= 50 % (the scan's barriers stall a block; "
+           "other blocks on the SM keep the loads in flight)", arch=None),
     Budget("gae.B8192-T2048", "_gae_kernel", "prediction.copy_share", ">=", 0.8,
            "issue 11: GAE [8192, 2048] fp32 with holes predicted >= 80 % of copy bandwidth "
            "(17 B per token; a scan is cheap enough to hide behind the traffic)"),

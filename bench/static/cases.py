@@ -50,7 +50,7 @@ def t(*shape, dtype=F32) -> torch.Tensor:
 @dataclass(frozen=True)
 class Counting:
     mode: str  # "loop", "straight", "kernel" or "tensor-core"
-    block: tuple[str, ...] = ()  # constexprs whose product is the elements per program per iteration
+    block: tuple = ()  # constexprs (names) and numbers whose product is the elements per program per iteration
 
 
 KERNELS = {
@@ -61,7 +61,7 @@ KERNELS = {
     "_dlogits_kernel": Counting("tensor-core"),
     "_dhidden_kernel": Counting("tensor-core"),
     "_dweight_kernel": Counting("tensor-core"),
-    "_gae_kernel": Counting("loop", ("BLOCK",)),
+    "_gae_kernel": Counting("loop", ("R", 8)),
     "_group_advantages_kernel": Counting("kernel", ("ROWS", "BLOCK_G")),
     "_kl_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_bwd_kernel": Counting("straight", ("BLOCK",)),

@@ -88,7 +88,7 @@ def _triton_row(case: cases.TritonCase, launch, spec, n: int, label: str, arch: 
     names = list(spec.signature)
     constexprs = {names[k[0]]: v for k, v in spec.constexprs.items()}
     threads = 32 * binary.num_warps
-    per_program = math.prod(constexprs[b] for b in rule.block) if rule.block else None
+    per_program = math.prod(b if isinstance(b, int) else constexprs[b] for b in rule.block) if rule.block else None
     row.update(compiled=1, **analyze(binary.dump.sass, binary.dump.res_usage, binary.function, arch=arch,
                                      threads=threads, dynamic_shared=binary.dynamic_shared, mode=rule.mode,
                                      elems_per_thread=per_program / threads if per_program else None))
