@@ -303,6 +303,120 @@ def test_masked_whiten_degenerate_masks():
     assert (masked_whiten(same, torch.ones(4, device=DEVICE)) == 0).all()
 
 
+def test_masked_whiten_backends_agree(backend):
+    """Every backend (one fp64 statistics pass, one elementwise pass) against the two-pass
+    fp64 reference, values and gradients, with holes, odd sizes and a bf16 input."""
+    for shape, dtype in (((3, 37), torch.float32), ((5, 1031), torch.bfloat16), ((4097,), torch.float32)):
+        x = (torch.randn(shape, device=DEVICE) * 3 + 1).to(dtype)
+        m = torch.rand(shape, device=DEVICE) < 0.7
+        g = torch.randn(shape, device=DEVICE)
+        for shift_mean, unbiased in ((True, True), (False, False)):
+            kw = dict(shift_mean=shift_mean, unbiased=unbiased)
+            xg = x.detach().clone().requires_grad_(True)
+            got = masked_whiten(xg, m, backend=backend, **kw)
+            (got * g).sum().backward()
+            xd = x.detach().double().requires_grad_(True)
+            want = ref.masked_whiten(xd, m, **kw)
+            (want * g.double()).sum().backward()
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            tol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5  # bf16 gradients: one bf16 rounding
+            torch.testing.assert_close(xg.grad.double(), xd.grad, atol=tol * xd.grad.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_masked_whiten_over_ranks(world):
+    """With a process group, every rank whitens with the statistics of all ranks' valid
+    elements (one all-reduce; ranks simulated by threads, so on the torch backend: the Triton
+    interpreter is not thread-safe; tests/test_parallel.py runs every backend in processes):
+    values and gradients equal whitening the concatenation, a fully masked rank included."""
+    from tests.ranks import ThreadGroup
+
+    xs = [torch.randn(2, 9 + r, device=DEVICE, dtype=torch.float64) * 2 + r for r in range(world)]
+    ms = [torch.rand(2, 9 + r, device=DEVICE) < 0.7 for r in range(world)]
+    ms[-1][:] = False
+    gs = [torch.randn_like(x) for x in xs]
+    flat_x = torch.cat([x.reshape(-1) for x in xs]).requires_grad_(True)
+    want = ref.masked_whiten(flat_x, torch.cat([m.reshape(-1) for m in ms]))
+    (want * torch.cat([g.reshape(-1) for g in gs])).sum().backward()
+    group = ThreadGroup(world)
+
+    def rank_fn(rank):
+        x = xs[rank].clone().requires_grad_(True)
+        out = masked_whiten(x, ms[rank], group=object(), backend="torch")
+        (out * gs[rank]).sum().backward()
+        return out.detach(), x.grad
+
+    start = 0
+    for (out, grad), x in zip(group.run(rank_fn), xs):
+        n = x.numel()
+        torch.testing.assert_close(out.reshape(-1), want[start:start + n].detach())
+        torch.testing.assert_close(grad.reshape(-1), flat_x.grad[start:start + n])
+        start += n
+
+
+# ------------------------------------------------------------------ packed sequences
+def _packed_case(lengths, seed=0):
+    """Padded ``[S, max]`` rewards/values/mask (holes, a fully masked sequence) and their packed
+    1-D forms with ``cu_seqlens``."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    S, width = len(lengths), max(lengths + [1])
+    r = torch.randn(S, width, device=DEVICE, generator=gen)
+    v = torch.randn(S, width, device=DEVICE, generator=gen)
+    m = torch.rand(S, width, device=DEVICE, generator=gen) < 0.75
+    m &= torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    if S > 1:
+        m[1] = False
+    inside = torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    return (r, v, m), (r[inside], v[inside], m[inside]), cu, inside
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 37, 1], [300, 1, 1031], [2100, 3]], ids=str)
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+def test_gae_packed_equals_padded(backend, lengths, holes):
+    """Packed sequences (empty ones, length 1, longer than a tile, holes) give exactly the
+    padded result at their positions, GAE and discounted returns."""
+    (r, v, m), (rp, vp, mp), cu, inside = _packed_case(lengths)
+    kw = dict(gamma=0.99, lam=0.95, holes=holes)
+    adv, ret = gae(r, v, m, backend=backend, **kw)
+    adv_p, ret_p = gae(rp, vp, mp, cu_seqlens=cu, backend=backend, **kw)
+    torch.testing.assert_close(adv_p, adv[inside])
+    torch.testing.assert_close(ret_p, ret[inside])
+    g = discounted_returns(r, m, gamma=0.97, holes=holes, backend=backend)
+    torch.testing.assert_close(discounted_returns(rp, mp, gamma=0.97, holes=holes, cu_seqlens=cu, backend=backend),
+                               g[inside])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
+def test_gae_packed_long_sequence_chunked():
+    """One long sequence beside short ones is cut into chunks scanned in parallel (small tiles
+    force many chunks), holes across chunk boundaries: equal to the padded reference."""
+    from fastrlhf.ops.advantages import gae_outputs
+    from fastrlhf.triton.advantages import gae_fwd
+
+    (r, v, m), (rp, vp, mp), cu, inside = _packed_case([400, 7, 0, 33], seed=1)
+    out = gae_outputs(rp, vp)
+    gae_fwd(rp, vp, mp, 0.999, 0.97, True, *out, cu, block=16, tiles_per_chunk=2)
+    want = ref.gae(r.double(), v.double(), m, 0.999, 0.97, "skip")
+    _close(out[0], want[0][inside])
+    _close(out[1], want[1][inside])
+
+
+def test_packed_bad_offsets():
+    r = torch.randn(10)
+    m = torch.ones(10)
+    for cu, words in ((torch.tensor([1, 10], dtype=torch.int32), "cu_seqlens must start at 0"),
+                      (torch.tensor([0, 6, 4, 10], dtype=torch.int32), "cu_seqlens must be non-decreasing"),
+                      (torch.tensor([0, 9], dtype=torch.int32), "must end at the packed length 10"),
+                      (torch.tensor([0, 10]), "cu_seqlens must have dtype int32"),
+                      (torch.tensor([[0, 10]], dtype=torch.int32), "cu_seqlens must have 1 dimension")):
+        with pytest.raises((ValueError, TypeError), match=words):
+            gae(r, r, m, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="rewards must have 1 dimension"):
+        gae(r.view(2, 5), r.view(2, 5), m.view(2, 5), cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+
+
 # ----------------------------------------------------------------- group advantages
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dt)
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
@@ -364,6 +478,15 @@ def test_group_advantages_any_scale(group_size, n_groups, log10_scale, method, s
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+def test_group_advantages_packed_tokens(backend):
+    """With the sequences' offsets, each sequence's advantage on each of its tokens."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0], device=DEVICE)
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32, device=DEVICE)
+    per_seq = group_advantages(scores, 2, backend=backend)
+    got = group_advantages(scores, 2, cu_seqlens=cu, backend=backend)
+    torch.testing.assert_close(got, per_seq[torch.tensor([0, 0, 2, 2, 2, 3], device=DEVICE)])
+
+
 # ------------------------------------------------------------------------ bad input
 def _gae_call(**kw):
     args = {"rewards": torch.randn(2, 5), "values": torch.randn(2, 5), "mask": torch.ones(2, 5)}
@@ -401,9 +524,13 @@ def test_bad_input(call, exc, words):
 # --------------------------------------------------------------- torch.library / compile
 def test_opcheck():
     r, v, m = _case(3, 7, torch.float32)
+    cu = torch.tensor([0, 5, 5, 21], dtype=torch.int32, device=DEVICE)
     for values in (v, None):
         for skip in (True, False):
-            torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, values, m, 0.99, 0.95, skip, "torch"))
+            torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, values, m, 0.99, 0.95, skip, None, "torch"))
+            torch.library.opcheck(torch.ops.fastrlhf.gae.default,
+                                  (r.reshape(-1), None if values is None else values.reshape(-1), m.reshape(-1),
+                                   0.99, 0.95, skip, cu, "torch"))
     torch.library.opcheck(torch.ops.fastrlhf.group_advantages.default,
                           (torch.randn(12, device=DEVICE), 4, "grpo", 1e-6, "torch"))
 

@@ -1,8 +1,5 @@
 """Vocab-parallel log-probs and global counts, on 2-3 gloo processes on CPU."""
 
-import threading
-from unittest import mock
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -11,8 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fastrlhf
-from fastrlhf.parallel import (global_counts, vocab_parallel_linear_token_logprobs,
-                               vocab_parallel_token_logprobs)
+import fastrlhf.reference.advantages
+from fastrlhf.parallel import (
+    global_counts,
+    vocab_parallel_linear_token_logprobs,
+    vocab_parallel_token_logprobs,
+)
+from tests.ranks import ThreadGroup
 
 V = 37  # split unevenly over the ranks
 
@@ -28,6 +30,7 @@ def _worker(rank, world, store, backends, result):
         for backend in backends:
             _check_shard(rank, world, backend)
             _check_head_shard(rank, world, backend)
+            _check_whiten_over_ranks(rank, world, backend)
         mask = torch.zeros(2, 4)
         mask[0, : rank + 1] = 1
         tokens, seqs = global_counts(mask)
@@ -90,6 +93,17 @@ def _check_head_shard(rank, world, backend):
     torch.testing.assert_close(b.grad, full[2].grad[lo:hi], **tol)
 
 
+def _check_whiten_over_ranks(rank, world, backend):
+    """masked_whiten over the group: each rank's part of whitening the concatenation."""
+    xs = [torch.randn(3, 7 + r, generator=torch.Generator().manual_seed(r)) * 2 + r for r in range(world)]
+    ms = [torch.arange(x.numel()).view(x.shape) % (r + 2) != 0 for r, x in enumerate(xs)]
+    want = fastrlhf.reference.advantages.masked_whiten(torch.cat([x.reshape(-1) for x in xs]).double(),
+                                                      torch.cat([m.reshape(-1) for m in ms]))
+    start = sum(x.numel() for x in xs[:rank])
+    got = fastrlhf.masked_whiten(xs[rank], ms[rank], group=dist.group.WORLD, backend=backend)
+    torch.testing.assert_close(got.reshape(-1).double(), want[start:start + xs[rank].numel()], atol=1e-5, rtol=1e-5)
+
+
 def test_vocab_parallel_matches_unsharded(tmp_path):
     """Three ranks (uneven shards) on every backend that runs on CPU here: sharded logits and
     a sharded LM head."""
@@ -111,48 +125,6 @@ def test_needs_initialized_group():
 
 
 # ------------------------------------------------- ranks simulated by threads (property tests)
-class _ThreadGroup:
-    """A process group of ``world`` threads: ``all_reduce`` stacks every rank's tensor and
-    reduces it in rank order, so every rank gets the same bits, as a real group does."""
-
-    def __init__(self, world):
-        self.world = world
-        self.barrier = threading.Barrier(world)
-        self.slots = [None] * world
-        self.rank = threading.local()
-
-    def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None):
-        self.slots[self.rank.value] = tensor.clone()
-        self.barrier.wait()
-        stacked = torch.stack(self.slots)
-        reduced = stacked.amax(0) if op == dist.ReduceOp.MAX else stacked.sum(0)
-        self.barrier.wait()
-        tensor.copy_(reduced)
-
-    def run(self, fn):
-        """``[fn(rank) for rank in range(world)]``, each on its own thread."""
-        results, errors = [None] * self.world, []
-
-        def target(rank):
-            self.rank.value = rank
-            try:
-                results[rank] = fn(rank)
-            except BaseException as e:  # noqa: BLE001 (re-raised below)
-                errors.append(e)
-                self.barrier.abort()
-
-        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
-        with mock.patch.object(dist, "all_reduce", self.all_reduce), \
-                mock.patch.object(dist, "is_initialized", lambda: True):
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-        if errors:
-            raise errors[0]
-        return results
-
-
 @st.composite
 def _sharded_case(draw):
     V = draw(st.integers(2, 40))
@@ -191,7 +163,7 @@ def test_vocab_parallel_labels_property(case):
         (lp.nan_to_num() * g1 + ent * g2).sum().backward()
         return lp.detach(), ent.detach(), shard.grad
 
-    for rank, (lp, ent, grad) in enumerate(_ThreadGroup(len(edges) - 1).run(rank_fn)):
+    for rank, (lp, ent, grad) in enumerate(ThreadGroup(len(edges) - 1).run(rank_fn)):
         torch.testing.assert_close(lp, want_lp.detach(), equal_nan=True)
         torch.testing.assert_close(ent, want_ent.detach())
         torch.testing.assert_close(grad, full.grad[:, edges[rank]:edges[rank + 1]])
@@ -213,5 +185,5 @@ def test_vocab_parallel_head_labels(ignore_index):
                                                     vocab_start=lo, ignore_index=ignore_index,
                                                     backend="torch")
 
-    for lp in _ThreadGroup(3).run(rank_fn):
+    for lp in ThreadGroup(3).run(rank_fn):
         torch.testing.assert_close(lp, want.float(), equal_nan=True, atol=1e-5, rtol=1e-5)

@@ -248,15 +248,15 @@ def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, (x.stride(0) if x.dim() == 2 else 0)
 
 
-def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, cu_seqlens=None, max_len=0,
-            block=None, tiles_per_chunk=None):
+def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, cu_seqlens=None, block=None,
+            tiles_per_chunk=None):
     """Fill ``advantages`` and ``returns`` (contiguous, the rewards' shape; ``values=None``:
     discounted returns into ``advantages``, ``returns`` empty and unwritten). Padded: ``[B, T]``
-    rows; packed: 1-D inputs whose sequences ``cu_seqlens`` delimits, ``max_len`` the longest
-    (0: unknown, planned as the packed length). Allocates ``5 * rows * NC`` floats for chunked
-    rows. ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
+    rows; packed: 1-D inputs whose sequences ``cu_seqlens`` delimits, planned as if each were
+    as long as all of them (chunks past a sequence's end do nothing). Allocates
+    ``5 * rows * NC`` floats for chunked rows. ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
     packed = cu_seqlens is not None
-    B, T = (cu_seqlens.numel() - 1, max_len or rewards.numel()) if packed else rewards.shape
+    B, T = (cu_seqlens.numel() - 1, rewards.numel()) if packed else rewards.shape
     BLOCK, CHUNK, NC = plan(B, T, block, tiles_per_chunk)
     r, sr = _unit_rows(rewards)
     m, sm = _unit_rows(mask)
@@ -322,3 +322,52 @@ def group_advantages_fwd(scores, group_size, method, eps, out):
     _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
         scores.contiguous(), out, n_groups, group_size, float(eps), method,
         ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
+
+
+# -------------------------------------------------------------------------- masked whiten
+WHITEN_BLOCK = 2048
+"""Elements one whitening program reads: the statistics come as ``cdiv(n, WHITEN_BLOCK)`` partials."""
+
+
+@triton.jit
+def _whiten_stats_kernel(x_ptr, m_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
+    """``part[:, pid]`` = (valid count, sum, sum of squares) of the program's elements, in fp64
+    (``STATS_DTYPE``: no finite fp32 value overflows them). Loads are bounds-masked only."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    valid = (tl.load(m_ptr + offs, mask=inb, other=0) != 0) & inb
+    x = tl.where(valid, tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float64), 0.0)
+    tl.store(part_ptr + pid, tl.sum(valid.to(tl.float64), axis=0))
+    tl.store(part_ptr + P + pid, tl.sum(x, axis=0))
+    tl.store(part_ptr + 2 * P + pid, tl.sum(x * x, axis=0))
+
+
+@triton.jit
+def _whiten_apply_kernel(x_ptr, m_ptr, ab_ptr, out_ptr, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = x * a + b`` where valid, 0 elsewhere (``ab``: the two coefficients)."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    valid = tl.load(m_ptr + offs, mask=inb, other=0) != 0
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(ACC)
+    y = tl.fma(x, tl.load(ab_ptr).to(ACC), tl.load(ab_ptr + 1).to(ACC))
+    tl.store(out_ptr + offs, tl.where(valid, y, 0.0), mask=inb)
+
+
+def whiten_stats(x, mask, partials):
+    """Fill ``partials [3, cdiv(n, WHITEN_BLOCK)]`` (fp64) of ``n = x.numel() > 0`` elements."""
+    n = x.numel()
+    _whiten_stats_kernel[(partials.shape[1],)](_flat(x), _flat(mask), partials, n, partials.shape[1],
+                                               BLOCK=WHITEN_BLOCK, num_warps=8)
+
+
+def whiten_apply(x, mask, ab, out):
+    """Fill ``out`` (contiguous, ``x``'s shape) with ``x * ab[0] + ab[1]`` where valid, else 0."""
+    n = x.numel()
+    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](_flat(x), _flat(mask), ab, out, n,
+                                                          ACC=tl_acc(out.dtype), BLOCK=WHITEN_BLOCK, num_warps=8)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x = x.reshape(-1).contiguous()
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
