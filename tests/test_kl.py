@@ -274,6 +274,25 @@ def test_rewards_ignore_garbage_outside_mask(backend):
     assert torch.isfinite(rewards).all() and torch.isfinite(kl).all()
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 37, 1], [300, 1, 2100], [4500]], ids=str)
+def test_rewards_packed_equals_padded(backend, lengths):
+    """Packed sequences (empty ones, length 1, several tiles, one long sequence cut into chunks,
+    trailing masked runs): each gets its score at its own last valid token, exactly as padded."""
+    S, width = len(lengths), max(lengths)
+    inside = torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    lp, rp = _pair((S, width))
+    mask = _holey_mask(S, width) * inside
+    if S > 2:
+        mask[2, -400:] = 0  # a masked run across tiles before the sequence ends
+    scores = torch.randn(S, device=DEVICE) * 5
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    kw = dict(kl_coef=0.05, estimator="k3", score_clip=4.0, backend=backend)
+    rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, **kw)
+    got_r, got_k = kl_penalized_rewards(scores, lp[inside], rp[inside], mask[inside], cu_seqlens=cu, **kw)
+    torch.testing.assert_close(got_r, rewards[inside])
+    torch.testing.assert_close(got_k, kl[inside])
+
+
 def test_rewards_empty_and_single_token(backend):
     for B, T in [(0, 5), (3, 0), (0, 0)]:
         z = torch.zeros(B, T, device=DEVICE)
@@ -448,7 +467,11 @@ def test_opcheck_custom_ops():
     for coef_t in (None, torch.tensor(0.2)):
         torch.library.opcheck(torch.ops.fastrlhf.kl_penalized_rewards.default,
                               (scores.cpu(), lp, rp, mask.cpu(), 0.1, coef_t, "k1", None, None,
-                               3.0, "torch"))
+                               3.0, None, "torch"))
+    cu = torch.tensor([0, 4, 4, 15], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastrlhf.kl_penalized_rewards.default,
+                          (scores.cpu(), lp.reshape(-1), rp.reshape(-1), mask.cpu().reshape(-1), 0.1, None, "k3",
+                           None, None, None, cu, "torch"))
 
 
 def test_torch_compile_fullgraph_no_recompile_for_new_coef():
@@ -492,18 +515,21 @@ def test_kernels_compile_for_gpus():
                        "dlogp_ptr": f"*{dtype}", "dref_ptr": f"*{acc}", "N": "i32", **scalars,
                        **dict.fromkeys(bconst, "constexpr")}
                 cases.append((mod, "_kl_bwd_kernel", bwd, bconst, 4))
-    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs.
-    for mask_dtype, est, coef_tensor, strides, dtype in (("i1", 3, True, "i64", "bf16"),
-                                                         ("i64", 0, False, "i32", "bf16"),
-                                                         ("fp32", 1, True, "i32", "fp64")):
+    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs;
+    # packed sequences (int32 offsets).
+    for mask_dtype, est, coef_tensor, strides, dtype, packed in (("u8", 3, True, "i64", "bf16", False),
+                                                                 ("i64", 0, False, "i32", "bf16", False),
+                                                                 ("fp32", 1, True, "i32", "fp64", False),
+                                                                 ("u8", 3, False, "i32", "fp32", True)):
         acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"EST": est, "COEF_TENSOR": coef_tensor, "ACC": f"tl.float{acc[2:]}", "BLOCK_T": 2048}
+        const = {"EST": est, "COEF_TENSOR": coef_tensor, "PACKED": packed, "ACC": f"tl.float{acc[2:]}",
+                 "BLOCK_T": 2048}
         sig = {"scores_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
-               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "T": "i32", "n_tiles": "i32",
-               **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides), "kl_coef": "fp32", **scalars,
-               "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
+               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "cu_ptr": "*i32", "T": "i32",
+               "NC": "i32", "CHUNK": "i32", **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides),
+               "kl_coef": "fp32", **scalars, "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
-    # T = 1: ints equal to 1 (T, n_tiles, row strides) are specialized to constexpr 1.
-    one = {**const, "BLOCK_T": 16, **dict.fromkeys(("T", "n_tiles", "s_logp", "s_ref", "s_mask"), 1)}
+    # T = 1: ints equal to 1 (T, NC, row strides) are specialized to constexpr 1.
+    one = {**const, "PACKED": False, "BLOCK_T": 16, **dict.fromkeys(("T", "NC", "s_logp", "s_ref", "s_mask"), 1)}
     cases.append((mod, "_kl_rewards_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
     compile_for_gpus(cases)

@@ -65,7 +65,7 @@ KERNELS = {
     "_group_advantages_kernel": Counting("kernel", ("ROWS", "BLOCK_G")),
     "_kl_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_bwd_kernel": Counting("straight", ("BLOCK",)),
-    "_kl_rewards_kernel": Counting("straight", ("BLOCK_T",)),
+    "_kl_rewards_kernel": Counting("loop", ("BLOCK_T",)),
     "_policy_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_policy_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_value_fwd_kernel": Counting("straight", ("BLOCK",)),

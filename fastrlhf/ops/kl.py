@@ -15,6 +15,7 @@ from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
+from fastrlhf.reference import packed
 
 _NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
@@ -103,23 +104,27 @@ _kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_contex
 def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+                   cu_seqlens: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "torch":
         coef = kl_coef if kl_coef_t is None else kl_coef_t
-        rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
-                                               kl_clamp, log_ratio_clamp, score_clip)
+        args = (logprobs, ref_logprobs, mask)
+        if cu_seqlens is not None:  # the reference on padded rows
+            args = packed.pad(cu_seqlens, *args)
+        rewards, kl = ref.kl_penalized_rewards(scores, *args, coef, estimator, kl_clamp, log_ratio_clamp, score_clip)
+        if cu_seqlens is not None:
+            rewards, kl = packed.unpad(cu_seqlens, rewards, kl)
         return rewards.contiguous(), kl.contiguous()
     rewards, kl = _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
     if rewards.numel():
         est, _, *bounds = _kernel_args(estimator, kl_clamp, log_ratio_clamp, score_clip)
         launchers(backend, "kl").kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef,
-                                                          kl_coef_t, est, *bounds, rewards, kl)
+                                                          kl_coef_t, est, *bounds, rewards, kl, cu_seqlens)
     return rewards, kl
 
 
 @_kl_rewards_op.register_fake
 def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator, kl_clamp,
-      log_ratio_clamp, score_clip, backend):
+      log_ratio_clamp, score_clip, cu_seqlens, backend):
     return _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
 
 
@@ -162,7 +167,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, *, kl_coef, estimator: str = "k1",
                          kl_clamp: float | None = None, log_ratio_clamp: float | None = None,
-                         score_clip: float | None = None, backend: str = "auto"):
+                         score_clip: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                         backend: str = "auto"):
     """Per-token PPO rewards: a KL penalty on every valid token plus the sequence score at the end.
 
     ``rewards[b, t] = -kl_coef * kl[b, t]`` where ``mask[b, t] != 0`` (holes allowed), 0
@@ -186,12 +192,20 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
         0 outside the mask. Outputs carry no gradient (trainers compute rewards under
         ``no_grad``); inputs that require grad are read detached.
 
+    Packed sequences: with ``cu_seqlens`` (int32 ``[S + 1]``, see ``fastrlhf._checks.cu_seqlens``)
+    ``logprobs``, ``ref_logprobs`` and ``mask`` are 1-D ``[total]``, ``scores`` is ``[S]`` and
+    each sequence gets its score at its own last valid token; outputs are ``[total]``.
+
     Memory (triton): the two outputs, nothing else; one kernel.
+
+    >>> rewards, kl = fastrlhf.kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef=0.05, estimator="k3")
     """
-    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs), dim=2)
-    B = logprobs.shape[0]
+    packed_layout = cu_seqlens is not None
+    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs), dim=1 if packed_layout else 2)
+    B = _checks.cu_seqlens("cu_seqlens", cu_seqlens, logprobs.numel(), logprobs.device) if packed_layout \
+        else logprobs.shape[0]
     _checks.tensor("scores", scores, _checks.FLOAT_DTYPES, dim=1)
-    _checks.same_shape("scores", scores, (B,), "logprobs.shape[:1]")
+    _checks.same_shape("scores", scores, (B,), "one per sequence")
     _checks.same_device("scores", scores, logprobs.device)
     _checks.mask("mask", mask, logprobs.shape, logprobs.device)
     _checks.choice("estimator", estimator, _NAMES)
@@ -199,9 +213,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     score_clip = _checks.optional_positive("score_clip", score_clip)
     coef, coef_t = _check_coef(kl_coef, logprobs.device)
-    name = resolve_backend(backend, logprobs.device, "kl")
+    name = resolve_backend(backend, logprobs.device, "kl", "packed" if packed_layout else None)
     return _kl_rewards_op(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), coef,
-                          coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, name)
+                          coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, cu_seqlens, name)
 
 
 def _check_coef(kl_coef, device: torch.device) -> tuple[float, torch.Tensor | None]:

@@ -15,6 +15,7 @@ from fastrlhf._numerics import acc_dtype
 from fastrlhf.triton._common import tl_acc
 
 _BLOCK = 1024
+TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
 
 
 @triton.jit
@@ -124,43 +125,72 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, l
 
 
 @triton.jit
-def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_ptr, coef_ptr,
-                       T, n_tiles, s_logp, s_ref, s_mask, kl_coef, clamp, log_ratio_clamp, score_clip,
-                       EST: tl.constexpr, COEF_TENSOR: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
-    """One program per ``BLOCK_T`` tile of a row. The tile holding the row's last valid token
-    adds the score there; it knows it is that tile by scanning the mask of the later tiles
-    until it meets a valid token (only the tile right before an invalid run scans it, so the
-    extra reads stay below one more pass over the mask)."""
-    pid = tl.program_id(0)
-    row = (pid // n_tiles).to(tl.int64)
-    tile = pid % n_tiles
-    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = cols < T
-    valid = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
-    lr = _log_ratio(logp_ptr + row * s_logp, ref_ptr + row * s_ref, cols, inb, ACC)  # (not the mask: no wait)
+def _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, cols, hi, coef, clamp, log_ratio_clamp,
+                  last, MASKED: tl.constexpr, EST: tl.constexpr, ACC: tl.constexpr):
+    """Write one tile's rewards and KL; return the last valid column so far."""
+    if MASKED:
+        inb = cols < hi
+        valid = (tl.load(m_row + cols, mask=inb, other=0) != 0) & inb
+        lr = _log_ratio(lp_row, rf_row, cols, inb, ACC)  # bounds-masked only: no wait on the mask
+    else:
+        valid = tl.load(m_row + cols) != 0
+        lr = tl.load(lp_row + cols).to(ACC) - tl.load(rf_row + cols).to(ACC)
     kl = tl.where(valid, _kl_estimate(lr, clamp, log_ratio_clamp, EST), 0.0)
+    if MASKED:
+        tl.store(rewards_ptr + out + cols, tl.where(valid, -coef * kl, 0.0), mask=inb)
+        tl.store(kl_ptr + out + cols, kl, mask=inb)
+    else:
+        tl.store(rewards_ptr + out + cols, tl.where(valid, -coef * kl, 0.0))
+        tl.store(kl_ptr + out + cols, kl)
+    return tl.maximum(last, tl.max(tl.where(valid, cols, -1), axis=0))
+
+
+@triton.jit
+def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_ptr, coef_ptr, cu_ptr,
+                       T, NC, CHUNK, s_logp, s_ref, s_mask, kl_coef, clamp, log_ratio_clamp, score_clip,
+                       EST: tl.constexpr, COEF_TENSOR: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """One program per chunk of a row (a packed sequence: ``[cu[s], cu[s + 1])``), tile by
+    tile. The chunk holding the row's last valid token adds the score there, after its tiles
+    are written; it knows it holds it by reading the mask past its end until a valid token
+    (only the chunk right before a masked run reads it, so the extra reads stay below one
+    more pass over the mask)."""
+    pid = tl.program_id(0)
+    row = (pid // NC).to(tl.int64)
+    c = pid % NC
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        L = tl.load(cu_ptr + row + 1).to(tl.int64) - start
+        lp_row, rf_row, m_row, out = logp_ptr + start, ref_ptr + start, mask_ptr + start, start
+    else:
+        L = T
+        lp_row, rf_row, m_row, out = logp_ptr + row * s_logp, ref_ptr + row * s_ref, mask_ptr + row * s_mask, row * T
     if COEF_TENSOR:
         coef = tl.load(coef_ptr).to(ACC)
     else:
         coef = kl_coef
-    rewards = tl.where(valid, -coef * kl, 0.0)
-
-    last = tl.max(tl.where(valid, cols, -1), axis=0)
+    lo = c * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    j = tl.arange(0, BLOCK_T)
+    last = tl.full([], -1, tl.int64)
+    n_full = tl.maximum(hi - lo, 0) // BLOCK_T
+    for k in range(0, n_full):  # full tiles: vector loads and stores, no mask
+        last = _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, lo + k * BLOCK_T + j, hi, coef,
+                             clamp, log_ratio_clamp, last, False, EST, ACC)
+    if lo + n_full * BLOCK_T < hi:
+        last = _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, lo + n_full * BLOCK_T + j, hi, coef,
+                             clamp, log_ratio_clamp, last, True, EST, ACC)
     later = tl.full([], 0, tl.int32)
-    if n_tiles > 1:  # (a row of one tile has no later tiles; a loop that never runs breaks some compilers)
-        start = (tile + 1) * BLOCK_T
-        while (last >= 0) & (later == 0) & (start < T):
-            c = start + tl.arange(0, BLOCK_T)
-            m = tl.load(mask_ptr + row * s_mask + c, mask=c < T, other=0) != 0
-            later = tl.max(m.to(tl.int32), axis=0)
-            start += BLOCK_T
-    score = tl.load(scores_ptr + row).to(ACC)
-    score = _clamp(score, score_clip)
-    rewards = tl.where((cols == last) & (later == 0), rewards + score, rewards)
-    out = row * T + cols
-    tl.store(rewards_ptr + out, rewards, mask=inb)
-    tl.store(kl_ptr + out, kl, mask=inb)
+    nxt = hi
+    while (last >= 0) & (later == 0) & (nxt < L):
+        cols = nxt + j
+        later = tl.max((tl.load(m_row + cols, mask=cols < L, other=0) != 0).to(tl.int32), axis=0)
+        nxt += BLOCK_T
+    if (last >= 0) & (later == 0):  # the row's last valid token: its reward gets the score
+        tl.debug_barrier()  # after every thread's stores above
+        score = _clamp(tl.load(scores_ptr + row).to(ACC), score_clip)
+        at = rewards_ptr + out + last
+        tl.store(at, tl.load(at) + score)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -188,22 +218,29 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(x, row stride)`` of a ``[B, T]`` tensor read in place when its last dim is unit-strided."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
+    """``(x, row stride)`` of a ``[B, T]`` tensor read in place when its last dim is unit-strided
+    (a packed 1-D tensor: contiguous, stride 0); a bool mask as bytes."""
+    if x.dim() == 1 or (x.shape[1] > 1 and x.stride(1) != 1):
         x = x.contiguous()
-    return x, x.stride(0)
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    return x, (x.stride(0) if x.dim() == 2 else 0)
 
 
 def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator,
-                             kl_clamp, log_ratio_clamp, score_clip, rewards, kl):
-    """Fill ``rewards`` and ``kl`` (contiguous ``[B, T]``). ``kl_coef_t`` (a 0-dim tensor on the
-    inputs' device) is read by the kernel when given, else the Python float ``kl_coef``."""
-    B, T = logprobs.shape
+                             kl_clamp, log_ratio_clamp, score_clip, rewards, kl, cu_seqlens=None):
+    """Fill ``rewards`` and ``kl`` (contiguous, the log-probs' shape: ``[B, T]``, or packed 1-D
+    with ``cu_seqlens``). ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the
+    kernel when given, else the Python float ``kl_coef``."""
+    packed = cu_seqlens is not None
+    B, T = (cu_seqlens.numel() - 1, logprobs.numel()) if packed else logprobs.shape
     block = min(max(triton.next_power_of_2(T), 16), 2048)  # >= 16: tiny tiles crash some Triton versions
     n_tiles = triton.cdiv(T, block)
+    nc = min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(B, 1)))  # long rows of few: chunks in parallel
+    chunk = triton.cdiv(n_tiles, nc) * block
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
-    _kl_rewards_kernel[(B * n_tiles,)](
+    _kl_rewards_kernel[(B * triton.cdiv(T, chunk),)](
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
-        T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), kl_clamp, log_ratio_clamp, score_clip,
-        EST=estimator, COEF_TENSOR=kl_coef_t is not None, ACC=tl_acc(rewards.dtype), BLOCK_T=block,
-        num_warps=8 if block >= 2048 else 4)
+        cu_seqlens if packed else scores, T, triton.cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
+        kl_clamp, log_ratio_clamp, score_clip, EST=estimator, COEF_TENSOR=kl_coef_t is not None, PACKED=packed,
+        ACC=tl_acc(rewards.dtype), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
