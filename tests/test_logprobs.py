@@ -287,6 +287,26 @@ def test_sequence_logprobs_with_holes(backend, average):
     assert got[1] == 0 and (x.grad[1] == 0).all()  # a fully masked row
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_packed_equals_padded(backend, average):
+    """Packed sequences (an empty one, holes, ignored labels): the padded sums and gradients."""
+    lengths = [4, 0, 9, 1]
+    S, W, V = len(lengths), 9, 70
+    logits, labels = _case(S, W, V, torch.float32)
+    inside = torch.arange(W, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    mask = (torch.rand(S, W, device=DEVICE) < 0.8) & inside
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    x = logits.clone().requires_grad_(True)
+    want = fastrlhf.sequence_logprobs(x, labels, mask, average=average, backend=backend)
+    want.sum().backward()
+    xp = logits[inside].clone().requires_grad_(True)
+    got = fastrlhf.sequence_logprobs(xp, labels[inside], mask[inside], average=average, cu_seqlens=cu,
+                                     backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xp.grad, x.grad[inside])
+
+
 # ------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("make, exc, words", [
     (lambda: (torch.randn(2, 5), torch.zeros(3, dtype=torch.long), {}), ValueError, "labels must have shape (2,)"),

@@ -172,7 +172,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
                       average: bool = False, temperature: float = 1.0, ignore_index: int = -100,
-                      inplace_backward: bool = False, backend: str = "auto") -> torch.Tensor:
+                      inplace_backward: bool = False, cu_seqlens: torch.Tensor | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """Per-sequence log-prob: the masked sum of the token log-probs over the last label dim.
 
     Args:
@@ -180,18 +181,29 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
         mask: ``[..., T]``, any dtype; a token counts where ``mask != 0`` and its label is
             not ``ignore_index`` (holes are allowed).
         average: divide by the number of counted tokens (IPO-style length normalization).
+        cu_seqlens: packed sequences: ``logits`` ``[total, V]``, ``labels`` and ``mask``
+            ``[total]``, and sequence ``s`` is ``[cu_seqlens[s], cu_seqlens[s + 1])`` (int32
+            ``[S + 1]``); the sums are segment sums (``torch.segment_reduce``, no padding).
 
     Returns:
-        fp32 ``[...]``; a row with no counted token gives 0 (sum and mean).
+        fp32 ``[...]`` (``[S]`` packed); a sequence with no counted token gives 0 (sum and mean).
+
+    >>> chosen_logps = fastrlhf.sequence_logprobs(logits[:, :-1], input_ids[:, 1:], response_mask[:, 1:])
     """
     _check_logits_labels(logits, labels, temperature, ignore_index)
     if labels.dim() < 1:
         raise ValueError(f"labels must have a sequence dimension, got shape {tuple(labels.shape)}")
     _checks.mask("mask", mask, labels.shape, labels.device)
+    if cu_seqlens is not None:
+        _checks.tensor("labels", labels, dim=1)
+        _checks.cu_seqlens("cu_seqlens", cu_seqlens, labels.numel(), labels.device)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           inplace_backward=inplace_backward, backend=backend)
     valid = (mask != 0) & (labels != ignore_index)
-    total = torch.where(valid, logp, 0.0).sum(-1)
-    if average:
-        total = total / valid.sum(-1).clamp(min=1)
-    return total
+    terms = torch.where(valid, logp, 0.0)
+    if cu_seqlens is None:
+        total, count = terms.sum(-1), valid.sum(-1)
+    else:
+        total = torch.segment_reduce(terms, "sum", offsets=cu_seqlens, axis=0)
+        count = torch.segment_reduce(valid.to(terms.dtype), "sum", offsets=cu_seqlens, axis=0)
+    return total / count.clamp(min=1) if average else total
