@@ -87,7 +87,7 @@ __device__ __forceinline__ int slot(int i) { return i + (i >> 5); }
 template <typename A, bool kSummary>
 __global__ void __launch_bounds__(kMaxScanThreads) gae_kernel(
     int64_t B, int64_t T, int64_t chunk, int64_t n_chunks, fastrlhf_rows rewards,
-    fastrlhf_rows values, bool has_values, fastrlhf_mask mask, A gamma, A gamma_lam,
+    fastrlhf_rows values, bool has_values, fastrlhf_rows mask, A gamma, A gamma_lam,
     bool skip_holes, A* __restrict__ maps, A* __restrict__ adv, A* __restrict__ ret) {
   constexpr int kSlots = kMaxScanThreads * kItems + kMaxScanThreads * kItems / kWarpSize;
   constexpr uint8_t kValid = 1, kStep = 2;
@@ -245,44 +245,42 @@ __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, 
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_gae_fwd(int64_t B, int64_t T, fastrlhf_rows rewards,
-                                        fastrlhf_rows values, fastrlhf_mask mask, double gamma,
-                                        double gamma_lam, int skip_holes, int acc_double,
-                                        int threads, int64_t chunk, void* maps, void* advantages,
-                                        void* returns, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_gae_fwd(const fastrlhf_gae_params* params, cudaStream_t stream) {
   using namespace fastrlhf;
-  if (B <= 0 || T <= 0) return cudaSuccess;
-  if (threads < kWarpSize || threads > kMaxScanThreads || (threads & (threads - 1)) != 0 || chunk < 1)
+  const fastrlhf_gae_params& p = *params;
+  if (p.B <= 0 || p.T <= 0) return cudaSuccess;
+  if (p.threads < kWarpSize || p.threads > kMaxScanThreads || (p.threads & (p.threads - 1)) != 0 ||
+      p.chunk < 1)
     return cudaErrorInvalidValue;
-  const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
-  if (n_chunks > 1 && maps == nullptr) return cudaErrorInvalidValue;
-  return with_acc(acc_double, [&](auto tag) {
+  const int64_t n_chunks = p.chunk >= p.T ? 1 : (p.T + p.chunk - 1) / p.chunk;
+  if (n_chunks > 1 && p.maps == nullptr) return cudaErrorInvalidValue;
+  return with_acc(p.acc, [&](auto tag) {
     using A = decltype(tag);
-    const unsigned int grid = grid_for(B * n_chunks);
+    const unsigned int grid = grid_for(p.B * n_chunks);
+    const bool has_values = p.values.data != nullptr;
     if (n_chunks > 1) {
-      gae_kernel<A, true><<<grid, threads, 0, stream>>>(
-          B, T, chunk, n_chunks, rewards, values, values.data != nullptr, mask,
-          static_cast<A>(gamma), static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(maps),
-          nullptr, nullptr);
+      gae_kernel<A, true><<<grid, p.threads, 0, stream>>>(
+          p.B, p.T, p.chunk, n_chunks, p.rewards, p.values, has_values, p.mask, static_cast<A>(p.gamma),
+          static_cast<A>(p.gamma_lam), p.skip_holes != 0, static_cast<A*>(p.maps), nullptr, nullptr);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
-    gae_kernel<A, false><<<grid, threads, 0, stream>>>(
-        B, T, chunk, n_chunks, rewards, values, values.data != nullptr, mask,
-        static_cast<A>(gamma), static_cast<A>(gamma_lam), skip_holes != 0, static_cast<A*>(maps),
-        static_cast<A*>(advantages), static_cast<A*>(returns));
+    gae_kernel<A, false><<<grid, p.threads, 0, stream>>>(
+        p.B, p.T, p.chunk, n_chunks, p.rewards, p.values, has_values, p.mask, static_cast<A>(p.gamma),
+        static_cast<A>(p.gamma_lam), p.skip_holes != 0, static_cast<A*>(p.maps),
+        static_cast<A*>(p.advantages), static_cast<A*>(p.returns));
     return cudaGetLastError();
   });
 }
 
-extern "C" cudaError_t fastrlhf_group_advantages_fwd(fastrlhf_rows scores, int64_t n_groups,
-                                                     int64_t group_size, int method, double eps,
-                                                     int acc_double, void* out, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_group_advantages_fwd(fastrlhf_rows scores, int64_t n_groups, int64_t group_size,
+                                                     int method, double eps, fastrlhf_dtype acc, void* out,
+                                                     cudaStream_t stream) {
   using namespace fastrlhf;
   if (n_groups <= 0) return cudaSuccess;
   constexpr int kThreads = 256;
   constexpr int64_t kGroupsPerBlock = kThreads / kWarpSize;
-  return with_acc(acc_double, [&](auto tag) {
+  return with_acc(acc, [&](auto tag) {
     using A = decltype(tag);
     group_advantages_kernel<A><<<grid_for((n_groups + kGroupsPerBlock - 1) / kGroupsPerBlock), kThreads, 0, stream>>>(
         scores, n_groups, group_size, method, static_cast<A>(eps), static_cast<A*>(out));

@@ -86,9 +86,10 @@ __device__ __forceinline__ int64_t row_offset(int64_t row, int64_t D1, int64_t s
   return (row / D1) * s0 + (row % D1) * s1;
 }
 
-__device__ __forceinline__ int64_t load_index(const void* p, int bytes, int64_t i) {
-  return bytes == 8 ? static_cast<const int64_t*>(p)[i]
-                    : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
+// Element i of an int32 or int64 index array (labels).
+__device__ __forceinline__ int64_t load_index(const void* p, fastrlhf_dtype dtype, int64_t i) {
+  return dtype == FASTRLHF_INT64 ? static_cast<const int64_t*>(p)[i]
+                                 : static_cast<int64_t>(static_cast<const int32_t*>(p)[i]);
 }
 
 // ---------------------------------------------------------------------------- reductions
@@ -163,16 +164,32 @@ __device__ __forceinline__ void store_as(void* p, fastrlhf_dtype dtype, int64_t 
   }
 }
 
+// Bytes of one element of `dtype`.
+__host__ __device__ __forceinline__ int dtype_bytes(fastrlhf_dtype dtype) {
+  switch (dtype) {
+    case FASTRLHF_FLOAT16: case FASTRLHF_BFLOAT16: case FASTRLHF_INT16: return 2;
+    case FASTRLHF_FLOAT64: case FASTRLHF_INT64: return 8;
+    case FASTRLHF_BOOL: case FASTRLHF_UINT8: case FASTRLHF_INT8: return 1;
+    default: return 4;
+  }
+}
+
+__host__ __device__ __forceinline__ bool dtype_is_float(fastrlhf_dtype dtype) {
+  return dtype == FASTRLHF_FLOAT32 || dtype == FASTRLHF_FLOAT16 || dtype == FASTRLHF_BFLOAT16 ||
+         dtype == FASTRLHF_FLOAT64;
+}
+
 // mask[i] != 0, for any mask dtype: floating masks ignore the sign bit (-0.0 == 0).
-__device__ __forceinline__ bool mask_at(const fastrlhf_mask& m, int64_t i) {
-  switch (m.bytes) {
+__device__ __forceinline__ bool mask_at(const fastrlhf_rows& m, int64_t i) {
+  const bool is_float = dtype_is_float(m.dtype);
+  switch (dtype_bytes(m.dtype)) {
     case 1: return static_cast<const uint8_t*>(m.data)[i] != 0;
-    case 2: return (static_cast<const uint16_t*>(m.data)[i] & (m.is_float ? 0x7fffu : 0xffffu)) != 0;
+    case 2: return (static_cast<const uint16_t*>(m.data)[i] & (is_float ? 0x7fffu : 0xffffu)) != 0;
     case 4:
-      return (static_cast<const uint32_t*>(m.data)[i] & (m.is_float ? 0x7fffffffu : 0xffffffffu)) != 0;
+      return (static_cast<const uint32_t*>(m.data)[i] & (is_float ? 0x7fffffffu : 0xffffffffu)) != 0;
     default:
       return (static_cast<const uint64_t*>(m.data)[i] &
-              (m.is_float ? 0x7fffffffffffffffull : 0xffffffffffffffffull)) != 0;
+              (is_float ? 0x7fffffffffffffffull : 0xffffffffffffffffull)) != 0;
   }
 }
 
@@ -181,9 +198,11 @@ template <typename A> __device__ __forceinline__ A clamp_abs(A x, A bound) {
   return x < -bound ? -bound : (x > bound ? bound : x);
 }
 
-// Calls f(float{}) or f(double{}): the accumulation type of a launch.
-template <typename F> cudaError_t with_acc(int acc_double, F&& f) {
-  return acc_double ? f(double{}) : f(float{});
+// Calls f(float{}) or f(double{}): the accumulation type of a launch (FASTRLHF_FLOAT32 or
+// FASTRLHF_FLOAT64; anything else is cudaErrorInvalidValue).
+template <typename F> cudaError_t with_acc(fastrlhf_dtype acc, F&& f) {
+  if (acc == FASTRLHF_FLOAT64) return f(double{});
+  return acc == FASTRLHF_FLOAT32 ? f(float{}) : cudaErrorInvalidValue;
 }
 
 // Grid size for a kernel whose blocks loop over `work` items: one block per item, capped at

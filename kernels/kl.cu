@@ -70,7 +70,7 @@ __global__ void __launch_bounds__(kThreads) kl_bwd_kernel(
 template <typename A>
 __global__ void __launch_bounds__(kThreads) kl_rewards_kernel(
     int64_t B, int64_t T, fastrlhf_rows scores, fastrlhf_rows logp, fastrlhf_rows ref,
-    fastrlhf_mask mask, A kl_coef, fastrlhf_rows kl_coef_t, int estimator, A kl_clamp,
+    fastrlhf_rows mask, A kl_coef, fastrlhf_rows kl_coef_t, int estimator, A kl_clamp,
     A log_ratio_clamp, A score_clip, A* __restrict__ rewards, A* __restrict__ kl) {
   __shared__ int64_t smem[kMaxWarps];
   const A coef = kl_coef_t.data ? load_as<A>(kl_coef_t, 0) : kl_coef;
@@ -102,52 +102,43 @@ int elementwise_blocks(int64_t n) {
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_kl_penalty_fwd(int64_t n, fastrlhf_rows logprobs,
-                                               fastrlhf_rows ref_logprobs, int estimator,
-                                               double clamp, double log_ratio_clamp, int acc_double,
-                                               void* out, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_kl_penalty_fwd(const fastrlhf_kl_tokens* tokens, void* out, cudaStream_t stream) {
   using namespace fastrlhf;
-  if (n <= 0) return cudaSuccess;
-  return with_acc(acc_double, [&](auto tag) {
+  const fastrlhf_kl_tokens& t = *tokens;
+  if (t.n <= 0) return cudaSuccess;
+  return with_acc(t.acc, [&](auto tag) {
     using A = decltype(tag);
-    kl_fwd_kernel<A><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        n, logprobs, ref_logprobs, estimator, static_cast<A>(clamp), static_cast<A>(log_ratio_clamp),
-        static_cast<A*>(out));
+    kl_fwd_kernel<A><<<elementwise_blocks(t.n), kThreads, 0, stream>>>(
+        t.n, t.logprobs, t.ref_logprobs, t.est.estimator, static_cast<A>(t.est.clamp),
+        static_cast<A>(t.est.log_ratio_clamp), static_cast<A*>(out));
     return cudaGetLastError();
   });
 }
 
-extern "C" cudaError_t fastrlhf_kl_penalty_bwd(int64_t n, fastrlhf_rows grad, fastrlhf_rows logprobs,
-                                               fastrlhf_rows ref_logprobs, int estimator, int straight,
-                                               double clamp, double log_ratio_clamp, int acc_double,
-                                               void* grad_logprobs, void* grad_ref_logprobs,
-                                               cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_kl_penalty_bwd(const fastrlhf_kl_tokens* tokens, fastrlhf_rows grad, int straight,
+                                               void* grad_logprobs, void* grad_ref_logprobs, cudaStream_t stream) {
   using namespace fastrlhf;
-  if (n <= 0 || (!grad_logprobs && !grad_ref_logprobs)) return cudaSuccess;
-  return with_acc(acc_double, [&](auto tag) {
+  const fastrlhf_kl_tokens& t = *tokens;
+  if (t.n <= 0 || (!grad_logprobs && !grad_ref_logprobs)) return cudaSuccess;
+  return with_acc(t.acc, [&](auto tag) {
     using A = decltype(tag);
-    kl_bwd_kernel<A><<<elementwise_blocks(n), kThreads, 0, stream>>>(
-        n, grad, logprobs, ref_logprobs, estimator, straight != 0, static_cast<A>(clamp),
-        static_cast<A>(log_ratio_clamp), grad_logprobs, grad_ref_logprobs);
+    kl_bwd_kernel<A><<<elementwise_blocks(t.n), kThreads, 0, stream>>>(
+        t.n, grad, t.logprobs, t.ref_logprobs, t.est.estimator, straight != 0, static_cast<A>(t.est.clamp),
+        static_cast<A>(t.est.log_ratio_clamp), grad_logprobs, grad_ref_logprobs);
     return cudaGetLastError();
   });
 }
 
-extern "C" cudaError_t fastrlhf_kl_rewards_fwd(int64_t B, int64_t T, fastrlhf_rows scores,
-                                               fastrlhf_rows logprobs, fastrlhf_rows ref_logprobs,
-                                               fastrlhf_mask mask, double kl_coef,
-                                               fastrlhf_rows kl_coef_t, int estimator,
-                                               double kl_clamp, double log_ratio_clamp,
-                                               double score_clip, int acc_double, void* rewards,
-                                               void* kl, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_kl_rewards_fwd(const fastrlhf_kl_rewards_params* params, cudaStream_t stream) {
   using namespace fastrlhf;
-  if (B <= 0 || T <= 0) return cudaSuccess;
-  return with_acc(acc_double, [&](auto tag) {
+  const fastrlhf_kl_rewards_params& p = *params;
+  if (p.B <= 0 || p.T <= 0) return cudaSuccess;
+  return with_acc(p.acc, [&](auto tag) {
     using A = decltype(tag);
-    kl_rewards_kernel<A><<<grid_for(B), kThreads, 0, stream>>>(
-        B, T, scores, logprobs, ref_logprobs, mask, static_cast<A>(kl_coef), kl_coef_t, estimator,
-        static_cast<A>(kl_clamp), static_cast<A>(log_ratio_clamp), static_cast<A>(score_clip),
-        static_cast<A*>(rewards), static_cast<A*>(kl));
+    kl_rewards_kernel<A><<<grid_for(p.B), kThreads, 0, stream>>>(
+        p.B, p.T, p.scores, p.logprobs, p.ref_logprobs, p.mask, static_cast<A>(p.kl_coef), p.kl_coef_t,
+        p.est.estimator, static_cast<A>(p.est.clamp), static_cast<A>(p.est.log_ratio_clamp),
+        static_cast<A>(p.score_clip), static_cast<A*>(p.rewards), static_cast<A*>(p.kl));
     return cudaGetLastError();
   });
 }

@@ -80,16 +80,19 @@ __device__ __forceinline__ void accumulate_pack(Softmax<acc_t<T>>& st, const Pac
 }
 
 template <typename T, bool kEntropy>
-__global__ void __launch_bounds__(kMaxThreads) token_logprobs_fwd_kernel(
-    const T* __restrict__ x, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1, int64_t V,
-    const void* __restrict__ labels, int label_bytes, acc_t<T> inv_temp, int64_t ignore_index,
-    acc_t<T>* __restrict__ logp, acc_t<T>* __restrict__ entropy, acc_t<T>* __restrict__ stats) {
+__global__ void __launch_bounds__(kMaxThreads) token_logprobs_fwd_kernel(fastrlhf_logprobs_fwd_params p) {
   using A = acc_t<T>;
   using Op = SoftmaxOp<A, kEntropy>;
   constexpr int kN = Pack<T>::kN;
   __shared__ Softmax<A> smem[kMaxWarps];
   const int64_t tid = threadIdx.x;
   const int64_t stride = blockDim.x;
+  const T* __restrict__ x = static_cast<const T*>(p.in.logits);
+  const int64_t n_rows = p.in.n_rows, D1 = p.in.D1, s0 = p.in.s0, s1 = p.in.s1, V = p.in.V;
+  const A inv_temp = static_cast<A>(p.in.inv_temp);
+  A* __restrict__ logp = static_cast<A*>(p.logp);
+  A* __restrict__ entropy = static_cast<A*>(p.entropy);
+  A* __restrict__ stats = static_cast<A*>(p.stats);
 
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const T* xr = x + row_offset(row, D1, s0, s1);
@@ -97,7 +100,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_logprobs_fwd_kernel(
     int64_t label = 0;
     A z_label = A(0);
     if (tid == 0) {
-      label = load_index(labels, label_bytes, row);
+      label = load_index(p.in.labels, p.in.label_dtype, row);
       if (label >= 0 && label < V) z_label = to_acc(xr[label]) * inv_temp;
     }
 
@@ -128,7 +131,7 @@ __global__ void __launch_bounds__(kMaxThreads) token_logprobs_fwd_kernel(
       const A log_s = acc_log(st.s);
       stats[2 * row] = st.m;
       stats[2 * row + 1] = log_s;
-      const bool keep = label != ignore_index;
+      const bool keep = label != p.in.ignore_index;
       const bool in_range = label >= 0 && label < V;
       // Clamps that keep NaN (fmin / fmax would drop it): a NaN or +inf logit, or a row of
       // only -inf, gives NaN as in the reference, never a plausible 0.
@@ -152,22 +155,26 @@ __device__ __forceinline__ A grad_element(A z, bool is_label, A m, A log_s, A g_
 }
 
 template <typename T, bool kEntropy>
-__global__ void __launch_bounds__(kMaxThreads) token_logprobs_bwd_kernel(
-    const T* x, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1, int64_t V,
-    T* dx, int64_t d0, int64_t d1,  // may alias x (inplace): no __restrict__ on either
-    const void* __restrict__ labels, int label_bytes, const acc_t<T>* __restrict__ stats,
-    const acc_t<T>* __restrict__ entropy, const acc_t<T>* __restrict__ grad_logp,
-    const acc_t<T>* __restrict__ grad_entropy, acc_t<T> inv_temp, int64_t ignore_index) {
+__global__ void __launch_bounds__(kMaxThreads) token_logprobs_bwd_kernel(fastrlhf_logprobs_bwd_params p) {
   using A = acc_t<T>;
   constexpr int kN = Pack<T>::kN;
   const int64_t tid = threadIdx.x;
   const int64_t stride = blockDim.x;
+  const T* x = static_cast<const T*>(p.in.logits);  // dx may alias x (inplace): no __restrict__
+  T* dx = static_cast<T*>(p.grad_logits);
+  const int64_t n_rows = p.in.n_rows, D1 = p.in.D1, s0 = p.in.s0, s1 = p.in.s1, V = p.in.V;
+  const int64_t d0 = p.d0, d1 = p.d1;
+  const A inv_temp = static_cast<A>(p.in.inv_temp);
+  const A* __restrict__ stats = static_cast<const A*>(p.stats);
+  const A* __restrict__ entropy = static_cast<const A*>(p.entropy);
+  const A* __restrict__ grad_logp = static_cast<const A*>(p.grad_logp);
+  const A* __restrict__ grad_entropy = static_cast<const A*>(p.grad_entropy);
 
   for (int64_t row = blockIdx.x; row < n_rows; row += gridDim.x) {
     const T* xr = x + row_offset(row, D1, s0, s1);
     T* dr = dx + row_offset(row, D1, d0, d1);
-    const int64_t label = load_index(labels, label_bytes, row);
-    const bool keep = label != ignore_index;
+    const int64_t label = load_index(p.in.labels, p.in.label_dtype, row);
+    const bool keep = label != p.in.ignore_index;
     // A label outside [0, V) (another shard's token) keeps the -logsumexp gradient.
     const A g_logp = keep ? grad_logp[row] : A(0);
     const A g_ent = kEntropy && keep ? grad_entropy[row] : A(0);
@@ -207,75 +214,42 @@ int threads_for(int64_t V, int pack) {
   return t;
 }
 
-template <typename T>
-cudaError_t fwd(const void* logits, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1, int64_t V,
-                const void* labels, int label_bytes, double inv_temp, int64_t ignore_index,
-                void* logp, void* entropy, void* stats, cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int threads = threads_for(V, Pack<T>::kN);
-  auto kernel = entropy ? token_logprobs_fwd_kernel<T, true> : token_logprobs_fwd_kernel<T, false>;
-  kernel<<<grid_for(n_rows), threads, 0, stream>>>(
-      static_cast<const T*>(logits), n_rows, D1, s0, s1, V, labels, label_bytes,
-      static_cast<A>(inv_temp), ignore_index, static_cast<A*>(logp), static_cast<A*>(entropy),
-      static_cast<A*>(stats));
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t bwd(const void* logits, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1, int64_t V,
-                void* grad_logits, int64_t d0, int64_t d1, const void* labels, int label_bytes,
-                const void* stats, const void* entropy, const void* grad_logp,
-                const void* grad_entropy, double inv_temp, int64_t ignore_index,
-                cudaStream_t stream) {
-  using A = acc_t<T>;
-  const int threads = threads_for(V, Pack<T>::kN);
-  auto kernel = grad_entropy ? token_logprobs_bwd_kernel<T, true> : token_logprobs_bwd_kernel<T, false>;
-  kernel<<<grid_for(n_rows), threads, 0, stream>>>(
-      static_cast<const T*>(logits), n_rows, D1, s0, s1, V, static_cast<T*>(grad_logits), d0, d1,
-      labels, label_bytes, static_cast<const A*>(stats), static_cast<const A*>(entropy),
-      static_cast<const A*>(grad_logp), static_cast<const A*>(grad_entropy), static_cast<A>(inv_temp),
-      ignore_index);
-  return cudaGetLastError();
+// Calls f(T{}) for the element type of `dtype` (a floating dtype).
+template <typename F> cudaError_t with_float_type(fastrlhf_dtype dtype, F&& f) {
+  switch (dtype) {
+    case FASTRLHF_FLOAT32: return f(float{});
+    case FASTRLHF_FLOAT16: return f(__half{});
+    case FASTRLHF_BFLOAT16: return f(__nv_bfloat16{});
+    case FASTRLHF_FLOAT64: return f(double{});
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_token_logprobs_fwd(
-    fastrlhf_dtype dtype, const void* logits, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1,
-    int64_t V, const void* labels, int label_bytes, double inv_temp, int64_t ignore_index,
-    void* logp, void* entropy, void* stats, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_token_logprobs_fwd(const fastrlhf_logprobs_fwd_params* params,
+                                                   cudaStream_t stream) {
   using namespace fastrlhf;
-  if (n_rows <= 0) return cudaSuccess;
-#define FASTRLHF_FWD(T) \
-  fwd<T>(logits, n_rows, D1, s0, s1, V, labels, label_bytes, inv_temp, ignore_index, logp, entropy, \
-         stats, stream)
-  switch (dtype) {
-    case FASTRLHF_FLOAT32: return FASTRLHF_FWD(float);
-    case FASTRLHF_FLOAT16: return FASTRLHF_FWD(__half);
-    case FASTRLHF_BFLOAT16: return FASTRLHF_FWD(__nv_bfloat16);
-    case FASTRLHF_FLOAT64: return FASTRLHF_FWD(double);
-  }
-#undef FASTRLHF_FWD
-  return cudaErrorInvalidValue;
+  const fastrlhf_logprobs_fwd_params& p = *params;
+  if (p.in.n_rows <= 0) return cudaSuccess;
+  return with_float_type(p.in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = p.entropy ? token_logprobs_fwd_kernel<T, true> : token_logprobs_fwd_kernel<T, false>;
+    kernel<<<grid_for(p.in.n_rows), threads_for(p.in.V, Pack<T>::kN), 0, stream>>>(p);
+    return cudaGetLastError();
+  });
 }
 
-extern "C" cudaError_t fastrlhf_token_logprobs_bwd(
-    fastrlhf_dtype dtype, const void* logits, int64_t n_rows, int64_t D1, int64_t s0, int64_t s1,
-    int64_t V, void* grad_logits, int64_t d0, int64_t d1, const void* labels, int label_bytes,
-    const void* stats, const void* entropy, const void* grad_logp, const void* grad_entropy,
-    double inv_temp, int64_t ignore_index, cudaStream_t stream) {
+extern "C" cudaError_t fastrlhf_token_logprobs_bwd(const fastrlhf_logprobs_bwd_params* params,
+                                                   cudaStream_t stream) {
   using namespace fastrlhf;
-  if (n_rows <= 0) return cudaSuccess;
-#define FASTRLHF_BWD(T)                                                                        \
-  bwd<T>(logits, n_rows, D1, s0, s1, V, grad_logits, d0, d1, labels, label_bytes, stats, entropy, \
-         grad_logp, grad_entropy, inv_temp, ignore_index, stream)
-  switch (dtype) {
-    case FASTRLHF_FLOAT32: return FASTRLHF_BWD(float);
-    case FASTRLHF_FLOAT16: return FASTRLHF_BWD(__half);
-    case FASTRLHF_BFLOAT16: return FASTRLHF_BWD(__nv_bfloat16);
-    case FASTRLHF_FLOAT64: return FASTRLHF_BWD(double);
-  }
-#undef FASTRLHF_BWD
-  return cudaErrorInvalidValue;
+  const fastrlhf_logprobs_bwd_params& p = *params;
+  if (p.in.n_rows <= 0) return cudaSuccess;
+  return with_float_type(p.in.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    auto kernel = p.grad_entropy ? token_logprobs_bwd_kernel<T, true> : token_logprobs_bwd_kernel<T, false>;
+    kernel<<<grid_for(p.in.n_rows), threads_for(p.in.V, Pack<T>::kN), 0, stream>>>(p);
+    return cudaGetLastError();
+  });
 }

@@ -140,11 +140,11 @@ __global__ void __launch_bounds__(kThreads) ppo_bwd_kernel(fastrlhf_ppo_tokens t
 }
 
 template <typename Loss>
-cudaError_t launch_fwd(const fastrlhf_ppo_tokens& t, const Loss& loss, int acc_double, int64_t n_parts, void* sums,
+cudaError_t launch_fwd(const fastrlhf_ppo_tokens& t, const Loss& loss, int64_t n_parts, void* sums,
                        int32_t* counts, cudaStream_t stream) {
   if (t.n <= 0 || n_parts <= 0) return cudaSuccess;
   const int64_t chunk = (t.n + n_parts - 1) / n_parts;
-  return with_acc(acc_double, [&](auto tag) {
+  return with_acc(t.acc, [&](auto tag) {
     using A = decltype(tag);
     ppo_fwd_kernel<A, Loss><<<grid_for(n_parts), kThreads, 0, stream>>>(t, loss, n_parts, chunk,
                                                                         static_cast<A*>(sums), counts);
@@ -154,10 +154,10 @@ cudaError_t launch_fwd(const fastrlhf_ppo_tokens& t, const Loss& loss, int acc_d
 
 template <typename Loss>
 cudaError_t launch_bwd(const fastrlhf_ppo_tokens& t, const Loss& loss, fastrlhf_rows grad, fastrlhf_rows scale,
-                       int acc_double, void* grad_x, cudaStream_t stream) {
+                       void* grad_x, cudaStream_t stream) {
   if (t.n <= 0) return cudaSuccess;
   const int64_t blocks = (t.n + kThreads - 1) / kThreads;
-  return with_acc(acc_double, [&](auto tag) {
+  return with_acc(t.acc, [&](auto tag) {
     using A = decltype(tag);
     ppo_bwd_kernel<A, Loss><<<static_cast<int>(blocks < 65536 ? blocks : 65536), kThreads, 0, stream>>>(
         t, loss, grad, scale, grad_x);
@@ -168,25 +168,23 @@ cudaError_t launch_bwd(const fastrlhf_ppo_tokens& t, const Loss& loss, fastrlhf_
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_ppo_policy_fwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip,
-                                               int acc_double, int64_t n_parts, void* sums, int32_t* counts,
+extern "C" cudaError_t fastrlhf_ppo_policy_fwd(const fastrlhf_ppo_tokens* tokens, const fastrlhf_policy_clip* clip,
+                                               int64_t n_parts, void* sums, int32_t* counts, cudaStream_t stream) {
+  return fastrlhf::launch_fwd(*tokens, fastrlhf::PolicyLoss{*clip}, n_parts, sums, counts, stream);
+}
+
+extern "C" cudaError_t fastrlhf_ppo_value_fwd(const fastrlhf_ppo_tokens* tokens, double clip, int64_t n_parts,
+                                              void* sums, int32_t* counts, cudaStream_t stream) {
+  return fastrlhf::launch_fwd(*tokens, fastrlhf::ValueLoss{clip}, n_parts, sums, counts, stream);
+}
+
+extern "C" cudaError_t fastrlhf_ppo_policy_bwd(const fastrlhf_ppo_tokens* tokens, const fastrlhf_policy_clip* clip,
+                                               fastrlhf_rows grad, fastrlhf_rows scale, void* grad_x,
                                                cudaStream_t stream) {
-  return fastrlhf::launch_fwd(tokens, fastrlhf::PolicyLoss{clip}, acc_double, n_parts, sums, counts, stream);
+  return fastrlhf::launch_bwd(*tokens, fastrlhf::PolicyLoss{*clip}, grad, scale, grad_x, stream);
 }
 
-extern "C" cudaError_t fastrlhf_ppo_value_fwd(fastrlhf_ppo_tokens tokens, double clip, int acc_double,
-                                              int64_t n_parts, void* sums, int32_t* counts, cudaStream_t stream) {
-  return fastrlhf::launch_fwd(tokens, fastrlhf::ValueLoss{clip}, acc_double, n_parts, sums, counts, stream);
-}
-
-extern "C" cudaError_t fastrlhf_ppo_policy_bwd(fastrlhf_ppo_tokens tokens, fastrlhf_policy_clip clip,
-                                               fastrlhf_rows grad, fastrlhf_rows scale, int acc_double,
-                                               void* grad_logprobs, cudaStream_t stream) {
-  return fastrlhf::launch_bwd(tokens, fastrlhf::PolicyLoss{clip}, grad, scale, acc_double, grad_logprobs, stream);
-}
-
-extern "C" cudaError_t fastrlhf_ppo_value_bwd(fastrlhf_ppo_tokens tokens, double clip, fastrlhf_rows grad,
-                                              fastrlhf_rows scale, int acc_double, void* grad_values,
-                                              cudaStream_t stream) {
-  return fastrlhf::launch_bwd(tokens, fastrlhf::ValueLoss{clip}, grad, scale, acc_double, grad_values, stream);
+extern "C" cudaError_t fastrlhf_ppo_value_bwd(const fastrlhf_ppo_tokens* tokens, double clip, fastrlhf_rows grad,
+                                              fastrlhf_rows scale, void* grad_x, cudaStream_t stream) {
+  return fastrlhf::launch_bwd(*tokens, fastrlhf::ValueLoss{clip}, grad, scale, grad_x, stream);
 }
