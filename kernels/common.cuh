@@ -38,46 +38,170 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
-// exp/log in the accumulation type. fp32 uses the hardware exp2 (as Triton's tl.exp does):
-// relative error ~1e-7 plus |x| * 6e-8 from the argument scaling, far below bf16 rounding.
+// exp2/log in the accumulation type. fp32: the hardware exp2 without denormal handling
+// (ex2.approx.ftz: one MUFU.EX2; a result below 2^-126 is 0, relative error ~2^-22); fp64:
+// the accurate library functions. Callers fold scales into the argument's multiply-add.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ double fast_exp2(double x) { return exp2(x); }
 __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
 
 template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
+template <typename A> constexpr A kLog2e = A(1.44269504088896340736);  // log2(e)
+template <typename A> constexpr A kLn2 = A(0.69314718055994530942);    // ln(2)
 
 // ------------------------------------------------------------------- 16-byte vector access
-// Pack<T>: 16 bytes of T. A row is read as a scalar head up to the first 16-byte boundary,
-// an aligned body of packs and a scalar tail, so any row start and any V vectorize.
-template <typename T> struct alignas(16) Pack {
-  static constexpr int kN = 16 / static_cast<int>(sizeof(T));
-  T v[kN];
-};
+// A pack is 16 bytes (a uint4) of kPack<T> elements. A row is read as a scalar head up to
+// the first 16-byte boundary, an aligned body of packs and a scalar tail, so any row start
+// and any V vectorize.
+template <typename T> constexpr int kPack = 16 / static_cast<int>(sizeof(T));
 
-template <typename T> __device__ __forceinline__ Pack<T> load_pack_streaming(const T* p) {
-  union { uint4 raw; Pack<T> pack; } u;
-  u.raw = __ldcs(reinterpret_cast<const uint4*>(p));  // read once: evict first
-  return u.pack;
+__device__ __forceinline__ uint4 load_pack_streaming(const void* p) {
+  return __ldcs(static_cast<const uint4*>(p));  // read once: evict first
 }
 
-template <typename T> __device__ __forceinline__ void store_pack_streaming(T* p, const Pack<T>& pack) {
-  union { uint4 raw; Pack<T> pack; } u;
-  u.pack = pack;
-  __stcs(reinterpret_cast<uint4*>(p), u.raw);
+__device__ __forceinline__ void store_pack_streaming(void* p, const uint4& v) {
+  __stcs(static_cast<uint4*>(p), v);
+}
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int k) {
+  return k == 0 ? v.x : (k == 1 ? v.y : (k == 2 ? v.z : v.w));
+}
+
+// The elements of a pack in the accumulation type (bf16 and fp16: one instruction each).
+template <typename T> struct Unpack;
+template <> struct Unpack<float> {
+  static __device__ __forceinline__ void run(const uint4& v, float (&out)[4]) {
+    for (int k = 0; k < 4; ++k) out[k] = __uint_as_float(word(v, k));
+  }
+};
+template <> struct Unpack<double> {
+  static __device__ __forceinline__ void run(const uint4& v, double (&out)[2]) {
+    out[0] = __hiloint2double(static_cast<int>(v.y), static_cast<int>(v.x));
+    out[1] = __hiloint2double(static_cast<int>(v.w), static_cast<int>(v.z));
+  }
+};
+template <> struct Unpack<__nv_bfloat16> {  // a bf16 is the high half of its fp32 value
+  static __device__ __forceinline__ void run(const uint4& v, float (&out)[8]) {
+    for (int k = 0; k < 4; ++k) {
+      out[2 * k] = __uint_as_float(word(v, k) << 16);
+      out[2 * k + 1] = __uint_as_float(word(v, k) & 0xffff0000u);
+    }
+  }
+};
+template <> struct Unpack<__half> {
+  static __device__ __forceinline__ void run(const uint4& v, float (&out)[8]) {
+    for (int k = 0; k < 4; ++k) {
+      const uint32_t w = word(v, k);
+      out[2 * k] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+      out[2 * k + 1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+    }
+  }
+};
+
+template <typename T, int N>
+__device__ __forceinline__ void unpack(const uint4& v, acc_t<T> (&out)[N], int at) {
+  acc_t<T> part[kPack<T>];
+  Unpack<T>::run(v, part);
+#pragma unroll
+  for (int k = 0; k < kPack<T>; ++k) out[at + k] = part[k];
+}
+
+// Accumulation-type values rounded to the elements of a pack (bf16/fp16: two per instruction).
+template <typename T> __device__ __forceinline__ uint4 to_pack(const acc_t<T> (&in)[kPack<T>]);
+template <> __device__ __forceinline__ uint4 to_pack<float>(const float (&in)[4]) {
+  return make_uint4(__float_as_uint(in[0]), __float_as_uint(in[1]), __float_as_uint(in[2]), __float_as_uint(in[3]));
+}
+template <> __device__ __forceinline__ uint4 to_pack<double>(const double (&in)[2]) {
+  return make_uint4(static_cast<uint32_t>(__double2loint(in[0])), static_cast<uint32_t>(__double2hiint(in[0])),
+                    static_cast<uint32_t>(__double2loint(in[1])), static_cast<uint32_t>(__double2hiint(in[1])));
+}
+template <> __device__ __forceinline__ uint4 to_pack<__nv_bfloat16>(const float (&in)[8]) {
+  uint32_t w[4];
+  for (int k = 0; k < 4; ++k) {
+    const __nv_bfloat162 two = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+    w[k] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+template <> __device__ __forceinline__ uint4 to_pack<__half>(const float (&in)[8]) {
+  uint32_t w[4];
+  for (int k = 0; k < 4; ++k) {
+    const __half2 two = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
+    w[k] = *reinterpret_cast<const uint32_t*>(&two);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// The largest element of U packs in the accumulation type; NaN elements are ignored unless
+// all are NaN (maxNum). bf16/fp16: one paired max per two elements.
+template <typename T, int U> struct PacksMax {
+  static __device__ __forceinline__ acc_t<T> run(const uint4 (&v)[U]) {
+    acc_t<T> x[U * kPack<T>];
+#pragma unroll
+    for (int u = 0; u < U; ++u) unpack<T>(v[u], x, u * kPack<T>);
+    acc_t<T> m = x[0];
+#pragma unroll
+    for (int k = 1; k < U * kPack<T>; ++k) m = fmax(m, x[k]);
+    return m;
+  }
+};
+
+template <typename V2> __device__ __forceinline__ V2 as_pair(uint32_t w) {
+  union { uint32_t u; V2 v; } c;
+  c.u = w;
+  return c.v;
+}
+
+template <typename V2, int U> __device__ __forceinline__ float packs_max_pairs(const uint4 (&v)[U]) {
+  V2 m = as_pair<V2>(v[0].x);
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int k = u == 0 ? 1 : 0; k < 4; ++k) m = __hmax2(m, as_pair<V2>(word(v[u], k)));
+  }
+  return fmaxf(__low2float(m), __high2float(m));
+}
+
+template <int U> struct PacksMax<__nv_bfloat16, U> {
+  static __device__ __forceinline__ float run(const uint4 (&v)[U]) { return packs_max_pairs<__nv_bfloat162>(v); }
+};
+template <int U> struct PacksMax<__half, U> {
+  static __device__ __forceinline__ float run(const uint4 (&v)[U]) { return packs_max_pairs<__half2>(v); }
+};
+
+template <typename T, int U> __device__ __forceinline__ acc_t<T> packs_max(const uint4 (&v)[U]) {
+  return PacksMax<T, U>::run(v);
+}
+
+// Bytes [b, b + 16) of the 32 bytes a then c, for b = 4q + r in [0, 16) a multiple of
+// sizeof(T): two word selections and a byte permute (only what sizeof(T) needs), no local
+// memory. Realigns a row read in 16-byte packs to another 16-byte alignment.
+template <typename T> __device__ __forceinline__ uint4 funnel_pack(const uint4& a, const uint4& c, int b) {
+  const uint32_t w[8] = {a.x, a.y, a.z, a.w, c.x, c.y, c.z, c.w};
+  uint32_t d[6], e[5];
+  const bool two = (b & 8) != 0, one = (b & 4) != 0;
+#pragma unroll
+  for (int k = 0; k < 6; ++k) d[k] = two ? w[k + 2] : w[k];
+#pragma unroll
+  for (int k = 0; k < 5; ++k) e[k] = (sizeof(T) < 8 && one) ? d[k + 1] : d[k];
+  if (sizeof(T) >= 4) return make_uint4(e[0], e[1], e[2], e[3]);
+  const uint32_t sel = 0x3210u + 0x1111u * static_cast<uint32_t>(b & 3);
+  return make_uint4(__byte_perm(e[0], e[1], sel), __byte_perm(e[1], e[2], sel), __byte_perm(e[2], e[3], sel),
+                    __byte_perm(e[3], e[4], sel));
 }
 
 // Elements of p before the first 16-byte-aligned address (at most n).
-template <typename T> __device__ __forceinline__ int64_t aligned_head(const T* p, int64_t n) {
-  constexpr int kN = Pack<T>::kN;
+template <typename T> __device__ __forceinline__ int aligned_head(const T* p, int n) {
   const int past = static_cast<int>((reinterpret_cast<uintptr_t>(p) % 16) / sizeof(T));
-  const int64_t head = past == 0 ? 0 : kN - past;
+  const int head = past == 0 ? 0 : kPack<T> - past;
   return head < n ? head : n;
-}
-
-// Whether a and b sit at the same offset from a 16-byte boundary (then packs line up).
-template <typename T> __device__ __forceinline__ bool same_alignment(const T* a, const T* b) {
-  return reinterpret_cast<uintptr_t>(a) % 16 == reinterpret_cast<uintptr_t>(b) % 16;
 }
 
 // Row r of a [..., V] tensor whose leading dims merge into (D0, D1) with strides (s0, s1):

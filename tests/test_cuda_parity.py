@@ -10,6 +10,8 @@ large shapes (V = 151936, N * V > 2**31).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -166,7 +168,64 @@ def test_logprobs_every_alignment(V, offset, dtype):
     torch.testing.assert_close(stats.double(), ref.row_stats(logits.double(), 0.7), atol=1e-5, rtol=1e-5)
     dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.7, -100)
     assert dx.dtype == dtype and dx.is_contiguous()
-    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: element stores
+    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: realigned loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_dtype_id)
+def test_logprobs_running_max_paths(dtype):
+    """Rows whose max grows at every group of packs (increasing logits: a rescale each
+    iteration), only shrinks (decreasing), jumps in the scalar head or tail, sits on every
+    thread's share once (a sawtooth), and rows of equal logits (the max never grows after the
+    first group): values and gradients against the fp64 reference, with entropy."""
+    cu = _cuda_lp()
+    V = 20011  # 2502 packs of bf16: 4.9 per thread of 512, so the epilogue runs too
+    ramp = torch.linspace(-30.0, 30.0, V, device=DEVICE)
+    rows = [ramp, ramp.flip(0), torch.randn(V, device=DEVICE), torch.randn(V, device=DEVICE),
+            (torch.arange(V, device=DEVICE) % 4099).float() / 100, torch.full((V,), 2.5, device=DEVICE)]
+    rows[2][1] = 40.0  # in the head of a misaligned row
+    rows[3][V - 2] = 40.0  # in the tail
+    store = torch.empty(len(rows) * V + 3, device=DEVICE)
+    logits = store[3:].view(len(rows), V)  # rows at odd offsets from 16-byte boundaries
+    logits.copy_(torch.stack(rows))
+    logits = logits.to(dtype)
+    labels = torch.tensor([V - 1, 0, 1, V - 2, 4098, 17], device=DEVICE)
+    g_logp, g_ent = torch.randn(len(rows), device=DEVICE), torch.randn(len(rows), device=DEVICE)
+    for temperature in (1.0, 0.3):
+        lp, ent, stats = cu.token_logprobs_fwd(logits, labels, temperature, -100, True)
+        want_lp, want_ent, want_dx = _reference(logits, labels, g_logp, g_ent, temperature)
+        _close(lp, want_lp, torch.float64 if dtype == torch.float64 else torch.float32)
+        _close(ent, want_ent, torch.float64 if dtype == torch.float64 else torch.float32)
+        dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, temperature, -100)
+        _close(dx, want_dx, dtype)
+    assert abs(ent[5].item() - math.log(V)) < 1e-4  # equal logits: uniform
+
+
+def test_logprobs_sliced_odd_vocab_against_triton():
+    """The label shift logits[:, :-1] of Qwen's 151655-token vocabulary (odd V): every row
+    starts at another offset from a 16-byte boundary than its row of the contiguous gradient,
+    so the backward realigns the logits (the shifted kernel); in place it does not. cuda vs
+    Triton everywhere and vs the fp64 reference on a few rows."""
+    tri, cu = _triton(), _cuda_lp()
+    V = 151655
+    base = torch.randn(2, 33, V, device=DEVICE).mul_(4).bfloat16()
+    x = base[:, :-1]
+    labels = torch.randint(0, V, x.shape[:-1], device=DEVICE)
+    labels[0, ::5] = -100
+    g_logp, g_ent = torch.randn(x.shape[:-1], device=DEVICE), torch.randn(x.shape[:-1], device=DEVICE)
+    got = cu.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    want = tri.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100)
+    torch.testing.assert_close(dx, tri.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100))
+    rows = (slice(None), slice(0, 3))
+    _, _, want_dx = _reference(x[rows].reshape(-1, V), labels[rows].reshape(-1), g_logp[rows].reshape(-1),
+                               g_ent[rows].reshape(-1), 0.9)
+    _close(dx[rows].reshape(-1, V), want_dx, torch.bfloat16)
+    work = base.clone()
+    inplace = cu.token_logprobs_bwd(g_logp, g_ent, work[:, :-1], labels, got[2], got[1], 0.9, -100, inplace=True)
+    torch.testing.assert_close(inplace, dx)
+    assert torch.equal(work[:, -1], base[:, -1])  # the row outside the view is untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
