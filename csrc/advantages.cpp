@@ -29,6 +29,8 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
   }
   FASTRLHF_CHECK_OUT(advantages, rewards, acc, rewards.sizes());
   const int64_t B = rewards.size(0), T = rewards.size(1);
+  TORCH_CHECK_VALUE(T < (int64_t(1) << 31) - 2048, "rewards must have fewer than 2**31 - 2048 positions per row, got T = ",
+                    T);
   const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
   const std::vector<int64_t> maps_shape{B, n_chunks, 5};  // 5 numbers per chunk map
   if (n_chunks > 1) FASTRLHF_CHECK_OUT(maps, rewards, acc, maps_shape);

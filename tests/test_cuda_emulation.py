@@ -468,3 +468,281 @@ def test_shifted_backward_loads_are_the_logits(size):
                     got = funnel_pack(_words(memory[lo:lo + 16]), _words(memory[hi:hi + 16]), b, size)
                     want = _words(memory[start + 16 * j:start + 16 * j + 16])
                     assert got == want, (V, ox, od, j)
+
+
+# ------------------------------------------------------------------------------- GAE
+# kernels/advantages.cu gae_kernel in fp64 (the algebra and the control flow: which path
+# each tile takes, the spans of the fast path, the scans, the carries, the chunk maps).
+ITEMS = 4
+
+
+def _then(later, earlier):
+    """``then(later, earlier)`` on (p, q, u, s, w) arrays."""
+    pl, ql, ul, sl, wl = later
+    pe, qe, ue, se, we = earlier
+    return (pe * pl, pe * ql + qe * sl, pe * ul + qe * wl + ue, se * sl, se * wl + we)
+
+
+def _identity(n):
+    return (np.ones(n), np.zeros(n), np.zeros(n), np.ones(n), np.zeros(n))
+
+
+def _warp_scan_maps(m):
+    """Inclusive Hillis-Steele scan over each warp's lanes (arrays over the threads)."""
+    n = m[0].size
+    lane = np.arange(n) % WARP
+    for delta in (1, 2, 4, 8, 16):
+        src = np.maximum(np.arange(n) - delta, 0)
+        before = tuple(x[src] for x in m)
+        new = _then(before, m)
+        m = tuple(np.where(lane >= delta, a, b) for a, b in zip(new, m))
+    return m
+
+
+def _span_of(unit, n):
+    p, q = unit
+    out, first = (p, q), True
+    while n > 0:
+        if n & 1:
+            out = (p, q) if first else (out[0] * p, p * out[1])
+            first = False
+        p, q = p * p, p * q
+        n >>= 1
+    return out
+
+
+def _warp_scan_parts(u, w, unit):
+    n = u.size
+    lane = np.arange(n) % WARP
+    p, q = unit
+    for delta in (1, 2, 4, 8, 16):
+        src = np.maximum(np.arange(n) - delta, 0)
+        u = np.where(lane >= delta, p * u[src] + q * w[src] + u, u)
+        p, q = p * p, p * q
+    return u, (p, q)
+
+
+def gae_row_tiles(r, v, m, gamma, gl, skip, threads, lo, end, T, n_chunks, carry, summary):
+    """One work item of gae_kernel: the outputs of positions [lo, end) (scan) or the chunk's
+    composite map (summary), starting from ``carry``; returns (adv, ret, map, paths)."""
+    tile = threads * ITEMS
+    tid = np.arange(threads)
+    lane, warp, n_warps = tid % WARP, tid // WARP, threads // WARP
+    unit = (gl ** 4, gamma * gl ** 3)  # twice(twice({gl, gamma}))
+    block_span = _span_of(unit, threads)
+    lanes_span = [_span_of(unit, max(k, 1)) for k in range(WARP)]
+    warps_span = [_span_of(unit, max(k * WARP, 1)) for k in range(max(n_warps, 1))]
+    one_tile = n_chunks == 1 and T <= tile
+    adv, ret = np.zeros(T), np.zeros(T)
+    chunk_map = tuple(x[0] for x in _identity(1))
+    ca, cnv = carry
+    paths = []
+    base = lo + (end - 1 - lo) // tile * tile
+    while base >= lo:
+        g0 = base + tile - ITEMS * (tid + 1)
+        pos = g0[:, None] + np.arange(ITEMS)[None, :]  # [threads, k]
+        inside = pos < end
+        valid = inside & m[np.minimum(pos, T - 1)]
+        u = np.where(valid, r[np.minimum(pos, T - 1)] - v[np.minimum(pos, T - 1)], 0.0)
+        w = np.where(valid, v[np.minimum(pos, T - 1)], 0.0)
+        path = "fast"
+        if skip:
+            nxt = g0 + ITEMS
+            above = (tid > 0) & (nxt < end) & m[np.minimum(nxt, T - 1)]
+            after = np.concatenate([valid[:, 1:], above[:, None]], axis=1)
+            run_end = (valid & ~after).any(1)
+            bits = (valid * (1 << np.arange(ITEMS))).sum(1)
+            lowest = bits & -bits
+            hole_inside = ((bits + lowest) & bits) != 0
+            warp_hole = np.array([hole_inside[warp == k].any() for k in warp])
+            runs = int((run_end | warp_hole).sum())
+            top = min(base + tile, end) - 1
+            if runs == 0:
+                path = "empty"
+            elif runs == 1:
+                first, last = bool(m[base]), bool(m[top])
+                fast = (first and last) if summary else (one_tile or (first and (last or (ca == 0 and cnv == 0))))
+                path = "fast" if fast else "general"
+            else:
+                path = "general"
+        paths.append(path)
+        if path == "empty":
+            base -= tile
+            continue
+        if path == "fast":
+            U = u[:, ITEMS - 1].copy()
+            for k in range(ITEMS - 2, -1, -1):
+                U = gl * U + (gamma * w[:, k + 1] + u[:, k])
+            W = w[:, 0].copy()
+            inc_u, warp_span = _warp_scan_parts(U, W, unit)
+            tot_u = np.zeros(WARP)
+            tot_w = np.zeros(WARP)
+            last_lanes = np.arange(n_warps) * WARP + WARP - 1
+            tot_u[:n_warps], tot_w[:n_warps] = inc_u[last_lanes], W[last_lanes]
+            tot_u, _ = _warp_scan_parts(tot_u, tot_w, warp_span)
+            bu, bw = tot_u[n_warps - 1], tot_w[n_warps - 1]
+            if summary:
+                chunk_map = _then(chunk_map, (block_span[0], block_span[1], bu, 0.0, bw))
+                base -= tile
+                continue
+            x, nv = np.full(threads, ca), np.full(threads, cnv)
+            for t in range(threads):
+                if warp[t] > 0:
+                    sp, sq = warps_span[warp[t]]
+                    x[t] = sp * x[t] + (sq * nv[t] + tot_u[warp[t] - 1])
+                    nv[t] = tot_w[warp[t] - 1]
+                if lane[t] > 0:
+                    sp, sq = lanes_span[lane[t]]
+                    x[t] = sp * x[t] + (sq * nv[t] + inc_u[t - 1])
+                    nv[t] = W[t - 1]
+            for k in range(ITEMS - 1, -1, -1):
+                x = gl * x + (gamma * nv + u[:, k])
+                nv = w[:, k]
+                ok = inside[:, k]
+                adv[pos[ok, k]] = np.where(valid[ok, k], x[ok], 0.0)
+                ret[pos[ok, k]] = np.where(valid[ok, k], x[ok] + w[ok, k], 0.0)
+            ca, cnv = block_span[0] * ca + (block_span[1] * cnv + bu), bw
+            base -= tile
+            continue
+        steps = valid if skip else inside
+        mine = _identity(threads)
+        for k in range(ITEMS - 1, -1, -1):
+            st = (np.full(threads, gl), np.full(threads, gamma), u[:, k], np.zeros(threads), w[:, k])
+            new = _then(mine, st)
+            mine = tuple(np.where(steps[:, k], a, b) for a, b in zip(new, mine))
+        inc = _warp_scan_maps(mine)
+        last_lanes = np.arange(n_warps) * WARP + WARP - 1
+        tot = _identity(WARP)
+        tot = tuple(np.concatenate([x[last_lanes], t[n_warps:]]) for x, t in zip(inc, tot))
+        tot = _warp_scan_maps(tot)
+        blk = tuple(x[n_warps - 1] for x in tot)
+        if summary:
+            chunk_map = _then(chunk_map, blk)
+            base -= tile
+            continue
+        for t in range(threads):
+            prefix = tuple(x[t - 1] for x in inc) if lane[t] > 0 else (1.0, 0.0, 0.0, 1.0, 0.0)
+            if warp[t] > 0:
+                prefix = _then(tuple(x[warp[t] - 1] for x in tot), prefix)
+            x = prefix[0] * ca + prefix[1] * cnv + prefix[2]
+            nv = prefix[3] * cnv + prefix[4]
+            for k in range(ITEMS - 1, -1, -1):
+                if steps[t, k]:
+                    x = gl * x + gamma * nv + u[t, k]
+                    nv = w[t, k]
+                if inside[t, k]:
+                    adv[pos[t, k]] = x if valid[t, k] else 0.0
+                    ret[pos[t, k]] = x + w[t, k] if valid[t, k] else 0.0
+        ca, cnv = blk[0] * ca + blk[1] * cnv + blk[2], blk[3] * cnv + blk[4]
+        base -= tile
+    return adv, ret, chunk_map, paths
+
+
+def emulate_gae(r, v, m, gamma, lam, skip, threads, chunk, n_chunks):
+    """Both launches of fastrlhf_gae_fwd on [B, T] fp64 arrays (v None: returns)."""
+    B, T = r.shape
+    v = np.zeros_like(r) if v is None else v
+    gl = gamma * lam
+    adv, ret = np.zeros((B, T)), np.zeros((B, T))
+    chunk = chunk if n_chunks > 1 else T
+    maps = np.zeros((B, n_chunks, 5))
+    all_paths = []
+    for b in range(B):
+        for c in range(1, n_chunks):
+            lo, end = c * chunk, min((c + 1) * chunk, T)
+            *_, mp, paths = gae_row_tiles(r[b], v[b], m[b], gamma, gl, skip, threads, lo, end, T, n_chunks,
+                                          (0.0, 0.0), True)
+            maps[b, c] = mp
+            all_paths += paths
+        for c in range(n_chunks):
+            lo, end = c * chunk, min((c + 1) * chunk, T)
+            later = (1.0, 0.0, 0.0, 1.0, 0.0)
+            for k in range(n_chunks - 1, c, -1):  # later_chunks: chunk n-1 first
+                later = _then(later, tuple(maps[b, k]))
+            a, rt, _, paths = gae_row_tiles(r[b], v[b], m[b], gamma, gl, skip, threads, lo, end, T, n_chunks,
+                                            (later[2], later[4]), False)
+            adv[b, lo:end], ret[b, lo:end] = a[lo:end], rt[lo:end]
+            all_paths += paths
+    return adv, ret, all_paths
+
+
+def _gae_masks(B, T, rng):
+    """Random holes, prompt + response + padding (one run), all valid, all masked, one valid
+    token, runs that end exactly on tile boundaries, and a hole inside one thread's group."""
+    kinds = []
+    for b in range(B):
+        kind = b % 7
+        if kind == 0:
+            mk = rng.random(T) < 0.7
+        elif kind == 1:
+            mk = np.zeros(T, bool)
+            a, e = sorted(rng.integers(0, T + 1, 2))
+            mk[a:e] = True
+        elif kind == 2:
+            mk = np.ones(T, bool)
+        elif kind == 3:
+            mk = np.zeros(T, bool)
+        elif kind == 4:
+            mk = np.zeros(T, bool)
+            mk[rng.integers(0, T)] = True
+        elif kind == 5:
+            mk = np.ones(T, bool)
+            mk[: min(T, 128)] = False  # a masked first tile of 32-thread blocks
+            mk[-min(T, 5):] = False
+        else:
+            mk = np.ones(T, bool)
+            mk[T // 2] = False  # one hole
+        kinds.append(mk)
+    return np.stack(kinds)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("T, threads, tiles_per_chunk", [(1, 32, None), (37, 32, None), (128, 32, None),
+                                                         (300, 32, None), (1000, 64, None), (1000, 32, 2),
+                                                         (4099, 128, 1), (4099, 32, 3)])
+def test_gae_emulation_matches_reference(T, threads, tiles_per_chunk, skip):
+    """The emulated kernel (whole rows, or rows cut into chunks of tiles_per_chunk tiles)
+    against the fp64 reference, values and discounted returns, on masks that take every path
+    (fast, empty, general) with zero and nonzero carries; each path is taken somewhere."""
+    from fastrlhf.reference import advantages as ref_adv
+
+    rng = np.random.default_rng(T * 7 + threads + (tiles_per_chunk or 0) + skip)
+    B = 14
+    tile = threads * ITEMS
+    if tiles_per_chunk:
+        chunk = tiles_per_chunk * tile
+        n_chunks = -(-T // chunk)
+    else:
+        chunk, n_chunks = T, 1
+    r, v = rng.standard_normal((B, T)), rng.standard_normal((B, T))
+    m = _gae_masks(B, T, rng)
+    holes = "skip" if skip else "zero"
+    seen = set()
+    for gamma, lam in ((0.99, 0.95), (1.0, 1.0), (0.9, 0.0)):
+        adv, ret, paths = emulate_gae(r, v, m, gamma, lam, skip, threads, chunk, n_chunks)
+        seen |= set(paths)
+        want_adv, want_ret = ref_adv.gae(torch.from_numpy(r), torch.from_numpy(v), torch.from_numpy(m), gamma, lam,
+                                         holes)
+        np.testing.assert_allclose(adv, want_adv.numpy(), atol=1e-9, rtol=1e-9)
+        np.testing.assert_allclose(ret, want_ret.numpy(), atol=1e-9, rtol=1e-9)
+        got, _, _ = emulate_gae(r, None, m, gamma, 1.0, skip, threads, chunk, n_chunks)
+        want = ref_adv.discounted_returns(torch.from_numpy(r), torch.from_numpy(m), gamma, holes)
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-9, rtol=1e-9)
+    if T >= 128:
+        assert seen >= ({"fast", "empty", "general"} if skip else {"fast"}), seen
+
+
+def test_gae_one_run_rows_take_the_fast_path():
+    """Rows of prompt + response + padding in skip mode (one run of valid tokens) take the
+    fast path in one tile, as do all-valid tiles of long rows; a hole sends a tile to the
+    general path."""
+    T, threads = 2048, 512
+    m = np.zeros((3, T), bool)
+    m[0, 300:1700] = True
+    m[1, :] = True
+    m[2, 300:1700] = True
+    m[2, 1000] = False
+    r = np.random.default_rng(0).standard_normal((3, T))
+    for b, want in ((0, ["fast"]), (1, ["fast"]), (2, ["general"])):
+        *_, paths = emulate_gae(r[b:b + 1], r[b:b + 1], m[b:b + 1], 0.99, 0.95, True, threads, T, 1)
+        assert paths == want

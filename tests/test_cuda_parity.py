@@ -425,6 +425,46 @@ def test_gae_against_reference(B, T, dtypes, skip):
         torch.testing.assert_close(returns.double(), want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("T", [2048, 1000, 4096, 2051])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16],
+                         ids=_dtype_id)
+def test_gae_vector_layouts_and_paths_against_reference(T, mask_dtype, skip):
+    """Contiguous fp32 rewards and values with T a multiple of 4 take the 16-byte loads (masks
+    of 1, 4 and 8 bytes; a 2-byte mask and T = 2051 the scalar loads); rows of prompt +
+    response + padding (one run: the fast path in skip mode), all valid, all masked, holes
+    (the general path) and a single valid token, in one tile (T <= 2048) or several, whole rows
+    and the launcher's chunks (B = 7 is a small batch); same bits run to run."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    B = 7
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    rewards = torch.randn(B, T, device=DEVICE, generator=g)
+    values = torch.randn(B, T, device=DEVICE, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0, T // 5: T - T // 7] = True  # prompt + response + padding
+    mask[1] = True
+    mask[3] = torch.rand(T, device=DEVICE, generator=g) < 0.7  # holes
+    mask[4, T // 2] = True  # one valid token
+    mask[5] = True
+    mask[5, T // 3] = False  # one hole
+    mask[6, : T // 2] = True  # a valid prefix: trailing padding
+    rewards = rewards.masked_fill(~mask, float("nan"))  # masked inputs never reach an output
+    holes = "skip" if skip else "zero"
+    m = mask.to(mask_dtype)
+    for block, tiles in ((None, None), (128, 1), (512, 2)):
+        got = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        again = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        want = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
+        for a, b, w in zip(got, again, want):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4)
+        returns, _ = _gae(cu, rewards, None, m, 0.97, 1.0, skip, block, tiles)
+        torch.testing.assert_close(returns.double(), ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes),
+                                   atol=1e-4, rtol=1e-4)
+
+
 def test_gae_long_rows_against_closed_form_and_triton():
     """T = 65,536 with holes. With gamma = lam = 1 the advantage telescopes: A_t = (sum of the
     valid rewards from t on) - V_t, a reverse cumsum; then cuda vs Triton at gamma, lam < 1."""
