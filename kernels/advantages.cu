@@ -47,7 +47,7 @@
 namespace fastrlhf {
 namespace {
 
-constexpr int kItems = 4;
+constexpr int kItems = kGroup;  // positions per thread in a tile
 constexpr int kMaxScanThreads = 512;
 
 template <typename A> struct StepMap {
@@ -218,8 +218,6 @@ template <typename A> struct AnyIO {
 // bytes, every row starting on a 16-byte boundary (as kItems positions of each), T a
 // multiple of kItems: a group is one load per 16 bytes, all inside the chunk or all outside.
 template <typename A, int kMaskBytes> struct VecIO {
-  static constexpr int kPer = 16 / static_cast<int>(sizeof(A));  // elements per 16 bytes
-
   // The mask's bits at t that must not all be 0 (a float's sign bit dropped).
   static __device__ __forceinline__ bool valid(const GaeArgs<A>& a, const Row<A>& row, int t) {
     if (kMaskBytes == 1) return reinterpret_cast<const uint8_t*>(row.m)[t] != 0;
@@ -229,37 +227,14 @@ template <typename A, int kMaskBytes> struct VecIO {
     return (w.x | (w.y & sign)) != 0;
   }
 
-  static __device__ __forceinline__ void load_values(const char* p, int g0, A (&out)[kItems]) {
-#pragma unroll
-    for (int j = 0; j < kItems / kPer; ++j) {
-      A part[kPer];
-      Unpack<A>::run(load_pack_streaming(reinterpret_cast<const A*>(p) + g0 + j * kPer), part);
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) out[j * kPer + k] = part[k];
-    }
-  }
-
   static __device__ __forceinline__ Group<A> load(const GaeArgs<A>& a, const Row<A>& row, int g0, int end) {
     Group<A> g{{}, {}, 0u, 0u};
     A r[kItems] = {}, v[kItems] = {};
     if (g0 < end) {  // the whole group (T is a multiple of kItems)
-      const uint32_t sign = dtype_is_float(a.mask.dtype) ? 0x7fffffffu : 0xffffffffu;
-      if (kMaskBytes == 1) {
-        const uint32_t w = __ldcs(reinterpret_cast<const unsigned int*>(row.m + g0));
-#pragma unroll
-        for (int k = 0; k < kItems; ++k) g.valid |= uint32_t(((w >> (8 * k)) & 0xffu) != 0) << k;
-      } else if (kMaskBytes == 4) {
-        const uint4 w = load_pack_streaming(row.m + 4 * g0);
-#pragma unroll
-        for (int k = 0; k < kItems; ++k) g.valid |= uint32_t((word(w, k) & sign) != 0) << k;
-      } else {  // 8 bytes: the low word, and the high word without a float's sign bit
-        const uint4 lo = load_pack_streaming(row.m + 8 * g0), hi = load_pack_streaming(row.m + 8 * g0 + 16);
-        g.valid = uint32_t((lo.x | (lo.y & sign)) != 0) | uint32_t((lo.z | (lo.w & sign)) != 0) << 1 |
-                  uint32_t((hi.x | (hi.y & sign)) != 0) << 2 | uint32_t((hi.z | (hi.w & sign)) != 0) << 3;
-      }
+      g.valid = mask_group<kMaskBytes>({row.m, a.mask.dtype, 0}, g0);
       g.inside = (1u << kItems) - 1;
-      load_values(row.r, g0, r);
-      if (a.has_values) load_values(row.v, g0, v);
+      load_group(row.r, g0, r);
+      if (a.has_values) load_group(row.v, g0, v);
     }
     finish(g, r, v);
     return g;
@@ -268,18 +243,8 @@ template <typename A, int kMaskBytes> struct VecIO {
   static __device__ __forceinline__ void store(const GaeArgs<A>& a, const Row<A>& row, int g0, const Group<A>& g,
                                                const A (&adv)[kItems], const A (&ret)[kItems]) {
     if (g.inside == 0) return;
-#pragma unroll
-    for (int j = 0; j < kItems / kPer; ++j) {
-      A part[kPer];
-#pragma unroll
-      for (int k = 0; k < kPer; ++k) part[k] = adv[j * kPer + k];
-      store_pack_streaming(row.adv + g0 + j * kPer, to_pack<A>(part));
-      if (a.has_values) {
-#pragma unroll
-        for (int k = 0; k < kPer; ++k) part[k] = ret[j * kPer + k];
-        store_pack_streaming(row.ret + g0 + j * kPer, to_pack<A>(part));
-      }
-    }
+    store_group(row.adv, g0, adv);
+    if (a.has_values) store_group(row.ret, g0, ret);
   }
 };
 

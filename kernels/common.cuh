@@ -9,7 +9,9 @@
 
 #include <cmath>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
+#include <type_traits>
 
 #include "launchers.cuh"
 
@@ -51,6 +53,20 @@ __device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
 __device__ __forceinline__ double fast_exp(double x) { return exp(x); }
 __device__ __forceinline__ float acc_log(float x) { return logf(x); }
 __device__ __forceinline__ double acc_log(double x) { return log(x); }
+
+// 1 / x for x >= 1 of moderate size (counts): the approximate hardware reciprocal refined by
+// Newton steps to the type's precision (within an ulp of 1 / x), with no slow-path call.
+__device__ __forceinline__ float recip(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return fmaf(r, fmaf(-x, r, 1.0f), r);
+}
+__device__ __forceinline__ double recip(double x) {
+  double r;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(r) : "d"(x));
+  r = fma(r, fma(-x, r, 1.0), r);
+  return fma(r, fma(-x, r, 1.0), r);
+}
 
 template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
 template <typename A> constexpr A kLog2e = A(1.44269504088896340736);  // log2(e)
@@ -122,21 +138,20 @@ template <> __device__ __forceinline__ uint4 to_pack<double>(const double (&in)[
   return make_uint4(static_cast<uint32_t>(__double2loint(in[0])), static_cast<uint32_t>(__double2hiint(in[0])),
                     static_cast<uint32_t>(__double2loint(in[1])), static_cast<uint32_t>(__double2hiint(in[1])));
 }
-template <> __device__ __forceinline__ uint4 to_pack<__nv_bfloat16>(const float (&in)[8]) {
+template <typename V2, typename F> __device__ __forceinline__ uint4 pack_pairs(const float (&in)[8], F round_pair) {
   uint32_t w[4];
+#pragma unroll
   for (int k = 0; k < 4; ++k) {
-    const __nv_bfloat162 two = __floats2bfloat162_rn(in[2 * k], in[2 * k + 1]);
+    const V2 two = round_pair(in[2 * k], in[2 * k + 1]);
     w[k] = *reinterpret_cast<const uint32_t*>(&two);
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
+template <> __device__ __forceinline__ uint4 to_pack<__nv_bfloat16>(const float (&in)[8]) {
+  return pack_pairs<__nv_bfloat162>(in, [](float a, float b) { return __floats2bfloat162_rn(a, b); });
+}
 template <> __device__ __forceinline__ uint4 to_pack<__half>(const float (&in)[8]) {
-  uint32_t w[4];
-  for (int k = 0; k < 4; ++k) {
-    const __half2 two = __floats2half2_rn(in[2 * k], in[2 * k + 1]);
-    w[k] = *reinterpret_cast<const uint32_t*>(&two);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
+  return pack_pairs<__half2>(in, [](float a, float b) { return __floats2half2_rn(a, b); });
 }
 
 // The largest element of U packs in the accumulation type; NaN elements are ignored unless
@@ -315,6 +330,132 @@ __device__ __forceinline__ bool mask_at(const fastrlhf_rows& m, int64_t i) {
       return (static_cast<const uint64_t*>(m.data)[i] &
               (is_float ? 0x7fffffffffffffffull : 0xffffffffffffffffull)) != 0;
   }
+}
+
+// ------------------------------------------------- groups of 4 tokens (the small ops)
+// The small ops read their token inputs 4 at a time when the layout allows: 4 values of the
+// accumulation type A in one 16-byte load (fp64: two), 4 mask values in one load of 4, 16 or
+// 32 bytes. i is a multiple of 4 and the data 16-byte aligned (as 4 elements).
+constexpr int kGroup = 4;
+
+template <typename A> __device__ __forceinline__ void load_group(const void* data, int64_t i, A (&out)[kGroup]) {
+  constexpr int kPer = kPack<A>;
+#pragma unroll
+  for (int j = 0; j < kGroup / kPer; ++j) {
+    A part[kPer];
+    Unpack<A>::run(load_pack_streaming(static_cast<const A*>(data) + i + j * kPer), part);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) out[j * kPer + k] = part[k];
+  }
+}
+
+template <typename A> __device__ __forceinline__ void store_group(void* data, int64_t i, const A (&v)[kGroup]) {
+  constexpr int kPer = kPack<A>;
+#pragma unroll
+  for (int j = 0; j < kGroup / kPer; ++j) {
+    A part[kPer];
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) part[k] = v[j * kPer + k];
+    store_pack_streaming(static_cast<A*>(data) + i + j * kPer, to_pack<A>(part));
+  }
+}
+
+// Bit k set where mask element i + k != 0, for a mask of kBytes bytes (1, 4 or 8; a float
+// mask's sign bit ignored).
+template <int kBytes> __device__ __forceinline__ uint32_t mask_group(const fastrlhf_rows& m, int64_t i) {
+  const uint32_t sign = dtype_is_float(m.dtype) ? 0x7fffffffu : 0xffffffffu;
+  uint32_t bits = 0;
+  if (kBytes == 1) {
+    const uint32_t w = __ldcs(reinterpret_cast<const unsigned int*>(static_cast<const uint8_t*>(m.data) + i));
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) bits |= uint32_t(((w >> (8 * k)) & 0xffu) != 0) << k;
+  } else if (kBytes == 4) {
+    const uint4 w = load_pack_streaming(static_cast<const uint32_t*>(m.data) + i);
+#pragma unroll
+    for (int k = 0; k < kGroup; ++k) bits |= uint32_t((word(w, k) & sign) != 0) << k;
+  } else {  // the low word, and the high word without a float's sign bit
+    const uint4 lo = load_pack_streaming(static_cast<const uint64_t*>(m.data) + i);
+    const uint4 hi = load_pack_streaming(static_cast<const uint64_t*>(m.data) + i + 2);
+    bits = uint32_t((lo.x | (lo.y & sign)) != 0) | uint32_t((lo.z | (lo.w & sign)) != 0) << 1 |
+           uint32_t((hi.x | (hi.y & sign)) != 0) << 2 | uint32_t((hi.z | (hi.w & sign)) != 0) << 3;
+  }
+  return bits;
+}
+
+// mask_group for a mask of 1, 4 or 8 bytes known at run time (the same for every thread).
+__device__ __forceinline__ uint32_t mask_group_any(const fastrlhf_rows& m, int64_t i) {
+  switch (dtype_bytes(m.dtype)) {
+    case 1: return mask_group<1>(m, i);
+    case 4: return mask_group<4>(m, i);
+    default: return mask_group<8>(m, i);
+  }
+}
+
+// kG values of t from element i: one group load (kG = 4), or a scalar load in t's dtype.
+template <typename A, int kG> __device__ __forceinline__ void load_tokens(const fastrlhf_rows& t, int64_t i, A (&out)[kG]) {
+  if constexpr (kG == kGroup) {
+    load_group(t.data, i, out);
+  } else {
+    out[0] = load_as<A>(t, i);
+  }
+}
+
+// kG mask bits from element i (bit k: valid).
+template <int kG> __device__ __forceinline__ uint32_t mask_tokens(const fastrlhf_rows& m, int64_t i) {
+  if constexpr (kG == kGroup) {
+    return mask_group_any(m, i);
+  } else {
+    return mask_at(m, i) ? 1u : 0u;
+  }
+}
+
+// Stores kG values at element i of `data` (dtype `dtype`; the group store only in A).
+template <typename A, int kG>
+__device__ __forceinline__ void store_tokens(void* data, fastrlhf_dtype dtype, int64_t i, const A (&v)[kG]) {
+  if constexpr (kG == kGroup) {
+    store_group(data, i, v);
+  } else {
+    store_as(data, dtype, i, v[0]);
+  }
+}
+
+// The grid-stride loop of an elementwise kernel over n tokens in groups of kG: f(first token,
+// tokens in the group). The main loop runs over whole groups; the n % kG last tokens (kG = 4)
+// go one per thread after it.
+template <int kG, typename F> __device__ __forceinline__ void for_tokens(int64_t n, F&& f) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t first = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  const int64_t n_groups = n / kG;
+  for (int64_t g = first; g < n_groups; g += stride) f(g * kG, std::integral_constant<int, kG>{});  // the main loop
+  if (kG > 1 && n_groups * kG + first < n) f(n_groups * kG + first, std::integral_constant<int, 1>{});
+}
+
+// Whether t (absent: yes) is in the accumulation dtype `acc` (a mask: any dtype of 1, 4 or 8
+// bytes) and starts, as do all its rows (row_stride elements apart), on a group boundary.
+inline bool groups_load(const fastrlhf_rows& t, fastrlhf_dtype acc, bool is_mask = false) {
+  if (t.data == nullptr) return true;
+  const int64_t bytes = dtype_bytes(t.dtype);
+  if (is_mask ? bytes == 2 : t.dtype != acc) return false;
+  const int64_t align = bytes * kGroup < 16 ? bytes * kGroup : 16;
+  return reinterpret_cast<uintptr_t>(t.data) % align == 0 && (t.row_stride * bytes) % align == 0;
+}
+
+// q = n / d for all 32-bit n and a divisor fixed per launch (Granlund and Montgomery: one
+// multiply-high, two adds, two shifts instead of a division).
+struct FastDiv {
+  uint32_t d, magic, s1, s2;
+};
+
+inline FastDiv make_fast_div(uint32_t d) {
+  uint32_t l = 0;
+  while ((uint64_t(1) << l) < d) ++l;  // ceil(log2 d)
+  const uint64_t magic = ((uint64_t(1) << 32) * ((uint64_t(1) << l) - d)) / d + 1;
+  return {d, static_cast<uint32_t>(magic), l < 1 ? l : 1, l > 1 ? l - 1 : 0};
+}
+
+__device__ __forceinline__ uint32_t divide(const FastDiv& f, uint32_t n) {
+  const uint32_t t = __umulhi(f.magic, n);
+  return (t + ((n - t) >> f.s1)) >> f.s2;
 }
 
 // x clamped to [-bound, bound]; NaN stays NaN; bound = inf changes nothing.

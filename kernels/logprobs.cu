@@ -334,30 +334,40 @@ bool rows_aligned_alike(const fastrlhf_logprobs_bwd_params& p, int64_t elem) {
 }  // namespace
 }  // namespace fastrlhf
 
-extern "C" cudaError_t fastrlhf_token_logprobs_fwd(const fastrlhf_logprobs_fwd_params* params, cudaStream_t stream) {
-  using namespace fastrlhf;
-  const fastrlhf_logprobs_fwd_params& p = *params;
+namespace fastrlhf {
+namespace {
+
+// One block per row of the kernel that pick(T{}) names, for the logits' element type T.
+template <typename P, typename Pick> cudaError_t launch_rows(const P& p, Pick pick, cudaStream_t stream) {
   if (p.in.n_rows <= 0) return cudaSuccess;
   if (p.in.V < 1 || p.in.V >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
   return with_float_type(p.in.dtype, [&](auto tag) {
-    using T = decltype(tag);
-    auto kernel = p.entropy ? token_logprobs_fwd_kernel<T, true> : token_logprobs_fwd_kernel<T, false>;
-    kernel<<<grid_for(p.in.n_rows), threads_for(p.in.V, kPack<T>), 0, stream>>>(p);
+    pick(tag)<<<grid_for(p.in.n_rows), threads_for(p.in.V, kPack<decltype(tag)>), 0, stream>>>(p);
     return cudaGetLastError();
   });
+}
+
+}  // namespace
+}  // namespace fastrlhf
+
+extern "C" cudaError_t fastrlhf_token_logprobs_fwd(const fastrlhf_logprobs_fwd_params* params, cudaStream_t stream) {
+  using namespace fastrlhf;
+  const bool entropy = params->entropy != nullptr;
+  return launch_rows(*params, [&](auto tag) {
+    using T = decltype(tag);
+    return entropy ? token_logprobs_fwd_kernel<T, true> : token_logprobs_fwd_kernel<T, false>;
+  }, stream);
 }
 
 extern "C" cudaError_t fastrlhf_token_logprobs_bwd(const fastrlhf_logprobs_bwd_params* params, cudaStream_t stream) {
   using namespace fastrlhf;
   const fastrlhf_logprobs_bwd_params& p = *params;
-  if (p.in.n_rows <= 0) return cudaSuccess;
-  if (p.in.V < 1 || p.in.V >= (int64_t(1) << 31)) return cudaErrorInvalidValue;
-  return with_float_type(p.in.dtype, [&](auto tag) {
+  const bool ent = p.grad_entropy != nullptr;
+  return launch_rows(p, [&](auto tag) {
     using T = decltype(tag);
-    const bool alike = rows_aligned_alike(p, sizeof(T)), ent = p.grad_entropy != nullptr;
-    auto kernel = alike ? (ent ? token_logprobs_bwd_kernel<T, true, false> : token_logprobs_bwd_kernel<T, false, false>)
-                        : (ent ? token_logprobs_bwd_kernel<T, true, true> : token_logprobs_bwd_kernel<T, false, true>);
-    kernel<<<grid_for(p.in.n_rows), threads_for(p.in.V, kPack<T>), 0, stream>>>(p);
-    return cudaGetLastError();
-  });
+    if (rows_aligned_alike(p, sizeof(T))) {
+      return ent ? token_logprobs_bwd_kernel<T, true, false> : token_logprobs_bwd_kernel<T, false, false>;
+    }
+    return ent ? token_logprobs_bwd_kernel<T, true, true> : token_logprobs_bwd_kernel<T, false, true>;
+  }, stream);
 }

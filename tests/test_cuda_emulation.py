@@ -350,17 +350,17 @@ def test_logprobs_emulation_extreme_logits(temperature):
     logit, all equal) and larger ones: fp32 logits near 3e4 where a log2-domain shift's
     rounding (~1e-3) would show without the residual corrections, at every temperature."""
     V = 4133
-    logits = torch.randn(8, V, dtype=torch.float64).float()
-    logits[0, ::2] = 1e4
-    logits[0, 1::2] = -1e4
-    logits[1, 5:] = float("-inf")
-    logits[2, :] = float("-inf")
-    logits[2, 7] = 3.0
-    logits[3, :] = -1e4
-    logits[4] = 3e4 + torch.randn(V) * 5  # large and close together
-    logits[5] = -3e4 + torch.randn(V) * 5
-    logits[6, : V // 2] = float("-inf")  # -inf in the head, the packs and the tail
-    logits[7] = torch.randn(V) * 300
+    col = torch.arange(V)
+    ninf = float("-inf")
+    rows = [torch.where(col % 2 == 0, 1e4, -1e4),  # +-1e4 alternating
+            torch.where(col < 5, torch.randn(V), ninf),  # a masked vocabulary
+            torch.where(col == 7, 3.0, ninf),  # one finite logit
+            torch.full((V,), -1e4),  # all equal
+            3e4 + torch.randn(V) * 5,  # large and close together
+            -3e4 + torch.randn(V) * 5,
+            torch.where(col < V // 2, ninf, torch.randn(V)),  # -inf in the head, the packs and the tail
+            torch.randn(V) * 300]
+    logits = torch.stack(rows).float()
     labels = torch.tensor([0, 3, 7, 10, 11, 12, V - 1, 13])
     g1, g2 = torch.randn(8), torch.randn(8)
     lp, ent, stats = emulate_fwd(logits, labels, temperature, offsets=[0, 1, 2, 3, 0, 1, 2, 3])
@@ -746,3 +746,117 @@ def test_gae_one_run_rows_take_the_fast_path():
     for b, want in ((0, ["fast"]), (1, ["fast"]), (2, ["general"])):
         *_, paths = emulate_gae(r[b:b + 1], r[b:b + 1], m[b:b + 1], 0.99, 0.95, True, threads, T, 1)
         assert paths == want
+
+
+# ------------------------------------------------------------- KL and PPO token loops
+def make_fast_div(d):
+    """kernels/common.cuh make_fast_div."""
+    l = 0
+    while (1 << l) < d:
+        l += 1
+    magic = ((1 << 32) * ((1 << l) - d)) // d + 1
+    return d, magic, min(l, 1), max(l - 1, 0)
+
+
+def divide(f, n):
+    """kernels/common.cuh divide: 32-bit arithmetic."""
+    d, magic, s1, s2 = f
+    t = (magic * n) >> 32
+    return ((t + (((n - t) & 0xFFFFFFFF) >> s1)) & 0xFFFFFFFF) >> s2
+
+
+def test_fast_division_is_exact():
+    """The invariant-divisor division equals n // d for every 32-bit n tried, edges included,
+    at every divisor size (the PPO kernels' row of a token)."""
+    rng = np.random.default_rng(0)
+    divisors = [1, 2, 3, 4, 5, 7, 8, 9, 127, 128, 129, 1000, 2047, 2048, 2049, 65535, 65536, 65537,
+                (1 << 31) - 1, 1 << 31, *rng.integers(1, 1 << 31, 40).tolist()]
+    ns = [0, 1, 2, 3, (1 << 31) - 1, 1 << 31, (1 << 32) - 2, (1 << 32) - 1, *rng.integers(0, 1 << 32, 300).tolist()]
+    for d in divisors:
+        f = make_fast_div(int(d))
+        assert 0 < f[1] < (1 << 32) or d == 1
+        for n in ns + [d - 1, d, d + 1, 2 * d - 1, 2 * d]:
+            if 0 <= n < (1 << 32):
+                assert divide(f, int(n)) == n // d, (d, n)
+
+
+def _walk(T, step):
+    """kernels/ppo.cu walk_of: (FastDiv of T, q, r) with step = q T + r."""
+    return make_fast_div(T), step // T, step % T
+
+
+def _advance(row, col, q, r, T):
+    row, col = row + q, col + r
+    if col >= T:
+        col, row = col - T, row + 1
+    return row, col
+
+
+@pytest.mark.parametrize("n, T", [(1, 1), (7, 1), (37, 3), (4096, 2048), (4099, 5), (10007, 13), (70001, 4096)])
+def test_ppo_token_loops_cover_every_token_once_with_its_row(n, T):
+    """The forward's parts (chunk rounded to whole groups, main loop of groups, the tail one
+    token per thread) and the backward's grid-stride loop (groups, then the tail), as
+    kernels/ppo.cu runs them for 256-thread blocks: every token is handled once, and the row
+    that the division-free walk gives it is token // T."""
+    threads = 256
+    for g in (4, 1):
+        # forward: n_parts as the op layer makes them (2048 tokens per partial)
+        n_parts = -(-n // 2048)
+        chunk = -(-(-(-n // n_parts)) // g) * g
+        step = g * threads
+        fd, q, r = _walk(T, step)
+        seen = np.zeros(n, int)
+        for part in range(n_parts):
+            lo, hi = part * chunk, min(part * chunk + chunk, n)
+            for tid in range(threads):
+                i = lo + g * tid
+                row, col = (i // T, i % T) if i < hi else (0, 0)
+                while i + g <= hi:
+                    for k in range(g):
+                        assert row + divide(fd, col + k) == (i + k) // T
+                        seen[i + k] += 1
+                    row, col = _advance(row, col, q, r, T)
+                    i += step
+                if g > 1:
+                    j = lo + (hi - lo) // g * g + tid
+                    if j < hi:
+                        seen[j] += 1
+        assert (seen == 1).all()
+        # backward: elementwise_blocks(n / g) blocks of 256, grid stride over groups
+        groups = n // g
+        blocks = max(1, min(-(-groups // threads), 65536))
+        fd, q, r = _walk(T, g * threads * blocks)
+        seen = np.zeros(n, int)
+        for first in range(blocks * threads):
+            i0 = g * first
+            row, col = (i0 // T, i0 % T) if i0 < n else (0, 0)
+            for gi in range(first, groups, blocks * threads):
+                for k in range(g):
+                    assert row + divide(fd, col + k) == (gi * g + k) // T
+                    seen[gi * g + k] += 1
+                row, col = _advance(row, col, q, r, T)
+            if g > 1 and groups * g + first < n:
+                seen[groups * g + first] += 1
+        assert (seen == 1).all()
+
+
+def test_mask_bits_of_every_width():
+    """mask_group's bit tests for 1-, 4- and 8-byte masks: nonzero is valid, a float mask's
+    -0.0 is not, NaN is (as torch's mask != 0)."""
+    values = torch.tensor([0.0, -0.0, 1.0, float("nan"), -2.5, 0.0, 3.0, -0.0])
+    want = values != 0
+    for dtype in (torch.float32, torch.float64, torch.int32, torch.int64, torch.bool, torch.uint8):
+        m = values.nan_to_num(7.0).to(dtype) if not dtype.is_floating_point else values.to(dtype)
+        raw = m.numpy().view(np.uint8).reshape(8, -1)
+        size = raw.shape[1]
+        words = [int.from_bytes(bytes(raw[k]), "little") for k in range(8)]
+        if size == 1:
+            bits = [w != 0 for w in words]
+        elif size == 4:
+            sign = 0x7FFFFFFF if dtype.is_floating_point else 0xFFFFFFFF
+            bits = [(w & sign) != 0 for w in words]
+        else:
+            sign = 0x7FFFFFFF if dtype.is_floating_point else 0xFFFFFFFF
+            bits = [((w & 0xFFFFFFFF) | ((w >> 32) & sign)) != 0 for w in words]
+        expect = want if dtype.is_floating_point else (m != 0)
+        assert bits == expect.tolist(), dtype

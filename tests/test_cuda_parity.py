@@ -697,3 +697,82 @@ def test_ppo_losses_against_triton(value, agg):
                 torch.testing.assert_close(stats[k], stats_t[k], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(dx, dx_t, atol=1e-7, rtol=1e-5)
             assert (dx[~mask] == 0).all() and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("n", [4096, 4097, 4098, 4099, 3])
+def test_kl_penalty_group_loads_and_tails(n):
+    """fp32 log-probs of the same dtype take the 4-token group loads: n = 4096 + 0..3 (the
+    last n % 4 tokens one per thread), forward and both gradients, k3 with clamps; an offset
+    view (not 16-byte aligned) takes the scalar loads and gives the same values."""
+    from fastrlhf.reference import kl as ref_kl
+
+    op, bwd = torch.ops.fastrlhf.kl_penalty, torch.ops.fastrlhf.kl_penalty_backward
+    store = torch.randn(2, n + 1, device=DEVICE) * 2
+    logp, ref_lp = store[0, :n], store[1, :n]
+    grad = torch.randn(n, device=DEVICE)
+    for lp, rf in ((logp, ref_lp), (store[0, 1:], store[1, 1:])):
+        got = op(lp, rf, "k3", 10.0, 20.0, "cuda")
+        torch.testing.assert_close(got.double(), ref_kl.kl_penalty(lp.double(), rf.double(), "k3", 10.0, 20.0),
+                                   atol=1e-5, rtol=1e-5)
+        dlogp, dref = bwd(grad, lp, rf, "k3", 10.0, 20.0, True, True, "cuda")
+        want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), lp.double(), rf.double(), "k3", 10.0, 20.0)
+        torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dref.double(), want_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("T", [4, 2048, 2051])
+def test_kl_rewards_group_loads_against_reference(T, mask_dtype):
+    """Contiguous fp32 inputs with T % 4 == 0 read 4 tokens per load (masks of 1, 4 and 8
+    bytes; a 2-byte mask and T = 2051 the scalar loads), NaN under the mask; the score lands on
+    the last valid token, also when that token is the last of a group of 4."""
+    from fastrlhf.reference import kl as ref_kl
+
+    B = 5
+    logp = torch.randn(B, T, device=DEVICE)
+    ref_lp = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes")
+    mask[0, :] = True
+    mask[2, :] = False
+    mask[2, : max(T // 2, 1)] = True  # the last valid token ends a group when T // 2 % 4 == 0
+    logp = logp.masked_fill(~mask, float("nan"))
+    scores = torch.randn(B, device=DEVICE) * 3
+    m = mask.to(mask_dtype)
+    got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, m, 0.05, None, "k3", 10.0, 20.0, 5.0, "cuda")
+    want = ref_kl.kl_penalized_rewards(scores.double(), logp.double().nan_to_num(0.0), ref_lp.double(), mask,
+                                       0.05, "k3", 10.0, 20.0, 5.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64], ids=_dtype_id)
+@pytest.mark.parametrize("B, T", [(6, 1501), (3, 4096), (1000, 3), (7, 1)])
+def test_ppo_group_loads_against_reference(B, T, mask_dtype, agg):
+    """All-fp32 PPO inputs take the 4-token group loads (masks of 1, 4 and 8 bytes), with the
+    token count not a multiple of 4 (the tail) and rows of 1, 3 and 4096 tokens (the
+    division-free row walk of seq-mean-token-mean crossing rows inside a group); NaN under the
+    mask; loss, statistics and gradient against the fp64 reference for both losses."""
+    from fastrlhf.reference import ppo as ref_ppo
+
+    x = torch.randn(B, T, device=DEVICE) * 0.3
+    old = x + torch.randn(B, T, device=DEVICE) * 0.2
+    y = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes") if T > 1 else torch.rand(B, T, device=DEVICE) < 0.6
+    x = x.masked_fill(~mask, float("nan"))
+    m = mask.to(mask_dtype)
+    for value in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        kw = {"clip": 0.2} if value else {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}
+        fn = fastrlhf.ppo_value_loss if value else fastrlhf.ppo_policy_loss
+        loss, stats = fn(leaf, old, y, m, agg=agg, backend="cuda", **kw)
+        (loss * 1.7).backward()
+        ref_leaf = x.double().nan_to_num(0.0).requires_grad_(True)
+        ref_fn = ref_ppo.ppo_value_loss if value else ref_ppo.ppo_policy_loss
+        want, want_stats = ref_fn(ref_leaf, old.double(), y.double(), mask, agg=agg, **kw)
+        (want * 1.7).backward()
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        for k in stats:
+            torch.testing.assert_close(stats[k].double(), want_stats[k].double(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-6, rtol=1e-5)
+        assert (leaf.grad[~mask] == 0).all()
