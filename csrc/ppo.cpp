@@ -1,17 +1,21 @@
 // CUDA implementations of fastrlhf_cuda::ppo_{policy,value}_{fwd,bwd} (kernels/ppo.cu).
 // Outputs (partials, gradient) are allocated by the caller (fastrlhf/ops/ppo.py).
-#include <torch/library.h>
-
 #include "checks.h"
+#include "ops.h"
 
 namespace fastrlhf {
 namespace {
 
-// x, old, target: [B, T] floating; mask [B, T]; row_counts int64 [B] when given. Returns the
-// kernels' view of them (flat contiguous copies where needed: kept alive in `keep`).
-fastrlhf_ppo_tokens tokens_of(const at::Tensor& x, const at::Tensor& old, const at::Tensor& target,
-                              const at::Tensor& mask, const std::optional<at::Tensor>& row_counts,
-                              std::vector<at::Tensor>& keep) {
+// The kernels' view of a PPO loss's tokens: x, old, target [B, T] floating, mask [B, T] of any
+// dtype, row_counts int64 [B] when given; flat contiguous copies where needed, kept alive here.
+struct Tokens {
+  std::vector<at::Tensor> keep;
+  fastrlhf_ppo_tokens t;
+  at::ScalarType acc;
+};
+
+Tokens tokens_of(const at::Tensor& x, const at::Tensor& old, const at::Tensor& target, const at::Tensor& mask,
+                 const std::optional<at::Tensor>& row_counts) {
   FASTRLHF_CHECK_CUDA(x);
   FASTRLHF_CHECK_FLOAT(x);
   TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, T], got ", x.sizes());
@@ -31,12 +35,14 @@ fastrlhf_ppo_tokens tokens_of(const at::Tensor& x, const at::Tensor& old, const 
     FASTRLHF_CHECK_SHAPE(*row_counts, x.sizes().slice(0, 1));
     FASTRLHF_CHECK_CONTIGUOUS(*row_counts);
   }
-  keep = {flat(x), flat(old), flat(target), flat(mask)};
-  return {rows_arg(keep[0]), rows_arg(keep[1]), rows_arg(keep[2]), mask_arg(keep[3]), x.numel(), x.size(1),
-          row_counts.has_value() ? row_counts->data_ptr<int64_t>() : nullptr};
+  Tokens out{{flat(x), flat(old), flat(target), flat(mask)}, {}, acc_of({&x, &old, &target})};
+  out.t = {rows_arg(out.keep[0]), rows_arg(out.keep[1]), rows_arg(out.keep[2]), rows_arg(out.keep[3]),
+           x.numel(), x.size(1), row_counts.has_value() ? row_counts->data_ptr<int64_t>() : nullptr,
+           kernel_dtype(out.acc)};
+  return out;
 }
 
-// sums [n_sums, P] in the accumulation dtype and counts [n_sums + 1, P] int32.
+// sums [n_sums, P] in the accumulation dtype and counts [n_sums + 1, P] int32; returns P.
 int64_t check_partials(const at::Tensor& x, at::ScalarType acc, int64_t n_sums, const at::Tensor& sums,
                        const at::Tensor& counts) {
   TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == n_sums, "sums must have shape [", n_sums,
@@ -46,7 +52,8 @@ int64_t check_partials(const at::Tensor& x, at::ScalarType acc, int64_t n_sums, 
   return sums.size(1);
 }
 
-void check_scalars(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& scale) {
+// grad and scale: single floating values on x's device; grad_x: x's dtype and shape.
+void check_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& grad_x) {
   for (const at::Tensor* t : {&grad, &scale}) {
     TORCH_CHECK_VALUE(t->device() == x.device() && t->numel() == 1,
                       "grad and scale must be single values on ", x.device(), ", got shape ", t->sizes(),
@@ -55,35 +62,34 @@ void check_scalars(const at::Tensor& x, const at::Tensor& grad, const at::Tensor
                      "grad and scale must have dtype float32/float16/bfloat16/float64, got ",
                      dtype_name(t->scalar_type()));
   }
+  FASTRLHF_CHECK_OUT(grad_x, x, x.scalar_type(), x.sizes());
 }
+
+}  // namespace
 
 void ppo_policy_fwd(const at::Tensor& logprobs, const at::Tensor& old_logprobs, const at::Tensor& advantages,
                     const at::Tensor& mask, const std::optional<at::Tensor>& row_counts, double ratio_low,
                     double ratio_high, double dual_clip, double log_ratio_clamp, const at::Tensor& sums,
                     const at::Tensor& counts) {
-  std::vector<at::Tensor> keep;
-  const fastrlhf_ppo_tokens t = tokens_of(logprobs, old_logprobs, advantages, mask, row_counts, keep);
-  const at::ScalarType acc = acc_of({&logprobs, &old_logprobs, &advantages});
-  const int64_t n_parts = check_partials(logprobs, acc, 2, sums, counts);
-  if (t.n == 0) return;
+  const Tokens tok = tokens_of(logprobs, old_logprobs, advantages, mask, row_counts);
+  const int64_t n_parts = check_partials(logprobs, tok.acc, 2, sums, counts);
+  if (tok.t.n == 0) return;
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_policy_fwd(t, {ratio_low, ratio_high, dual_clip, log_ratio_clamp},
-                                                acc == at::kDouble ? 1 : 0, n_parts, sums.data_ptr(),
-                                                counts.data_ptr<int32_t>(), current_stream(logprobs)),
+  const fastrlhf_policy_clip clip{ratio_low, ratio_high, dual_clip, log_ratio_clamp};
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_policy_fwd(&tok.t, &clip, n_parts, sums.data_ptr(), counts.data_ptr<int32_t>(),
+                                                current_stream(logprobs)),
                         "ppo_policy_fwd");
 }
 
 void ppo_value_fwd(const at::Tensor& values, const at::Tensor& old_values, const at::Tensor& returns,
                    const at::Tensor& mask, const std::optional<at::Tensor>& row_counts, double clip,
                    const at::Tensor& sums, const at::Tensor& counts) {
-  std::vector<at::Tensor> keep;
-  const fastrlhf_ppo_tokens t = tokens_of(values, old_values, returns, mask, row_counts, keep);
-  const at::ScalarType acc = acc_of({&values, &old_values, &returns});
-  const int64_t n_parts = check_partials(values, acc, 1, sums, counts);
-  if (t.n == 0) return;
+  const Tokens tok = tokens_of(values, old_values, returns, mask, row_counts);
+  const int64_t n_parts = check_partials(values, tok.acc, 1, sums, counts);
+  if (tok.t.n == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
-  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_value_fwd(t, clip, acc == at::kDouble ? 1 : 0, n_parts, sums.data_ptr(),
-                                               counts.data_ptr<int32_t>(), current_stream(values)),
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_value_fwd(&tok.t, clip, n_parts, sums.data_ptr(), counts.data_ptr<int32_t>(),
+                                               current_stream(values)),
                         "ppo_value_fwd");
 }
 
@@ -91,42 +97,26 @@ void ppo_policy_bwd(const at::Tensor& grad, const at::Tensor& scale, const at::T
                     const at::Tensor& old_logprobs, const at::Tensor& advantages, const at::Tensor& mask,
                     const std::optional<at::Tensor>& row_counts, double ratio_low, double ratio_high,
                     double dual_clip, double log_ratio_clamp, const at::Tensor& grad_logprobs) {
-  std::vector<at::Tensor> keep;
-  const fastrlhf_ppo_tokens t = tokens_of(logprobs, old_logprobs, advantages, mask, row_counts, keep);
-  check_scalars(logprobs, grad, scale);
-  FASTRLHF_CHECK_OUT(grad_logprobs, logprobs, logprobs.scalar_type(), logprobs.sizes());
-  if (t.n == 0) return;
+  const Tokens tok = tokens_of(logprobs, old_logprobs, advantages, mask, row_counts);
+  check_grad(logprobs, grad, scale, grad_logprobs);
+  if (tok.t.n == 0) return;
   const c10::cuda::CUDAGuard guard(logprobs.device());
-  const at::Tensor g = flat(grad), s = flat(scale);
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_ppo_policy_bwd(t, {ratio_low, ratio_high, dual_clip, log_ratio_clamp}, rows_arg(g), rows_arg(s),
-                              acc_of({&logprobs, &old_logprobs, &advantages}) == at::kDouble ? 1 : 0,
-                              grad_logprobs.data_ptr(), current_stream(logprobs)),
-      "ppo_policy_bwd");
+  const fastrlhf_policy_clip clip{ratio_low, ratio_high, dual_clip, log_ratio_clamp};
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_policy_bwd(&tok.t, &clip, rows_arg(flat(grad)), rows_arg(flat(scale)),
+                                                grad_logprobs.data_ptr(), current_stream(logprobs)),
+                        "ppo_policy_bwd");
 }
 
 void ppo_value_bwd(const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& values,
                    const at::Tensor& old_values, const at::Tensor& returns, const at::Tensor& mask,
                    const std::optional<at::Tensor>& row_counts, double clip, const at::Tensor& grad_values) {
-  std::vector<at::Tensor> keep;
-  const fastrlhf_ppo_tokens t = tokens_of(values, old_values, returns, mask, row_counts, keep);
-  check_scalars(values, grad, scale);
-  FASTRLHF_CHECK_OUT(grad_values, values, values.scalar_type(), values.sizes());
-  if (t.n == 0) return;
+  const Tokens tok = tokens_of(values, old_values, returns, mask, row_counts);
+  check_grad(values, grad, scale, grad_values);
+  if (tok.t.n == 0) return;
   const c10::cuda::CUDAGuard guard(values.device());
-  const at::Tensor g = flat(grad), s = flat(scale);
-  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_value_bwd(t, clip, rows_arg(g), rows_arg(s),
-                                               acc_of({&values, &old_values, &returns}) == at::kDouble ? 1 : 0,
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_ppo_value_bwd(&tok.t, clip, rows_arg(flat(grad)), rows_arg(flat(scale)),
                                                grad_values.data_ptr(), current_stream(values)),
                         "ppo_value_bwd");
 }
 
-}  // namespace
 }  // namespace fastrlhf
-
-TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
-  m.impl("ppo_policy_fwd", &fastrlhf::ppo_policy_fwd);
-  m.impl("ppo_value_fwd", &fastrlhf::ppo_value_fwd);
-  m.impl("ppo_policy_bwd", &fastrlhf::ppo_policy_bwd);
-  m.impl("ppo_value_bwd", &fastrlhf::ppo_value_bwd);
-}

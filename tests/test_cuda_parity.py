@@ -10,6 +10,8 @@ large shapes (V = 151936, N * V > 2**31).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -166,7 +168,64 @@ def test_logprobs_every_alignment(V, offset, dtype):
     torch.testing.assert_close(stats.double(), ref.row_stats(logits.double(), 0.7), atol=1e-5, rtol=1e-5)
     dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.7, -100)
     assert dx.dtype == dtype and dx.is_contiguous()
-    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: element stores
+    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: realigned loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_dtype_id)
+def test_logprobs_running_max_paths(dtype):
+    """Rows whose max grows at every group of packs (increasing logits: a rescale each
+    iteration), only shrinks (decreasing), jumps in the scalar head or tail, sits on every
+    thread's share once (a sawtooth), and rows of equal logits (the max never grows after the
+    first group): values and gradients against the fp64 reference, with entropy."""
+    cu = _cuda_lp()
+    V = 20011  # 2502 packs of bf16: 4.9 per thread of 512, so the epilogue runs too
+    ramp = torch.linspace(-30.0, 30.0, V, device=DEVICE)
+    rows = [ramp, ramp.flip(0), torch.randn(V, device=DEVICE), torch.randn(V, device=DEVICE),
+            (torch.arange(V, device=DEVICE) % 4099).float() / 100, torch.full((V,), 2.5, device=DEVICE)]
+    rows[2][1] = 40.0  # in the head of a misaligned row
+    rows[3][V - 2] = 40.0  # in the tail
+    store = torch.empty(len(rows) * V + 3, device=DEVICE)
+    logits = store[3:].view(len(rows), V)  # rows at odd offsets from 16-byte boundaries
+    logits.copy_(torch.stack(rows))
+    logits = logits.to(dtype)
+    labels = torch.tensor([V - 1, 0, 1, V - 2, 4098, 17], device=DEVICE)
+    g_logp, g_ent = torch.randn(len(rows), device=DEVICE), torch.randn(len(rows), device=DEVICE)
+    for temperature in (1.0, 0.3):
+        lp, ent, stats = cu.token_logprobs_fwd(logits, labels, temperature, -100, True)
+        want_lp, want_ent, want_dx = _reference(logits, labels, g_logp, g_ent, temperature)
+        _close(lp, want_lp, torch.float64 if dtype == torch.float64 else torch.float32)
+        _close(ent, want_ent, torch.float64 if dtype == torch.float64 else torch.float32)
+        dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, temperature, -100)
+        _close(dx, want_dx, dtype)
+    assert abs(ent[5].item() - math.log(V)) < 1e-4  # equal logits: uniform
+
+
+def test_logprobs_sliced_odd_vocab_against_triton():
+    """The label shift logits[:, :-1] of Qwen's 151655-token vocabulary (odd V): every row
+    starts at another offset from a 16-byte boundary than its row of the contiguous gradient,
+    so the backward realigns the logits (the shifted kernel); in place it does not. cuda vs
+    Triton everywhere and vs the fp64 reference on a few rows."""
+    tri, cu = _triton(), _cuda_lp()
+    V = 151655
+    base = torch.randn(2, 33, V, device=DEVICE).mul_(4).bfloat16()
+    x = base[:, :-1]
+    labels = torch.randint(0, V, x.shape[:-1], device=DEVICE)
+    labels[0, ::5] = -100
+    g_logp, g_ent = torch.randn(x.shape[:-1], device=DEVICE), torch.randn(x.shape[:-1], device=DEVICE)
+    got = cu.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    want = tri.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100)
+    torch.testing.assert_close(dx, tri.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100))
+    rows = (slice(None), slice(0, 3))
+    _, _, want_dx = _reference(x[rows].reshape(-1, V), labels[rows].reshape(-1), g_logp[rows].reshape(-1),
+                               g_ent[rows].reshape(-1), 0.9)
+    _close(dx[rows].reshape(-1, V), want_dx, torch.bfloat16)
+    work = base.clone()
+    inplace = cu.token_logprobs_bwd(g_logp, g_ent, work[:, :-1], labels, got[2], got[1], 0.9, -100, inplace=True)
+    torch.testing.assert_close(inplace, dx)
+    assert torch.equal(work[:, -1], base[:, -1])  # the row outside the view is untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
@@ -364,6 +423,46 @@ def test_gae_against_reference(B, T, dtypes, skip):
         assert empty.numel() == 0
         want = ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes)
         torch.testing.assert_close(returns.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("T", [2048, 1000, 4096, 2051])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16],
+                         ids=_dtype_id)
+def test_gae_vector_layouts_and_paths_against_reference(T, mask_dtype, skip):
+    """Contiguous fp32 rewards and values with T a multiple of 4 take the 16-byte loads (masks
+    of 1, 4 and 8 bytes; a 2-byte mask and T = 2051 the scalar loads); rows of prompt +
+    response + padding (one run: the fast path in skip mode), all valid, all masked, holes
+    (the general path) and a single valid token, in one tile (T <= 2048) or several, whole rows
+    and the launcher's chunks (B = 7 is a small batch); same bits run to run."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    B = 7
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    rewards = torch.randn(B, T, device=DEVICE, generator=g)
+    values = torch.randn(B, T, device=DEVICE, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0, T // 5: T - T // 7] = True  # prompt + response + padding
+    mask[1] = True
+    mask[3] = torch.rand(T, device=DEVICE, generator=g) < 0.7  # holes
+    mask[4, T // 2] = True  # one valid token
+    mask[5] = True
+    mask[5, T // 3] = False  # one hole
+    mask[6, : T // 2] = True  # a valid prefix: trailing padding
+    rewards = rewards.masked_fill(~mask, float("nan"))  # masked inputs never reach an output
+    holes = "skip" if skip else "zero"
+    m = mask.to(mask_dtype)
+    for block, tiles in ((None, None), (128, 1), (512, 2)):
+        got = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        again = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        want = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
+        for a, b, w in zip(got, again, want):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4)
+        returns, _ = _gae(cu, rewards, None, m, 0.97, 1.0, skip, block, tiles)
+        torch.testing.assert_close(returns.double(), ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_gae_long_rows_against_closed_form_and_triton():
@@ -598,3 +697,82 @@ def test_ppo_losses_against_triton(value, agg):
                 torch.testing.assert_close(stats[k], stats_t[k], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(dx, dx_t, atol=1e-7, rtol=1e-5)
             assert (dx[~mask] == 0).all() and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("n", [4096, 4097, 4098, 4099, 3])
+def test_kl_penalty_group_loads_and_tails(n):
+    """fp32 log-probs of the same dtype take the 4-token group loads: n = 4096 + 0..3 (the
+    last n % 4 tokens one per thread), forward and both gradients, k3 with clamps; an offset
+    view (not 16-byte aligned) takes the scalar loads and gives the same values."""
+    from fastrlhf.reference import kl as ref_kl
+
+    op, bwd = torch.ops.fastrlhf.kl_penalty, torch.ops.fastrlhf.kl_penalty_backward
+    store = torch.randn(2, n + 1, device=DEVICE) * 2
+    logp, ref_lp = store[0, :n], store[1, :n]
+    grad = torch.randn(n, device=DEVICE)
+    for lp, rf in ((logp, ref_lp), (store[0, 1:], store[1, 1:])):
+        got = op(lp, rf, "k3", 10.0, 20.0, "cuda")
+        torch.testing.assert_close(got.double(), ref_kl.kl_penalty(lp.double(), rf.double(), "k3", 10.0, 20.0),
+                                   atol=1e-5, rtol=1e-5)
+        dlogp, dref = bwd(grad, lp, rf, "k3", 10.0, 20.0, True, True, "cuda")
+        want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), lp.double(), rf.double(), "k3", 10.0, 20.0)
+        torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dref.double(), want_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("T", [4, 2048, 2051])
+def test_kl_rewards_group_loads_against_reference(T, mask_dtype):
+    """Contiguous fp32 inputs with T % 4 == 0 read 4 tokens per load (masks of 1, 4 and 8
+    bytes; a 2-byte mask and T = 2051 the scalar loads), NaN under the mask; the score lands on
+    the last valid token, also when that token is the last of a group of 4."""
+    from fastrlhf.reference import kl as ref_kl
+
+    B = 5
+    logp = torch.randn(B, T, device=DEVICE)
+    ref_lp = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes")
+    mask[0, :] = True
+    mask[2, :] = False
+    mask[2, : max(T // 2, 1)] = True  # the last valid token ends a group when T // 2 % 4 == 0
+    logp = logp.masked_fill(~mask, float("nan"))
+    scores = torch.randn(B, device=DEVICE) * 3
+    m = mask.to(mask_dtype)
+    got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, m, 0.05, None, "k3", 10.0, 20.0, 5.0, "cuda")
+    want = ref_kl.kl_penalized_rewards(scores.double(), logp.double().nan_to_num(0.0), ref_lp.double(), mask,
+                                       0.05, "k3", 10.0, 20.0, 5.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64], ids=_dtype_id)
+@pytest.mark.parametrize("B, T", [(6, 1501), (3, 4096), (1000, 3), (7, 1)])
+def test_ppo_group_loads_against_reference(B, T, mask_dtype, agg):
+    """All-fp32 PPO inputs take the 4-token group loads (masks of 1, 4 and 8 bytes), with the
+    token count not a multiple of 4 (the tail) and rows of 1, 3 and 4096 tokens (the
+    division-free row walk of seq-mean-token-mean crossing rows inside a group); NaN under the
+    mask; loss, statistics and gradient against the fp64 reference for both losses."""
+    from fastrlhf.reference import ppo as ref_ppo
+
+    x = torch.randn(B, T, device=DEVICE) * 0.3
+    old = x + torch.randn(B, T, device=DEVICE) * 0.2
+    y = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes") if T > 1 else torch.rand(B, T, device=DEVICE) < 0.6
+    x = x.masked_fill(~mask, float("nan"))
+    m = mask.to(mask_dtype)
+    for value in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        kw = {"clip": 0.2} if value else {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}
+        fn = fastrlhf.ppo_value_loss if value else fastrlhf.ppo_policy_loss
+        loss, stats = fn(leaf, old, y, m, agg=agg, backend="cuda", **kw)
+        (loss * 1.7).backward()
+        ref_leaf = x.double().nan_to_num(0.0).requires_grad_(True)
+        ref_fn = ref_ppo.ppo_value_loss if value else ref_ppo.ppo_policy_loss
+        want, want_stats = ref_fn(ref_leaf, old.double(), y.double(), mask, agg=agg, **kw)
+        (want * 1.7).backward()
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        for k in stats:
+            torch.testing.assert_close(stats[k].double(), want_stats[k].double(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-6, rtol=1e-5)
+        assert (leaf.grad[~mask] == 0).all()

@@ -2,7 +2,11 @@
 
 Same semantics, arguments and outputs as :mod:`fastrlhf.triton.advantages`. GAE is a reverse
 scan of affine step maps (warp shuffles, a block carry between tiles), fp32 math (fp64 when
-an input is fp64), inputs read in place with any row stride. As in the Triton launcher, a
+an input is fp64), inputs read in place with any row stride: 16-byte loads and stores when the
+rewards and values are in the math's dtype, T is a multiple of 4 and every row starts on a
+16-byte boundary (a mask of 1, 4 or 8 bytes), scalar loads otherwise. Tiles of rows without
+holes (all steps; in skip mode also one run of valid tokens, as prompt + response + padding)
+take a scan of two numbers per thread instead of five. As in the Triton launcher, a
 batch that fills the GPU gets one block per row, and long rows of a small batch are cut into
 chunks scanned in parallel: a summary launch stores each chunk's composite map, the scan
 launch composes the later chunks' maps of its row (fixed order: deterministic) into the state
