@@ -351,8 +351,8 @@ def test_kernels_compile_for_gpus():
                                                           ("bf16", False, "i64", False)]:
         acc = "fp64" if dtype == "fp64" else "fp32"
         vec = {"fp64": 2, "fp32": 4}.get(dtype, 8)
-        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "VEC": vec, "BLOCK_V": 4096,
-                 "ALIGNED": aligned, "FAST": dtype != "fp64"}
+        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "VEC": vec, "BLOCK_V": 1024 * vec,
+                 "R": 256, "ALIGNED": aligned, "FAST": dtype != "fp64"}
         scalars = {"V": "i32", "lead": "i32", "c": "fp32", "ignore_index": "i32"}
         fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": f"*{acc}",
                "ent_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "D1": ints, "sx0": ints,
@@ -368,7 +368,7 @@ def test_kernels_compile_for_gpus():
                    [k for k in aligned_args if k in fwd]),
                   ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned_args)]
         if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
-            one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16}
+            one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16, "R": 4}
             for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
                 sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
                 cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))

@@ -167,6 +167,10 @@ def test_load_chain():
     skipped = _instrs("LDG.E.U8 R4, desc[UR4][R2.64]", "ISETP.EQ.AND P0, PT, R4, RZ, PT",
                       "@P0 BRA 0x40", "LDG.E R5, desc[UR4][R6.64]", "EXIT")  # `if (!mask) continue;`
     assert sass.load_chain(skipped) == 2
+    # IADD3's two carry-outs are written, not read: the next address does not wait on the load
+    carries = _instrs("LDG.E R4, desc[UR4][R2.64]", "IADD3 R6, P0, P1, R8, R9, RZ",
+                      "IADD3.X R7, R10, RZ, RZ, P0, P1", "LDG.E R5, desc[UR4][R6.64]")
+    assert sass.load_chain(carries) == 1
 
 
 # ------------------------------------------------------------------- occupancy, prediction

@@ -215,30 +215,26 @@ def run_launcher(case: TritonCase) -> None:
 
 # --------------------------------------------------------------------------------- CUDA
 CUDA_CASES: list[CudaCase] = [
-    # threads_for(V = 151936, pack = 8) = 512; the forward loop loads two 16-byte packs per
-    # iteration (2 x 8 bf16), the backward one.
+    # threads_for(V = 151936) = 512; the forward loop reads 4 packs of 8 bf16 per thread per
+    # iteration, the backward 2 (elements per thread per iteration: 32 and 16).
     *[CudaCase(f"cuda.token_logprobs.fwd{'+ent' if e else ''}.V151936", "logprobs.cu",
-               f"token_logprobs_fwd_kernel<__nv_bfloat16, {str(e).lower()}>", 512, 16, 2, "logit")
+               f"token_logprobs_fwd_kernel<__nv_bfloat16, {str(e).lower()}>", 512, 32, 2, "logit")
       for e in (False, True)],
     *[CudaCase(f"cuda.token_logprobs.bwd{'+ent' if e else ''}.V151936", "logprobs.cu",
-               f"token_logprobs_bwd_kernel<__nv_bfloat16, {str(e).lower()}>", 512, 8, 4, "logit",
-               "the longest path stores element-wise (the fallback when x and dx are not "
-               "equally aligned); aligned rows store one 16-byte pack")
+               f"token_logprobs_bwd_kernel<__nv_bfloat16, {str(e).lower()}, false>", 512, 16, 4, "logit")
       for e in (False, True)],
-    # fastrlhf.cuda.advantages.plan(8192, 2048) = (512 threads, whole rows); a thread stages
-    # and stores kItems = 4 positions of a tile, one per iteration of the staging loop.
-    CudaCase("cuda.gae.B8192-T2048", "advantages.cu", "gae_kernel<float, false>", 512, 1, None, "token",
-             "the main loop is the staging loop (one position per iteration); the scan and the "
-             "store loop of each tile are outside it, so there is no per-element prediction"),
-    # elementwise grid-stride loops of 256 threads, one element per iteration
-    CudaCase("cuda.kl_penalty.fwd.B8192-T2048", "kl.cu", "kl_fwd_kernel<float>", 256, 1, 12, "token"),
-    CudaCase("cuda.kl_penalty.bwd.B8192-T2048", "kl.cu", "kl_bwd_kernel<float>", 256, 1, 16, "token"),
-    CudaCase("cuda.kl_penalized_rewards.B8192-T2048", "kl.cu", "kl_rewards_kernel<float>", 256, 1, 17,
+    # rows of logits and gradient at different offsets from 16 bytes (logits[:, :-1], odd V):
+    # each pack rebuilt from two aligned loads, stores stay 16 bytes wide
+    *[CudaCase(f"cuda.token_logprobs.bwd{'+ent' if e else ''}.sliced-V151655", "logprobs.cu",
+               f"token_logprobs_bwd_kernel<__nv_bfloat16, {str(e).lower()}, true>", 512, 16, 4, "logit")
+      for e in (False, True)],
+    # fastrlhf.cuda.advantages.plan(8192, 2048): whole rows; 4 positions per thread per tile
+    CudaCase("cuda.gae.B8192-T2048", "advantages.cu", "gae_kernel<float, false, 1>", 512, 4, 17, "token"),
+    # elementwise grid-stride loops of 256 threads, 4 tokens per thread per iteration
+    CudaCase("cuda.kl_penalty.fwd.B8192-T2048", "kl.cu", "kl_fwd_kernel<float, 4>", 256, 4, 12, "token"),
+    CudaCase("cuda.kl_penalty.bwd.B8192-T2048", "kl.cu", "kl_bwd_kernel<float, 4>", 256, 4, 16, "token"),
+    CudaCase("cuda.kl_penalized_rewards.B8192-T2048", "kl.cu", "kl_rewards_kernel<float, 4>", 256, 4, 17,
              "token"),
-    CudaCase("cuda.ppo_policy.fwd.B8192-T2048", "ppo.cu", "ppo_fwd_kernel<float, PolicyLoss>", 256, 1, 13,
-             "token"),
-    CudaCase("cuda.ppo_policy.bwd.B8192-T2048", "ppo.cu", "ppo_bwd_kernel<float, PolicyLoss>", 256, 1, 17,
-             "token"),
+    CudaCase("cuda.ppo_policy.fwd.B8192-T2048", "ppo.cu", "ppo_fwd_kernel<float, true, 4>", 256, 4, 13, "token"),
+    CudaCase("cuda.ppo_policy.bwd.B8192-T2048", "ppo.cu", "ppo_bwd_kernel<float, true, 4>", 256, 4, 17, "token"),
 ]
-"""Static counts of CUDA loops include every branch of the runtime dtype switches
-(``load_as``, ``mask_at``): an upper bound of what one dtype executes."""

@@ -107,9 +107,11 @@ def _defs_uses(ins: Instr) -> tuple[list[str], list[str]]:
     uses = _regs(ins.pred)
     if ins.base in _NO_DEST or not ops:
         return [], uses + [r for op in ops for r in _regs(op)]
-    # A second predicate destination (IADD3 R6, P0, ...; ISETP P1, PT, ...), or SHFL's
-    # predicate-then-register pair.
+    # A second predicate destination (ISETP P1, PT, ...), or SHFL's predicate-then-register
+    # pair; IADD3 has up to two carry-out predicates (IADD3 R6, P0, P1, ...).
     n_dest = 2 if len(ops) > 1 and (re.fullmatch(r"U?P(\d|T)", ops[1]) or ops[0] == "PT") else 1
+    if ins.base == "IADD3" and n_dest == 2 and len(ops) > 2 and re.fullmatch(r"U?P(\d|T)", ops[2]):
+        n_dest = 3
     defs = [r for op in ops[:n_dest] for r in _regs(op)]
     count = width_bits(ins.opcode) // 32 if ins.base in _LOADS else (
         2 if ".WIDE" in ins.opcode or ins.base == "CS2R" or ins.base.startswith("D") else 1)

@@ -59,7 +59,7 @@ def _gae_op(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tens
     adv, ret = gae_outputs(rewards, values)
     if adv.numel():
         launchers(backend, "advantages").gae_fwd(rewards, values, mask, gamma, lam, skip_holes, adv, ret,
-                                                 cu_seqlens)
+                                                 *([] if cu_seqlens is None else [cu_seqlens]))
     return adv, ret
 
 

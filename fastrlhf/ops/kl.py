@@ -118,7 +118,8 @@ def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
     if rewards.numel():
         est, _, *bounds = _kernel_args(estimator, kl_clamp, log_ratio_clamp, score_clip)
         launchers(backend, "kl").kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef,
-                                                          kl_coef_t, est, *bounds, rewards, kl, cu_seqlens)
+                                                          kl_coef_t, est, *bounds, rewards, kl,
+                                                          *([] if cu_seqlens is None else [cu_seqlens]))
     return rewards, kl
 
 

@@ -1,20 +1,20 @@
 """Triton kernels for token log-probs and entropy: one streaming pass over each row.
 
 Forward, in fp32 (fp64 for fp64 logits) and in base 2: ``c = log2(e) / T`` folds the
-temperature and the change of base into one multiply, so an element costs one fused
-multiply-add ``x * c - m`` and one ``exp2``. A tile is ``[R, VEC]``: each of its R rows is
-VEC logits one thread loads with one 16-byte load, and keeps its own running max ``m`` (log2
-units) and sums ``s = sum(2**(z2 - m))``, ``t = sum(2**(z2 - m) * (z2 - m))`` (``z2 = x * c``):
-no value crosses threads inside the loop (no barrier, no shuffle). One merge at the end
-gives the row's max ``M``, ``S`` and ``T``; then ``logp = ((x[label] * c - M) - log2 S) ln 2``
-and ``entropy = (log2 S - T / S) ln 2``, all relative to the max, so large logits cost no
-precision. ``(M ln 2, log2(S) ln 2)`` (natural units) is kept per row for backward.
+temperature and the change of base into one multiply, so an element costs ``(x - m) c`` and
+one ``exp2``. A tile is ``[R, VEC]``: each of its R rows is VEC logits one thread loads with
+one 16-byte load, and keeps its own running max ``m`` (of the raw logits) and sums
+``s = sum(2**a)``, ``t = sum(2**a a)`` with ``a = (x - m) c``: no value crosses threads
+inside the loop (no barrier, no shuffle). One merge at the end gives the row's max ``M``,
+``S`` and ``T``; then ``logp = ((x[label] - M) c - log2 S) ln 2`` and ``entropy = (log2 S -
+T / S) ln 2``, all relative to the max, so large logits cost no precision and the max's own
+term is exactly 1. The row's max and log-sum are kept for backward (natural units).
 
 Rows are read from their 16-byte boundary at or before the row start: the first and last
 tiles are masked (columns < 0 or >= V), every other tile is a full unmasked tile of 128-bit
 loads, for any V and any row stride. Within a row, offsets are 32-bit.
 
-Backward, per element, with ``log p = z - m - log s`` and ``log2 p = (x * c - m log2 e) - log s log2 e``: ``dx = -(p / T) (g_logp + g_ent (log p + H))``, and at the
+Backward, per element, with ``log2 p = (x * c - m log2 e) - log s log2 e`` (the stats): ``dx = -(p / T) (g_logp + g_ent (log p + H))``, and at the
 label ``+ g_logp / T`` (``1[label]``; none for a label outside ``[0, V)``), written after the
 row's loop from the label's logit read before it (in place, the loop overwrites it).
 
@@ -60,40 +60,47 @@ def _row_start(x_ptr, row, D1, s0, s1, lead, VEC: tl.constexpr, ALIGNED: tl.cons
 
 
 @triton.jit
+def _tile_offsets(BLOCK_V: tl.constexpr, VEC: tl.constexpr, R: tl.constexpr):
+    """``[K, R, VEC]`` column offsets of a tile: each of ``R`` threads reads ``K`` 16-byte packs
+    (``K = BLOCK_V / (R VEC)``), all folded into its one running state."""
+    K: tl.constexpr = BLOCK_V // (R * VEC)
+    return ((tl.arange(0, K)[:, None, None] * R + tl.arange(0, R)[None, :, None]) * VEC
+            + tl.arange(0, VEC)[None, None, :])
+
+
+@triton.jit
 def _fold(x, ok, m, s, t, c, MASKED: tl.constexpr, WITH_ENTROPY: tl.constexpr, FAST: tl.constexpr):
-    """Fold a tile ``x [R, VEC]`` of fp32 logits (with ``MASKED``, only where ``ok``) into each
-    thread-row's ``(m, s, t)`` (log2 units, relative to ``m``)."""
-    if MASKED:  # -inf after the scaling: -inf * c is NaN when c underflowed to 0 (T past 1e38)
-        z = tl.where(ok, x * c, _NEG_INF)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
-    else:
-        m_new = tl.maximum(m, tl.max(x, axis=1) * c)
-    shift = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row of -inf so far: keep the exponent finite
-    alpha = _exp2(m - shift, FAST)  # 0 while m = -inf
+    """Fold a tile ``x [K, R, VEC]`` of fp32 logits (with ``MASKED``, only where ``ok``) into
+    each thread's raw max ``m [R]`` and ``(s, t)`` (log2 units, relative to ``m * c``). The
+    max's own term is ``2**0 = 1`` exactly: a row with one finite logit has log-prob 0, entropy 0."""
     if MASKED:
-        arg = z - shift[:, None]
-    else:
-        arg = tl.fma(x, c, -shift[:, None])
+        x = tl.where(ok, x, _NEG_INF)
+    m_new = tl.maximum(m, tl.max(tl.max(x, axis=2), axis=0))
+    shift = tl.where(m_new == _NEG_INF, 0.0, m_new)  # a row of -inf so far: keep the exponent finite
+    alpha = tl.where(m == _NEG_INF, 0.0, _exp2((m - shift) * c, FAST))  # (-inf * c is NaN for c = 0)
+    arg = (x - shift[None, :, None]) * c
+    if MASKED:  # -inf * c is NaN when c underflowed to 0 (T past 1e38)
+        arg = tl.where(ok, arg, _NEG_INF)
     e = _exp2(arg, FAST)
     if WITH_ENTROPY:  # moving the max by d adds d * s to t
-        d = tl.where(m == _NEG_INF, 0.0, m - shift)
-        t = alpha * (t + d * s) + tl.sum(e * tl.maximum(arg, _LOWEST), axis=1)
-    return m_new, s * alpha + tl.sum(e, axis=1), t
+        d = tl.where(m == _NEG_INF, 0.0, (m - shift) * c)
+        t = alpha * (t + d * s) + tl.sum(tl.sum(e * tl.maximum(arg, _LOWEST), axis=2), axis=0)
+    return m_new, s * alpha + tl.sum(tl.sum(e, axis=2), axis=0), t
 
 
 @triton.jit
 def _token_logprobs_fwd_kernel(
     x_ptr, labels_ptr, logp_ptr, ent_ptr, stats_ptr,
     D1, sx0, sx1, V, lead, c, ignore_index,
-    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, R: tl.constexpr,
     ALIGNED: tl.constexpr, FAST: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     x_row, mis = _row_start(x_ptr, row, D1, sx0, sx1, lead, VEC, ALIGNED)
-    offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
-    m = tl.full([BLOCK_V // VEC], _NEG_INF, ACC)
-    s = tl.zeros([BLOCK_V // VEC], ACC)
-    t = tl.zeros([BLOCK_V // VEC], ACC)
+    offs = _tile_offsets(BLOCK_V, VEC, R)
+    m = tl.full([R], _NEG_INF, ACC)
+    s = tl.zeros([R], ACC)
+    t = tl.zeros([R], ACC)
     n_tiles = tl.cdiv(V + mis, BLOCK_V)
     cols = offs - mis  # the first tile: columns < 0 are the previous row's
     ok = (cols >= 0) & (cols < V)
@@ -107,12 +114,9 @@ def _token_logprobs_fwd_kernel(
         x = tl.load(x_row + (n_tiles - 1) * BLOCK_V + offs, mask=ok, other=0.0).to(ACC)
         m, s, t = _fold(x, ok, m, s, t, c, True, WITH_ENTROPY, FAST)
 
-    # The one merge of the thread-rows, relative to the max as backward will read it back from
-    # the natural-unit stats (m ln 2, then times log2 e): forward and backward then normalize
-    # by the same number, to the last bit, however large the logits.
-    m_nat = tl.max(m, axis=0) * _LN2
-    shift = tl.where(m_nat == _NEG_INF, 0.0, m_nat * _LOG2E)
-    w = tl.exp2(m - shift)
+    big_m = tl.max(m, axis=0)  # the one merge of the thread-rows
+    shift = tl.where(big_m == _NEG_INF, 0.0, big_m)
+    w = tl.where(m == _NEG_INF, 0.0, tl.exp2((m - shift) * c))
     s_sum = tl.sum(s * w, axis=0)
     log2_s = tl.log2(s_sum)
 
@@ -121,13 +125,19 @@ def _token_logprobs_fwd_kernel(
     in_range = (label >= 0) & (label < V)
     x_label = tl.load(x_row + mis + tl.where(in_range, label, 0)).to(ACC)
     # Clamps keep NaN (the default drops it: NaN/+inf logits would give 0, not NaN)
-    logp = tl.minimum((tl.fma(x_label, c, -shift) - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    logp = tl.minimum(((x_label - shift) * c - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
     tl.store(logp_ptr + row, tl.where(keep, logp, 0.0))
+    # Stats in natural units: the max, and a log-sum that carries the max's rounding, so that
+    # backward's (x * c - m log2 e) - log s log2 e is forward's (x - max) c - log2 s however
+    # large the logits (backward rounds m log2 e the same way; the FMA gives the residual).
+    m_nat = (big_m * c) * _LN2
+    m2 = m_nat * _LOG2E
+    residual = tl.where(big_m == _NEG_INF, 0.0, tl.fma(big_m, c, -m2))
     tl.store(stats_ptr + 2 * row, m_nat)
-    tl.store(stats_ptr + 2 * row + 1, log2_s * _LN2)
+    tl.store(stats_ptr + 2 * row + 1, (log2_s + residual) * _LN2)
     if WITH_ENTROPY:
-        t_sum = tl.sum(w * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s), axis=0)
+        t_sum = tl.sum(w * (t + tl.where(m == _NEG_INF, 0.0, (m - shift) * c) * s), axis=0)
         ent = tl.maximum((log2_s - t_sum / s_sum) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
 
@@ -149,7 +159,7 @@ def _grad_tile(x, c, m2, l2, a, b, WITH_ENTROPY: tl.constexpr, FAST: tl.constexp
 def _token_logprobs_bwd_kernel(
     x_ptr, dx_ptr, labels_ptr, stats_ptr, ent_ptr, glogp_ptr, gent_ptr,
     D1, sx0, sx1, sd0, sd1, V, lead, dlead, c, inv_temp, ignore_index,
-    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr,
+    WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, R: tl.constexpr,
     ALIGNED: tl.constexpr, FAST: tl.constexpr,
 ):
     """``ALIGNED``: ``dx`` rows sit at the same offset from a 16-byte boundary as ``x`` rows
@@ -172,7 +182,7 @@ def _token_logprobs_bwd_kernel(
         b = -g_ent * _LN2 * inv_temp
     x_label = tl.load(x_row + mis + tl.where(in_range, label, 0)).to(ACC)  # before the loop overwrites it
 
-    offs = tl.arange(0, BLOCK_V // VEC)[:, None] * VEC + tl.arange(0, VEC)[None, :]
+    offs = _tile_offsets(BLOCK_V, VEC, R)
     n_tiles = tl.cdiv(V + mis, BLOCK_V)
     ty = dx_ptr.dtype.element_ty
     cols = offs - mis
@@ -217,9 +227,11 @@ def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 def _config(logits: torch.Tensor) -> dict:
     V = logits.shape[-1]
-    block = min(max(triton.next_power_of_2(V), 16), 4096)  # >= 16: tiny tiles crash some Triton versions
-    vec = min(16 // logits.element_size(), block)
-    return {"BLOCK_V": block, "VEC": vec, "num_warps": 8 if block >= 2048 else 4,
+    vec = 16 // logits.element_size()
+    block = min(max(triton.next_power_of_2(V), 16), 1024 * vec)  # >= 16: tiny tiles crash some Triton versions
+    vec = min(vec, block)
+    warps = 8 if block >= 2048 else 4
+    return {"BLOCK_V": block, "VEC": vec, "R": min(32 * warps, block // vec), "num_warps": warps,
             "FAST": logits.dtype != torch.float64 and logits.device.type == "cuda"}
 
 
