@@ -769,6 +769,23 @@ def test_torch_compile_fullgraph_with_outputs():
         torch.testing.assert_close(a, b)
 
 
+def test_bench_peers_agree_on_the_probe():
+    """The benchmark's peers of this op: TRL's fused head (when installed) passes the fp64
+    check on the probe, in values and gradients; Liger and CCE say why they cannot run."""
+    from bench.core import Config
+    from bench.families import linear_logprobs as family
+    from bench.runner import Runner
+
+    runner = Runner(Config(DEVICE, "smoke"), ["trl", "liger", "cce"], log=lambda line: None)
+    for name in ("liger", "cce"):
+        impl = runner.impl(family.LINEAR, name)
+        assert impl.fn is not None or impl.reason
+    pytest.importorskip("trl.kernels")
+    impl = runner.impl(family.LINEAR, "trl")
+    assert impl.fn is not None and not impl.failed_check, impl.reason
+    assert runner.errors[(family.LINEAR.name, "trl")]["grad"] < 2e-2
+
+
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
 def test_kernels_compile_for_gpus():
     """Every kernel with the launch configurations a GPU run uses, bf16 and fp32 inputs.

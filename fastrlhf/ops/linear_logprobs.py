@@ -353,7 +353,8 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             ``H = 0`` is allowed: every logit is then the bias (or 0).
         weight: ``[V, H]``, the LM head (may be tied to the input embedding), hidden's dtype.
         labels: int32/int64 of shape ``hidden.shape[:-1]``.
-        bias: optional ``[V]``, hidden's dtype; ``-inf`` entries mask vocabulary entries.
+        bias: optional ``[V]``, hidden's dtype; ``-inf`` entries mask vocabulary entries
+            (unless soft-capped, below).
         temperature, logit_scale, softcap: finite floats > 0 (``softcap`` may be ``None``).
         ignore_index: labels equal to it get 0 (``False``) in every output and no gradient.
         return_entropy: also return the entropy ``-sum(p * log p)`` of each row.
@@ -374,7 +375,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Semantics as :func:`fastrlhf.token_logprobs`: a label outside ``[0, V)`` other than
     ``ignore_index`` gives a NaN log-prob whose gradient is that of ``-logsumexp`` alone
     (its other outputs are still computed; ``is_top1`` is ``False``); a row needs at least
-    one finite logit. Deterministic: every reduction has a fixed order, no atomics.
+    one finite logit (with ``softcap``, ``-inf`` becomes ``-softcap / temperature``: soft-capping
+    undoes a ``-inf`` bias mask, as in Gemma's head). Deterministic: every reduction has a
+    fixed order and no atomics; the GEMMs are cuBLAS's, deterministic for fixed shapes.
 
     Designs. ``blas`` (the default): the logits are computed by the vendor BLAS
     (``torch.mm`` into fp32) in blocks of ``[rows, cols]``, and Triton (or PyTorch) kernels
