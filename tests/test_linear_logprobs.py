@@ -506,6 +506,19 @@ def test_softcap_scale_and_outputs(backend, design, case, dtype, monkeypatch):
 
 
 @IMPLS
+def test_fully_ignored_batch_every_output(backend, design, monkeypatch):
+    """Every label ignored (over several blocks): every output 0 / False, every gradient 0."""
+    _small_blocks(monkeypatch)
+    hidden, weight, bias, _ = _case(20, 24, 300, torch.bfloat16)
+    labels = torch.full((20,), 7, device=DEVICE)
+    ups = [torch.randn(20, device=DEVICE) for _ in DIFFERENTIABLE]
+    got = _run_all(_fastrlhf(labels, backend, design, softcap=3.0, ignore_index=7), hidden, weight, bias,
+                   labels, ups)
+    for k, t in got.items():
+        assert not t.any(), k
+
+
+@IMPLS
 def test_is_top1_is_the_first_argmax(backend, design, monkeypatch):
     """Vocabulary entries 5 and 300 have the same (largest) logit, in different blocks:
     only the first counts as the top-1 prediction, as ``argmax`` and TRL's is_top1."""
@@ -801,14 +814,14 @@ def test_kernels_compile_for_gpus():
     outs = {"logp_ptr": "*fp32", "ent_ptr": "*fp32", "stats_ptr": "*fp32", "lsq_ptr": "*fp32",
             "mean_ptr": "*fp32", "top1_ptr": "*i1"}
     grads = {k: "*fp32" for k in ("glogp_ptr", "gent_ptr", "ent_ptr", "glsq_ptr", "lsq_ptr", "gmean_ptr")}
-    consts = dict.fromkeys(("k_lin", "k_cap", "k_in"), "fp32")
+    consts = dict.fromkeys(("k_z", "k_cap", "k_in"), "fp32")
     for dt, bk, flag, aligned in (("bf16", 64, True, False), ("fp32", 32, False, False),
                                   ("bf16", 64, False, True), ("fp32", 32, True, True)):
         precision = "tf32" if dt == "fp32" and aligned else "ieee"
         for block, warps in ((2048, 8), (128, 4)):
             fold_c = {"HAS_BIAS": flag, "HAS_CAP": not flag, "FIRST": flag, "LAST": not flag,
                       "WITH_ENTROPY": flag, "WITH_LSQ": not flag, "WITH_MEAN": flag,
-                      "WITH_TOP1": not flag, "BLOCK": block}
+                      "WITH_TOP1": not flag, "BLOCK": block, "VEC": 4}
             fold = {"tile_ptr": "*fp32", "ld": "i32", "bias_ptr": f"*{dt}", "labels_ptr": "*i64",
                     "state_ptr": "*fp32", **outs, **dict.fromkeys(("w", "v0", "V"), "i32"), **consts,
                     "ignore_index": "i32", **dict.fromkeys(fold_c, "constexpr")}
@@ -816,7 +829,8 @@ def test_kernels_compile_for_gpus():
                     "WITH_MEAN": not flag, "BLOCK": block}
             dl = {"tile_ptr": "*fp32", "dz_ptr": f"*{dt}", "ld": "i32", "ld_dz": "i32",
                   "bias_ptr": f"*{dt}", "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads,
-                  "w": "i32", "v0": "i32", "inv_V": "fp32", **consts, **dict.fromkeys(dl_c, "constexpr")}
+                  "w": "i32", "v0": "i32", "inv_V": "fp32", **consts, "k_grad": "fp32",
+                  **dict.fromkeys(dl_c, "constexpr")}
             for name, sig, const in (("_fold_kernel", fold, fold_c), ("_dlogits_kernel", dl, dl_c)):
                 divisible = [k for k, t in sig.items() if t[0] in "*i" and k != "ignore_index"]
                 cases.append((mod, name, sig, const, warps, divisible if aligned else []))
@@ -836,7 +850,7 @@ def test_kernels_compile_for_gpus():
                  "WITH_LSQ": flag, "WITH_MEAN": flag, "GROUP": 8, **tiles}
         fdl = {**gemm_in, "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads, "dz_ptr": f"*{dt}",
                **dict.fromkeys(("N", "H", "v0", "width", "sxn", "swv"), "i32"), "inv_V": "fp32",
-               **consts, **dict.fromkeys(fdl_c, "constexpr")}
+               **consts, "k_grad": "fp32", **dict.fromkeys(fdl_c, "constexpr")}
         fused = [("_fused_fwd_kernel", fwd, fwd_c), ("_fused_dlogits_kernel", fdl, fdl_c)]
         for name, sig, const in fused:
             divisible = [k for k, t in sig.items() if t[0] in "*i"]

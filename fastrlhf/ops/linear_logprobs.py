@@ -346,7 +346,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Order of operations on each logit ``y`` (TRL's ``ChunkedLogProbFunction`` and Gemma's
     head use the same): ``u = y * logit_scale``, then ``u = softcap * tanh(u / softcap)``
     when ``softcap`` is set, then ``z = u / temperature``. ``y`` is computed with fp32
-    accumulation and never rounded to the inputs' dtype; everything after it is fp32.
+    accumulation and never rounded to the inputs' dtype; everything after it is fp32. fp32
+    inputs multiply as ``torch.matmul`` does (TF32 unless ``torch.get_float32_matmul_precision()``
+    is ``"highest"``, the default).
 
     Args:
         hidden: ``[..., H]`` bf16/fp16/fp32 (e.g. the last hidden states of a causal LM).
