@@ -30,7 +30,9 @@ backward are in natural units. The row kernels read the label's logit with one l
 write its gradient after the row's loop instead of comparing every column with the label.
 Compiled SASS (sm_90, bf16, 2048-column steps): the fold's loop is 9 instructions per
 element (12.5 with the entropy, 41 with soft-capping and every statistic), ``dlogits``' 8
-(12, 33): under the ~37 an H100 can issue per fp32 element read at full memory bandwidth.
+(12, 33). An H100 issues about 37 per fp32 element it reads at full memory bandwidth (55
+for ``dlogits``, which also writes 2 bytes): memory-bound but for the fold with soft-capping
+and every statistic, predicted at about 90 % of the bandwidth.
 
 ``tl.dot`` on bf16 operands returns garbage under the Triton interpreter, so the operands
 are cast to fp32 only when ``INTERPRET`` (products of bf16/fp16 values are exact in fp32,
