@@ -81,13 +81,16 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 class _VocabParallelLinearLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, vocab_start, temperature, ignore_index, backend, group):
+    def forward(ctx, hidden, weight, bias, labels, vocab_start, options, backend, design, group):
+        temperature, ignore_index, logit_scale, softcap = options
         local, in_shard, ignored = _local_labels(labels, vocab_start, weight.shape[0], ignore_index)
-        logp, ent, stats = _llp._linear_logprobs_op(hidden, weight, bias, local, temperature,
-                                                    _LOCAL_IGNORE, True, backend)
+        logp, ent, stats, _, _, _ = _llp._linear_logprobs_op(
+            hidden, weight, bias, local, temperature, _LOCAL_IGNORE, True, backend,
+            logit_scale=logit_scale, softcap=softcap, design=design)
         out_logp, out_ent, stats = _combine(logp, ent, stats, in_shard, ignored, group)
         ctx.save_for_backward(hidden, weight, bias, local, stats, out_ent)
         ctx.args = (temperature, _LOCAL_IGNORE)
+        ctx.kwargs = {"logit_scale": logit_scale, "softcap": softcap, "design": design}
         ctx.backend, ctx.group = backend, group
         return out_logp, out_ent
 
@@ -99,7 +102,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
             grad_logp = torch.zeros_like(ent)
         gh, gw, gb = _llp._linear_logprobs_bwd_op(
             grad_logp, grad_ent, hidden, weight, bias, local, stats, ent, *ctx.args,
-            need_h, need_w, need_b and bias is not None, ctx.backend)
+            need_h, need_w, need_b and bias is not None, ctx.backend, **ctx.kwargs)
         if need_h:  # hidden is replicated: its gradient is the sum of every shard's part
             dist.all_reduce(gh, dist.ReduceOp.SUM, group=ctx.group)
         return (gh if need_h else None, gw if need_w else None, gb if need_b else None,
@@ -135,25 +138,31 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
 def vocab_parallel_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor,
                                          labels: torch.Tensor, *, vocab_start: int, bias=None,
                                          group=None, temperature: float = 1.0,
+                                         logit_scale: float = 1.0, softcap: float | None = None,
                                          ignore_index: int = -100, return_entropy: bool = False,
-                                         backend: str = "auto"):
+                                         backend: str = "auto", design: str = "auto"):
     """:func:`fastrlhf.linear_token_logprobs` for an LM head sharded over the vocabulary.
 
     Each rank of ``group`` holds the same ``hidden [..., H]`` and ``labels``, and the rows
     ``[vocab_start, vocab_start + V_local)`` of the head: ``weight [V_local, H]`` (and
     ``bias [V_local]``). Every rank gets the full-vocabulary log-probs (and entropy), the
     gradient of its own head shard, and the full ``grad_hidden``. Semantics (ignored and
-    out-of-range labels) as :func:`vocab_parallel_token_logprobs`.
+    out-of-range labels) as :func:`vocab_parallel_token_logprobs`; ``logit_scale`` and
+    ``softcap`` act on each logit as in :func:`fastrlhf.linear_token_logprobs` (the other
+    per-token outputs of that op are not offered here).
 
     Communication: forward as :func:`vocab_parallel_token_logprobs`; backward one all-reduce
     (sum) of ``grad_hidden [N, H]``. Memory as :func:`fastrlhf.linear_token_logprobs`.
     """
-    _llp._check(hidden, weight, labels, bias, temperature, ignore_index)
+    _llp._check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
     _check_group("vocab_start", vocab_start)
-    name = _llp.resolve_backend(backend, hidden.device, "linear_logprobs")
+    name = _llp.resolve_backend(backend, hidden.device, _llp.FAMILY)
+    N, H = labels.numel(), hidden.shape[-1]
+    design = _llp.resolve_design(design, name, hidden.device, hidden.dtype, H)
+    options = (float(temperature), ignore_index, float(logit_scale),
+               None if softcap is None else float(softcap))
     logp, ent = _VocabParallelLinearLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, labels.reshape(-1), vocab_start,
-        float(temperature), ignore_index, name, group)
+        hidden.reshape(N, H), weight, bias, labels.reshape(-1), vocab_start, options, name, design, group)
     logp, ent = logp.view(labels.shape), ent.view(labels.shape)
     return (logp, ent) if return_entropy else logp
 
