@@ -1,12 +1,10 @@
 // CUDA implementations of fastrlhf_cuda::gae_fwd and group_advantages_fwd (kernels/advantages.cu).
 // Outputs and the chunk-map scratch are allocated by the caller (fastrlhf/cuda/advantages.py)
 // and written here.
-#include <torch/library.h>
-
 #include "checks.h"
+#include "ops.h"
 
 namespace fastrlhf {
-namespace {
 
 void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
              const at::Tensor& mask, double gamma, double lam, bool skip_holes, int64_t threads,
@@ -31,6 +29,8 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
   }
   FASTRLHF_CHECK_OUT(advantages, rewards, acc, rewards.sizes());
   const int64_t B = rewards.size(0), T = rewards.size(1);
+  TORCH_CHECK_VALUE(T < (int64_t(1) << 31) - 2048, "rewards must have fewer than 2**31 - 2048 positions per row, got T = ",
+                    T);
   const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
   const std::vector<int64_t> maps_shape{B, n_chunks, 5};  // 5 numbers per chunk map
   if (n_chunks > 1) FASTRLHF_CHECK_OUT(maps, rewards, acc, maps_shape);
@@ -39,13 +39,22 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
   const c10::cuda::CUDAGuard guard(rewards.device());
   const at::Tensor r = unit_t(rewards), m = unit_t(mask);
   const at::Tensor v = values.has_value() ? unit_t(*values) : at::Tensor();
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_gae_fwd(B, T, rows_arg(r), v.defined() ? rows_arg(v) : no_rows(), mask_arg(m), gamma,
-                       gamma * lam, skip_holes ? 1 : 0, acc == at::kDouble ? 1 : 0,
-                       static_cast<int>(threads), chunk, n_chunks > 1 ? maps.data_ptr() : nullptr,
-                       advantages.data_ptr(), v.defined() ? returns.data_ptr() : nullptr,
-                       current_stream(rewards)),
-      "gae_fwd");
+  fastrlhf_gae_params params{};
+  params.B = B;
+  params.T = T;
+  params.rewards = rows_arg(r);
+  params.values = v.defined() ? rows_arg(v) : no_rows();
+  params.mask = rows_arg(m);
+  params.gamma = gamma;
+  params.gamma_lam = gamma * lam;
+  params.skip_holes = skip_holes ? 1 : 0;
+  params.acc = kernel_dtype(acc);
+  params.advantages = advantages.data_ptr();
+  params.returns = v.defined() ? returns.data_ptr() : nullptr;
+  params.threads = static_cast<int>(threads);
+  params.chunk = chunk;
+  params.maps = n_chunks > 1 ? maps.data_ptr() : nullptr;
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_gae_fwd(&params, current_stream(rewards)), "gae_fwd");
 }
 
 void group_advantages_fwd(const at::Tensor& scores, int64_t group_size, int64_t method, double eps,
@@ -64,15 +73,8 @@ void group_advantages_fwd(const at::Tensor& scores, int64_t group_size, int64_t 
   const at::Tensor s = scores.contiguous();
   FASTRLHF_CHECK_LAUNCH(
       fastrlhf_group_advantages_fwd(rows_arg(s), s.size(0) / group_size, group_size, static_cast<int>(method),
-                                    eps, out.scalar_type() == at::kDouble ? 1 : 0, out.data_ptr(),
-                                    current_stream(scores)),
+                                    eps, kernel_dtype(out), out.data_ptr(), current_stream(scores)),
       "group_advantages_fwd");
 }
 
-}  // namespace
 }  // namespace fastrlhf
-
-TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
-  m.impl("gae_fwd", &fastrlhf::gae_fwd);
-  m.impl("group_advantages_fwd", &fastrlhf::group_advantages_fwd);
-}

@@ -88,30 +88,36 @@ inline bool dtype_in(at::ScalarType t, std::initializer_list<at::ScalarType> typ
 
 namespace fastrlhf {
 
-inline fastrlhf_dtype kernel_dtype(const at::Tensor& x) {
-  switch (x.scalar_type()) {
+// The kernels' name of a dtype: every dtype an input may have (floating inputs, int32/int64
+// labels, masks of any dtype but complex).
+inline fastrlhf_dtype kernel_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return FASTRLHF_FLOAT32;
     case at::kHalf: return FASTRLHF_FLOAT16;
     case at::kBFloat16: return FASTRLHF_BFLOAT16;
     case at::kDouble: return FASTRLHF_FLOAT64;
-    default: return FASTRLHF_FLOAT32;
+    case at::kBool: return FASTRLHF_BOOL;
+    case at::kByte: return FASTRLHF_UINT8;
+    case at::kChar: return FASTRLHF_INT8;
+    case at::kShort: return FASTRLHF_INT16;
+    case at::kInt: return FASTRLHF_INT32;
+    case at::kLong: return FASTRLHF_INT64;
+    default: TORCH_CHECK_TYPE(false, "fastrlhf CUDA kernels do not read dtype ", dtype_name(t));
   }
 }
+
+inline fastrlhf_dtype kernel_dtype(const at::Tensor& x) { return kernel_dtype(x.scalar_type()); }
 
 // The accumulation (and output) dtype for inputs of dtype t: float64 for float64, else float32.
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// A floating input of the small ops as the launchers take it: [B, T] with unit stride along
-// T (row_stride = stride(0)) or flat and contiguous (row_stride 0). See unit_t / flat.
+// An input of the small ops as the launchers take it: [B, T] with unit stride along T
+// (row_stride = stride(0)) or flat and contiguous (row_stride 0). See unit_t / flat.
 inline fastrlhf_rows rows_arg(const at::Tensor& x) {
   return {x.data_ptr(), kernel_dtype(x), x.dim() == 2 ? x.stride(0) : 0};
 }
 
 inline fastrlhf_rows no_rows() { return {nullptr, FASTRLHF_FLOAT32, 0}; }
-
-inline fastrlhf_mask mask_arg(const at::Tensor& m) {
-  return {m.data_ptr(), static_cast<int>(m.element_size()), m.is_floating_point() ? 1 : 0,
-          m.dim() == 2 ? m.stride(0) : 0};
-}
 
 // x ([B, T]) read in place when T has unit stride, else a contiguous copy.
 inline at::Tensor unit_t(const at::Tensor& x) {

@@ -1,9 +1,8 @@
 // CUDA implementations of fastrlhf_cuda::kl_penalty_fwd / kl_penalty_bwd /
 // kl_penalized_rewards_fwd (kernels/kl.cu). Outputs are allocated by the caller
 // (fastrlhf/cuda/kl.py) and written here; an empty gradient output means "not wanted".
-#include <torch/library.h>
-
 #include "checks.h"
+#include "ops.h"
 
 namespace fastrlhf {
 namespace {
@@ -18,6 +17,15 @@ void check_pair(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int6
                     "estimator must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3), got ", estimator);
 }
 
+// The kernels' view of flat log-probs lp, rf (contiguous) and the estimator.
+fastrlhf_kl_tokens kl_tokens(const at::Tensor& lp, const at::Tensor& rf, int64_t estimator, double clamp,
+                             double log_ratio_clamp) {
+  return {lp.numel(), rows_arg(lp), rows_arg(rf), {static_cast<int>(estimator), clamp, log_ratio_clamp},
+          kernel_dtype(acc_of({&lp, &rf}))};
+}
+
+}  // namespace
+
 void kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int64_t estimator,
                     double clamp, double log_ratio_clamp, const at::Tensor& out) {
   check_pair(logprobs, ref_logprobs, estimator);
@@ -27,11 +35,8 @@ void kl_penalty_fwd(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, 
 
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const at::Tensor lp = flat(logprobs), rf = flat(ref_logprobs);
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_kl_penalty_fwd(lp.numel(), rows_arg(lp), rows_arg(rf), static_cast<int>(estimator), clamp,
-                              log_ratio_clamp, acc == at::kDouble ? 1 : 0, out.data_ptr(),
-                              current_stream(logprobs)),
-      "kl_penalty_fwd");
+  const fastrlhf_kl_tokens t = kl_tokens(lp, rf, estimator, clamp, log_ratio_clamp);
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_kl_penalty_fwd(&t, out.data_ptr(), current_stream(logprobs)), "kl_penalty_fwd");
 }
 
 void kl_penalty_bwd(const at::Tensor& grad, const at::Tensor& logprobs, const at::Tensor& ref_logprobs,
@@ -48,13 +53,12 @@ void kl_penalty_bwd(const at::Tensor& grad, const at::Tensor& logprobs, const at
 
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const at::Tensor g = flat(grad), lp = flat(logprobs), rf = flat(ref_logprobs);
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_kl_penalty_bwd(lp.numel(), rows_arg(g), rows_arg(lp), rows_arg(rf), static_cast<int>(estimator),
-                              straight ? 1 : 0, clamp, log_ratio_clamp,
-                              acc_of({&logprobs, &ref_logprobs}) == at::kDouble ? 1 : 0,
-                              want_logp ? grad_logprobs.data_ptr() : nullptr,
-                              want_ref ? grad_ref_logprobs.data_ptr() : nullptr, current_stream(logprobs)),
-      "kl_penalty_bwd");
+  const fastrlhf_kl_tokens t = kl_tokens(lp, rf, estimator, clamp, log_ratio_clamp);
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_kl_penalty_bwd(&t, rows_arg(g), straight ? 1 : 0,
+                                                want_logp ? grad_logprobs.data_ptr() : nullptr,
+                                                want_ref ? grad_ref_logprobs.data_ptr() : nullptr,
+                                                current_stream(logprobs)),
+                        "kl_penalty_bwd");
 }
 
 void kl_penalized_rewards_fwd(const at::Tensor& scores, const at::Tensor& logprobs,
@@ -83,20 +87,20 @@ void kl_penalized_rewards_fwd(const at::Tensor& scores, const at::Tensor& logpro
   const c10::cuda::CUDAGuard guard(logprobs.device());
   const at::Tensor lp = unit_t(logprobs), rf = unit_t(ref_logprobs), m = unit_t(mask);
   const at::Tensor s = scores.contiguous();
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_kl_rewards_fwd(lp.size(0), lp.size(1), rows_arg(s), rows_arg(lp), rows_arg(rf), mask_arg(m),
-                              kl_coef, kl_coef_t.has_value() ? rows_arg(*kl_coef_t) : no_rows(),
-                              static_cast<int>(estimator), kl_clamp, log_ratio_clamp, score_clip,
-                              acc == at::kDouble ? 1 : 0, rewards.data_ptr(), kl.data_ptr(),
-                              current_stream(logprobs)),
-      "kl_penalized_rewards_fwd");
+  const fastrlhf_kl_rewards_params params{lp.size(0),
+                                          lp.size(1),
+                                          rows_arg(s),
+                                          rows_arg(lp),
+                                          rows_arg(rf),
+                                          rows_arg(m),
+                                          kl_coef,
+                                          kl_coef_t.has_value() ? rows_arg(*kl_coef_t) : no_rows(),
+                                          {static_cast<int>(estimator), kl_clamp, log_ratio_clamp},
+                                          score_clip,
+                                          kernel_dtype(acc),
+                                          rewards.data_ptr(),
+                                          kl.data_ptr()};
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_kl_rewards_fwd(&params, current_stream(logprobs)), "kl_penalized_rewards_fwd");
 }
 
-}  // namespace
 }  // namespace fastrlhf
-
-TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
-  m.impl("kl_penalty_fwd", &fastrlhf::kl_penalty_fwd);
-  m.impl("kl_penalty_bwd", &fastrlhf::kl_penalty_bwd);
-  m.impl("kl_penalized_rewards_fwd", &fastrlhf::kl_penalized_rewards_fwd);
-}

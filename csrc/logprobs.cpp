@@ -2,9 +2,9 @@
 // row addressing, current stream, then the C-ABI launchers of kernels/logprobs.cu.
 // Outputs are allocated by the caller (fastrlhf/cuda/logprobs.py) and written here.
 #include <ATen/ops/empty_like.h>
-#include <torch/library.h>
 
 #include "checks.h"
+#include "ops.h"
 
 namespace fastrlhf {
 namespace {
@@ -14,6 +14,8 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, dou
   FASTRLHF_CHECK_FLOAT(logits);
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1,
                     "logits must have a vocabulary dimension V >= 1, got shape ", logits.sizes());
+  TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 31),
+                    "logits must have a vocabulary dimension V < 2**31, got shape ", logits.sizes());
   TORCH_CHECK_VALUE(logits.stride(-1) == 1 || logits.size(-1) == 1,
                     "logits must have unit stride on the last dimension, got strides ", logits.strides());
   FASTRLHF_CHECK_SAME_DEVICE(labels, logits);
@@ -28,6 +30,42 @@ std::vector<int64_t> with_pair(at::IntArrayRef sizes) {
   return out;
 }
 
+// Logits [..., V] with their labels (and a gradient sharing their row layout) as the kernels
+// address them. The logits (and grad_logits) are used in place when their leading dims merge
+// into at most two strides; else as contiguous copies (the gradient of a copy is written back
+// by the caller: dx is then not grad_logits). The tensors keep what `in` points to alive.
+struct LogitsView {
+  at::Tensor x, dx, labels;
+  fastrlhf_logits in;
+  int64_t d0 = 0, d1 = 0;  // dx's row strides
+};
+
+LogitsView logits_view(const at::Tensor& logits, const at::Tensor& labels, double temperature,
+                       int64_t ignore_index, const at::Tensor* grad_logits = nullptr) {
+  LogitsView v{logits, grad_logits ? *grad_logits : at::Tensor(), labels.contiguous(), {}};
+  auto layout = [&] { return grad_logits ? row_layout({&v.x, &v.dx}) : row_layout({&v.x}); };
+  std::optional<RowLayout> rows = layout();
+  if (!rows) {  // a layout of three or more strides: work on contiguous copies
+    const bool inplace = grad_logits && grad_logits->is_same(logits);
+    v.x = logits.contiguous();
+    if (grad_logits) {
+      v.dx = inplace ? v.x
+                     : (grad_logits->is_contiguous() ? *grad_logits
+                                                     : at::empty_like(v.x, at::MemoryFormat::Contiguous));
+    }
+    rows = layout();
+  }
+  v.in = {kernel_dtype(v.x), v.x.data_ptr(), rows->n_rows, v.x.size(-1), rows->D1, rows->s0[0], rows->s1[0],
+          v.labels.data_ptr(), kernel_dtype(v.labels), 1.0 / temperature, ignore_index};
+  if (grad_logits) {
+    v.d0 = rows->s0[1];
+    v.d1 = rows->s1[1];
+  }
+  return v;
+}
+
+}  // namespace
+
 void token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, double temperature,
                         int64_t ignore_index, bool with_entropy, const at::Tensor& logp,
                         const at::Tensor& entropy, const at::Tensor& stats) {
@@ -39,20 +77,10 @@ void token_logprobs_fwd(const at::Tensor& logits, const at::Tensor& labels, doub
   if (labels.numel() == 0) return;
 
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor lab = labels.contiguous();
-  at::Tensor x = logits;
-  auto rows = row_layout({&x});
-  if (!rows) {
-    x = logits.contiguous();
-    rows = row_layout({&x});
-  }
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_token_logprobs_fwd(
-          kernel_dtype(x), x.data_ptr(), rows->n_rows, rows->D1, rows->s0[0], rows->s1[0],
-          x.size(-1), lab.data_ptr(), static_cast<int>(lab.element_size()), 1.0 / temperature,
-          ignore_index, logp.data_ptr(), with_entropy ? entropy.data_ptr() : nullptr,
-          stats.data_ptr(), current_stream(x)),
-      "token_logprobs_fwd");
+  const LogitsView v = logits_view(logits, labels, temperature, ignore_index);
+  const fastrlhf_logprobs_fwd_params params{v.in, logp.data_ptr(), with_entropy ? entropy.data_ptr() : nullptr,
+                                            stats.data_ptr()};
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_token_logprobs_fwd(&params, current_stream(v.x)), "token_logprobs_fwd");
 }
 
 void token_logprobs_bwd(const at::Tensor& grad_logp, const std::optional<at::Tensor>& grad_entropy,
@@ -82,33 +110,18 @@ void token_logprobs_bwd(const at::Tensor& grad_logp, const std::optional<at::Ten
   if (labels.numel() == 0) return;
 
   const c10::cuda::CUDAGuard guard(logits.device());
-  const at::Tensor lab = labels.contiguous();
   const at::Tensor g_logp = grad_logp.to(acc).contiguous();
-  const bool inplace = grad_logits.is_same(logits);
-  at::Tensor x = logits, dx = grad_logits;
-  auto rows = row_layout({&x, &dx});
-  if (!rows) {  // a layout of three or more strides: work on contiguous copies
-    x = logits.contiguous();
-    dx = inplace ? x
-                 : (grad_logits.is_contiguous() ? grad_logits
-                                                : at::empty_like(x, at::MemoryFormat::Contiguous));
-    rows = row_layout({&x, &dx});
-  }
-  FASTRLHF_CHECK_LAUNCH(
-      fastrlhf_token_logprobs_bwd(
-          kernel_dtype(x), x.data_ptr(), rows->n_rows, rows->D1, rows->s0[0], rows->s1[0], x.size(-1),
-          dx.data_ptr(), rows->s0[1], rows->s1[1], lab.data_ptr(), static_cast<int>(lab.element_size()),
-          stats.data_ptr(), g_ent.defined() ? entropy.data_ptr() : nullptr, g_logp.data_ptr(),
-          g_ent.defined() ? g_ent.data_ptr() : nullptr, 1.0 / temperature, ignore_index,
-          current_stream(x)),
-      "token_logprobs_bwd");
-  if (!dx.is_same(grad_logits)) grad_logits.copy_(dx);
+  const LogitsView v = logits_view(logits, labels, temperature, ignore_index, &grad_logits);
+  const fastrlhf_logprobs_bwd_params params{v.in,
+                                            v.dx.data_ptr(),
+                                            v.d0,
+                                            v.d1,
+                                            stats.data_ptr(),
+                                            g_ent.defined() ? entropy.data_ptr() : nullptr,
+                                            g_logp.data_ptr(),
+                                            g_ent.defined() ? g_ent.data_ptr() : nullptr};
+  FASTRLHF_CHECK_LAUNCH(fastrlhf_token_logprobs_bwd(&params, current_stream(v.x)), "token_logprobs_bwd");
+  if (!v.dx.is_same(grad_logits)) grad_logits.copy_(v.dx);
 }
 
-}  // namespace
 }  // namespace fastrlhf
-
-TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
-  m.impl("token_logprobs_fwd", &fastrlhf::token_logprobs_fwd);
-  m.impl("token_logprobs_bwd", &fastrlhf::token_logprobs_bwd);
-}

@@ -1,5 +1,6 @@
-// The fastrlhf_cuda operator library (the schema of every op, implemented for CUDA in
-// csrc/<family>.cpp) and the Python module around it, which exposes build information.
+// The fastrlhf_cuda operator library (the schema of every op and its CUDA implementation from
+// csrc/<family>.cpp, declared in ops.h) and the Python module around it, which exposes build
+// information.
 //
 // Ops take their outputs as mutable arguments: the Python launchers (fastrlhf/cuda/) allocate
 // them, as the Triton launchers do. A backward op's grad_logits may be logits itself (an
@@ -12,6 +13,7 @@
 #include <string>
 
 #include "launchers.cuh"
+#include "ops.h"
 
 TORCH_LIBRARY(fastrlhf_cuda, m) {
   m.def("token_logprobs_fwd(Tensor logits, Tensor labels, float temperature, int ignore_index, "
@@ -29,10 +31,30 @@ TORCH_LIBRARY(fastrlhf_cuda, m) {
   m.def("kl_penalized_rewards_fwd(Tensor scores, Tensor logprobs, Tensor ref_logprobs, Tensor mask, "
         "float kl_coef, Tensor? kl_coef_t, int estimator, float kl_clamp, float log_ratio_clamp, "
         "float score_clip, Tensor(a!) rewards, Tensor(b!) kl) -> ()");
-  m.def("ppo_loss_fwd(bool value, Tensor x, Tensor old, Tensor y, Tensor mask, Tensor? row_counts, "
-        "float c0, float c1, float c2, float c3, Tensor(a!) sums, Tensor(b!) counts) -> ()");
-  m.def("ppo_loss_bwd(bool value, Tensor grad, Tensor scale, Tensor x, Tensor old, Tensor y, Tensor mask, "
-        "Tensor? row_counts, float c0, float c1, float c2, float c3, Tensor(a!) grad_x) -> ()");
+  m.def("ppo_policy_fwd(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "Tensor? row_counts, float ratio_low, float ratio_high, float dual_clip, float log_ratio_clamp, "
+        "Tensor(a!) sums, Tensor(b!) counts) -> ()");
+  m.def("ppo_value_fwd(Tensor values, Tensor old_values, Tensor returns, Tensor mask, Tensor? row_counts, "
+        "float clip, Tensor(a!) sums, Tensor(b!) counts) -> ()");
+  m.def("ppo_policy_bwd(Tensor grad, Tensor scale, Tensor logprobs, Tensor old_logprobs, Tensor advantages, "
+        "Tensor mask, Tensor? row_counts, float ratio_low, float ratio_high, float dual_clip, "
+        "float log_ratio_clamp, Tensor(a!) grad_logprobs) -> ()");
+  m.def("ppo_value_bwd(Tensor grad, Tensor scale, Tensor values, Tensor old_values, Tensor returns, "
+        "Tensor mask, Tensor? row_counts, float clip, Tensor(a!) grad_values) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(fastrlhf_cuda, CUDA, m) {
+  m.impl("token_logprobs_fwd", &fastrlhf::token_logprobs_fwd);
+  m.impl("token_logprobs_bwd", &fastrlhf::token_logprobs_bwd);
+  m.impl("gae_fwd", &fastrlhf::gae_fwd);
+  m.impl("group_advantages_fwd", &fastrlhf::group_advantages_fwd);
+  m.impl("kl_penalty_fwd", &fastrlhf::kl_penalty_fwd);
+  m.impl("kl_penalty_bwd", &fastrlhf::kl_penalty_bwd);
+  m.impl("kl_penalized_rewards_fwd", &fastrlhf::kl_penalized_rewards_fwd);
+  m.impl("ppo_policy_fwd", &fastrlhf::ppo_policy_fwd);
+  m.impl("ppo_value_fwd", &fastrlhf::ppo_value_fwd);
+  m.impl("ppo_policy_bwd", &fastrlhf::ppo_policy_bwd);
+  m.impl("ppo_value_bwd", &fastrlhf::ppo_value_bwd);
 }
 
 namespace {

@@ -104,12 +104,12 @@ def use_backend(name: str):
         stack.pop()
 
 
-def _auto(device: torch.device, family: str | None) -> str:
+def _auto(device: torch.device, family: str | None, feature: str | None) -> str:
     """CPU: torch. CUDA: triton, or cuda where the measured table (``fastrlhf.cuda.
     dispatch_table``) says it is faster or Triton is not installed; torch when neither runs."""
     if device.type != "cuda":
         return "torch"
-    if family is not None and has_kernels("cuda", family):
+    if family is not None and has_kernels("cuda", family, feature):
         from fastrlhf.cuda.dispatch_table import preferred  # noqa: PLC0415
 
         choice = preferred(family, torch.cuda.get_device_capability(device))
@@ -118,16 +118,25 @@ def _auto(device: torch.device, family: str | None) -> str:
     return "triton" if _triton_installed() else "torch"
 
 
-def has_kernels(backend: str, family: str) -> bool:
-    """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)."""
-    return backend == "torch" or importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is not None
+def has_kernels(backend: str, family: str, feature: str | None = None) -> bool:
+    """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)
+    and, when given, ``feature`` of it (e.g. ``"packed"`` sequences): the torch and triton
+    backends implement every feature, a cuda module those its ``FEATURES`` lists."""
+    if backend == "torch":
+        return True
+    if importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is None:
+        return False
+    return feature is None or backend == "triton" or \
+        feature in getattr(importlib.import_module(f"fastrlhf.{backend}.{family}"), "FEATURES", ())
 
 
-def resolve_backend(backend: str, device: torch.device, family: str | None = None) -> str:
-    """The concrete backend (``torch``/``triton``/``cuda``) a call of an op of ``family`` runs on.
+def resolve_backend(backend: str, device: torch.device, family: str | None = None,
+                    feature: str | None = None) -> str:
+    """The concrete backend (``torch``/``triton``/``cuda``) a call of an op of ``family`` (using
+    ``feature``, see :func:`has_kernels`) runs on; ``auto`` never picks one without them.
 
     Raises ``ValueError`` for an unknown name and :class:`BackendUnavailableError` when the
-    chosen backend cannot run on ``device`` or has no kernels for ``family``.
+    chosen backend cannot run on ``device`` or has no kernels for ``family`` and ``feature``.
     """
     name = _check_name(backend, "backend")
     if name == "auto":
@@ -135,10 +144,11 @@ def resolve_backend(backend: str, device: torch.device, family: str | None = Non
         name = stack[-1] if stack else _check_name(os.environ.get("FASTRLHF_BACKEND", "auto"),
                                                   "FASTRLHF_BACKEND")
     if name == "auto":
-        return _auto(device, family)
+        return _auto(device, family, feature)
     ok, why = backend_status(name, device)
-    if ok and family is not None and not has_kernels(name, family):
-        ok, why = False, f"it has no {family} kernels; use backend='triton' or 'torch'"
+    if ok and family is not None and not has_kernels(name, family, feature):
+        what = f"{family} kernels" + (f" for {feature}" if feature else "")
+        ok, why = False, f"it has no {what}; use backend='triton' or 'torch'"
     if not ok:
         raise BackendUnavailableError(f"fastrlhf backend {name!r} is unavailable: {why}")
     return name

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
+from fastrlhf.ops.advantages import discounted_returns, gae, gae_outputs, group_advantages, masked_whiten
 from fastrlhf.reference import advantages as ref
 from tests.conftest import BACKENDS, DEVICE, family_backends
 
@@ -110,8 +110,10 @@ def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
     mask = torch.rand(1, T, device=DEVICE) > 0.5
     mask[0, 100:170] = False  # a hole wider than a tile and a chunk
     gamma, lam = 0.999, 0.97
-    got = gae_fwd(rewards, values if with_values else None, mask, gamma, lam if with_values else 1.0,
-                  holes == "skip", block, tiles_per_chunk)
+    v = values if with_values else None
+    got = gae_outputs(rewards, v)
+    gae_fwd(rewards, v, mask, gamma, lam if with_values else 1.0, holes == "skip", *got, block=block,
+            tiles_per_chunk=tiles_per_chunk)
     if with_values:
         want = ref.gae(rewards.double(), values.double(), mask, gamma, lam, holes)
         _close(got[0], want[0])
@@ -123,9 +125,9 @@ def test_long_row_block_carry(block, tiles_per_chunk, with_values, holes):
 def test_plan_respects_launch_limits():
     from fastrlhf.triton.advantages import MAX_CHUNKS, plan
 
-    assert plan(8192, 2048) == (1024, 2048, 1)  # the batch fills the GPU: whole rows
+    assert plan(8192, 2048) == (512, 2048, 1)  # the batch fills the GPU: whole rows
     BLOCK, CHUNK, NC = plan(1, 65536)
-    assert (BLOCK, NC) == (1024, 64) and NC * CHUNK >= 65536  # one long row: 64 chunks
+    assert (BLOCK, NC) == (512, 128) and NC * CHUNK >= 65536  # one long row: 128 chunks
     for B, T in [(1, 1), (1, 2**22), (3, 37), (64, 100_000), (100_000, 3)]:
         BLOCK, CHUNK, NC = plan(B, T)
         assert CHUNK % BLOCK == 0 and (NC - 1) * CHUNK < T <= NC * CHUNK
@@ -301,6 +303,120 @@ def test_masked_whiten_degenerate_masks():
     assert (masked_whiten(same, torch.ones(4, device=DEVICE)) == 0).all()
 
 
+def test_masked_whiten_backends_agree(backend):
+    """Every backend (one fp64 statistics pass, one elementwise pass) against the two-pass
+    fp64 reference, values and gradients, with holes, odd sizes and a bf16 input."""
+    for shape, dtype in (((3, 37), torch.float32), ((5, 1031), torch.bfloat16), ((4097,), torch.float32)):
+        x = (torch.randn(shape, device=DEVICE) * 3 + 1).to(dtype)
+        m = torch.rand(shape, device=DEVICE) < 0.7
+        g = torch.randn(shape, device=DEVICE)
+        for shift_mean, unbiased in ((True, True), (False, False)):
+            kw = dict(shift_mean=shift_mean, unbiased=unbiased)
+            xg = x.detach().clone().requires_grad_(True)
+            got = masked_whiten(xg, m, backend=backend, **kw)
+            (got * g).sum().backward()
+            xd = x.detach().double().requires_grad_(True)
+            want = ref.masked_whiten(xd, m, **kw)
+            (want * g.double()).sum().backward()
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+            tol = 2.0**-8 if dtype == torch.bfloat16 else 1e-5  # bf16 gradients: one bf16 rounding
+            torch.testing.assert_close(xg.grad.double(), xd.grad, atol=tol * xd.grad.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_masked_whiten_over_ranks(world):
+    """With a process group, every rank whitens with the statistics of all ranks' valid
+    elements (one all-reduce; ranks simulated by threads, so on the torch backend: the Triton
+    interpreter is not thread-safe; tests/test_parallel.py runs every backend in processes):
+    values and gradients equal whitening the concatenation, a fully masked rank included."""
+    from tests.ranks import ThreadGroup
+
+    xs = [torch.randn(2, 9 + r, device=DEVICE, dtype=torch.float64) * 2 + r for r in range(world)]
+    ms = [torch.rand(2, 9 + r, device=DEVICE) < 0.7 for r in range(world)]
+    ms[-1][:] = False
+    gs = [torch.randn_like(x) for x in xs]
+    flat_x = torch.cat([x.reshape(-1) for x in xs]).requires_grad_(True)
+    want = ref.masked_whiten(flat_x, torch.cat([m.reshape(-1) for m in ms]))
+    (want * torch.cat([g.reshape(-1) for g in gs])).sum().backward()
+    group = ThreadGroup(world)
+
+    def rank_fn(rank):
+        x = xs[rank].clone().requires_grad_(True)
+        out = masked_whiten(x, ms[rank], group=object(), backend="torch")
+        (out * gs[rank]).sum().backward()
+        return out.detach(), x.grad
+
+    start = 0
+    for (out, grad), x in zip(group.run(rank_fn), xs):
+        n = x.numel()
+        torch.testing.assert_close(out.reshape(-1), want[start:start + n].detach())
+        torch.testing.assert_close(grad.reshape(-1), flat_x.grad[start:start + n])
+        start += n
+
+
+# ------------------------------------------------------------------ packed sequences
+def _packed_case(lengths, seed=0):
+    """Padded ``[S, max]`` rewards/values/mask (holes, a fully masked sequence) and their packed
+    1-D forms with ``cu_seqlens``."""
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    S, width = len(lengths), max(lengths + [1])
+    r = torch.randn(S, width, device=DEVICE, generator=gen)
+    v = torch.randn(S, width, device=DEVICE, generator=gen)
+    m = torch.rand(S, width, device=DEVICE, generator=gen) < 0.75
+    m &= torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    if S > 1:
+        m[1] = False
+    inside = torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    return (r, v, m), (r[inside], v[inside], m[inside]), cu, inside
+
+
+@pytest.mark.parametrize("lengths", [[5, 0, 37, 1], [300, 1, 1031], [2100, 3]], ids=str)
+@pytest.mark.parametrize("holes", ["skip", "zero"])
+def test_gae_packed_equals_padded(backend, lengths, holes):
+    """Packed sequences (empty ones, length 1, longer than a tile, holes) give exactly the
+    padded result at their positions, GAE and discounted returns."""
+    (r, v, m), (rp, vp, mp), cu, inside = _packed_case(lengths)
+    kw = dict(gamma=0.99, lam=0.95, holes=holes)
+    adv, ret = gae(r, v, m, backend=backend, **kw)
+    adv_p, ret_p = gae(rp, vp, mp, cu_seqlens=cu, backend=backend, **kw)
+    torch.testing.assert_close(adv_p, adv[inside])
+    torch.testing.assert_close(ret_p, ret[inside])
+    g = discounted_returns(r, m, gamma=0.97, holes=holes, backend=backend)
+    torch.testing.assert_close(discounted_returns(rp, mp, gamma=0.97, holes=holes, cu_seqlens=cu, backend=backend),
+                               g[inside])
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="triton cannot run here")
+def test_gae_packed_long_sequence_chunked():
+    """One long sequence beside short ones is cut into chunks scanned in parallel (small tiles
+    force many chunks), holes across chunk boundaries: equal to the padded reference."""
+    from fastrlhf.ops.advantages import gae_outputs
+    from fastrlhf.triton.advantages import gae_fwd
+
+    (r, v, m), (rp, vp, mp), cu, inside = _packed_case([400, 7, 0, 33], seed=1)
+    out = gae_outputs(rp, vp)
+    gae_fwd(rp, vp, mp, 0.999, 0.97, True, *out, cu, block=16, tiles_per_chunk=2)
+    want = ref.gae(r.double(), v.double(), m, 0.999, 0.97, "skip")
+    _close(out[0], want[0][inside])
+    _close(out[1], want[1][inside])
+
+
+def test_packed_bad_offsets():
+    r = torch.randn(10)
+    m = torch.ones(10)
+    for cu, words in ((torch.tensor([1, 10], dtype=torch.int32), "cu_seqlens must start at 0"),
+                      (torch.tensor([0, 6, 4, 10], dtype=torch.int32), "cu_seqlens must be non-decreasing"),
+                      (torch.tensor([0, 9], dtype=torch.int32), "must end at the packed length 10"),
+                      (torch.tensor([0, 10]), "cu_seqlens must have dtype int32"),
+                      (torch.tensor([[0, 10]], dtype=torch.int32), "cu_seqlens must have 1 dimension")):
+        with pytest.raises((ValueError, TypeError), match=words):
+            gae(r, r, m, cu_seqlens=cu)
+    with pytest.raises(ValueError, match="rewards must have 1 dimension"):
+        gae(r.view(2, 5), r.view(2, 5), m.view(2, 5), cu_seqlens=torch.tensor([0, 10], dtype=torch.int32))
+
+
 # ----------------------------------------------------------------- group advantages
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dt)
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
@@ -330,6 +446,45 @@ def test_group_advantages_by_hand(backend):
     for method in ("rloo", "dr_grpo"):
         torch.testing.assert_close(group_advantages(s, 1, method=method, backend=backend), s)
     assert group_advantages(s[:0], 4, backend=backend).shape == (0,)
+
+
+# --------------------------------------------------------------- extreme but finite values
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(2, 60), log10_scale=st.integers(-30, 37), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_masked_whiten_is_scale_invariant(n, log10_scale, seed, dtype):
+    """Any finite scale of a 16/32-bit input (the square of 1e20 overflows fp32): the result is
+    that of the same values in fp64."""
+    gen = torch.Generator().manual_seed(seed)
+    x = ((torch.randn(n, generator=gen) + 1) * 10.0**log10_scale).to(dtype).to(DEVICE)
+    m = torch.rand(n, generator=gen).to(DEVICE) < 0.8
+    got = masked_whiten(x, m)
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), masked_whiten(x.double(), m), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(group_size=st.integers(1, 40), n_groups=st.integers(1, 4), log10_scale=st.integers(-30, 37),
+       method=st.sampled_from(["grpo", "rloo", "dr_grpo"]), seed=st.integers(0, 2**16))
+def test_group_advantages_any_scale(group_size, n_groups, log10_scale, method, seed):
+    """Scores at any finite fp32 scale: every backend gives the fp64 answer (a grpo std of scores
+    around 1e20 overflowed fp32 and gave zeros)."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(group_size * n_groups, generator=gen) * 3 * 10.0**log10_scale).float().to(DEVICE)
+    want = ref.group_advantages(scores.double(), group_size, method)
+    for backend in family_backends("advantages"):
+        got = group_advantages(scores, group_size, method=method, backend=backend)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def test_group_advantages_packed_tokens(backend):
+    """With the sequences' offsets, each sequence's advantage on each of its tokens."""
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0], device=DEVICE)
+    cu = torch.tensor([0, 2, 2, 5, 6], dtype=torch.int32, device=DEVICE)
+    per_seq = group_advantages(scores, 2, backend=backend)
+    got = group_advantages(scores, 2, cu_seqlens=cu, backend=backend)
+    torch.testing.assert_close(got, per_seq[torch.tensor([0, 0, 2, 2, 2, 3], device=DEVICE)])
 
 
 # ------------------------------------------------------------------------ bad input
@@ -369,9 +524,13 @@ def test_bad_input(call, exc, words):
 # --------------------------------------------------------------- torch.library / compile
 def test_opcheck():
     r, v, m = _case(3, 7, torch.float32)
+    cu = torch.tensor([0, 5, 5, 21], dtype=torch.int32, device=DEVICE)
     for values in (v, None):
         for skip in (True, False):
-            torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, values, m, 0.99, 0.95, skip, "torch"))
+            torch.library.opcheck(torch.ops.fastrlhf.gae.default, (r, values, m, 0.99, 0.95, skip, None, "torch"))
+            torch.library.opcheck(torch.ops.fastrlhf.gae.default,
+                                  (r.reshape(-1), None if values is None else values.reshape(-1), m.reshape(-1),
+                                   0.99, 0.95, skip, cu, "torch"))
     torch.library.opcheck(torch.ops.fastrlhf.group_advantages.default,
                           (torch.randn(12, device=DEVICE), 4, "grpo", 1e-6, "torch"))
 
@@ -399,33 +558,37 @@ def test_kernels_compile_for_gpus():
 
     mod = "fastrlhf.triton.advantages"
     cases = []
-    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64.
-    for r, m, summary, carry, has_values, strides in [("bf16", "u8", True, True, True, "i64"),
-                                                      ("fp32", "fp32", False, True, True, "i32"),
-                                                      ("fp16", "i64", False, False, False, "i64"),
-                                                      ("fp64", "u8", False, True, True, "i32")]:
+    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64; packed
+    # sequences (int32 offsets); holes skipped or zeroed; with and without values.
+    for r, m, summary, carry, has_values, strides, packed, skip in [
+            ("bf16", "u8", True, True, True, "i64", False, True), ("fp32", "fp32", False, True, True, "i32", False, False),
+            ("fp16", "i64", False, False, False, "i64", False, True), ("fp64", "u8", False, True, True, "i32", False, True),
+            ("fp32", "u8", True, True, True, "i32", True, True), ("bf16", "u8", False, False, True, "i32", True, False)]:
         acc = "fp64" if r == "fp64" else "fp32"
-        const = {"HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry,
-                 "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024, "NCP": 64}
+        const = {"SKIP": skip, "HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry, "PACKED": packed,
+                 "ACC": f"tl.float{acc[2:]}", "R": 64, "NCP": 64}
         sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": f"*{acc}",
-               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "T": "i32", "NC": "i32", "CHUNK": "i32",
-               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32", "skip": "i32",
+               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "cu_ptr": "*i32", "T": "i32", "NC": "i32", "CHUNK": "i32",
+               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32",
                **dict.fromkeys(const, "constexpr")}
-        cases.append((mod, "_gae_kernel", sig, const, 4))
+        cases.append((mod, "_gae_kernel", sig, const, 2))
     # Groups of 256 (8 per program) and groups of one in fp64 (a [64, 1] tile).
     for s_dtype, acc, rows, block_g in (("bf16", "fp32", 8, 256), ("fp64", "fp64", 64, 1)):
-        const = {"ACC": f"tl.float{acc[2:]}", "ROWS": rows, "BLOCK_G": block_g}
+        const = {"ROWS": rows, "BLOCK_G": block_g}
         sig = {"s_ptr": f"*{s_dtype}", "out_ptr": f"*{acc}", "n_groups": "i32", "G": "i32", "eps": "fp32",
                "method": "i32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_group_advantages_kernel", sig, const, 4))
+    # GRPO groups of 16 with aligned pointers (a pass of Triton 3.6's compiler once crashed on it)
+    cases.append((mod, "_group_advantages_kernel", {**sig, "s_ptr": "*fp32", "out_ptr": "*fp32"},
+                  {"ROWS": 64, "BLOCK_G": 16}, 4, ["s_ptr", "out_ptr", "n_groups", "G"]))
     # Ints equal to 1 are specialized to constexpr 1: groups of one (rloo: method 1), and
     # rows of one token (T, row strides) in one chunk (NC) with holes skipped (skip).
     one = {**const, "G": 1, "method": 1}
     cases.append((mod, "_group_advantages_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
-    one = {"HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "ACC": "tl.float32", "BLOCK": 16,
-           "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm", "skip"), 1)}
+    one = {"SKIP": True, "HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "PACKED": False,
+           "ACC": "tl.float32", "R": 2, "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm"), 1)}
     sig = {"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
-           "agg_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32", "sm": "i32",
-           "gamma": "fp32", "gl": "fp32", "skip": "i32"}
+           "agg_ptr": "*fp32", "cu_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32",
+           "sm": "i32", "gamma": "fp32", "gl": "fp32"}
     cases.append((mod, "_gae_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 2))
     compile_for_gpus(cases)

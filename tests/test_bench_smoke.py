@@ -200,3 +200,37 @@ def test_providers_are_checked_against_the_fp64_reference():
     for m in MODES:
         assert got["fastrlhf-triton", m]["status"] == "error"
         assert "output differs" in got["fastrlhf-triton", m]["reason"]
+
+
+def test_gpu_check_script_and_import(smoke, tmp_path):
+    """scripts/gpu_check.sh parses and writes at most 8 files; its results come home with
+    python -m bench.gpu_import: JSON into bench/results/<gpu>/, logs beside, test counts and
+    the benchmark summary between the README's markers."""
+    import tarfile
+
+    from bench import gpu_import
+
+    script = (ROOT / "scripts" / "gpu_check.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
+    written = {name for name in ("env.txt", "tests.log", "tests.xml", "bench.log", "bench.tgz", "cuda.log",
+                                 "cuda.xml", "build-error.log") if name in script}
+    assert len(written) <= 8  # what the device machine returns
+
+    _, bench_out = smoke
+    src = tmp_path / "gpu-out"
+    src.mkdir()
+    (src / "env.txt").write_text("GPU 0: a test GPU\ntorch 2.11 triton 3.6\n")
+    (src / "tests.xml").write_text('<testsuites><testsuite tests="10" failures="1" errors="0" skipped="2"/>'
+                                   '</testsuites>')
+    with tarfile.open(src / "bench.tgz", "w:gz") as tar:
+        for path in bench_out.glob("*.json"):
+            tar.add(path, arcname=path.name)
+    out = gpu_import.unpack(src, results=tmp_path / "results")
+    assert out.name == "cpu" and len(list(out.glob("*.json"))) == len(list(bench_out.glob("*.json")))
+    report.render_dir(out, plots=False)
+    assert gpu_import.test_counts(src / "tests.xml") == "7 passed, 1 failed, 0 errors, 2 skipped"
+    assert "did not finish" in gpu_import.test_counts(src / "cuda.xml")
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# x\n{gpu_import.MARKERS[0]}\nold\n{gpu_import.MARKERS[1]}\nafter\n")
+    gpu_import.update_readme("new block", readme)
+    assert readme.read_text() == f"# x\n{gpu_import.MARKERS[0]}\nnew block\n{gpu_import.MARKERS[1]}\nafter\n"

@@ -152,6 +152,11 @@ def test_plain_install_needs_no_nvcc_and_no_torch(tmp_path):
     assert {f"kernels/{k}" for k in KERNELS} | {f"csrc/{h}" for h in HOST} <= shipped
     assert "kernels/launchers.cuh" in shipped
     assert not glob.glob(str(target / "fastrlhf" / "_C*"))
+    if '"fastrlhf.cuda" = ["dispatch_table.json"]' not in _read("pyproject.toml"):
+        pytest.skip("pyproject.toml does not list fastrlhf/cuda/dispatch_table.json as package data "
+                    "([tool.setuptools.package-data] \"fastrlhf.cuda\" = [\"dispatch_table.json\"]): "
+                    "a wheel would fall back to triton everywhere")
+    assert (target / "fastrlhf" / "cuda" / "dispatch_table.json").is_file()  # auto's measured table
 
 
 def test_every_op_schema_has_a_cuda_impl():
@@ -237,8 +242,8 @@ def test_cache_key_follows_sources_and_archs(tmp_path):
 # ------------------------------------------------------------------ auto's table
 def test_dispatch_table_from_benchmark_results(tmp_path):
     """cuda is picked per family only when measurably faster than Triton; a regenerated
-    table is written back into the module and read by preferred()."""
-    import importlib.util
+    table is written as JSON, keeps the rows of other GPUs, and is what load() and choose()
+    read."""
     import json
 
     from fastrlhf.cuda import dispatch_table as dt
@@ -260,12 +265,54 @@ def test_dispatch_table_from_benchmark_results(tmp_path):
     results = tmp_path / "h100"
     results.mkdir()
     (results / "logprobs.json").write_text(json.dumps({"env": {"sm": "9.0"}, "records": records}))
-    module = tmp_path / "table.py"
-    shutil.copy(dt.__file__, module)
-    dt.regenerate([str(results)], str(module))
-    spec = importlib.util.spec_from_file_location("regenerated_table", module)
-    regenerated = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(regenerated)
-    assert regenerated.preferred("logprobs", (9, 0)) == "cuda"
-    assert regenerated.preferred("logprobs", "8.0") == "triton"  # never measured: default row
-    assert regenerated.preferred("kl", "9.0") == "triton"
+    path = tmp_path / "table.json"
+    shutil.copy(dt.PATH, path)
+    before = json.loads(path.read_text())
+    before["rows"]["8.0"] = {"kl": "cuda"}  # measured earlier on another GPU: kept
+    path.write_text(json.dumps(before))
+    dt.regenerate([str(results)], path)
+    regenerated = dt.load(path)
+    assert regenerated["sources"] == {"9.0": [str(results)]}
+    assert dt.choose(regenerated, "logprobs", (9, 0)) == "cuda"
+    assert dt.choose(regenerated, "kl", "9.0") == "triton"
+    assert dt.choose(regenerated, "kl", "8.0") == "cuda"
+    assert dt.choose(regenerated, "logprobs", "7.5") == "triton"  # never measured: default row
+    assert dt.load(tmp_path / "absent.json")["rows"] == {"default": dt.DEFAULT_ROW}
+
+
+def test_dispatch_table_shipped_is_valid_and_read_once(monkeypatch):
+    """The JSON beside the module is well formed; preferred() reads it once per process."""
+    import json
+
+    from fastrlhf.cuda import dispatch_table as dt
+
+    dt.validate(json.loads(dt.PATH.read_text()), str(dt.PATH))
+    dt.table.cache_clear()
+    reads = []
+    real = dt.load
+    monkeypatch.setattr(dt, "load", lambda path=dt.PATH: reads.append(path) or real(path))
+    for family in dt.FAMILIES * 3:
+        dt.preferred(family, (9, 0))
+    assert reads == [dt.PATH]
+    dt.table.cache_clear()
+
+
+@pytest.mark.parametrize("doc, message", [
+    ([], "expected an object with a 'rows' object"),
+    ({"rows": {"9.0": {}}}, "must have a 'default' row"),
+    ({"rows": {"default": {"logprobs": "tpu"}}}, "row 'default' must map families"),
+    ({"rows": {"default": {"dpo": "cuda"}}}, "row 'default' must map families"),
+    ({"rows": {"default": {}}, "sources": {"9.0": "h100"}}, "'sources' must map capabilities"),
+])
+def test_dispatch_table_bad_files_are_named(tmp_path, doc, message):
+    import json
+
+    from fastrlhf.cuda import dispatch_table as dt
+
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError, match=message):
+        dt.load(path)
+    path.write_text("{ not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        dt.load(path)

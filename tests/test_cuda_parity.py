@@ -10,6 +10,8 @@ large shapes (V = 151936, N * V > 2**31).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,17 +36,33 @@ def _extension():
         pytest.fail(f"CUDA is present but the cuda backend is not: {why}")
 
 
+class _LogprobsOn:
+    """Token log-probs forward and backward of one backend, through the op layer's custom ops
+    (which allocate the outputs the launchers fill)."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def token_logprobs_fwd(self, logits, labels, temperature, ignore_index, with_entropy):
+        return torch.ops.fastrlhf.token_logprobs(logits, labels, temperature, ignore_index, with_entropy,
+                                                 False, self.backend)
+
+    def token_logprobs_bwd(self, g_logp, g_ent, logits, labels, stats, ent, temperature, ignore_index,
+                           inplace=False):
+        args = (g_logp, g_ent, logits, labels, stats, ent, temperature, ignore_index, self.backend)
+        if inplace:
+            torch.ops.fastrlhf.token_logprobs_backward_(*args)
+            return logits
+        return torch.ops.fastrlhf.token_logprobs_backward(*args)
+
+
 def _triton():
     pytest.importorskip("triton")
-    from fastrlhf.triton import logprobs as tri
-
-    return tri
+    return _LogprobsOn("triton")
 
 
 def _cuda_lp():
-    from fastrlhf.cuda import logprobs as cu
-
-    return cu
+    return _LogprobsOn("cuda")
 
 
 def test_build_info_and_device():
@@ -86,7 +104,7 @@ DISPATCH = {
     "logprobs": (_call_logprobs, {"token_logprobs_fwd", "token_logprobs_bwd"}),
     "advantages": (_call_advantages, {"gae_fwd", "group_advantages_fwd"}),
     "kl": (_call_kl, {"kl_penalty_fwd", "kl_penalty_bwd", "kl_penalized_rewards_fwd"}),
-    "ppo": (_call_ppo, {"ppo_loss_fwd", "ppo_loss_bwd"}),
+    "ppo": (_call_ppo, {"ppo_policy_fwd", "ppo_policy_bwd"}),
 }
 
 
@@ -150,7 +168,64 @@ def test_logprobs_every_alignment(V, offset, dtype):
     torch.testing.assert_close(stats.double(), ref.row_stats(logits.double(), 0.7), atol=1e-5, rtol=1e-5)
     dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, 0.7, -100)
     assert dx.dtype == dtype and dx.is_contiguous()
-    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: element stores
+    _close(dx, want_dx, dtype)  # dx is aligned, the logits (offset) are not: realigned loads
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_dtype_id)
+def test_logprobs_running_max_paths(dtype):
+    """Rows whose max grows at every group of packs (increasing logits: a rescale each
+    iteration), only shrinks (decreasing), jumps in the scalar head or tail, sits on every
+    thread's share once (a sawtooth), and rows of equal logits (the max never grows after the
+    first group): values and gradients against the fp64 reference, with entropy."""
+    cu = _cuda_lp()
+    V = 20011  # 2502 packs of bf16: 4.9 per thread of 512, so the epilogue runs too
+    ramp = torch.linspace(-30.0, 30.0, V, device=DEVICE)
+    rows = [ramp, ramp.flip(0), torch.randn(V, device=DEVICE), torch.randn(V, device=DEVICE),
+            (torch.arange(V, device=DEVICE) % 4099).float() / 100, torch.full((V,), 2.5, device=DEVICE)]
+    rows[2][1] = 40.0  # in the head of a misaligned row
+    rows[3][V - 2] = 40.0  # in the tail
+    store = torch.empty(len(rows) * V + 3, device=DEVICE)
+    logits = store[3:].view(len(rows), V)  # rows at odd offsets from 16-byte boundaries
+    logits.copy_(torch.stack(rows))
+    logits = logits.to(dtype)
+    labels = torch.tensor([V - 1, 0, 1, V - 2, 4098, 17], device=DEVICE)
+    g_logp, g_ent = torch.randn(len(rows), device=DEVICE), torch.randn(len(rows), device=DEVICE)
+    for temperature in (1.0, 0.3):
+        lp, ent, stats = cu.token_logprobs_fwd(logits, labels, temperature, -100, True)
+        want_lp, want_ent, want_dx = _reference(logits, labels, g_logp, g_ent, temperature)
+        _close(lp, want_lp, torch.float64 if dtype == torch.float64 else torch.float32)
+        _close(ent, want_ent, torch.float64 if dtype == torch.float64 else torch.float32)
+        dx = cu.token_logprobs_bwd(g_logp, g_ent, logits, labels, stats, ent, temperature, -100)
+        _close(dx, want_dx, dtype)
+    assert abs(ent[5].item() - math.log(V)) < 1e-4  # equal logits: uniform
+
+
+def test_logprobs_sliced_odd_vocab_against_triton():
+    """The label shift logits[:, :-1] of Qwen's 151655-token vocabulary (odd V): every row
+    starts at another offset from a 16-byte boundary than its row of the contiguous gradient,
+    so the backward realigns the logits (the shifted kernel); in place it does not. cuda vs
+    Triton everywhere and vs the fp64 reference on a few rows."""
+    tri, cu = _triton(), _cuda_lp()
+    V = 151655
+    base = torch.randn(2, 33, V, device=DEVICE).mul_(4).bfloat16()
+    x = base[:, :-1]
+    labels = torch.randint(0, V, x.shape[:-1], device=DEVICE)
+    labels[0, ::5] = -100
+    g_logp, g_ent = torch.randn(x.shape[:-1], device=DEVICE), torch.randn(x.shape[:-1], device=DEVICE)
+    got = cu.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    want = tri.token_logprobs_fwd(x, labels, 0.9, -100, True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-5)
+    dx = cu.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100)
+    torch.testing.assert_close(dx, tri.token_logprobs_bwd(g_logp, g_ent, x, labels, got[2], got[1], 0.9, -100))
+    rows = (slice(None), slice(0, 3))
+    _, _, want_dx = _reference(x[rows].reshape(-1, V), labels[rows].reshape(-1), g_logp[rows].reshape(-1),
+                               g_ent[rows].reshape(-1), 0.9)
+    _close(dx[rows].reshape(-1, V), want_dx, torch.bfloat16)
+    work = base.clone()
+    inplace = cu.token_logprobs_bwd(g_logp, g_ent, work[:, :-1], labels, got[2], got[1], 0.9, -100, inplace=True)
+    torch.testing.assert_close(inplace, dx)
+    assert torch.equal(work[:, -1], base[:, -1])  # the row outside the view is untouched
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
@@ -314,6 +389,15 @@ def _mask(B, T, kind, dtype=torch.bool):
     return m.to(dtype)
 
 
+def _gae(launchers, rewards, values, mask, gamma, lam, skip, block=None, tiles=None):
+    """``(advantages, returns)`` from ``launchers.gae_fwd`` into outputs allocated as the op does."""
+    from fastrlhf.ops.advantages import gae_outputs
+
+    out = gae_outputs(rewards, values)
+    launchers.gae_fwd(rewards, values, mask, gamma, lam, skip, *out, block=block, tiles_per_chunk=tiles)
+    return out
+
+
 @pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
 @pytest.mark.parametrize("dtypes", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                     (torch.float64, torch.float64)], ids=lambda d: "-".join(map(_dtype_id, d)))
@@ -329,16 +413,56 @@ def test_gae_against_reference(B, T, dtypes, skip):
     values = torch.randn(B, T, device=DEVICE).to(dtypes[1])
     for mask_dtype in (torch.bool, torch.float32, torch.int64):
         mask = _mask(B, T, "holes", mask_dtype)
-        adv, ret = cu.gae_fwd(rewards, values, mask, 0.99, 0.95, skip)
+        adv, ret = _gae(cu, rewards, values, mask, 0.99, 0.95, skip)
         want_adv, want_ret = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
         tol = 1e-10 if dtypes[0] == torch.float64 else 1e-4
         torch.testing.assert_close(adv.double(), want_adv, atol=tol, rtol=tol)
         torch.testing.assert_close(ret.double(), want_ret, atol=tol, rtol=tol)
         assert adv.dtype == ret.dtype == (torch.float64 if dtypes[0] == torch.float64 else torch.float32)
-        returns, empty = cu.gae_fwd(rewards, None, mask, 0.97, 1.0, skip)
+        returns, empty = _gae(cu, rewards, None, mask, 0.97, 1.0, skip)
         assert empty.numel() == 0
         want = ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes)
         torch.testing.assert_close(returns.double(), want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("skip", [True, False], ids=["skip", "zero"])
+@pytest.mark.parametrize("T", [2048, 1000, 4096, 2051])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16],
+                         ids=_dtype_id)
+def test_gae_vector_layouts_and_paths_against_reference(T, mask_dtype, skip):
+    """Contiguous fp32 rewards and values with T a multiple of 4 take the 16-byte loads (masks
+    of 1, 4 and 8 bytes; a 2-byte mask and T = 2051 the scalar loads); rows of prompt +
+    response + padding (one run: the fast path in skip mode), all valid, all masked, holes
+    (the general path) and a single valid token, in one tile (T <= 2048) or several, whole rows
+    and the launcher's chunks (B = 7 is a small batch); same bits run to run."""
+    from fastrlhf.cuda import advantages as cu
+    from fastrlhf.reference import advantages as ref_adv
+
+    B = 7
+    g = torch.Generator(device=DEVICE).manual_seed(T)
+    rewards = torch.randn(B, T, device=DEVICE, generator=g)
+    values = torch.randn(B, T, device=DEVICE, generator=g)
+    mask = torch.zeros(B, T, dtype=torch.bool, device=DEVICE)
+    mask[0, T // 5: T - T // 7] = True  # prompt + response + padding
+    mask[1] = True
+    mask[3] = torch.rand(T, device=DEVICE, generator=g) < 0.7  # holes
+    mask[4, T // 2] = True  # one valid token
+    mask[5] = True
+    mask[5, T // 3] = False  # one hole
+    mask[6, : T // 2] = True  # a valid prefix: trailing padding
+    rewards = rewards.masked_fill(~mask, float("nan"))  # masked inputs never reach an output
+    holes = "skip" if skip else "zero"
+    m = mask.to(mask_dtype)
+    for block, tiles in ((None, None), (128, 1), (512, 2)):
+        got = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        again = _gae(cu, rewards, values, m, 0.99, 0.95, skip, block, tiles)
+        want = ref_adv.gae(rewards.double(), values.double(), mask, 0.99, 0.95, holes)
+        for a, b, w in zip(got, again, want):
+            assert torch.equal(a, b)
+            torch.testing.assert_close(a.double(), w, atol=1e-4, rtol=1e-4)
+        returns, _ = _gae(cu, rewards, None, m, 0.97, 1.0, skip, block, tiles)
+        torch.testing.assert_close(returns.double(), ref_adv.discounted_returns(rewards.double(), mask, 0.97, holes),
+                                   atol=1e-4, rtol=1e-4)
 
 
 def test_gae_long_rows_against_closed_form_and_triton():
@@ -352,13 +476,13 @@ def test_gae_long_rows_against_closed_form_and_triton():
     mask = _mask(B, T, "holes")
     valid = mask.double()
     tail = (rewards.double() * valid).flip(-1).cumsum(-1).flip(-1)
-    adv, ret = cu.gae_fwd(rewards, values, mask, 1.0, 1.0, True)
+    adv, ret = _gae(cu, rewards, values, mask, 1.0, 1.0, True)
     torch.testing.assert_close(adv.double(), (tail - values.double()) * valid, atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(ret.double(), tail * valid, atol=2e-3, rtol=1e-4)
     tri = pytest.importorskip("fastrlhf.triton.advantages")
     for skip in (True, False):
-        got = cu.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
-        want = tri.gae_fwd(rewards, values, mask, 0.999, 0.95, skip)
+        got = _gae(cu, rewards, values, mask, 0.999, 0.95, skip)
+        want = _gae(tri, rewards, values, mask, 0.999, 0.95, skip)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -421,8 +545,8 @@ def test_gae_forced_chunks_against_reference(block, tiles, chunks, with_values, 
     float_mask = torch.where(mask, 1.0, -0.0)
     for r, v, m, tol in ((rewards, values, mask, 1e-4),
                          (rewards.double(), values.double(), float_mask, 1e-10)):
-        got = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
-        again = cu.gae_fwd(r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        got = _gae(cu, r, v if with_values else None, m, gamma, lam, skip, block, tiles)
+        again = _gae(cu, r, v if with_values else None, m, gamma, lam, skip, block, tiles)
         for a, b, w in zip(got, again, want):
             assert torch.equal(a, b)  # fixed composition order: deterministic
             torch.testing.assert_close(a.double(), w, atol=tol, rtol=tol)
@@ -446,14 +570,14 @@ def test_gae_one_long_row_is_chunked():
     got = {}
     for (skip, lam), v in cases.items():
         holes = "skip" if skip else "zero"
-        got[skip, lam] = cu.gae_fwd(rewards, v, mask, 0.999, lam, skip)
+        got[skip, lam] = _gae(cu, rewards, v, mask, 0.999, lam, skip)
         want = (ref_adv.gae(r64, v64, m, 0.999, lam, holes) if v is not None
                 else (ref_adv.discounted_returns(r64, m, 0.999, holes),))
         for a, w in zip(got[skip, lam], want):
             torch.testing.assert_close(a.double().cpu(), w, atol=1e-4, rtol=1e-4)
     tri = pytest.importorskip("fastrlhf.triton.advantages")
     for (skip, lam), v in cases.items():
-        for a, b in zip(got[skip, lam], tri.gae_fwd(rewards, v, mask, 0.999, lam, skip)):
+        for a, b in zip(got[skip, lam], _gae(tri, rewards, v, mask, 0.999, lam, skip)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
@@ -475,13 +599,12 @@ def test_gae_bad_input_in_cpp():
 @pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_dtype_id)
 def test_group_advantages_against_reference(method, dtype):
-    from fastrlhf.cuda import advantages as cu
     from fastrlhf.reference import advantages as ref_adv
 
     for n_groups, G in [(7, 1), (5, 2), (3, 16), (2, 1000), (1, 4099)]:
         scores = (torch.randn(n_groups * G, device=DEVICE) * 3).to(dtype)
         scores[:G] = 0.5  # a group of equal scores (exact sums): 0, for grpo 0 / eps
-        got = cu.group_advantages_fwd(scores, G, method, 1e-6)
+        got = torch.ops.fastrlhf.group_advantages(scores, G, method, 1e-6, "cuda")
         want = ref_adv.group_advantages(scores.double(), G, method, 1e-6)
         tol = 1e-10 if dtype == torch.float64 else 2e-5
         torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
@@ -495,23 +618,23 @@ ESTIMATORS = ["k1", "abs", "k2", "k3", "k3+", "low_var_kl"]
 @pytest.mark.parametrize("clamps", [(None, None), (10.0, 20.0), (0.5, 1.0)],
                          ids=lambda c: f"clamp{c[0]}-lr{c[1]}")
 def test_kl_penalty_against_reference(estimator, clamps):
-    from fastrlhf.cuda import kl as cu
     from fastrlhf.reference import kl as ref_kl
 
+    op, bwd = torch.ops.fastrlhf.kl_penalty, torch.ops.fastrlhf.kl_penalty_backward
     logp = torch.randn(4, 513, device=DEVICE) * 3
     ref_lp = (torch.randn(4, 513, device=DEVICE) * 3).to(torch.bfloat16)  # mixed dtypes
     logp[0, :8] = torch.tensor([0.0, 30.0, -30.0, 1e-7, -1e-7, 25.0, -25.0, 5.0])
     grad = torch.randn(4, 513, device=DEVICE)
-    got = cu.kl_penalty_fwd(logp, ref_lp, estimator, *clamps)
+    got = op(logp, ref_lp, estimator, *clamps, "cuda")
     want = ref_kl.kl_penalty(logp.double(), ref_lp.double(), estimator, *clamps)
     torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
-    dlogp, dref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps)
+    dlogp, dref = bwd(grad, logp, ref_lp, estimator, *clamps, True, True, "cuda")
     want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), logp.double(), ref_lp.double(),
                                                    estimator, *clamps)
     assert dlogp.dtype == torch.float32 and dref.dtype == torch.bfloat16
     torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dref.double(), want_ref, atol=1e-2, rtol=8e-3)
-    only_ref = cu.kl_penalty_bwd(grad, logp, ref_lp, estimator, *clamps, want_logp=False)
+    only_ref = bwd(grad, logp, ref_lp, estimator, *clamps, False, True, "cuda")
     assert only_ref[0].numel() == 0 and torch.equal(only_ref[1], dref)
 
 
@@ -520,7 +643,6 @@ def test_kl_penalty_against_reference(estimator, clamps):
 def test_kl_penalized_rewards_against_reference(estimator, T):
     """Holes, a fully masked row (no score), a score at the last valid token, clips, and the
     coefficient as a float or a 0-dim tensor."""
-    from fastrlhf.cuda import kl as cu
     from fastrlhf.reference import kl as ref_kl
 
     B = 4
@@ -529,7 +651,8 @@ def test_kl_penalized_rewards_against_reference(estimator, T):
     scores = torch.randn(B, device=DEVICE) * 20
     mask = _mask(B, T, "holes", torch.float32)
     for coef, coef_t in ((0.05, None), (0.0, torch.tensor(0.2, device=DEVICE, dtype=torch.float64))):
-        got = cu.kl_penalized_rewards_fwd(scores, logp, ref_lp, mask, coef, coef_t, estimator, 10.0, 20.0, 5.0)
+        got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, mask, coef, coef_t, estimator,
+                                                      10.0, 20.0, 5.0, "cuda")
         want = ref_kl.kl_penalized_rewards(scores.double(), logp.double(), ref_lp.double(), mask,
                                            coef if coef_t is None else coef_t.double(), estimator,
                                            10.0, 20.0, 5.0)
@@ -546,28 +669,110 @@ AGGS = ["token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", 
 @pytest.mark.parametrize("agg", AGGS)
 @pytest.mark.parametrize("value", [False, True], ids=["policy", "value"])
 def test_ppo_losses_against_triton(value, agg):
-    """Both launchers on the same inputs (NaN under the mask, mixed dtypes, a masked row):
-    loss, statistics, scale, row counts and gradient agree."""
-    tri = pytest.importorskip("fastrlhf.triton.ppo")
-    from fastrlhf.cuda import ppo as cu
-
+    """Both backends on the same inputs (NaN under the mask, mixed dtypes, a masked row): loss,
+    statistics and gradient agree, with local and global counts."""
+    pytest.importorskip("triton")
     B, T = 6, 1501
     x = torch.randn(B, T, device=DEVICE) * 0.3
     old = (x + torch.randn(B, T, device=DEVICE) * 0.2).to(torch.bfloat16)
     y = torch.randn(B, T, device=DEVICE)
     mask = _mask(B, T, "prompt+pad")
     x = x.masked_fill(~mask, float("nan"))
-    grad = torch.tensor(1.7, device=DEVICE)
-    for clips in ([(None,), (0.2,)] if value else POLICY_CLIPS):
-        for denom in (None, torch.tensor(37.0, device=DEVICE)):
-            got = cu.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
-            want = tri.ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom)
-            torch.testing.assert_close(got[0], want[0], atol=1e-5, rtol=1e-5)
-            for a, b in zip(got[1], want[1]):
-                torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
-            torch.testing.assert_close(got[2], want[2])
-            torch.testing.assert_close(got[3], want[3])
-            dx = cu.ppo_loss_bwd(value, grad, got[2], x, old, y, mask, got[3], clips, agg)
-            dx_t = tri.ppo_loss_bwd(value, grad, want[2], x, old, y, mask, want[3], clips, agg)
+    if value:
+        cases = [{"clip": None}, {"clip": 0.2}]
+    else:
+        cases = [dict(zip(("clip_low", "clip_high", "dual_clip", "log_ratio_clamp"), c)) for c in POLICY_CLIPS]
+    for kw in cases:
+        for counts in ({}, {"global_tokens": torch.tensor(37.0, device=DEVICE), "global_seqs": 37}):
+            results = []
+            for backend in ("cuda", "triton"):
+                leaf = x.clone().requires_grad_(True)
+                fn = fastrlhf.ppo_value_loss if value else fastrlhf.ppo_policy_loss
+                loss, stats = fn(leaf, old, y, mask, agg=agg, backend=backend, **kw, **counts)
+                (loss * 1.7).backward()
+                results.append((loss, stats, leaf.grad))
+            (loss, stats, dx), (loss_t, stats_t, dx_t) = results
+            torch.testing.assert_close(loss, loss_t, atol=1e-5, rtol=1e-5)
+            for k in stats:
+                torch.testing.assert_close(stats[k], stats_t[k], atol=1e-6, rtol=1e-5)
             torch.testing.assert_close(dx, dx_t, atol=1e-7, rtol=1e-5)
             assert (dx[~mask] == 0).all() and torch.isfinite(dx).all()
+
+
+@pytest.mark.parametrize("n", [4096, 4097, 4098, 4099, 3])
+def test_kl_penalty_group_loads_and_tails(n):
+    """fp32 log-probs of the same dtype take the 4-token group loads: n = 4096 + 0..3 (the
+    last n % 4 tokens one per thread), forward and both gradients, k3 with clamps; an offset
+    view (not 16-byte aligned) takes the scalar loads and gives the same values."""
+    from fastrlhf.reference import kl as ref_kl
+
+    op, bwd = torch.ops.fastrlhf.kl_penalty, torch.ops.fastrlhf.kl_penalty_backward
+    store = torch.randn(2, n + 1, device=DEVICE) * 2
+    logp, ref_lp = store[0, :n], store[1, :n]
+    grad = torch.randn(n, device=DEVICE)
+    for lp, rf in ((logp, ref_lp), (store[0, 1:], store[1, 1:])):
+        got = op(lp, rf, "k3", 10.0, 20.0, "cuda")
+        torch.testing.assert_close(got.double(), ref_kl.kl_penalty(lp.double(), rf.double(), "k3", 10.0, 20.0),
+                                   atol=1e-5, rtol=1e-5)
+        dlogp, dref = bwd(grad, lp, rf, "k3", 10.0, 20.0, True, True, "cuda")
+        want_lp, want_ref = ref_kl.kl_penalty_backward(grad.double(), lp.double(), rf.double(), "k3", 10.0, 20.0)
+        torch.testing.assert_close(dlogp.double(), want_lp, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dref.double(), want_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64, torch.float16], ids=_dtype_id)
+@pytest.mark.parametrize("T", [4, 2048, 2051])
+def test_kl_rewards_group_loads_against_reference(T, mask_dtype):
+    """Contiguous fp32 inputs with T % 4 == 0 read 4 tokens per load (masks of 1, 4 and 8
+    bytes; a 2-byte mask and T = 2051 the scalar loads), NaN under the mask; the score lands on
+    the last valid token, also when that token is the last of a group of 4."""
+    from fastrlhf.reference import kl as ref_kl
+
+    B = 5
+    logp = torch.randn(B, T, device=DEVICE)
+    ref_lp = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes")
+    mask[0, :] = True
+    mask[2, :] = False
+    mask[2, : max(T // 2, 1)] = True  # the last valid token ends a group when T // 2 % 4 == 0
+    logp = logp.masked_fill(~mask, float("nan"))
+    scores = torch.randn(B, device=DEVICE) * 3
+    m = mask.to(mask_dtype)
+    got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, m, 0.05, None, "k3", 10.0, 20.0, 5.0, "cuda")
+    want = ref_kl.kl_penalized_rewards(scores.double(), logp.double().nan_to_num(0.0), ref_lp.double(), mask,
+                                       0.05, "k3", 10.0, 20.0, 5.0)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.float32, torch.int64], ids=_dtype_id)
+@pytest.mark.parametrize("B, T", [(6, 1501), (3, 4096), (1000, 3), (7, 1)])
+def test_ppo_group_loads_against_reference(B, T, mask_dtype, agg):
+    """All-fp32 PPO inputs take the 4-token group loads (masks of 1, 4 and 8 bytes), with the
+    token count not a multiple of 4 (the tail) and rows of 1, 3 and 4096 tokens (the
+    division-free row walk of seq-mean-token-mean crossing rows inside a group); NaN under the
+    mask; loss, statistics and gradient against the fp64 reference for both losses."""
+    from fastrlhf.reference import ppo as ref_ppo
+
+    x = torch.randn(B, T, device=DEVICE) * 0.3
+    old = x + torch.randn(B, T, device=DEVICE) * 0.2
+    y = torch.randn(B, T, device=DEVICE)
+    mask = _mask(B, T, "holes") if T > 1 else torch.rand(B, T, device=DEVICE) < 0.6
+    x = x.masked_fill(~mask, float("nan"))
+    m = mask.to(mask_dtype)
+    for value in (False, True):
+        leaf = x.clone().requires_grad_(True)
+        kw = {"clip": 0.2} if value else {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0}
+        fn = fastrlhf.ppo_value_loss if value else fastrlhf.ppo_policy_loss
+        loss, stats = fn(leaf, old, y, m, agg=agg, backend="cuda", **kw)
+        (loss * 1.7).backward()
+        ref_leaf = x.double().nan_to_num(0.0).requires_grad_(True)
+        ref_fn = ref_ppo.ppo_value_loss if value else ref_ppo.ppo_policy_loss
+        want, want_stats = ref_fn(ref_leaf, old.double(), y.double(), mask, agg=agg, **kw)
+        (want * 1.7).backward()
+        torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
+        for k in stats:
+            torch.testing.assert_close(stats[k].double(), want_stats[k].double(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, atol=1e-6, rtol=1e-5)
+        assert (leaf.grad[~mask] == 0).all()

@@ -258,6 +258,70 @@ def test_choice_loss_index_out_of_range_is_nan(backend):
     assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("index", [-(2**63), -1, 2**63 - 1], ids=["int64-min", "minus-one", "int64-max"])
+def test_choice_loss_no_index_is_ignored(backend, index):
+    """No int64 value is reserved: every index outside [0, K) counts, as a NaN loss."""
+    x = torch.randn(2, 4, device=DEVICE)
+    assert choice_loss(x, torch.tensor([1, index], device=DEVICE), backend=backend).isnan()
+
+
+# --------------------------------------------- extreme but finite inputs (near the fp32 limit)
+# (the Triton interpreter's NumPy warns about the overflows these tests make on purpose)
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_margins_beyond_the_dtype_range_are_never_nan(backend, loss_type):
+    """Log-probs of +-3e38 make h overflow to +-inf in fp32: a pair's loss and gradients may be
+    infinite (the true value is past the dtype's range) but never NaN, as the reference. (A
+    batch mixing +inf and -inf losses, possible only for robust, the one loss unbounded below,
+    has a NaN mean.)"""
+    big = 3e38
+    pc = torch.tensor([big, -big, big, 0.0], device=DEVICE)
+    pr = torch.tensor([-big, big, big, 0.0], device=DEVICE)
+    rc = torch.tensor([0.0, 0.0, -big, big], device=DEVICE)
+    rr = torch.zeros(4, device=DEVICE)
+    batches = [slice(i, i + 1) for i in range(4)] + ([slice(0, 4)] if loss_type != "robust" else [])
+    for smoothing in {0.0, SMOOTHING.get(loss_type, 0.0)}:
+        kw = {"beta": 1.0, "loss_type": loss_type, "label_smoothing": smoothing}
+        for b in batches:
+            xs = [x[b] for x in (pc, pr, rc, rr)]
+            got, want = _run(xs, backend, **kw), _run(xs, "reference", **kw)
+            assert not got[0].isnan() and not any(g.isnan().any() for g in got[2])
+            torch.testing.assert_close(got[0], want[0])
+            for g, w in zip(got[2], want[2]):
+                torch.testing.assert_close(g, w)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_bradley_terry_at_the_fp32_limit(backend):
+    c = torch.tensor([3e38, -3e38, 3e38, -3e38], device=DEVICE)
+    r = torch.tensor([-3e38, 3e38, 3e38, -3e38], device=DEVICE)
+    assert bradley_terry_loss(c[:1], r[:1], backend=backend) == 0  # chosen far ahead
+    assert bradley_terry_loss(c[1:2], r[1:2], backend=backend) == math.inf  # 6e38 > fp32 max
+    assert bradley_terry_loss(c, r, backend=backend) == math.inf
+    assert bradley_terry_loss(c[2:], r[2:], backend=backend) == pytest.approx(math.log(2))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 40), log10_scale=st.integers(-30, 38), seed=st.integers(0, 2**16))
+def test_bradley_terry_any_scale(n, log10_scale, seed):
+    """Scores at any scale whose differences (and their sum over the batch) fit in fp32: every
+    backend gives the fp64 loss (rounded to fp32) and gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    c, r = ((torch.rand(2, n, generator=gen, dtype=torch.float64) * 3 - 1.5) * 10.0**log10_scale).to(DEVICE)
+    bound = 1.5e38 / n
+    c, r = c.float().double().clamp(-bound, bound), r.float().double().clamp(-bound, bound)
+    cd = c.clone().requires_grad_(True)
+    want = F.softplus(-(cd - r)).mean()
+    want.backward()
+    for backend in family_backends("dpo"):
+        x = c.float().requires_grad_(True)
+        got = bradley_terry_loss(x, r.float(), backend=backend)
+        got.backward()
+        assert not got.isnan()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-30)
+        torch.testing.assert_close(x.grad.double(), cd.grad, rtol=1e-5, atol=1e-7)
+
+
 # ------------------------------------------------------------------------ bad input
 def _p(n=3, dtype=torch.float32):
     return torch.randn(n, dtype=dtype)
@@ -332,20 +396,21 @@ def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
     mod = "fastrlhf.triton.dpo"
-    scalars = {"N": "i32", "beta": "fp32", "eps": "fp32", "c_pos": "fp32", "c_neg": "fp32", "loss_code": "i32"}
+    scalars = {"N": "i32", "beta": "fp32", "eps": "fp32", "c_pos": "fp32", "c_neg": "fp32"}
     ins = {"pc_ptr": "*bf16", "pr_ptr": "*bf16", "rc_ptr": "*fp32", "rr_ptr": "*fp32"}
-    fwd = {"ACC": "tl.float32", "FINAL": False, "BLOCK": 1024}
+    grads = {"g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16", "drc_ptr": "*fp32", "drr_ptr": "*fp32"}
     bwd = {"ACC": "tl.float32", "BLOCK": 1024}
-    # fp64, one pair (N = 1 is specialized to constexpr 1; one block writes the means), ipo (loss_code 1)
-    fwd64 = {"ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1, "loss_code": 1}
+    # every loss type (a constexpr); fp64, one pair (N = 1 is specialized to constexpr 1; one block
+    # writes the means), ipo (loss 1)
+    fwd64 = {"LOSS": 1, "ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1}
     ins64 = dict.fromkeys(ins, "*fp64")
     cases = [
-        (mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(fwd, "constexpr")}, fwd, 4),
+        *[(mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
+          for const in ({"LOSS": i, "ACC": "tl.float32", "FINAL": False, "BLOCK": 1024} for i in range(len(LOSS_TYPES)))],
+        *[(mod, "_dpo_bwd_kernel", {**ins, **grads, **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
+          for const in ({"LOSS": i, **bwd} for i in range(len(LOSS_TYPES)))],
         (mod, "_dpo_fwd_kernel", {**ins64, "out_ptr": "*fp64", **scalars, **dict.fromkeys(fwd64, "constexpr")},
          fwd64, 4),
-        (mod, "_dpo_bwd_kernel", {**ins, "g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16",
-                                  "drc_ptr": "*fp32", "drr_ptr": "*fp32", **scalars,
-                                  **dict.fromkeys(bwd, "constexpr")}, bwd, 4),
         (mod, "_sum_blocks_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_blocks": "i32", "N": "i32",
                                      **dict.fromkeys(bwd, "constexpr")}, bwd, 4),
     ]

@@ -100,10 +100,62 @@ def test_logit_scaling_folded_into_temperature(config_cls, kw):
     _compare(model, ids, mask, "torch", temperature=0.7)
 
 
-def test_softcapping_raises():
-    model = _model(transformers.Gemma2Config, head_dim=16, final_logit_softcapping=30.0)
+# Every model type of the scale table, and soft-capped heads, built tiny from their configs
+# (no download): each with a scale or cap that changes the result.
+HEADS = {
+    "cohere": {"logit_scale": 0.25},
+    "cohere2": {"logit_scale": 3.0},
+    "falcon_h1": {"lm_head_multiplier": 0.5},
+    "hyperclovax": {"logits_scaling": 2.5},
+    "granite": {"logits_scaling": 4.0},
+    "granitemoe": {"logits_scaling": 0.5},
+    "granitemoeshared": {"logits_scaling": 3.0},
+    "granitemoehybrid": {"logits_scaling": 2.0, "layer_types": ["attention", "attention"]},
+    "granite_swa": {"logits_scaling": 4.0},
+    "granitemoe_swa": {"logits_scaling": 0.25},
+    "minicpm3": {"dim_model_base": 16},  # logits_scaling = hidden_size / 16 = 4 divides the hidden states
+    "gemma2": {"final_logit_softcapping": 2.0, "head_dim": 16},
+    "gemma3_text": {"final_logit_softcapping": 1.5, "head_dim": 16},
+    "vaultgemma": {"final_logit_softcapping": 3.0, "head_dim": 16},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(HEADS))
+def test_head_transforms_match_the_model(model_type):
+    """Values and gradients w.r.t. every parameter against the model's own logits, with the
+    scale / soft-cap of its config (small caps: tanh saturates for many logits)."""
+    config = transformers.AutoConfig.for_model(model_type, **{**SMALL, **HEADS[model_type]})
+    model = transformers.AutoModelForCausalLM.from_config(config).to(DEVICE).eval()
     ids, mask = _batch()
-    with pytest.raises(NotImplementedError, match="final_logit_softcapping=30.0"):
+    _compare(model, ids, mask, "torch", temperature=0.7)
+
+
+def test_gemma2_softcap_on_every_backend(backend):
+    model = _model(transformers.Gemma2Config, head_dim=16, final_logit_softcapping=3.0, tie_word_embeddings=True)
+    ids, mask = _batch()
+    _compare(model, ids, mask, backend, temperature=1.3, keep=6)
+
+
+def test_trl_statistics_match_the_model():
+    """``outputs=``: TRL's per-token statistics of a soft-capped model, from its logits."""
+    model = _model(transformers.Gemma2Config, head_dim=16, final_logit_softcapping=2.0)
+    ids, mask = _batch()
+    out = causal_lm_logprobs(model, ids, mask, temperature=0.9, outputs=("log_sum_sq_probs", "mean_logits",
+                                                                          "is_top1"), backend="torch")
+    z = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float() / 0.9
+    valid = (mask[:, :-1] != 0) & (mask[:, 1:] != 0)
+    logp = z.log_softmax(-1)
+    torch.testing.assert_close(out.log_sum_sq_probs, (2 * logp).logsumexp(-1).where(valid, 0.0), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(out.mean_logits, z.mean(-1).where(valid, 0.0), atol=2e-5, rtol=1e-5)
+    assert torch.equal(out.is_top1, (z.argmax(-1) == ids[:, 1:]) & valid)
+    assert out.entropy is None and out.logp.shape == (3, 9)
+
+
+def test_unknown_logit_scaling_raises():
+    """A scaling attribute on a model type the table does not know: refused, not ignored."""
+    model = _model(output_multiplier=2.0)
+    ids, mask = _batch()
+    with pytest.raises(NotImplementedError, match="output_multiplier=2.0"):
         causal_lm_logprobs(model, ids, mask)
 
 

@@ -122,6 +122,31 @@ def test_clamps_extreme_log_ratios(backend):
     assert dlp.tolist() == [0.0, 0.0, 1.0, 0.0] and dref.tolist() == [0.0, 0.0, -1.0, 0.0]
 
 
+def _k3_exact(x: torch.Tensor) -> torch.Tensor:
+    """exp(-x) - 1 + x in fp64 by its series, to fp64 rounding for |x| < 1 (the last term, 1/27!, is
+    below 1e-28), summed from the smallest term up."""
+    x = x.double()
+    return sum((-x) ** k * (1.0 / math.factorial(k)) for k in range(26, 1, -1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+def test_k3_few_ulps_near_zero(backend, dtype):
+    """k3 = exp(-x) - 1 + x cancels to nothing written directly near x = 0 (1e-5 relative error
+    at x = -0.11 in fp32): every backend is within a few ulps of the exact value there, and
+    its gradient 1 - exp(-x) too."""
+    mags = torch.logspace(-7, math.log10(0.99), 400, dtype=torch.float64)
+    x = torch.cat([mags, -mags, torch.tensor([-0.113, 0.113, 0.0], dtype=torch.float64)]).to(dtype).to(DEVICE)
+    zero = torch.zeros_like(x)
+    lp = x.clone().requires_grad_(True)
+    got = kl_penalty(lp, zero, estimator="k3", backend=backend)
+    got.sum().backward()
+    ulp = torch.finfo(dtype).eps
+    exact = _k3_exact(x)
+    assert ((got.double() - exact).abs() <= 4 * ulp * exact).all()
+    slope = -torch.expm1(-x.double())  # exact to an fp64 ulp
+    assert ((lp.grad.double() - slope).abs() <= 4 * ulp * slope.abs()).all()
+
+
 def test_abs_gradient_at_zero(backend):
     lp = torch.tensor([0.25, 0.0, -1.0], device=DEVICE)
     _, dlp, dref = _kl_run(lp, torch.zeros(3, device=DEVICE), torch.ones(3, device=DEVICE), backend,
@@ -249,6 +274,25 @@ def test_rewards_ignore_garbage_outside_mask(backend):
     assert torch.isfinite(rewards).all() and torch.isfinite(kl).all()
 
 
+@pytest.mark.parametrize("lengths", [[5, 0, 37, 1], [300, 1, 2100], [4500]], ids=str)
+def test_rewards_packed_equals_padded(backend, lengths):
+    """Packed sequences (empty ones, length 1, several tiles, one long sequence cut into chunks,
+    trailing masked runs): each gets its score at its own last valid token, exactly as padded."""
+    S, width = len(lengths), max(lengths)
+    inside = torch.arange(width, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    lp, rp = _pair((S, width))
+    mask = _holey_mask(S, width) * inside
+    if S > 2:
+        mask[2, -400:] = 0  # a masked run across tiles before the sequence ends
+    scores = torch.randn(S, device=DEVICE) * 5
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    kw = dict(kl_coef=0.05, estimator="k3", score_clip=4.0, backend=backend)
+    rewards, kl = kl_penalized_rewards(scores, lp, rp, mask, **kw)
+    got_r, got_k = kl_penalized_rewards(scores, lp[inside], rp[inside], mask[inside], cu_seqlens=cu, **kw)
+    torch.testing.assert_close(got_r, rewards[inside])
+    torch.testing.assert_close(got_k, kl[inside])
+
+
 def test_rewards_empty_and_single_token(backend):
     for B, T in [(0, 5), (3, 0), (0, 0)]:
         z = torch.zeros(B, T, device=DEVICE)
@@ -335,6 +379,28 @@ def test_adaptive_controller():
     assert fixed.value == 0.05
 
 
+@settings(max_examples=60, deadline=None)
+@given(kl=st.floats(0, 1e6), target=st.floats(1e-3, 100), horizon=st.floats(1, 1e5),
+       n_steps=st.integers(0, 10**7), init=st.floats(1e-6, 10))
+def test_adaptive_controller_never_turns_negative(kl, target, horizon, n_steps, init):
+    """However many steps one update covers against the horizon, the coefficient moves by at
+    most 20 % and stays positive; while n_steps <= horizon it is the peers' uncapped update."""
+    ctl = AdaptiveKLController(init, target=target, horizon=horizon)
+    value = ctl.update(kl, n_steps)
+    assert 0.8 * init * (1 - 1e-12) <= value <= 1.2 * init * (1 + 1e-12)
+    if n_steps <= horizon:
+        err = min(max(kl / target - 1, -0.2), 0.2)
+        assert math.isclose(value, init * (1 + err * n_steps / horizon))
+
+
+@pytest.mark.parametrize("coef", [-0.1, -1e-30, float("-inf")])
+def test_negative_kl_coef_is_refused(coef):
+    """A negative coefficient would reward divergence from the reference."""
+    with pytest.raises(ValueError, match="kl_coef must be"):
+        kl_penalized_rewards(torch.randn(2), torch.randn(2, 3), torch.randn(2, 3), torch.ones(2, 3),
+                             kl_coef=coef)
+
+
 @pytest.mark.parametrize("make, exc", [
     (lambda: AdaptiveKLController(0.1, 0.0, 10), ValueError),
     (lambda: AdaptiveKLController(0.1, 6.0, -1), ValueError),
@@ -401,7 +467,11 @@ def test_opcheck_custom_ops():
     for coef_t in (None, torch.tensor(0.2)):
         torch.library.opcheck(torch.ops.fastrlhf.kl_penalized_rewards.default,
                               (scores.cpu(), lp, rp, mask.cpu(), 0.1, coef_t, "k1", None, None,
-                               3.0, "torch"))
+                               3.0, None, "torch"))
+    cu = torch.tensor([0, 4, 4, 15], dtype=torch.int32)
+    torch.library.opcheck(torch.ops.fastrlhf.kl_penalized_rewards.default,
+                          (scores.cpu(), lp.reshape(-1), rp.reshape(-1), mask.cpu().reshape(-1), 0.1, None, "k3",
+                           None, None, None, cu, "torch"))
 
 
 def test_torch_compile_fullgraph_no_recompile_for_new_coef():
@@ -445,18 +515,21 @@ def test_kernels_compile_for_gpus():
                        "dlogp_ptr": f"*{dtype}", "dref_ptr": f"*{acc}", "N": "i32", **scalars,
                        **dict.fromkeys(bconst, "constexpr")}
                 cases.append((mod, "_kl_bwd_kernel", bwd, bconst, 4))
-    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs.
-    for mask_dtype, est, coef_tensor, strides, dtype in (("i1", 3, True, "i64", "bf16"),
-                                                         ("i64", 0, False, "i32", "bf16"),
-                                                         ("fp32", 1, True, "i32", "fp64")):
+    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs;
+    # packed sequences (int32 offsets).
+    for mask_dtype, est, coef_tensor, strides, dtype, packed in (("u8", 3, True, "i64", "bf16", False),
+                                                                 ("i64", 0, False, "i32", "bf16", False),
+                                                                 ("fp32", 1, True, "i32", "fp64", False),
+                                                                 ("u8", 3, False, "i32", "fp32", True)):
         acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"EST": est, "COEF_TENSOR": coef_tensor, "ACC": f"tl.float{acc[2:]}", "BLOCK_T": 2048}
+        const = {"EST": est, "COEF_TENSOR": coef_tensor, "PACKED": packed, "ACC": f"tl.float{acc[2:]}",
+                 "BLOCK_T": 2048}
         sig = {"scores_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
-               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "T": "i32", "n_tiles": "i32",
-               **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides), "kl_coef": "fp32", **scalars,
-               "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
+               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "cu_ptr": "*i32", "T": "i32",
+               "NC": "i32", "CHUNK": "i32", **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides),
+               "kl_coef": "fp32", **scalars, "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
-    # T = 1: ints equal to 1 (T, n_tiles, row strides) are specialized to constexpr 1.
-    one = {**const, "BLOCK_T": 16, **dict.fromkeys(("T", "n_tiles", "s_logp", "s_ref", "s_mask"), 1)}
+    # T = 1: ints equal to 1 (T, NC, row strides) are specialized to constexpr 1.
+    one = {**const, "PACKED": False, "BLOCK_T": 16, **dict.fromkeys(("T", "NC", "s_logp", "s_ref", "s_mask"), 1)}
     cases.append((mod, "_kl_rewards_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
     compile_for_gpus(cases)

@@ -405,55 +405,464 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+# ------------------------------------- soft-capping, logit scale, TRL's per-token outputs, designs
+OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+DIFFERENTIABLE = ("logp", "entropy", "log_sum_sq_probs", "mean_logits")
+
+# (N, H, V, bias, temperature, logit_scale, softcap, small blocks). Odd sizes again; a cap of
+# 2 saturates tanh for many logits (its derivative near 0); the small blocks (one vocabulary
+# block of 128 per step, 16 rows) cover the running values across blocks and the fp32
+# running sums of grad_hidden and grad_weight; one row and a two-word vocabulary.
+TRANSFORM_GRID = [(37, 80, 1003, True, 0.7, 1.3, 5.0, False), (70, 48, 517, False, 1.0, 0.25, None, True),
+                  (9, 64, 2053, True, 1.3, 1.0, 2.0, True), (1, 16, 2, True, 1.0, 3.0, 1.5, False)]
+
+
+def _designs(backend):
+    return ["blas"] if backend == "torch" else ["blas", "fused"]
+
+
+IMPLS = pytest.mark.parametrize("backend, design", [(b, d) for b in family_backends(FAMILY) for d in _designs(b)],
+                                ids=lambda x: x)
+"""Every backend here, the Triton one in both designs."""
+
+
+def _small_blocks(monkeypatch):
+    monkeypatch.setattr(ref, "ROW_CHUNK", 16)
+    monkeypatch.setattr(ref, "VOCAB_CHUNK", 128)
+    if any(b != "torch" for b in family_backends(FAMILY)):
+        from fastrlhf.triton import linear_logprobs as tri
+
+        monkeypatch.setattr(tri, "WORKSPACE_ELEMS", 1)
+
+
+def _run_all(fn, hidden, weight, bias, labels, ups, dtype=None):
+    """Every output of ``fn(h, w, b)`` (a dict) and the gradients of
+    ``sum_k ups[k] * output_k`` over the differentiable outputs (NaN log-probs count as 0)."""
+    leaves = [t if t is None else t.detach().to(dtype or t.dtype).requires_grad_(True)
+              for t in (hidden, weight, bias)]
+    out = fn(*leaves)
+    loss = sum((out[k].nan_to_num(0.0) * u).sum() for k, u in zip(DIFFERENTIABLE, ups))
+    loss.backward()
+    return {**{k: out[k].detach() for k in ("logp",) + OUTPUTS},
+            **{k: t.grad for k, t in zip(("d_hidden", "d_weight", "d_bias"), leaves) if t is not None}}
+
+
+def _oracle(labels, dtype=None, **kw):
+    def fn(h, w, b):
+        return ref.linear_token_logprobs(h, w, labels, b, kw.get("temperature", 1.0), kw.get("ignore_index", -100),
+                                         logit_scale=kw.get("logit_scale", 1.0), softcap=kw.get("softcap"),
+                                         outputs=OUTPUTS)
+    return fn
+
+
+def _fastrlhf(labels, backend, design, **kw):
+    def fn(h, w, b):
+        return linear_token_logprobs(h, w, labels, bias=b, outputs=OUTPUTS, backend=backend, design=design,
+                                     **kw)._asdict()
+    return fn
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", TRANSFORM_GRID, ids=lambda c: f"N{c[0]}-H{c[1]}-V{c[2]}{'-bias' * c[3]}-T{c[4]}"
+                         f"-scale{c[5]}-cap{c[6]}{'-small' * c[7]}")
+@IMPLS
+def test_softcap_scale_and_outputs(backend, design, case, dtype, monkeypatch):
+    """Values and gradients of every output against the fp64 oracle, with non-uniform
+    upstream gradients of both signs on the log-prob, entropy, log sum p^2 and mean logit."""
+    N, H, V, has_bias, temperature, scale, cap, small = case
+    if dtype == torch.float16 and (V != 1003 or design == "fused"):
+        pytest.skip("fp16 shares the bf16 code path; saves interpreter time")
+    if small:
+        _small_blocks(monkeypatch)
+    hidden, weight, bias, labels = _case(N, H, V, dtype, has_bias, scale=2.0)
+    if N > 1:
+        labels[1] = V + 3  # out of range: NaN log-prob, the other outputs computed
+    kw = {"temperature": temperature, "logit_scale": scale, "softcap": cap}
+    ups = [torch.randn(N, device=DEVICE) for _ in DIFFERENTIABLE]
+    truth = _run_all(_oracle(labels, **kw), hidden, weight, bias, labels, ups, torch.float64)
+    got = _run_all(_fastrlhf(labels, backend, design, **kw), hidden, weight, bias, labels, ups)
+    same = _run_all(_oracle(labels, **kw), hidden, weight, bias, labels, ups)
+    for k in ("logp",) + OUTPUTS[:3]:
+        assert got[k].dtype == torch.float32 and got[k].shape == labels.shape
+    assert got["is_top1"].dtype == torch.bool
+    for k in ("d_hidden", "d_weight", "d_bias"):
+        assert k not in got or got[k].dtype == dtype
+    tol = 2e-5 if dtype == torch.float32 else None
+    for k, t in truth.items():
+        if k == "is_top1":
+            assert torch.equal(got[k], t), k
+            continue
+        err, base = _errors([got[k]], [t])[0], _errors([same[k]], [t])[0]
+        scale_k = 1 + t.double().nan_to_num(0.0).abs().max().item()
+        limit = tol * scale_k if tol else 2 * base + torch.finfo(dtype).eps * scale_k + 1e-6
+        assert err <= limit, (k, err, limit)
+    ignored = labels == -100
+    for k in ("logp",) + OUTPUTS:
+        assert not got[k][ignored].any(), k
+    assert (got["d_hidden"][ignored] == 0).all()
+    assert (got["logp"].nan_to_num(0.0) <= 0).all() and (got["entropy"] >= 0).all()
+    assert (got["log_sum_sq_probs"] <= 0).all()
+    assert N == 1 or (got["logp"][1].isnan() and torch.isfinite(got["entropy"][1]) and not got["is_top1"][1])
+
+
+@IMPLS
+def test_fully_ignored_batch_every_output(backend, design, monkeypatch):
+    """Every label ignored (over several blocks): every output 0 / False, every gradient 0."""
+    _small_blocks(monkeypatch)
+    hidden, weight, bias, _ = _case(20, 24, 300, torch.bfloat16)
+    labels = torch.full((20,), 7, device=DEVICE)
+    ups = [torch.randn(20, device=DEVICE) for _ in DIFFERENTIABLE]
+    got = _run_all(_fastrlhf(labels, backend, design, softcap=3.0, ignore_index=7), hidden, weight, bias,
+                   labels, ups)
+    for k, t in got.items():
+        assert not t.any(), k
+
+
+@IMPLS
+def test_is_top1_is_the_first_argmax(backend, design, monkeypatch):
+    """Vocabulary entries 5 and 300 have the same (largest) logit, in different blocks:
+    only the first counts as the top-1 prediction, as ``argmax`` and TRL's is_top1."""
+    _small_blocks(monkeypatch)
+    H, V = 32, 400
+    # Small multiples of 1/8: every product and partial sum is exact, so the tie is exact in
+    # any GEMM's summation order. Logits: 8 for entries 5 and 300, at most 4 elsewhere.
+    u = torch.randint(0, 2, (H,), device=DEVICE) * 2.0 - 1
+    hidden = u.repeat(6, 1)
+    weight = torch.randint(-1, 2, (V, H), device=DEVICE) / 8.0
+    weight[5] = weight[300] = u / 4
+    labels = torch.tensor([5, 300, 7, -100, V + 1, 5], device=DEVICE)
+    out = linear_token_logprobs(hidden, weight, labels, outputs=("is_top1",), softcap=7.0, backend=backend,
+                                design=design)
+    assert out.is_top1.tolist() == [True, False, False, False, False, True]
+    assert out.entropy is out.log_sum_sq_probs is out.mean_logits is None
+
+
+def test_designs_agree_and_are_deterministic(backend, monkeypatch):
+    """Both designs give the same results (up to rounding), each bitwise the same run to run."""
+    _small_blocks(monkeypatch)
+    hidden, weight, bias, labels = _case(33, 48, 700, torch.bfloat16)
+    ups = [torch.randn(33, device=DEVICE) for _ in DIFFERENTIABLE]
+    kw = {"temperature": 0.9, "softcap": 4.0, "logit_scale": 1.5}
+    runs = {}
+    for design in _designs(backend):
+        fn = _fastrlhf(labels, backend, design, **kw)
+        first = _run_all(fn, hidden, weight, bias, labels, ups)
+        second = _run_all(fn, hidden, weight, bias, labels, ups)
+        for k in first:
+            assert torch.equal(first[k], second[k]), (design, k)
+        runs[design] = first
+    if "fused" in runs:
+        for k, a in runs["blas"].items():
+            b = runs["fused"][k]
+            if a.dtype == torch.bool:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2)
+
+
+@IMPLS
+def test_hidden_size_zero(backend, design):
+    """H = 0: every logit is the bias (an empty sum), a defined result with gradients."""
+    bias = torch.randn(7, device=DEVICE)
+    labels = torch.tensor([0, 3, 6, -100, 2], device=DEVICE)
+    hidden, weight = torch.randn(5, 0, device=DEVICE), torch.randn(7, 0, device=DEVICE)
+    ups = [torch.randn(5, device=DEVICE) for _ in DIFFERENTIABLE]
+    got = _run_all(_fastrlhf(labels, backend, design, temperature=0.5), hidden, weight, bias, labels, ups)
+    want = _run_all(_oracle(labels, temperature=0.5), hidden, weight, bias, labels, ups, torch.float64)
+    assert got["d_hidden"].shape == (5, 0) and got["d_weight"].shape == (7, 0)
+    for k, t in want.items():
+        if got[k].numel():
+            torch.testing.assert_close(got[k].double() if t.is_floating_point() else got[k], t, atol=1e-5, rtol=1e-5)
+    without_bias = linear_token_logprobs(hidden, weight, labels, backend=backend, design=design)
+    assert torch.allclose(without_bias[labels != -100], torch.tensor(-math.log(7.0)))
+
+
+@IMPLS
+def test_masked_vocabulary_with_softcap(backend, design):
+    """Soft-capping maps a -inf logit (a masked vocabulary entry) to -softcap, as Gemma's
+    head does: it is no longer masked, and everything stays finite."""
+    hidden, weight, bias, labels = _case(8, 16, 90, torch.float32, scale=30.0)
+    bias[::3] = float("-inf")
+    ups = [torch.randn(8, device=DEVICE) for _ in DIFFERENTIABLE]
+    kw = {"softcap": 3.0, "temperature": 0.5}
+    got = _run_all(_fastrlhf(labels, backend, design, **kw), hidden, weight, bias, labels, ups)
+    want = _run_all(_oracle(labels, **kw), hidden, weight, bias, labels, ups, torch.float64)
+    for k, t in want.items():
+        if t.is_floating_point():
+            assert torch.isfinite(got[k]).all(), k
+            torch.testing.assert_close(got[k].double(), t, atol=1e-4, rtol=1e-4, msg=k)
+
+
+@IMPLS
+def test_matches_trl_chunked_logprob(backend, design):
+    """The five per-token outputs and the gradients (of log-prob and entropy, TRL's
+    differentiable ones) of TRL's ChunkedLogProbFunction, with bias, logit scale, soft-cap
+    and temperature: fastrlhf replaces TRL's fused head exactly."""
+    trl_kernels = pytest.importorskip("trl.kernels")
+    N, H, V = 12, 24, 300
+    hidden, weight, bias, labels = _case(N, H, V, torch.float32, ignore_frac=0.0, scale=3.0)
+    kw = {"temperature": 0.8, "logit_scale": 1.7, "softcap": 6.0}
+    ups = [torch.randn(N, device=DEVICE) for _ in range(2)]
+    results = []
+    for impl in ("trl", "fastrlhf"):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        if impl == "trl":
+            out = trl_kernels.ChunkedLogProbFunction.apply(*leaves, labels, kw["temperature"], 128,
+                                                           kw["softcap"], kw["logit_scale"], OUTPUTS)
+        else:
+            out = linear_token_logprobs(leaves[0], leaves[1], labels, bias=leaves[2], outputs=OUTPUTS,
+                                        backend=backend, design=design, **kw)
+        (out[0] * ups[0] + out[1] * ups[1]).sum().backward()
+        results.append([o.detach() for o in out] + [t.grad for t in leaves])
+    for name, a, b in zip(("logp",) + OUTPUTS + ("d_hidden", "d_weight", "d_bias"), *results):
+        if a.dtype == torch.bool:
+            assert torch.equal(b, a), name
+        else:
+            torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4, msg=name)
+
+
+@IMPLS
+def test_vocab_parallel_head_with_softcap_and_scale(backend, design, monkeypatch):
+    """The vocab-sharded LM head (three ranks on threads) with soft-capping and a logit scale:
+    log-probs, entropy and every gradient equal the unsharded op's (each shard caps its own
+    logits: the transform is per logit)."""
+    import threading
+
+    from fastrlhf.backend import triton_interpreter
+    from fastrlhf.parallel import vocab_parallel_linear_token_logprobs
+    from tests.test_parallel import _ThreadGroup
+
+    if backend == "triton" and triton_interpreter():  # the interpreter runs one kernel at a time
+        from triton.runtime import interpreter
+
+        lock, launch = threading.Lock(), interpreter.GridExecutor.__call__
+
+        def locked(self, *args, **kwargs):
+            with lock:
+                return launch(self, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", locked)
+
+    N, H, V, edges = 7, 16, 37, [0, 15, 26, 37]
+    hidden, weight, bias, labels = _case(N, H, V, torch.float32, scale=3.0)
+    kw = {"temperature": 0.8, "logit_scale": 1.5, "softcap": 2.5}
+    g1, g2 = torch.randn(N, device=DEVICE), torch.randn(N, device=DEVICE)
+    full = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+    want_lp, want_ent = linear_token_logprobs(full[0], full[1], labels, bias=full[2], return_entropy=True,
+                                              backend="torch", **kw)
+    (want_lp * g1 + want_ent * g2).sum().backward()
+
+    def rank_fn(rank):
+        lo, hi = edges[rank], edges[rank + 1]
+        h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight[lo:hi], bias[lo:hi]))
+        lp, ent = vocab_parallel_linear_token_logprobs(h, w, labels, vocab_start=lo, bias=b, return_entropy=True,
+                                                       backend=backend, design=design, **kw)
+        (lp * g1 + ent * g2).sum().backward()
+        return lp.detach(), ent.detach(), h.grad, w.grad, b.grad
+
+    for rank, (lp, ent, gh, gw, gb) in enumerate(_ThreadGroup(3).run(rank_fn)):
+        lo, hi = edges[rank], edges[rank + 1]
+        for got, want in ((lp, want_lp), (ent, want_ent), (gh, full[0].grad), (gw, full[1].grad[lo:hi]),
+                          (gb, full[2].grad[lo:hi])):
+            torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", [(8192, 151936), (65536, 151936), (1, 151936), (8192, 32000), (16384, 262144),
+                                  (4096, 1000), (100000, 1000), (40, 333)])
+def test_block_plan(case):
+    """The block of logits holds at most 5 % of them (or the 2**22-element floor), takes every
+    row when the vocabulary allows, and the vocabulary takes at most 21 blocks at any N: the
+    fp32 grad_hidden running sum is read and written that many times, not O(N) times."""
+    from fastrlhf.triton import linear_logprobs as tri
+
+    N, V = case
+    rows, cols = tri.plan(N, V)
+    budget = max(math.ceil(0.05 * N * V), tri.WORKSPACE_ELEMS)
+    assert rows * cols <= budget and 1 <= rows <= N and 1 <= cols <= V
+    assert cols == V or cols % 128 == 0
+    if budget // N >= 128:
+        assert rows == N
+        assert -(-V // cols) <= 21
+    if case == (8192, 151936):
+        assert (rows, cols) == (8192, 7296)  # 21 blocks, 5 % of the logits (249 MB of fp32)
+    if 0.05 * N * V >= tri.WORKSPACE_ELEMS:  # above the floor, more rows never narrow the blocks
+        assert tri.plan(8 * N, V)[1] >= cols
+
+
+def test_never_materializes_logits_fused(monkeypatch):
+    """The fused design with every output: no tensor of N * V elements or more."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    if "triton" not in family_backends(FAMILY):
+        pytest.skip("the fused design runs Triton kernels")
+    _small_blocks(monkeypatch)
+    N, V = 64, 1000
+    hidden, weight, bias, labels = _case(N, 16, V, torch.bfloat16)
+    largest = []
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    largest.append(t.numel())
+            return out
+
+    ups = [torch.randn(N, device=DEVICE) for _ in DIFFERENTIABLE]
+    with Track():
+        _run_all(_fastrlhf(labels, "triton", "fused", softcap=3.0), hidden, weight, bias, labels, ups)
+    assert max(largest) <= N * V // 4
+
+
+@pytest.mark.parametrize("kw, exc, words", [
+    ({"softcap": 0.0}, ValueError, "softcap must be a finite number > 0"),
+    ({"softcap": -2.0}, ValueError, "softcap must be a finite number > 0"),
+    ({"softcap": float("inf")}, ValueError, "softcap must be finite"),
+    ({"softcap": float("nan")}, ValueError, "softcap must be finite"),
+    ({"softcap": "30"}, TypeError, "softcap must be a Python float"),
+    ({"logit_scale": 0.0}, ValueError, "logit_scale must be a finite number > 0"),
+    ({"logit_scale": float("inf")}, ValueError, "logit_scale must be finite"),
+    ({"logit_scale": None}, TypeError, "logit_scale must be a Python float"),
+    ({"outputs": ("entropy", "loss")}, ValueError, "outputs must be one of"),
+    ({"outputs": "entropy"}, TypeError, "outputs must be a tuple of names"),
+    ({"design": "cutlass"}, ValueError, "design must be one of"),
+    ({"design": "fused", "backend": "torch"}, ValueError, "design='fused' runs Triton kernels"),
+])
+def test_bad_options(kw, exc, words):
+    with pytest.raises(exc, match=words.replace("(", r"\(").replace(")", r"\)")):
+        linear_token_logprobs(*_ok(), **kw)
+
+
+def test_logit_count_beyond_int64():
+    """N * V >= 2**63 (expanded views: no memory) is refused before any kernel runs."""
+    hidden = torch.zeros(1, 4).expand(2**40, 4)
+    weight = torch.zeros(1, 4).expand(2**24, 4)
+    labels = torch.zeros(1, dtype=torch.long).expand(2**40)
+    with pytest.raises(ValueError, match="do not fit in int64"):
+        linear_token_logprobs(hidden, weight, labels)
+
+
+def test_opcheck_with_every_option():
+    from fastrlhf.ops import linear_logprobs as ops
+
+    hidden, weight, bias, labels = _case(6, 16, 40, torch.float32)
+    leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
+    options = {"logit_scale": 1.5, "softcap": 4.0, "with_log_sum_sq": True, "with_mean": True,
+               "with_top1": True}
+    torch.library.opcheck(ops._linear_logprobs_op, (*leaves[:2], leaves[2], labels, 0.9, -100, True, "torch"),
+                          options)
+    with torch.no_grad():
+        logp, ent, stats, lsq, mean, top1 = ref.chunked_forward(hidden, weight, bias, labels, 0.9, -100, True,
+                                                                **options)
+    g = [torch.randn(6) for _ in range(4)]
+    torch.library.opcheck(ops._linear_logprobs_bwd_op,
+                          (g[0], g[1], hidden.detach(), weight.detach(), bias.detach(), labels, stats, ent,
+                           0.9, -100, True, True, True, "torch"),
+                          {"logit_scale": 1.5, "softcap": 4.0, "grad_log_sum_sq": g[2], "log_sum_sq": lsq,
+                           "grad_mean": g[3]})
+
+
+def test_torch_compile_fullgraph_with_outputs():
+    hidden, weight, bias, labels = _case(10, 16, 50, torch.float32)
+    ups = [torch.randn(10) for _ in DIFFERENTIABLE]
+
+    def loss(h, w, b):
+        out = linear_token_logprobs(h, w, labels, bias=b, temperature=0.7, softcap=5.0, logit_scale=0.5,
+                                    outputs=OUTPUTS, backend="torch")
+        return sum((getattr(out, k) * u).sum() for k, u in zip(DIFFERENTIABLE, ups)) + out.is_top1.sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
+        value = fn(*leaves)
+        value.backward()
+        outs.append([value, *(t.grad for t in leaves)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
+def test_bench_peers_agree_on_the_probe():
+    """The benchmark's peers of this op: TRL's fused head (when installed) passes the fp64
+    check on the probe, in values and gradients; Liger and CCE say why they cannot run."""
+    from bench.core import Config
+    from bench.families import linear_logprobs as family
+    from bench.runner import Runner
+
+    runner = Runner(Config(DEVICE, "smoke"), ["trl", "liger", "cce"], log=lambda line: None)
+    for name in ("liger", "cce"):
+        impl = runner.impl(family.LINEAR, name)
+        assert impl.fn is not None or impl.reason
+    pytest.importorskip("trl.kernels")
+    impl = runner.impl(family.LINEAR, "trl")
+    assert impl.fn is not None and not impl.failed_check, impl.reason
+    assert runner.errors[(family.LINEAR.name, "trl")]["grad"] < 2e-2
+
+
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
 def test_kernels_compile_for_gpus():
-    """Every kernel with the tiles an H100 run uses, bf16 and fp32. Unit inner strides are
-    constexpr 1, as Triton specializes them for contiguous inputs. Each dtype also with every
-    pointer and size divisible by 16, as a launch at N=8192, H=4096, V=151936 specializes
-    them: only then are the loads vectorized and pipelined (3 stages, the most shared memory)."""
+    """Every kernel with the launch configurations a GPU run uses, bf16 and fp32 inputs.
+    Unit inner strides are constexpr 1, as Triton specializes them for contiguous inputs.
+    Each dtype also with every pointer and size divisible by 16, as a launch at N=8192,
+    H=4096, V=151936 specializes them (blocks of 7296 columns): only then are the loads
+    vectorized and pipelined. The row kernels also with a one-column block (V = 1: ints
+    equal to 1 become constexpr) and their small-block configuration (128 columns, 4 warps)."""
     from tests.triton_aot import compile_for_gpus
 
     mod = "fastrlhf.triton.linear_logprobs"
     cases = []
+    outs = {"logp_ptr": "*fp32", "ent_ptr": "*fp32", "stats_ptr": "*fp32", "lsq_ptr": "*fp32",
+            "mean_ptr": "*fp32", "top1_ptr": "*i1"}
+    grads = {k: "*fp32" for k in ("glogp_ptr", "gent_ptr", "ent_ptr", "glsq_ptr", "lsq_ptr", "gmean_ptr")}
+    consts = dict.fromkeys(("k_z", "k_cap", "k_in"), "fp32")
     for dt, bk, flag, aligned in (("bf16", 64, True, False), ("fp32", 32, False, False),
                                   ("bf16", 64, False, True), ("fp32", 32, True, True)):
         precision = "tf32" if dt == "fp32" and aligned else "ieee"
-        common = {"INTERPRET": False, "PRECISION": precision, "sxk": 1}
+        for block, warps in ((2048, 8), (128, 4)):
+            fold_c = {"HAS_BIAS": flag, "HAS_CAP": not flag, "FIRST": flag, "LAST": not flag,
+                      "WITH_ENTROPY": flag, "WITH_LSQ": not flag, "WITH_MEAN": flag,
+                      "WITH_TOP1": not flag, "BLOCK": block, "VEC": 4}
+            fold = {"tile_ptr": "*fp32", "ld": "i32", "bias_ptr": f"*{dt}", "labels_ptr": "*i64",
+                    "state_ptr": "*fp32", **outs, **dict.fromkeys(("w", "v0", "V"), "i32"), **consts,
+                    "ignore_index": "i32", **dict.fromkeys(fold_c, "constexpr")}
+            dl_c = {"HAS_BIAS": not flag, "HAS_CAP": flag, "WITH_ENTROPY": flag, "WITH_LSQ": flag,
+                    "WITH_MEAN": not flag, "BLOCK": block}
+            dl = {"tile_ptr": "*fp32", "dz_ptr": f"*{dt}", "ld": "i32", "ld_dz": "i32",
+                  "bias_ptr": f"*{dt}", "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads,
+                  "w": "i32", "v0": "i32", "inv_V": "fp32", **consts, "k_grad": "fp32",
+                  **dict.fromkeys(dl_c, "constexpr")}
+            for name, sig, const in (("_fold_kernel", fold, fold_c), ("_dlogits_kernel", dl, dl_c)):
+                divisible = [k for k, t in sig.items() if t[0] in "*i" and k != "ignore_index"]
+                cases.append((mod, name, sig, const, warps, divisible if aligned else []))
+                if block == 128 and not aligned:  # one column (V = 1): w, ld (and ld_dz = 1 for fp32) are 1
+                    ones = {k: 1 for k in ("w", "ld") + (("ld_dz",) if dt == "fp32" else ()) if k in sig}
+                    cases.append((mod, name, {**sig, **dict.fromkeys(ones, "constexpr")}, {**const, **ones}, warps))
+        common = {"INTERPRET": False, "PRECISION": precision, "sxk": 1, "swk": 1}
         tiles = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": bk}
         gemm_in = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
-        fwd_c = {**common, "swk": 1, "HAS_BIAS": flag, "WITH_ENTROPY": flag, **tiles}
+        fwd_c = {**common, "HAS_BIAS": flag, "HAS_CAP": not flag, "WITH_ENTROPY": flag,
+                 "WITH_LSQ": not flag, "WITH_MEAN": flag, "WITH_TOP1": not flag, **tiles}
         fwd = {**gemm_in, "labels_ptr": "*i64", "part_ptr": "*fp32",
-               **dict.fromkeys(("N", "V", "H", "sxn", "swv"), "i32"), "inv_temp": "fp32",
+               **dict.fromkeys(("N", "V", "H", "sxn", "swv"), "i32"), **consts,
                **dict.fromkeys(("splits", "tiles_per_split", "step"), "i32"),
                **dict.fromkeys(fwd_c, "constexpr")}
-        dl_c = {**common, "swk": 1, "HAS_BIAS": flag, "NEED_BIAS": flag, "WITH_ENTROPY": not flag,
-                "GROUP": 8, **tiles}
-        dl = {**gemm_in, "labels_ptr": "*i32", "stats_ptr": "*fp32", "ent_ptr": "*fp32",
-              "glogp_ptr": "*fp32", "gent_ptr": "*fp32", "dz_ptr": f"*{dt}", "dbias_ptr": "*fp32",
-              **dict.fromkeys(("N", "V", "H", "v_start", "width", "sxn", "swv"), "i32"),
-              "inv_temp": "fp32", "ignore_index": "i32", **dict.fromkeys(dl_c, "constexpr")}
-        dh_c = {"LOAD_ACC": flag, "INTERPRET": False, "PRECISION": precision, "GROUP": 8, "swk": 1,
-                "BLOCK_N": 128, "BLOCK_H": 128, "BLOCK_K": bk}
-        dh = {"dz_ptr": f"*{dt}", "w_ptr": f"*{dt}", "acc_ptr": "*fp32", "out_ptr": f"*{dt}",
-              **dict.fromkeys(("N", "H", "v_start", "width", "swv"), "i32"),
-              **dict.fromkeys(dh_c, "constexpr")}
-        dw_c = {**common, "GROUP": 8, "BLOCK_V": 128, "BLOCK_H": 128, "BLOCK_K": bk}
-        dw = {"dz_ptr": f"*{dt}", "x_ptr": f"*{dt}", "dw_ptr": f"*{dt}",
-              **dict.fromkeys(("N", "H", "v_start", "width", "sxn"), "i32"),
-              **dict.fromkeys(dw_c, "constexpr")}
-        kernels = [("_fwd_kernel", fwd, fwd_c), ("_dlogits_kernel", dl, dl_c),
-                   ("_dhidden_kernel", dh, dh_c), ("_dweight_kernel", dw, dw_c)]
-        for name, sig, const in kernels:
-            divisible = [k for k, t in sig.items() if t[0] in "*i" and k != "ignore_index"]
+        fdl_c = {**common, "HAS_BIAS": not flag, "HAS_CAP": flag, "WITH_ENTROPY": not flag,
+                 "WITH_LSQ": flag, "WITH_MEAN": flag, "GROUP": 8, **tiles}
+        fdl = {**gemm_in, "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads, "dz_ptr": f"*{dt}",
+               **dict.fromkeys(("N", "H", "v0", "width", "sxn", "swv"), "i32"), "inv_V": "fp32",
+               **consts, "k_grad": "fp32", **dict.fromkeys(fdl_c, "constexpr")}
+        fused = [("_fused_fwd_kernel", fwd, fwd_c), ("_fused_dlogits_kernel", fdl, fdl_c)]
+        for name, sig, const in fused:
+            divisible = [k for k, t in sig.items() if t[0] in "*i"]
             cases.append((mod, name, sig, const, 8, divisible if aligned else []))
-    comb_c = {"WITH_ENTROPY": True, "BLOCK_R": 64, "BLOCK_S": 16}
-    comb = {"part_ptr": "*fp32", "labels_ptr": "*i64", "logp_ptr": "*fp32", "ent_ptr": "*fp32",
-            "stats_ptr": "*fp32", **dict.fromkeys(("N", "V", "splits", "step", "ignore_index"), "i32"),
+    comb_c = {"WITH_ENTROPY": True, "WITH_LSQ": True, "WITH_MEAN": False, "WITH_TOP1": True,
+              "BLOCK_R": 64, "BLOCK_S": 16}
+    comb = {"part_ptr": "*fp32", "labels_ptr": "*i64", **outs,
+            **dict.fromkeys(("N", "V", "splits", "step", "ignore_index"), "i32"),
             **dict.fromkeys(comb_c, "constexpr")}
     cases.append((mod, "_combine_kernel", comb, comb_c, 4))
-    # One row (fp32, TF32): ints equal to 1 (N, splits, tiles_per_split, step) become constexpr 1
-    # (the kernels doing arithmetic on them; N is _dweight_kernel's loop bound).
-    for name, sig, const in [kernels[0], kernels[3], ("_combine_kernel", comb, comb_c)]:
+    # One row (fp32, TF32): ints equal to 1 (N, splits, tiles_per_split, step) become constexpr 1.
+    for name, sig, const in [fused[0], fused[1], ("_combine_kernel", comb, comb_c)]:
         one = {**const, **{k: 1 for k in ("N", "splits", "tiles_per_split", "step") if k in sig}}
         cases.append((mod, name, {**sig, **dict.fromkeys(one, "constexpr")}, one, 4 if sig is comb else 8))
     compile_for_gpus(cases)

@@ -287,6 +287,26 @@ def test_sequence_logprobs_with_holes(backend, average):
     assert got[1] == 0 and (x.grad[1] == 0).all()  # a fully masked row
 
 
+@pytest.mark.parametrize("average", [False, True])
+def test_sequence_logprobs_packed_equals_padded(backend, average):
+    """Packed sequences (an empty one, holes, ignored labels): the padded sums and gradients."""
+    lengths = [4, 0, 9, 1]
+    S, W, V = len(lengths), 9, 70
+    logits, labels = _case(S, W, V, torch.float32)
+    inside = torch.arange(W, device=DEVICE) < torch.tensor(lengths, device=DEVICE)[:, None]
+    mask = (torch.rand(S, W, device=DEVICE) < 0.8) & inside
+    cu = torch.tensor([0] + lengths, device=DEVICE).cumsum(0).to(torch.int32)
+    x = logits.clone().requires_grad_(True)
+    want = fastrlhf.sequence_logprobs(x, labels, mask, average=average, backend=backend)
+    want.sum().backward()
+    xp = logits[inside].clone().requires_grad_(True)
+    got = fastrlhf.sequence_logprobs(xp, labels[inside], mask[inside], average=average, cu_seqlens=cu,
+                                     backend=backend)
+    got.sum().backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(xp.grad, x.grad[inside])
+
+
 # ------------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("make, exc, words", [
     (lambda: (torch.randn(2, 5), torch.zeros(3, dtype=torch.long), {}), ValueError, "labels must have shape (2,)"),
@@ -321,29 +341,34 @@ def test_mismatched_devices():
 def test_kernels_compile_for_gpus():
     """Each dtype with and without entropy, strides i64 (a batch past 2**31 elements); also
     bf16 with every int scalar i32 and divisible by 16, as ``[16384, 151936]`` logits launch
-    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), and fp64."""
+    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), fp64, and
+    a tensor whose storage does not start at a 16-byte boundary (``ALIGNED`` off)."""
     from tests.triton_aot import compile_for_gpus
 
     cases = []
-    variants = [(dt, ent, "i64") for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
-    for dtype, with_entropy, ints in variants + [("bf16", True, "i32"), ("fp64", True, "i64")]:
+    variants = [(dt, ent, "i64", True) for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
+    for dtype, with_entropy, ints, aligned in variants + [("bf16", True, "i32", True), ("fp64", True, "i64", True),
+                                                          ("bf16", False, "i64", False)]:
         acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "BLOCK_V": 4096}
-        scalars = {"V": "i32", "inv_temp": "fp32", "ignore_index": "i32"}
+        vec = {"fp64": 2, "fp32": 4}.get(dtype, 8)
+        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "VEC": vec, "BLOCK_V": 1024 * vec,
+                 "R": 256, "ALIGNED": aligned, "FAST": dtype != "fp64"}
+        scalars = {"V": "i32", "lead": "i32", "c": "fp32", "ignore_index": "i32"}
         fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": f"*{acc}",
                "ent_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "D1": ints, "sx0": ints,
                "sx1": ints, **scalars, **dict.fromkeys(const, "constexpr")}
         bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
                "stats_ptr": f"*{acc}", "ent_ptr": f"*{acc}", "glogp_ptr": f"*{acc}",
                "gent_ptr": f"*{acc}", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), ints),
-               **scalars, **dict.fromkeys(const, "constexpr")}
-        aligned = [k for k in bwd if k.endswith("_ptr") or k.startswith("s")]
-        aligned += ["D1", "V"] if ints == "i32" else []
+               "V": "i32", "lead": "i32", "dlead": "i32", "c": "fp32", "inv_temp": "fp32", "ignore_index": "i32",
+               **dict.fromkeys(const, "constexpr")}
+        aligned_args = [k for k in bwd if (k.endswith("_ptr") and aligned) or k.startswith("s")]
+        aligned_args += ["D1", "V"] if ints == "i32" else []
         cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
-                   [k for k in aligned if k in fwd]),
-                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned)]
+                   [k for k in aligned_args if k in fwd]),
+                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned_args)]
         if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
-            one = {"V": 1, "sx1": 1, "sd1": 1, "WITH_ENTROPY": True, "ACC": "tl.float32", "BLOCK_V": 16}
+            one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16, "R": 4}
             for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
                 sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
                 cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))
@@ -355,3 +380,44 @@ def test_int32_labels_with_an_ignore_index_outside_int32(backend):
     labels = torch.tensor([[0, 3, 8]], dtype=torch.int32, device=DEVICE)
     lp = fastrlhf.token_logprobs(logits, labels, ignore_index=-(2**63), backend=backend)
     torch.testing.assert_close(lp, ref.token_logprobs(logits, labels.long()))
+
+
+# ------------------------------------------- adversarial inputs (memory sharing, extreme values)
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(1, 40, device=DEVICE).expand(3, 40),                   # stride 0
+    lambda: torch.randn(3, 40, device=DEVICE).as_strided((3, 40), (20, 1)),    # rows overlap
+    lambda: torch.randn(1, 1, 40, device=DEVICE).expand(2, 3, 40),
+], ids=["expanded-rows", "overlapping-rows", "expanded-batch"])
+def test_inplace_backward_refuses_overlapping_logits(backend, make):
+    """Writing a gradient into logits whose elements share memory is ill-defined: every backend
+    refuses it with the same error, before any kernel; out of place it works."""
+    logits = make()
+    labels = torch.zeros(logits.shape[:-1], dtype=torch.long, device=DEVICE)
+    with pytest.raises(ValueError, match="logits must not have elements that share memory"):
+        fastrlhf.token_logprobs(logits, labels, inplace_backward=True, backend=backend)
+    x = logits.detach().clone().requires_grad_(True)
+    want = fastrlhf.token_logprobs(x, labels, backend="torch")
+    torch.testing.assert_close(fastrlhf.token_logprobs(logits, labels, backend=backend), want)
+
+
+@pytest.mark.parametrize("ignore_index", [2**63, -(2**63) - 1, 10**30])
+def test_ignore_index_outside_int64(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index must fit in int64"):
+        fastrlhf.token_logprobs(torch.randn(2, 5), torch.zeros(2, dtype=torch.long), ignore_index=ignore_index)
+
+
+@settings(max_examples=20, deadline=None)
+@given(V=st.integers(2, 300), log10_t=st.sampled_from([0.0, 6.0, 30.0, 39.0, 46.0, 100.0, 300.0]),
+       seed=st.integers(0, 2**16))
+def test_any_temperature_agrees_with_the_reference(V, log10_t, seed):
+    """Up to temperatures whose reciprocal underflows fp32 (every logit then scales to 0: the
+    uniform distribution), every backend gives the reference's log-probs and entropy."""
+    torch.manual_seed(seed)
+    logits, labels = _case(2, 3, V, torch.float32, ignore_frac=0.0)
+    want = ref.token_logprobs(logits, labels, 10.0**log10_t, return_entropy=True)
+    for backend in fastrlhf.available_backends(DEVICE):
+        got = fastrlhf.token_logprobs(logits, labels, temperature=10.0**log10_t, return_entropy=True,
+                                      backend=backend)
+        for a, b in zip(got, want):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -382,14 +382,14 @@ def test_bad_input(call, exc, words):
 def test_opcheck_custom_ops():
     logp, old, adv, mask = (t.cpu() for t in _policy_case(3, 5))
     ops = torch.ops.fastrlhf
-    for agg, denom, denom_t in [("token-mean", None, None), ("seq-mean-token-mean", 4.0, None),
-                                ("seq-mean-token-sum", None, torch.tensor(3))]:
+    for agg, counts in [("token-mean", (None, None, None)),
+                        ("seq-mean-token-mean", (None, torch.tensor(4.0, dtype=torch.float64), None)),
+                        ("seq-mean-token-sum-norm", (None, torch.tensor(3), torch.tensor(16.0)))]:
         torch.library.opcheck(ops.ppo_policy_loss.default,
                               (logp.clone().requires_grad_(True), old, adv, mask, 0.2, 0.28, 3.0, 20.0, agg,
-                               denom, denom_t, "torch"))
+                               *counts, "torch"))
         torch.library.opcheck(ops.ppo_value_loss.default,
-                              (logp.clone().requires_grad_(True), old, adv, mask, 0.2, agg, denom, denom_t,
-                               "torch"))
+                              (logp.clone().requires_grad_(True), old, adv, mask, 0.2, agg, *counts, "torch"))
     rows = mask.sum(-1)
     scale = torch.tensor(0.25)
     torch.library.opcheck(ops.ppo_policy_loss_backward.default,
@@ -428,24 +428,28 @@ def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
     mod = "fastrlhf.triton.ppo"
-    scalars = {"c0": "fp32", "c1": "fp32", "c2": "fp32", "c3": "fp32"}
+    clips = {"policy": {"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "log_ratio_clamp": "fp32"},
+             "value": {"clip": "fp32"}}
     cases = []
-    # N: i64 past 2**31 tokens, i32 below (16M tokens); fp64 inputs accumulate in fp64.
-    for dtype, mask_dtype, value, per_row, n in [("bf16", "i1", False, False, "i64"),
-                                                 ("fp32", "i64", False, True, "i32"),
-                                                 ("bf16", "fp32", True, True, "i64"),
-                                                 ("fp64", "i1", False, True, "i32")]:
+    # N: i64 past 2**31 tokens (FAST_ROWS off), i32 below; fp64 inputs accumulate in fp64; a
+    # 32-bit row magic (i64) and one that fits in i32.
+    for dtype, mask_dtype, loss, per_row, n, magic in [("bf16", "u8", "policy", False, "i64", "i64"),
+                                                       ("fp32", "i64", "policy", True, "i32", "i64"),
+                                                       ("bf16", "fp32", "value", True, "i64", "i32"),
+                                                       ("fp64", "u8", "value", True, "i32", "i64")]:
         acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"VALUE": value, "PER_ROW": per_row, "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
-        inputs = {"x_ptr": f"*{dtype}", "old_ptr": f"*{dtype}", "y_ptr": f"*{acc}", "mask_ptr": f"*{mask_dtype}",
+        const = {"PER_ROW": per_row, "FAST_ROWS": n == "i32", "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
+        names = ("logp_ptr", "old_ptr", "adv_ptr") if loss == "policy" else ("v_ptr", "old_ptr", "ret_ptr")
+        inputs = {**dict(zip(names, (f"*{dtype}", f"*{dtype}", f"*{acc}"))), "mask_ptr": f"*{mask_dtype}",
                   "rowcnt_ptr": "*i64"}
+        rows = {"row_magic": magic, "row_shift": "i32", **dict.fromkeys(const, "constexpr")}
         fwd = {**inputs, "sums_ptr": f"*{acc}", "counts_ptr": "*i32", "N": n, "T": "i32", "P": "i32",
-               **scalars, **dict.fromkeys(const, "constexpr")}
+               **clips[loss], **rows}
         bwd = {"grad_ptr": f"*{acc}", "scale_ptr": f"*{acc}", **inputs, "dx_ptr": f"*{dtype}", "N": n, "T": "i32",
-               **scalars, **dict.fromkeys(const, "constexpr")}
-        cases += [(mod, "_ppo_fwd_kernel", fwd, const, 4), (mod, "_ppo_bwd_kernel", bwd, const, 4)]
+               **clips[loss], **rows}
+        cases += [(mod, f"_{loss}_fwd_kernel", fwd, const, 4), (mod, f"_{loss}_bwd_kernel", bwd, const, 4)]
     # One token per row: T = 1 is specialized to constexpr 1.
     one = {**const, "T": 1}
-    cases += [(mod, name, {**sig, "T": "constexpr"}, one, 4) for name, sig in (("_ppo_fwd_kernel", fwd),
-                                                                               ("_ppo_bwd_kernel", bwd))]
+    cases += [(mod, name, {**sig, "T": "constexpr"}, one, 4) for name, sig in (("_value_fwd_kernel", fwd),
+                                                                               ("_value_bwd_kernel", bwd))]
     compile_for_gpus(cases)

@@ -2,7 +2,11 @@
 
 Same semantics, arguments and outputs as :mod:`fastrlhf.triton.advantages`. GAE is a reverse
 scan of affine step maps (warp shuffles, a block carry between tiles), fp32 math (fp64 when
-an input is fp64), inputs read in place with any row stride. As in the Triton launcher, a
+an input is fp64), inputs read in place with any row stride: 16-byte loads and stores when the
+rewards and values are in the math's dtype, T is a multiple of 4 and every row starts on a
+16-byte boundary (a mask of 1, 4 or 8 bytes), scalar loads otherwise. Tiles of rows without
+holes (all steps; in skip mode also one run of valid tokens, as prompt + response + padding)
+take a scan of two numbers per thread instead of five. As in the Triton launcher, a
 batch that fills the GPU gets one block per row, and long rows of a small batch are cut into
 chunks scanned in parallel: a summary launch stores each chunk's composite map, the scan
 launch composes the later chunks' maps of its row (fixed order: deterministic) into the state
@@ -11,11 +15,9 @@ entering its chunk.
 
 from __future__ import annotations
 
-import torch
-
 from fastrlhf._cuda import ops
+from fastrlhf.cuda import extension_ops
 
-METHODS = ("grpo", "rloo", "dr_grpo")
 ITEMS = 4  # positions per thread in a tile (kItems in kernels/advantages.cu)
 MAX_THREADS = 512  # threads per block (kMaxScanThreads): a tile of 2048 positions at most
 MAX_CHUNKS = 256
@@ -54,30 +56,14 @@ def plan(B: int, T: int, block: int | None = None, tiles_per_chunk: int | None =
     return tile // ITEMS, tiles_per_chunk * tile, _cdiv(n_tiles, tiles_per_chunk)
 
 
-def gae_fwd(rewards, values, mask, gamma, lam, skip, block=None, tiles_per_chunk=None):
-    """Launch the scan. Returns ``(advantages, returns)``, new contiguous ``[B, T]`` tensors in
-    fp32 (fp64 when an input is fp64); ``values=None`` gives discounted returns and an empty
-    second output. Allocates the outputs and, for chunked rows, ``5 * B * n_chunks`` floats.
-    ``block`` / ``tiles_per_chunk``: see :func:`plan`."""
-    acc = torch.promote_types(torch.float32, rewards.dtype)
-    if values is not None:
-        acc = torch.promote_types(acc, values.dtype)
-    adv = torch.empty(rewards.shape, dtype=acc, device=rewards.device)
-    ret = torch.empty_like(adv) if values is not None else adv.new_empty(0)
-    B, T = rewards.shape
-    if B == 0 or T == 0:
-        return adv, ret
-    threads, chunk, n_chunks = plan(B, T, block, tiles_per_chunk)
-    maps = adv.new_empty((B, n_chunks, 5)) if n_chunks > 1 else adv.new_empty(0)
+def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, block=None, tiles_per_chunk=None):
+    """Fill ``advantages`` and ``returns`` as :func:`fastrlhf.triton.advantages.gae_fwd`.
+    Allocates ``5 * B * n_chunks`` floats for chunked rows. ``block`` / ``tiles_per_chunk``:
+    see :func:`plan`."""
+    threads, chunk, n_chunks = plan(*rewards.shape, block, tiles_per_chunk)
+    maps = advantages.new_empty((rewards.shape[0], n_chunks, 5) if n_chunks > 1 else 0)
     ops().gae_fwd(rewards, values, mask, float(gamma), float(lam), bool(skip), threads, chunk,
-                  adv, ret, maps)
-    return adv, ret
+                  advantages, returns, maps)
 
 
-def group_advantages_fwd(scores, group_size, method, eps):
-    """One warp per group. Returns a new ``[N]`` fp32 (fp64) tensor."""
-    acc = torch.promote_types(torch.float32, scores.dtype)
-    out = torch.empty(scores.shape, dtype=acc, device=scores.device)
-    if scores.numel():
-        ops().group_advantages_fwd(scores, int(group_size), METHODS.index(method), float(eps), out)
-    return out
+(group_advantages_fwd,) = extension_ops("group_advantages_fwd")

@@ -1,49 +1,15 @@
-"""CUDA launchers for the PPO policy and value losses (kernels/ppo.cu).
-
-Same semantics, arguments and outputs as :mod:`fastrlhf.triton.ppo`. Forward: block ``p``
-writes the partial sums of its ``_TILE`` tokens (loss, minus log-ratio, and the counts
-valid / clipped / dual-clipped); a torch ``.sum`` over the partials (fixed order, no atomics)
-and the normalization follow. Backward: one elementwise kernel. A ``None`` clip / clamp is
-passed as ``inf``: it changes nothing.
+"""CUDA launchers for the PPO policy and value losses: the extension's ops (kernels/ppo.cu via
+csrc/ppo.cpp), with the arguments of :mod:`fastrlhf.triton.ppo`. Forward: block ``p`` writes
+the partial sums of its contiguous share of the tokens (``cdiv(B * T, P)`` rounded up to whole
+groups of 4); backward: one elementwise kernel. Tokens are read 4 per 16-byte load when the
+inputs are in the math's dtype (a mask of 1, 4 or 8 bytes), selected by the mask after the
+load; seq-mean-token-mean finds each token's row without a division per token.
 """
 
-from __future__ import annotations
+from fastrlhf.cuda import extension_ops
 
-import torch
+TOKENS_PER_PARTIAL = 2048
+"""Tokens one block sums: the forward writes ``cdiv(B * T, TOKENS_PER_PARTIAL)`` partials."""
 
-from fastrlhf._cuda import ops
-from fastrlhf.reference.ppo import kernel_params, reduce_partials
-
-_TILE = 2048  # tokens per partial sum
-
-
-def ppo_loss_fwd(value, x, old, y, mask, clips, agg, denom):
-    """Launch the forward kernel and reduce its partials.
-
-    Returns ``(loss, stats, scale, row_counts)``: ``loss`` and ``scale`` 0-dim, ``stats`` a
-    tuple of 0-dim tensors (policy: clipfrac, clipfrac_lower, approx_kl; value: vf_clipfrac),
-    all fp32 (fp64 for fp64 inputs); ``row_counts`` int64 ``[B]`` for ``seq-mean-token-mean``,
-    else empty. Allocates ``5 * cdiv(B * T, 2048)`` partials besides.
-    """
-    B, T = x.shape
-    n = B * T
-    dtype = torch.float64 if torch.float64 in (x.dtype, old.dtype, y.dtype) else torch.float32
-    per_row = agg == "seq-mean-token-mean"
-    row_counts = (mask != 0).sum(-1) if per_row else None  # the kernel weighs tokens by them
-    P = -(-n // _TILE)
-    sums = torch.empty((1 if value else 2, P), dtype=dtype, device=x.device)
-    counts = torch.empty((2 if value else 3, P), dtype=torch.int32, device=x.device)
-    if n:
-        ops().ppo_loss_fwd(bool(value), x, old, y, mask, row_counts if per_row else None,
-                           *kernel_params(value, clips), sums, counts)
-    return reduce_partials(value, sums, counts, mask, agg, denom, dtype, row_counts)
-
-
-def ppo_loss_bwd(value, grad, scale, x, old, y, mask, row_counts, clips, agg):
-    """``d loss / d x`` (log-probs or values), a new contiguous tensor in ``x.dtype``."""
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.numel():
-        per_row = agg == "seq-mean-token-mean"
-        ops().ppo_loss_bwd(bool(value), grad, scale, x, old, y, mask, row_counts if per_row else None,
-                           *kernel_params(value, clips), dx)
-    return dx
+ppo_policy_fwd, ppo_value_fwd, ppo_policy_bwd, ppo_value_bwd = extension_ops(
+    "ppo_policy_fwd", "ppo_value_fwd", "ppo_policy_bwd", "ppo_value_bwd")

@@ -2,7 +2,7 @@
 
 The trunk (``model.base_model``) gives the last hidden states; the LM head
 (``model.get_output_embeddings()``) is applied inside :func:`fastrlhf.ops.linear_logprobs
-.linear_token_logprobs`, tile by tile, so the ``[B, T, V]`` logits never exist.
+.linear_token_logprobs`, block by block, so the ``[B, T, V]`` logits never exist.
 Works with transformers 4.45+ (and 5.x).
 """
 
@@ -13,8 +13,9 @@ import torch
 from fastrlhf import _checks
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 
-# How a model's forward turns the LM head's output into its logits: model_type ->
-# (config attribute, "mul" | "div"). Folded into the temperature.
+# How a model's forward turns the LM head's output into its logits, besides soft-capping:
+# model_type -> (config attribute, rule): "mul" multiplies the logits by it, "div" divides
+# them, "hidden_div" divides the hidden states before the head.
 _LOGIT_SCALES = {
     "cohere": ("logit_scale", "mul"),
     "cohere2": ("logit_scale", "mul"),
@@ -26,23 +27,20 @@ _LOGIT_SCALES = {
     "granitemoehybrid": ("logits_scaling", "div"),
     "granite_swa": ("logits_scaling", "div"),
     "granitemoe_swa": ("logits_scaling", "div"),
-    "minicpm3": ("logits_scaling", "div"),  # divides the hidden states; the same with no head bias
+    "minicpm3": ("logits_scaling", "hidden_div"),
 }
-_SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier_scale")
-_SOFTCAP_ATTRS = ("final_logit_softcapping", "logit_softcapping")
+_SCALE_ATTRS = ("logit_scale", "logits_scaling", "lm_head_multiplier", "output_multiplier",
+                "output_multiplier_scale", "logit_softcapping")
+"""Attributes that change the logits in some models: set on a model type outside the table, they raise."""
+_SOFTCAP = "final_logit_softcapping"
+"""``logits = cap * tanh(logits / cap)`` after the head and its scale (Gemma 2/3/4, VaultGemma, ...)."""
 
 
-def _logit_scale(model) -> float:
-    """The factor the model multiplies its LM head's output by; raises for what cannot be
-    folded into a temperature (logit soft-capping, an unknown scaling attribute)."""
+def _head_transform(model) -> tuple[float, float | None, float]:
+    """``(logit_scale, softcap, hidden_divisor)`` of the model's logits after its LM head;
+    raises for a scaling attribute whose use the table does not know."""
     config = model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for attr in _SOFTCAP_ATTRS:
-        if getattr(config, attr, None):
-            raise NotImplementedError(
-                f"causal_lm_logprobs does not support logit soft-capping (config.{attr}="
-                f"{getattr(config, attr)}, model_type {config.model_type!r}): compute the logits "
-                "with the model and use fastrlhf.token_logprobs")
     rule = _LOGIT_SCALES.get(config.model_type)
     for attr in _SCALE_ATTRS:
         value = getattr(config, attr, None)
@@ -51,17 +49,25 @@ def _logit_scale(model) -> float:
                 f"causal_lm_logprobs does not know how model_type {config.model_type!r} applies "
                 f"config.{attr}={value} to its logits: compute the logits with the model and use "
                 "fastrlhf.token_logprobs")
+    softcap = getattr(config, _SOFTCAP, None)
+    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0):
+        raise NotImplementedError(f"config.{_SOFTCAP}={softcap!r}: only a positive soft-cap is supported")
+    softcap = None if softcap is None else float(softcap)
     if rule is None:
-        return 1.0
-    value = float(getattr(config, rule[0]))
-    if not value > 0:
-        raise NotImplementedError(f"config.{rule[0]}={value}: only a positive logit scale is supported")
-    return value if rule[1] == "mul" else 1.0 / value
+        return 1.0, softcap, 1.0
+    value = getattr(config, rule[0])
+    if not (isinstance(value, (int, float)) and value > 0):
+        raise NotImplementedError(f"config.{rule[0]}={value!r}: only a positive logit scale is supported")
+    value = float(value)
+    if rule[1] == "hidden_div":
+        return 1.0, softcap, value
+    return (value if rule[1] == "mul" else 1.0 / value), softcap, 1.0
 
 
 def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                        logits_to_keep: int | None = None, temperature: float = 1.0,
-                       return_entropy: bool = False, backend: str = "auto", **model_kwargs):
+                       return_entropy: bool = False, outputs: tuple[str, ...] | None = None,
+                       backend: str = "auto", **model_kwargs):
     """Log-prob of each next token under a causal LM, from its last hidden states.
 
     Position ``t`` predicts ``input_ids[:, t + 1]``: the result is ``[B, T - 1]``, or
@@ -74,9 +80,13 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     Equals ``log_softmax(model(input_ids, attention_mask).logits[:, :-1] / temperature)``
     gathered at ``input_ids[:, 1:]`` (values and gradients w.r.t. every parameter, tied
     embeddings included), but runs only the trunk (``model.base_model``) and applies the
-    LM head tile by tile: no ``[B, T, V]`` logits. Logit scales that models apply after
-    their head (Cohere ``logit_scale``, Granite ``logits_scaling``, ...) are folded into the
-    temperature; logit soft-capping (Gemma 2/3) raises ``NotImplementedError``.
+    LM head block by block: no ``[B, T, V]`` logits. What models do to the head's output is
+    done the same way: logit scales (Cohere and Cohere 2 ``logit_scale``, Falcon-H1
+    ``lm_head_multiplier``, HyperCLOVA X ``logits_scaling`` multiply; the Granite family's
+    ``logits_scaling`` divides; MiniCPM3 divides the hidden states) and logit soft-capping
+    (``final_logit_softcapping``: Gemma 2/3, VaultGemma, ...), as the ``logit_scale`` and
+    ``softcap`` of :func:`linear_token_logprobs`, temperature last. A scaling attribute of
+    another model type raises ``NotImplementedError``.
 
     Args:
         model: a ``transformers`` causal LM (``...ForCausalLM``); for a PEFT wrapper pass
@@ -84,11 +94,13 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         input_ids: ``[B, T]`` int64 token ids, ``T >= 2``.
         attention_mask: ``[B, T]`` (1 = token, 0 = padding) or ``None`` (all tokens).
         logits_to_keep: an int in ``[1, T - 1]``, or ``None`` for all ``T - 1`` predictions.
-        temperature, return_entropy, backend: as in :func:`linear_token_logprobs`.
+        temperature, return_entropy, outputs, backend: as in :func:`linear_token_logprobs`
+            (``outputs`` adds TRL's per-token statistics: ``log_sum_sq_probs``, ...).
         **model_kwargs: passed to the trunk (e.g. ``position_ids``).
 
     Returns:
-        ``logp`` fp32 ``[B, K]``; ``(logp, entropy)`` with ``return_entropy=True``.
+        ``logp`` fp32 ``[B, K]``; ``(logp, entropy)`` with ``return_entropy=True``; a
+        :class:`fastrlhf.ops.linear_logprobs.LinearLogprobs` of ``[B, K]`` tensors with ``outputs``.
     """
     _checks.tensor("input_ids", input_ids, _checks.INDEX_DTYPES, dim=2)
     B, T = input_ids.shape
@@ -108,9 +120,7 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
         raise ValueError(f"model must be a causal LM with a linear output embedding "
                          f"(model.get_output_embeddings()), got {type(model).__name__} with {head!r}")
     bias = getattr(head, "bias", None)
-    scale = _logit_scale(model)
-    if scale != 1.0 and bias is not None and model.config.model_type == "minicpm3":
-        raise NotImplementedError("minicpm3 with an LM head bias: the logit scale does not fold")
+    logit_scale, softcap, hidden_divisor = _head_transform(model)
     trunk = model.base_model
     if trunk is model:
         raise ValueError(f"model must be a causal LM with a separate trunk (model.base_model), "
@@ -125,6 +135,9 @@ def causal_lm_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Ten
     real = attention_mask != 0
     valid = real[:, T - 1 - K:T - 1] & real[:, T - K:]
     labels = input_ids[:, T - K:].masked_fill(~valid, -100)
-    return linear_token_logprobs(hidden[:, T - 1 - K:T - 1], weight, labels, bias=bias,
-                                 temperature=temperature / scale, ignore_index=-100,
-                                 return_entropy=return_entropy, backend=backend)
+    hidden = hidden[:, T - 1 - K:T - 1]
+    if hidden_divisor != 1.0:
+        hidden = hidden / hidden_divisor
+    return linear_token_logprobs(hidden, weight, labels, bias=bias, temperature=temperature,
+                                 logit_scale=logit_scale, softcap=softcap, ignore_index=-100,
+                                 return_entropy=return_entropy, outputs=outputs, backend=backend)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.ops.dpo import dpo_loss as _dpo_op
 from fastrlhf.ops.logprobs import token_logprobs
 
@@ -85,7 +86,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
         raise ValueError(f"index must have shape {tuple(lead)} or {(*lead, 'K')} (logits.shape "
                          f"{tuple(logits.shape)}), got {tuple(index.shape)}")
     index = index.long()
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(logits)
     z = logits.gather(-1, index).to(acc) / temperature  # raises on an index outside [0, V)
     if index.shape[-1] == 0:
         return _apply_row_mask(z, row_mask)
@@ -232,7 +233,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
         raise ValueError("label_smoothing must be > 0 for loss_type 'exo_pair' (the EXO paper uses 1e-3)")
     _checks.positive("discopop_tau", discopop_tau)
 
-    dtype = torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    dtype = acc_dtype(*xs)
     pc, pr, rc, rr = (x.to(dtype) for x in xs)
     chosen_lr, rejected_lr = pc - rc, pr - rr
     chosen_s = _f_scores(chosen_lr, f_divergence_type, f_alpha_divergence_coef, chosen_logps.dtype)

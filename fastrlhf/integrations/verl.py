@@ -23,6 +23,7 @@ from collections.abc import Mapping
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.ops.advantages import gae
 from fastrlhf.ops.kl import kl_penalty as _kl_penalty
 from fastrlhf.ops.logprobs import token_logprobs
@@ -125,7 +126,7 @@ def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = T
     """
     _checks.tensor("values", values, _checks.FLOAT_DTYPES)
     _checks.mask("mask", mask, values.shape, values.device)
-    x = values.to(torch.promote_types(values.dtype, torch.float32))
+    x = values.to(acc_dtype(values))
     flat, flat_mask = x.reshape(1, -1), mask.reshape(1, -1)
     mean = aggregate(flat, flat_mask, "token-mean")
     var = aggregate((flat - mean).square(), flat_mask, "token-mean")

@@ -14,6 +14,7 @@ import math
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.reference import dpo as ref
@@ -22,8 +23,12 @@ from fastrlhf.reference.dpo import LOSS_TYPES
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
 
 
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
+    """``(loss number, beta, eps, log(1 - eps), log(eps))`` as the kernels take them, ``eps``
+    the label smoothing (exo_pair's effective one, ``reference.dpo.exo_smoothing``)."""
+    eps = ref.exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
+    return (LOSS_TYPES.index(loss_type), beta, eps, math.log1p(-eps) if eps < 1 else 0.0,
+            math.log(eps) if eps > 0 else 0.0)
 
 
 # --------------------------------------------------------------------------- forward op
@@ -31,16 +36,19 @@ def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
 def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
             loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
     """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
-    if backend != "torch":
-        return launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    with torch.no_grad():
-        loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    return torch.stack([loss, *(metrics[k] for k in METRICS)])
+    if backend == "torch":
+        with torch.no_grad():
+            loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        return torch.stack([loss, *(metrics[k] for k in METRICS)])
+    out = torch.zeros(5, dtype=acc_dtype(pc, pr, rc, rr), device=pc.device)  # an empty batch: 0s
+    if pc.numel():
+        launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing), out)
+    return out
 
 
 @_dpo_op.register_fake
 def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
-    return pc.new_empty(5, dtype=_out_dtype(pc, pr, rc, rr))
+    return pc.new_empty(5, dtype=acc_dtype(pc, pr, rc, rr))
 
 
 # -------------------------------------------------------------------------- backward op
@@ -48,18 +56,25 @@ def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
 def _dpo_bwd_op(grad: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
                 rr: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        return tuple(launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type,
-                                                       label_smoothing))
-    da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-    scale = grad / max(pc.numel(), 1)
-    da, db = da * scale, db * scale
-    return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
+    if backend == "torch":
+        da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
+        scale = grad / max(pc.numel(), 1)
+        da, db = da * scale, db * scale
+        return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
+    grads = _gradients(pc, pr, rc, rr)
+    if pc.numel():
+        launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing),
+                                          grads)
+    return grads
+
+
+def _gradients(*xs):
+    return tuple(torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in xs)
 
 
 @_dpo_bwd_op.register_fake
 def _(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
-    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (pc, pr, rc, rr))
+    return _gradients(pc, pr, rc, rr)
 
 
 def _setup_context(ctx, inputs, output):
@@ -78,14 +93,6 @@ _dpo_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public API
-def _check_pairs(names, xs) -> None:
-    first = _checks.tensor(names[0], xs[0], _checks.FLOAT_DTYPES)
-    for name, x in zip(names[1:], xs[1:]):
-        _checks.tensor(name, x, _checks.FLOAT_DTYPES)
-        _checks.same_shape(name, x, first.shape, f"{names[0]}.shape")
-        _checks.same_device(name, x, first.device)
-
-
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, backend: str = "auto"):
@@ -128,10 +135,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     """
     names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
     xs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-    _check_pairs(names, xs)
+    _checks.matching(names, xs)
     beta = _checks.positive("beta", beta)
-    if not isinstance(loss_type, str) or loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    _checks.choice("loss_type", loss_type, LOSS_TYPES)
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
         raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
     high = {"robust": 0.5, "exo_pair": 1.0}.get(loss_type, 1.0)
@@ -155,10 +161,12 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
         margin: ``None`` (0), a float, or a tensor of the same shape (a per-pair margin,
             which also receives a gradient if it requires one).
 
-    Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; finite for any
-    finite scores.
+    Returns the fp32 mean (fp64 for fp64 inputs), 0 for an empty batch; never NaN for finite
+    scores: a difference too large for the dtype (``|r_c - r_r - margin|`` past about 3.4e38 in
+    fp32) counts as infinite, so such a pair's loss is 0 (chosen far ahead) or ``+inf`` (the
+    true loss, past the dtype's range).
     """
-    _check_pairs(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
+    _checks.matching(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
     zeros = torch.zeros_like(chosen_rewards)
     if margin is None:
         margin = zeros
@@ -166,9 +174,9 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
         if not math.isfinite(margin):
             raise ValueError(f"margin must be finite, got {margin}")
         margin = torch.full(chosen_rewards.shape, float(margin), device=chosen_rewards.device,
-                            dtype=_out_dtype(chosen_rewards, rejected_rewards))
+                            dtype=acc_dtype(chosen_rewards, rejected_rewards))
     else:
-        _check_pairs(("chosen_rewards", "margin"), (chosen_rewards, margin))
+        _checks.matching(("chosen_rewards", "margin"), (chosen_rewards, margin))
     name = resolve_backend(backend, chosen_rewards.device, "dpo")
     return _dpo_op(chosen_rewards, rejected_rewards, margin, zeros, 1.0, "sigmoid", 0.0, name)[0]
 
@@ -194,7 +202,8 @@ def choice_loss(rewards: torch.Tensor, chosen_index: torch.Tensor, backend: str 
     if rewards.stride(1) != 1 and rewards.shape[1] > 1:
         raise ValueError(f"rewards must have unit stride on the last dimension (call .contiguous()), "
                          f"got strides {rewards.stride()}")
-    # no index is ignored: the smallest int64 is never a valid choice anyway (int64 indices,
-    # so that no int32 index compares equal to it after a wrap-around)
-    logp = token_logprobs(rewards, chosen_index.long(), ignore_index=-(2**63), backend=backend)
+    # No index is ignored: negative ones become K (out of range too: NaN), so -1 can serve as an
+    # ignore index that no label equals.
+    labels = torch.where(chosen_index < 0, rewards.shape[1], chosen_index.long())
+    logp = token_logprobs(rewards, labels, ignore_index=-1, backend=backend)
     return -logp.sum() / max(logp.numel(), 1)

@@ -12,50 +12,74 @@ import math
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
+from fastrlhf.reference import packed
 
 _NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
 
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+_KERNEL_ESTIMATOR = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
+"""The kernels' number of each estimator (``EST`` in fastrlhf/triton/kl.py, kernels/kl.cu)."""
+
+
+def _kernel_args(estimator: str, *bounds: float | None) -> tuple:
+    """``(estimator number, straight-through, *bounds)`` as the kernels take them: a ``None``
+    bound is ``inf``, which changes nothing (so no kernel specializes on it)."""
+    name, straight = ref.parse_estimator(estimator)
+    return _KERNEL_ESTIMATOR[name], straight, *(math.inf if b is None else b for b in bounds)
+
+
+def _per_token(logprobs, ref_logprobs):
+    """A new contiguous tensor of the inputs' shape in their accumulation dtype."""
+    return torch.empty(logprobs.shape, dtype=acc_dtype(logprobs, ref_logprobs), device=logprobs.device)
 
 
 # ------------------------------------------------------------------------- kl_penalty op
 @torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
-    with torch.no_grad():  # the value of a "+" estimator is the plain one's
-        return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
-                              log_ratio_clamp).contiguous()
+    if backend == "torch":
+        with torch.no_grad():  # the value of a "+" estimator is the plain one's
+            return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
+                                  log_ratio_clamp).contiguous()
+    out = _per_token(logprobs, ref_logprobs)
+    if out.numel():
+        est, _, clamp, log_ratio_clamp = _kernel_args(estimator, clamp, log_ratio_clamp)
+        launchers(backend, "kl").kl_penalty_fwd(logprobs, ref_logprobs, est, clamp, log_ratio_clamp, out)
+    return out
 
 
 @_kl_penalty_op.register_fake
 def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
-    return logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
+    return _per_token(logprobs, ref_logprobs)
 
 
 @torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
 def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        estimator: str, clamp: float | None, log_ratio_clamp: float | None,
                        want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
-                                      want_logp, want_ref)
-    dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
-    return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
-            dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
+    if backend == "torch":
+        dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
+        return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
+                dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
+    dlogp, dref = _gradients(logprobs, ref_logprobs, want_logp, want_ref)
+    if logprobs.numel() and (want_logp or want_ref):
+        launchers(backend, "kl").kl_penalty_bwd(grad, logprobs, ref_logprobs,
+                                                *_kernel_args(estimator, clamp, log_ratio_clamp), dlogp, dref)
+    return dlogp, dref
+
+
+def _gradients(logprobs, ref_logprobs, want_logp, want_ref):
+    """New contiguous gradients in the inputs' dtypes; an unwanted one is empty (not written)."""
+    return (torch.empty(logprobs.shape if want_logp else 0, dtype=logprobs.dtype, device=logprobs.device),
+            torch.empty(ref_logprobs.shape if want_ref else 0, dtype=ref_logprobs.dtype, device=logprobs.device))
 
 
 @_kl_penalty_bwd_op.register_fake
 def _(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, want_logp, want_ref, backend):
-    return (logprobs.new_empty(logprobs.shape if want_logp else 0),
-            ref_logprobs.new_empty(ref_logprobs.shape if want_ref else 0))
+    return _gradients(logprobs, ref_logprobs, want_logp, want_ref)
 
 
 def _setup_context(ctx, inputs, output):
@@ -80,42 +104,32 @@ _kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_contex
 def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
-                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        kernels = launchers(backend, "kl")
-        return kernels.kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t,
-                                                estimator, kl_clamp, log_ratio_clamp, score_clip)
-    coef = kl_coef if kl_coef_t is None else kl_coef_t
-    rewards, kl = ref.kl_penalized_rewards(scores, logprobs, ref_logprobs, mask, coef, estimator,
-                                           kl_clamp, log_ratio_clamp, score_clip)
-    return rewards.contiguous(), kl.contiguous()
+                   cu_seqlens: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "torch":
+        coef = kl_coef if kl_coef_t is None else kl_coef_t
+        args = (logprobs, ref_logprobs, mask)
+        if cu_seqlens is not None:  # the reference on padded rows
+            args = packed.pad(cu_seqlens, *args)
+        rewards, kl = ref.kl_penalized_rewards(scores, *args, coef, estimator, kl_clamp, log_ratio_clamp, score_clip)
+        if cu_seqlens is not None:
+            rewards, kl = packed.unpad(cu_seqlens, rewards, kl)
+        return rewards.contiguous(), kl.contiguous()
+    rewards, kl = _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
+    if rewards.numel():
+        est, _, *bounds = _kernel_args(estimator, kl_clamp, log_ratio_clamp, score_clip)
+        launchers(backend, "kl").kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef,
+                                                          kl_coef_t, est, *bounds, rewards, kl,
+                                                          *([] if cu_seqlens is None else [cu_seqlens]))
+    return rewards, kl
 
 
 @_kl_rewards_op.register_fake
 def _(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator, kl_clamp,
-      log_ratio_clamp, score_clip, backend):
-    out = logprobs.new_empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs))
-    return out, torch.empty_like(out)
+      log_ratio_clamp, score_clip, cu_seqlens, backend):
+    return _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
 
 
 # ------------------------------------------------------------------------- public API
-def _optional_bound(name: str, value) -> float | None:
-    return None if value is None else _checks.positive(name, value)
-
-
-def _check_estimator(estimator) -> str:
-    if not isinstance(estimator, str) or estimator not in _NAMES:
-        raise ValueError(f"estimator must be one of {_NAMES}, got {estimator!r}")
-    return estimator
-
-
-def _check_pair(logprobs, ref_logprobs):
-    _checks.tensor("logprobs", logprobs, _checks.FLOAT_DTYPES)
-    _checks.tensor("ref_logprobs", ref_logprobs, _checks.FLOAT_DTYPES)
-    _checks.same_shape("ref_logprobs", ref_logprobs, logprobs.shape, "logprobs.shape")
-    _checks.same_device("ref_logprobs", ref_logprobs, logprobs.device)
-
-
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
                clamp: float | None = None, log_ratio_clamp: float | None = None,
                backend: str = "auto") -> torch.Tensor:
@@ -143,10 +157,10 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     overflows to ``+inf`` (gradient ``-inf``) for ``lr < -88`` in fp32: set ``log_ratio_clamp``.
     Memory (triton): the output; backward allocates only the gradients asked for.
     """
-    _check_pair(logprobs, ref_logprobs)
-    _check_estimator(estimator)
-    clamp = _optional_bound("clamp", clamp)
-    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
+    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs))
+    _checks.choice("estimator", estimator, _NAMES)
+    clamp = _checks.optional_positive("clamp", clamp)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
 
@@ -154,7 +168,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                          mask: torch.Tensor, *, kl_coef, estimator: str = "k1",
                          kl_clamp: float | None = None, log_ratio_clamp: float | None = None,
-                         score_clip: float | None = None, backend: str = "auto"):
+                         score_clip: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                         backend: str = "auto"):
     """Per-token PPO rewards: a KL penalty on every valid token plus the sequence score at the end.
 
     ``rewards[b, t] = -kl_coef * kl[b, t]`` where ``mask[b, t] != 0`` (holes allowed), 0
@@ -165,8 +180,10 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
         scores: ``[B]`` float sequence scores (reward-model outputs).
         logprobs, ref_logprobs: ``[B, T]`` float; read in place when the last dim has unit stride.
         mask: ``[B, T]`` bool, integer or float; a token is valid where ``mask != 0``.
-        kl_coef: a Python float, or a 0-dim float tensor on the inputs' device (read on the
-            device: an adaptive coefficient neither syncs nor recompiles under ``torch.compile``).
+        kl_coef: a Python float ``>= 0`` (a negative one would reward divergence: ``ValueError``),
+            or a 0-dim float tensor on the inputs' device (read on the device: an adaptive
+            coefficient neither syncs nor recompiles under ``torch.compile``; its sign is not
+            checked, as that would read it on the host).
         estimator, kl_clamp, log_ratio_clamp: as ``estimator``, ``clamp`` and
             ``log_ratio_clamp`` of :func:`kl_penalty`.
         score_clip: ``None`` or a float ``c > 0`` (OpenRLHF clips scores to ``+-10``).
@@ -176,23 +193,30 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
         0 outside the mask. Outputs carry no gradient (trainers compute rewards under
         ``no_grad``); inputs that require grad are read detached.
 
+    Packed sequences: with ``cu_seqlens`` (int32 ``[S + 1]``, see ``fastrlhf._checks.cu_seqlens``)
+    ``logprobs``, ``ref_logprobs`` and ``mask`` are 1-D ``[total]``, ``scores`` is ``[S]`` and
+    each sequence gets its score at its own last valid token; outputs are ``[total]``.
+
     Memory (triton): the two outputs, nothing else; one kernel.
+
+    >>> rewards, kl = fastrlhf.kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef=0.05, estimator="k3")
     """
-    _check_pair(logprobs, ref_logprobs)
-    _checks.tensor("logprobs", logprobs, dim=2)
-    B = logprobs.shape[0]
+    packed_layout = cu_seqlens is not None
+    _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs), dim=1 if packed_layout else 2)
+    B = _checks.cu_seqlens("cu_seqlens", cu_seqlens, logprobs.numel(), logprobs.device) if packed_layout \
+        else logprobs.shape[0]
     _checks.tensor("scores", scores, _checks.FLOAT_DTYPES, dim=1)
-    _checks.same_shape("scores", scores, (B,), "logprobs.shape[:1]")
+    _checks.same_shape("scores", scores, (B,), "one per sequence")
     _checks.same_device("scores", scores, logprobs.device)
     _checks.mask("mask", mask, logprobs.shape, logprobs.device)
-    _check_estimator(estimator)
-    kl_clamp = _optional_bound("kl_clamp", kl_clamp)
-    log_ratio_clamp = _optional_bound("log_ratio_clamp", log_ratio_clamp)
-    score_clip = _optional_bound("score_clip", score_clip)
+    _checks.choice("estimator", estimator, _NAMES)
+    kl_clamp = _checks.optional_positive("kl_clamp", kl_clamp)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    score_clip = _checks.optional_positive("score_clip", score_clip)
     coef, coef_t = _check_coef(kl_coef, logprobs.device)
-    name = resolve_backend(backend, logprobs.device, "kl")
+    name = resolve_backend(backend, logprobs.device, "kl", "packed" if packed_layout else None)
     return _kl_rewards_op(scores.detach(), logprobs.detach(), ref_logprobs.detach(), mask.detach(), coef,
-                          coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, name)
+                          coef_t, estimator, kl_clamp, log_ratio_clamp, score_clip, cu_seqlens, name)
 
 
 def _check_coef(kl_coef, device: torch.device) -> tuple[float, torch.Tensor | None]:
@@ -204,9 +228,7 @@ def _check_coef(kl_coef, device: torch.device) -> tuple[float, torch.Tensor | No
         return 0.0, kl_coef.detach()
     if isinstance(kl_coef, bool) or not isinstance(kl_coef, (int, float)):
         raise TypeError(f"kl_coef must be a Python float or a 0-dim float tensor, got {type(kl_coef).__name__}")
-    if not math.isfinite(kl_coef):
-        raise ValueError(f"kl_coef must be finite, got {kl_coef}")
-    return float(kl_coef), None
+    return _checks.non_negative("kl_coef", kl_coef), None
 
 
 # ---------------------------------------------------------------------- controllers
@@ -214,9 +236,7 @@ class FixedKLController:
     """A constant KL coefficient: ``.value`` never changes; ``update`` is a no-op."""
 
     def __init__(self, coef: float):
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not math.isfinite(coef) or coef < 0:
-            raise ValueError(f"coef must be a finite number >= 0, got {coef!r}")
-        self.value = float(coef)
+        self.value = _checks.non_negative("coef", coef)
 
     def update(self, current_kl=None, n_steps: int = 1) -> float:
         return self.value
@@ -226,15 +246,18 @@ class AdaptiveKLController:
     """Adaptive KL coefficient (Ziegler et al. 2019; as in verl and OpenRLHF).
 
     ``update(current_kl, n_steps)``: ``err = clip(current_kl / target - 1, -0.2, 0.2)``, then
-    ``value *= 1 + err * n_steps / horizon``. ``current_kl`` may be a float or a 0-dim tensor
-    (read with one host sync, once per update). Returns the new ``.value``.
+    ``value *= 1 + err * min(n_steps / horizon, 1)``. ``current_kl`` may be a float or a 0-dim
+    tensor (read with one host sync, once per update). Returns the new ``.value``.
+
+    The step fraction ``n_steps / horizon`` is capped at 1, so one update moves the
+    coefficient by at most 20 % and it never turns negative. verl 0.9.1 and OpenRLHF 0.11.2
+    leave it uncapped, which makes the factor negative (a coefficient that rewards
+    divergence) once ``n_steps > 5 * horizon``; while ``n_steps <= horizon`` (the usual case)
+    the two agree exactly.
     """
 
     def __init__(self, init_coef: float, target: float, horizon: float):
-        if isinstance(init_coef, bool) or not isinstance(init_coef, (int, float)) \
-                or not math.isfinite(init_coef) or init_coef < 0:
-            raise ValueError(f"init_coef must be a finite number >= 0, got {init_coef!r}")
-        self.value = float(init_coef)
+        self.value = _checks.non_negative("init_coef", init_coef)
         self.target = _checks.positive("target", target)
         self.horizon = _checks.positive("horizon", horizon)
 
@@ -246,5 +269,5 @@ class AdaptiveKLController:
         if n_steps < 0:
             raise ValueError(f"n_steps must be >= 0, got {n_steps}")
         err = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + err * n_steps / self.horizon
+        self.value *= 1.0 + err * min(n_steps / self.horizon, 1.0)
         return self.value

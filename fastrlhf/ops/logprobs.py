@@ -10,44 +10,54 @@ from __future__ import annotations
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import logprobs as ref
 
 
-def _out_dtype(logits: torch.Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 # --------------------------------------------------------------------------- forward op
+def _forward_outputs(logits, labels, with_entropy):
+    """``(logp, entropy, stats)`` in the accumulation dtype: ``labels.shape``, the same (or
+    ``[0]`` without entropy) and ``labels.shape + (2,)`` (row max and log-sum-exp, for backward)."""
+    logp = logits.new_empty(labels.shape, dtype=acc_dtype(logits))
+    entropy = torch.empty_like(logp) if with_entropy else logp.new_empty(0)
+    return logp, entropy, logp.new_empty((*labels.shape, 2))
+
+
 @torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
 def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend != "torch":
-        return launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature,
-                                                                  ignore_index, with_entropy)
-    with torch.no_grad():
-        out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
-        logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=_out_dtype(logits)))
-        return logp, ent, ref.row_stats(logits, temperature)
+    if backend == "torch":
+        with torch.no_grad():
+            out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
+            logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits)))
+            return logp, ent, ref.row_stats(logits, temperature)
+    out = _forward_outputs(logits, labels, with_entropy)
+    if labels.numel():
+        launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature, ignore_index,
+                                                          with_entropy, *out)
+    return out
 
 
 @_token_logprobs_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
-    logp = logits.new_empty(labels.shape, dtype=_out_dtype(logits))
-    ent = torch.empty_like(logp) if with_entropy else logits.new_empty(0, dtype=logp.dtype)
-    return logp, ent, logits.new_empty((*labels.shape, 2), dtype=logp.dtype)
+    return _forward_outputs(logits, labels, with_entropy)
 
 
 # -------------------------------------------------------------------------- backward ops
 def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
               ignore_index, backend, inplace):
-    if backend != "torch":
-        return launchers(backend, "logprobs").token_logprobs_bwd(
-            grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, inplace)
-    dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
-                                     temperature, ignore_index)
-    return logits.copy_(dx) if inplace else dx
+    """``d loss / d logits`` in the logits' dtype: a new tensor, or ``logits`` overwritten."""
+    if backend == "torch":
+        dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
+                                         temperature, ignore_index)
+        return logits.copy_(dx) if inplace else dx
+    dx = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if labels.numel():
+        launchers(backend, "logprobs").token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats,
+                                                          entropy, temperature, ignore_index, dx)
+    return dx
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
@@ -101,7 +111,7 @@ _token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_co
 
 
 # ------------------------------------------------------------------------ public API
-def _check_logits_labels(logits, labels, temperature, ignore_index):
+def _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward=False):
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.tensor("labels", labels, _checks.INDEX_DTYPES)
     _checks.same_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
@@ -113,6 +123,8 @@ def _check_logits_labels(logits, labels, temperature, ignore_index):
                          f"got strides {logits.stride()}")
     _checks.positive("temperature", temperature)
     _checks.integer("ignore_index", ignore_index)
+    if inplace_backward:
+        _checks.writable_in_place("logits", logits, "inplace_backward=True")
 
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
@@ -132,7 +144,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         ignore_index: labels equal to it get log-prob 0, entropy 0 and zero gradient.
         return_entropy: also return the entropy ``-sum(p * log p)`` of each row.
         inplace_backward: write the gradient w.r.t. ``logits`` into ``logits``' own buffer,
-            saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later.
+            saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later;
+            logits whose elements share memory (an expanded view) raise ``ValueError``.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``fastrlhf.backend``).
 
     Returns:
@@ -150,7 +163,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     ``inplace_backward``. The gradient has the logits' dtype. The ``torch`` backend
     materializes fp32 ``[..., V]`` tensors.
     """
-    _check_logits_labels(logits, labels, temperature, ignore_index)
+    _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
     name = resolve_backend(backend, logits.device, "logprobs")
     logp, ent, _ = _token_logprobs_op(logits, labels, float(temperature), ignore_index,
                                       bool(return_entropy), bool(inplace_backward), name)
@@ -159,7 +172,8 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
                       average: bool = False, temperature: float = 1.0, ignore_index: int = -100,
-                      inplace_backward: bool = False, backend: str = "auto") -> torch.Tensor:
+                      inplace_backward: bool = False, cu_seqlens: torch.Tensor | None = None,
+                      backend: str = "auto") -> torch.Tensor:
     """Per-sequence log-prob: the masked sum of the token log-probs over the last label dim.
 
     Args:
@@ -167,18 +181,29 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
         mask: ``[..., T]``, any dtype; a token counts where ``mask != 0`` and its label is
             not ``ignore_index`` (holes are allowed).
         average: divide by the number of counted tokens (IPO-style length normalization).
+        cu_seqlens: packed sequences: ``logits`` ``[total, V]``, ``labels`` and ``mask``
+            ``[total]``, and sequence ``s`` is ``[cu_seqlens[s], cu_seqlens[s + 1])`` (int32
+            ``[S + 1]``); the sums are segment sums (``torch.segment_reduce``, no padding).
 
     Returns:
-        fp32 ``[...]``; a row with no counted token gives 0 (sum and mean).
+        fp32 ``[...]`` (``[S]`` packed); a sequence with no counted token gives 0 (sum and mean).
+
+    >>> chosen_logps = fastrlhf.sequence_logprobs(logits[:, :-1], input_ids[:, 1:], response_mask[:, 1:])
     """
     _check_logits_labels(logits, labels, temperature, ignore_index)
     if labels.dim() < 1:
         raise ValueError(f"labels must have a sequence dimension, got shape {tuple(labels.shape)}")
     _checks.mask("mask", mask, labels.shape, labels.device)
+    if cu_seqlens is not None:
+        _checks.tensor("labels", labels, dim=1)
+        _checks.cu_seqlens("cu_seqlens", cu_seqlens, labels.numel(), labels.device)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
                           inplace_backward=inplace_backward, backend=backend)
     valid = (mask != 0) & (labels != ignore_index)
-    total = torch.where(valid, logp, 0.0).sum(-1)
-    if average:
-        total = total / valid.sum(-1).clamp(min=1)
-    return total
+    terms = torch.where(valid, logp, 0.0)
+    if cu_seqlens is None:
+        total, count = terms.sum(-1), valid.sum(-1)
+    else:
+        total = torch.segment_reduce(terms, "sum", offsets=cu_seqlens, axis=0)
+        count = torch.segment_reduce(valid.to(terms.dtype), "sum", offsets=cu_seqlens, axis=0)
+    return total / count.clamp(min=1) if average else total

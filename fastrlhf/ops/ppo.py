@@ -1,7 +1,8 @@
 """PPO clipped policy loss, clipped value loss and loss aggregation.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
-autograd registrations → backend launcher (``fastrlhf.triton.ppo``) or the reference
+autograd registrations → backend launcher (``fastrlhf.triton.ppo``, ``fastrlhf.cuda.ppo``),
+which fills per-tile partial sums that the op adds and normalizes here, or the reference
 (``fastrlhf.reference.ppo``).
 
 Aggregation modes (``agg``), over the valid tokens (``mask != 0``) of a ``[B, T]`` loss:
@@ -27,72 +28,133 @@ world size (verl's ``dp_size`` factor). Pass counts that change every step as 0-
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from fastrlhf import _checks
+from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import ppo as ref
 
 AGG_MODES = ref.AGG_MODES
 
 
-def _acc_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+class PolicyClip(NamedTuple):
+    """The policy kernels' clip arguments; an option that is off is ``inf`` (it changes nothing,
+    so no kernel specializes on it)."""
+
+    ratio_low: float  # 1 - clip_low
+    ratio_high: float  # 1 + clip_high
+    dual_clip: float
+    log_ratio_clamp: float
+
+    @classmethod
+    def of(cls, clip_low, clip_high, dual_clip, log_ratio_clamp) -> PolicyClip:
+        return cls(1.0 - clip_low, 1.0 + clip_high, _inf(dual_clip), _inf(log_ratio_clamp))
 
 
-_NORMALIZER = {"token-mean": "global_tokens", "seq-mean-token-sum": "global_seqs",
-               "seq-mean-token-mean": "global_seqs", "seq-mean-token-sum-norm": "loss_scale_factor"}
-"""The keyword that overrides each mode's normalizer (``token-sum`` has none)."""
+def _inf(x: float | None) -> float:
+    return math.inf if x is None else x
 
 
-def _ref_counts(agg: str, denom) -> dict:
-    """Keyword arguments of the reference for the normalizer ``denom`` of mode ``agg``."""
-    if agg == "seq-mean-token-sum-norm" and denom is not None:  # denom = sequences x factor
-        return {"global_seqs": 1, "loss_scale_factor": denom}
-    return {_NORMALIZER[agg]: denom} if agg in _NORMALIZER else {}
+# ------------------------------------------------------------ normalization (second stage)
+def _safe_div(total: torch.Tensor, count) -> torch.Tensor:
+    """``total / count``, and 0 when ``count <= 0``."""
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
 
 
-def _fake_aux(x: torch.Tensor, agg: str, dtype: torch.dtype):
-    scale = x.new_empty((), dtype=dtype)
-    rows = x.new_empty(x.shape[0] if agg == "seq-mean-token-mean" else 0, dtype=torch.int64)
-    return scale, rows
+def _row_counts(mask: torch.Tensor, agg: str) -> torch.Tensor | None:
+    """Valid tokens per row (int64 ``[B]``), by which ``seq-mean-token-mean`` weighs each token."""
+    return (mask != 0).sum(-1) if agg == "seq-mean-token-mean" else None
 
 
-def _torch_aux(mask, agg, denom, dtype):
-    scale, rows = ref.loss_scale(mask, agg, denom, dtype)
-    return scale, (rows if rows is not None else torch.empty(0, dtype=torch.int64, device=mask.device))
+def _scale(mask, agg, counts, dtype, n_tokens=None, row_counts=None) -> torch.Tensor:
+    """0-dim ``scale`` with ``aggregate = scale * sum(w * loss)`` over the valid tokens (``w`` from
+    :func:`_row_counts`), 0 when the normalizer is ``<= 0``. ``counts`` = (global_tokens,
+    global_seqs, loss_scale_factor), each a 0-dim tensor or None (the local count);
+    ``n_tokens`` / ``row_counts``: counts the kernels already made."""
+    global_tokens, global_seqs, factor = counts
+    one = torch.ones((), dtype=dtype, device=mask.device)
+    if agg == "token-sum":
+        return one
+    if agg == "token-mean":
+        if global_tokens is not None:
+            return _safe_div(one, global_tokens)
+        return _safe_div(one, (mask != 0).sum() if n_tokens is None else n_tokens)
+    seqs = global_seqs
+    if seqs is None:
+        seqs = ((mask != 0).sum(-1) if row_counts is None else row_counts).gt(0).sum()
+    if agg == "seq-mean-token-sum-norm":
+        seqs = seqs * (mask.shape[-1] if factor is None else factor)
+    return _safe_div(one, seqs)
+
+
+def _partials(x, n_sums, n_counts, dtype, kernels):
+    """Empty partial sums ``[n_sums, P]`` and counts ``[n_counts, P]`` for the forward kernels."""
+    P = -(-x.numel() // kernels.TOKENS_PER_PARTIAL)
+    return (torch.empty((n_sums, P), dtype=dtype, device=x.device),
+            torch.empty((n_counts, P), dtype=torch.int32, device=x.device))
+
+
+def _reduce(sums, counts):
+    """``(total, valid tokens, stats)`` from the partials, summed in a fixed order (same input,
+    same bits): stats are the clipped fractions (counts[1:] / valid) and, for the policy, the
+    mean minus log-ratio (sums[1] / valid)."""
+    s, c = sums.sum(1), counts.sum(1)
+    stats = [_safe_div(c[i].to(s.dtype), c[0]) for i in range(1, c.numel())]
+    stats += [_safe_div(s[i], c[0]) for i in range(1, s.numel())]
+    return s[0], c[0], stats
+
+
+def _or_empty(row_counts, mask):
+    return row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
+
+
+def _aux_fake(x, agg, dtype):
+    return x.new_empty((), dtype=dtype), x.new_empty(x.shape[0] if agg == "seq-mean-token-mean" else 0,
+                                                      dtype=torch.int64)
+
+
+def _none_but_first(ctx, grad):
+    return (grad, *[None] * (len(ctx.needs_input_grad) - 1))
 
 
 # ----------------------------------------------------------------------- policy loss op
 @torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
 def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
-               log_ratio_clamp: float | None, agg: str, denom: float | None,
-               denom_t: torch.Tensor | None, backend: str
+               log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
+               global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    denom = denom if denom_t is None else denom_t
-    clips = (clip_low, clip_high, dual_clip, log_ratio_clamp)
-    if backend != "torch":
-        kernels = launchers(backend, "ppo")
-        loss, stats, scale, rows = kernels.ppo_loss_fwd(False, logprobs, old_logprobs, advantages, mask,
-                                                        clips, agg, denom)
-        return loss, *stats, scale, rows
-    with torch.no_grad():
-        loss, stats = ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low,
-                                          clip_high, dual_clip, agg, log_ratio_clamp=log_ratio_clamp,
-                                          **_ref_counts(agg, denom))
-        scale, rows = _torch_aux(mask, agg, denom, loss.dtype)
-        return loss, stats["clipfrac"], stats["clipfrac_lower"], stats["approx_kl"], scale, rows
+    """``(loss, clipfrac, clipfrac_lower, approx_kl, scale, row_counts)``; the last two for backward."""
+    counts = (global_tokens, global_seqs, loss_scale_factor)
+    dtype = acc_dtype(logprobs, old_logprobs, advantages)
+    row_counts = _row_counts(mask, agg)
+    if backend == "torch":
+        with torch.no_grad():
+            loss, stats = ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
+                                              dual_clip, agg, *counts, log_ratio_clamp=log_ratio_clamp)
+        return (loss, stats["clipfrac"], stats["clipfrac_lower"], stats["approx_kl"],
+                _scale(mask, agg, counts, dtype, row_counts=row_counts), _or_empty(row_counts, mask))
+    kernels = launchers(backend, "ppo")
+    sums, parts = _partials(logprobs, 2, 3, dtype, kernels)
+    if logprobs.numel():
+        kernels.ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts,
+                               *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), sums, parts)
+    total, n_tokens, stats = _reduce(sums, parts)
+    scale = _scale(mask, agg, counts, dtype, n_tokens, row_counts)
+    return total * scale, *stats, scale, _or_empty(row_counts, mask)
 
 
 @_policy_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
-      agg, denom, denom_t, backend):
-    dtype = _acc_dtype(logprobs, old_logprobs, advantages)
+      agg, global_tokens, global_seqs, loss_scale_factor, backend):
+    dtype = acc_dtype(logprobs, old_logprobs, advantages)
     loss = logprobs.new_empty((), dtype=dtype)
-    return (loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss),
-            *_fake_aux(logprobs, agg, dtype))
+    return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss), \
+        *_aux_fake(logprobs, agg, dtype)
 
 
 @torch.library.custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
@@ -101,14 +163,16 @@ def _policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, logprobs: torch.Tens
                    row_counts: torch.Tensor, clip_low: float, clip_high: float,
                    dual_clip: float | None, log_ratio_clamp: float | None, agg: str,
                    backend: str) -> torch.Tensor:
-    clips = (clip_low, clip_high, dual_clip, log_ratio_clamp)
-    if backend != "torch":
-        kernels = launchers(backend, "ppo")
-        return kernels.ppo_loss_bwd(False, grad, scale, logprobs, old_logprobs, advantages, mask, row_counts,
-                                    clips, agg)
     rows = row_counts if agg == "seq-mean-token-mean" else None
-    return ref.ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, scale, rows,
-                                        *clips).contiguous()
+    if backend == "torch":
+        return ref.ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, scale, rows,
+                                            clip_low, clip_high, dual_clip, log_ratio_clamp).contiguous()
+    dx = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+    if dx.numel():
+        launchers(backend, "ppo").ppo_policy_bwd(
+            grad, scale, logprobs, old_logprobs, advantages, mask, rows,
+            *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), dx)
+    return dx
 
 
 @_policy_bwd_op.register_fake
@@ -128,8 +192,8 @@ def _policy_backward(ctx, grad, *_):
     logprobs, old_logprobs, advantages, mask, scale, rows = ctx.saved_tensors
     if grad is None:
         grad = torch.zeros_like(scale)
-    dlogp = _policy_bwd_op(grad, scale, logprobs, old_logprobs, advantages, mask, rows, *ctx.args)
-    return (dlogp,) + (None,) * 11
+    return _none_but_first(ctx, _policy_bwd_op(grad, scale, logprobs, old_logprobs, advantages, mask, rows,
+                                               *ctx.args))
 
 
 _policy_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
@@ -138,38 +202,47 @@ _policy_op.register_autograd(_policy_backward, setup_context=_policy_setup_conte
 # ------------------------------------------------------------------------ value loss op
 @torch.library.custom_op("fastrlhf::ppo_value_loss", mutates_args=())
 def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-              mask: torch.Tensor, clip: float | None, agg: str, denom: float | None,
-              denom_t: torch.Tensor | None, backend: str
+              mask: torch.Tensor, clip: float | None, agg: str, global_tokens: torch.Tensor | None,
+              global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    denom = denom if denom_t is None else denom_t
-    if backend != "torch":
-        kernels = launchers(backend, "ppo")
-        loss, (clipfrac,), scale, rows = kernels.ppo_loss_fwd(True, values, old_values, returns, mask,
-                                                              (clip,), agg, denom)
-        return loss, clipfrac, scale, rows
-    with torch.no_grad():
-        loss, stats = ref.ppo_value_loss(values, old_values, returns, mask, clip, agg,
-                                         **_ref_counts(agg, denom))
-        return loss, stats["vf_clipfrac"], *_torch_aux(mask, agg, denom, loss.dtype)
+    """``(loss, vf_clipfrac, scale, row_counts)``; the last two for backward."""
+    counts = (global_tokens, global_seqs, loss_scale_factor)
+    dtype = acc_dtype(values, old_values, returns)
+    row_counts = _row_counts(mask, agg)
+    if backend == "torch":
+        with torch.no_grad():
+            loss, stats = ref.ppo_value_loss(values, old_values, returns, mask, clip, agg, *counts)
+        return (loss, stats["vf_clipfrac"], _scale(mask, agg, counts, dtype, row_counts=row_counts),
+                _or_empty(row_counts, mask))
+    kernels = launchers(backend, "ppo")
+    sums, parts = _partials(values, 1, 2, dtype, kernels)
+    if values.numel():
+        kernels.ppo_value_fwd(values, old_values, returns, mask, row_counts, _inf(clip), sums, parts)
+    total, n_tokens, (clipfrac,) = _reduce(sums, parts)
+    scale = _scale(mask, agg, counts, dtype, n_tokens, row_counts)
+    return total * scale, clipfrac, scale, _or_empty(row_counts, mask)
 
 
 @_value_op.register_fake
-def _(values, old_values, returns, mask, clip, agg, denom, denom_t, backend):
-    dtype = _acc_dtype(values, old_values, returns)
+def _(values, old_values, returns, mask, clip, agg, global_tokens, global_seqs, loss_scale_factor, backend):
+    dtype = acc_dtype(values, old_values, returns)
     loss = values.new_empty((), dtype=dtype)
-    return loss, torch.empty_like(loss), *_fake_aux(values, agg, dtype)
+    return loss, torch.empty_like(loss), *_aux_fake(values, agg, dtype)
 
 
 @torch.library.custom_op("fastrlhf::ppo_value_loss_backward", mutates_args=())
 def _value_bwd_op(grad: torch.Tensor, scale: torch.Tensor, values: torch.Tensor,
                   old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                   row_counts: torch.Tensor, clip: float | None, agg: str, backend: str) -> torch.Tensor:
-    if backend != "torch":
-        kernels = launchers(backend, "ppo")
-        return kernels.ppo_loss_bwd(True, grad, scale, values, old_values, returns, mask, row_counts, (clip,), agg)
     rows = row_counts if agg == "seq-mean-token-mean" else None
-    return ref.ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, rows,
-                                       clip).contiguous()
+    if backend == "torch":
+        return ref.ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, rows,
+                                           clip).contiguous()
+    dx = torch.empty(values.shape, dtype=values.dtype, device=values.device)
+    if dx.numel():
+        launchers(backend, "ppo").ppo_value_bwd(grad, scale, values, old_values, returns, mask, rows,
+                                                _inf(clip), dx)
+    return dx
 
 
 @_value_bwd_op.register_fake
@@ -187,19 +260,13 @@ def _value_backward(ctx, grad, *_):
     values, old_values, returns, mask, scale, rows = ctx.saved_tensors
     if grad is None:
         grad = torch.zeros_like(scale)
-    return (_value_bwd_op(grad, scale, values, old_values, returns, mask, rows, *ctx.args),) + (None,) * 8
+    return _none_but_first(ctx, _value_bwd_op(grad, scale, values, old_values, returns, mask, rows, *ctx.args))
 
 
 _value_op.register_autograd(_value_backward, setup_context=_value_setup_context)
 
 
 # ------------------------------------------------------------------------- public API
-def _check_agg(agg, name: str = "agg") -> str:
-    if not isinstance(agg, str) or agg not in AGG_MODES:
-        raise ValueError(f"{name} must be one of {AGG_MODES}, got {agg!r}")
-    return agg
-
-
 def _check_count(name: str, value, device: torch.device):
     """``None``, a finite Python number ``>= 0`` or a 0-dim real tensor on ``device``."""
     if value is None:
@@ -210,44 +277,25 @@ def _check_count(name: str, value, device: torch.device):
                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
         _checks.same_device(name, value, device)
         return value.detach()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python number or a 0-dim tensor, got {type(value).__name__}")
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return float(value)
+    return _checks.non_negative(name, value)
 
 
-def _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor):
-    """``(float or None, tensor or None)``: the normalizer override that mode ``agg`` uses
-    (``None``: the mode's local count, computed by the backend)."""
-    device = mask.device
-    counts = {"global_tokens": _check_count("global_tokens", global_tokens, device),
-              "global_seqs": _check_count("global_seqs", global_seqs, device),
-              "loss_scale_factor": _check_count("loss_scale_factor", loss_scale_factor, device)}
-    if agg == "seq-mean-token-sum-norm":  # sequences x factor; either may be overridden
-        seqs, factor = counts["global_seqs"], counts["loss_scale_factor"]
-        if seqs is None and factor is None:
-            return None, None
-        if seqs is None:
-            seqs = (mask != 0).any(-1).sum()
-        value = seqs * (mask.shape[-1] if factor is None else factor)
-    else:
-        value = counts[_NORMALIZER[agg]] if agg in _NORMALIZER else None
-    return (None, value) if isinstance(value, torch.Tensor) else (value, None)
+def _counts(mask, global_tokens, global_seqs, loss_scale_factor) -> tuple:
+    """The three normalizer overrides, checked, as 0-dim tensors on the mask's device (a Python
+    number is filled in on the device: no host-device copy) or None."""
+    def one(name, value):
+        value = _check_count(name, value, mask.device)
+        if value is None or isinstance(value, torch.Tensor):
+            return value
+        return torch.full((), value, dtype=torch.float64, device=mask.device)
+
+    return (one("global_tokens", global_tokens), one("global_seqs", global_seqs),
+            one("loss_scale_factor", loss_scale_factor))
 
 
 def _check_inputs(names, tensors, mask):
-    first = tensors[0]
-    _checks.tensor(names[0], first, _checks.FLOAT_DTYPES, dim=2)
-    for name, x in zip(names[1:], tensors[1:]):
-        _checks.tensor(name, x, _checks.FLOAT_DTYPES)
-        _checks.same_shape(name, x, first.shape, f"{names[0]}.shape")
-        _checks.same_device(name, x, first.device)
-    _checks.mask("mask", mask, first.shape, first.device)
-
-
-def _optional_positive(name, value):
-    return None if value is None else _checks.positive(name, value)
+    _checks.matching(names, tensors, dim=2)
+    _checks.mask("mask", mask, tensors[0].shape, tensors[0].device)
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
@@ -298,13 +346,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         if dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
         dual_clip = float(dual_clip)
-    log_ratio_clamp = _optional_positive("log_ratio_clamp", log_ratio_clamp)
-    _check_agg(agg)
-    denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    _checks.choice("agg", agg, AGG_MODES)
+    counts = _counts(mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, logprobs.device, "ppo")
     loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
-        agg, denom, denom_t, name)
+        agg, *counts, name)
     return loss, {"clipfrac": clipfrac.detach(), "clipfrac_lower": lower.detach(),
                   "approx_kl": approx_kl.detach()}
 
@@ -327,11 +375,11 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         is the fraction of valid tokens where the clipped term is strictly larger.
     """
     _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
-    clip = _optional_positive("clip", clip)
-    _check_agg(agg)
-    denom, denom_t = _denom(agg, mask, global_tokens, global_seqs, loss_scale_factor)
+    clip = _checks.optional_positive("clip", clip)
+    _checks.choice("agg", agg, AGG_MODES)
+    counts = _counts(mask, global_tokens, global_seqs, loss_scale_factor)
     name = resolve_backend(backend, values.device, "ppo")
-    loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, denom, denom_t, name)
+    loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, *counts, name)
     return loss, {"vf_clipfrac": clipfrac.detach()}
 
 
@@ -344,6 +392,5 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     for fp64 input); invalid tokens are selected away, never multiplied (NaN there is harmless).
     """
     _check_inputs(("loss_mat",), (loss_mat,), mask)
-    _check_agg(mode, "mode")
-    denom, denom_t = _denom(mode, mask, global_tokens, global_seqs, loss_scale_factor)
-    return ref.aggregate(loss_mat, mask, mode, **_ref_counts(mode, denom if denom_t is None else denom_t))
+    _checks.choice("mode", mode, AGG_MODES)
+    return ref.aggregate(loss_mat, mask, mode, *_counts(mask, global_tokens, global_seqs, loss_scale_factor))

@@ -19,12 +19,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
-    return dtype
+from fastrlhf._numerics import STATS_DTYPE, acc_dtype
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -33,7 +28,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
     ``delta_t = r_t + gamma * V_next - V_t``; ``A_t = delta_t + gamma * lam * A_next``.
     """
-    acc = _acc(rewards, values)
+    acc = acc_dtype(rewards, values)
     valid = mask != 0
     r = torch.where(valid, rewards.to(acc), 0.0)
     v = torch.where(valid, values.to(acc), 0.0)
@@ -57,7 +52,7 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
                        holes: str = "skip") -> torch.Tensor:
     """``G_t = r_t + gamma * G_next`` over ``[B, T]`` (REINFORCE-style returns)."""
     valid = mask != 0
-    r = torch.where(valid, rewards.to(_acc(rewards)), 0.0)
+    r = torch.where(valid, rewards.to(acc_dtype(rewards)), 0.0)
     running = r.new_zeros(r.shape[0])
     out = torch.zeros_like(r)
     for t in reversed(range(r.shape[1])):
@@ -73,19 +68,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
 
     With ``shift_mean=False`` the mean is added back. Masked positions give 0. Fewer valid
     elements than the variance needs (0, or 1 with ``unbiased``) means no scaling; 0 valid
-    elements means mean 0, so the result is all zeros. Differentiable.
+    elements means mean 0, so the result is all zeros. Computed in fp64 (see
+    ``STATS_DTYPE``), returned in the accumulation dtype. Differentiable.
     """
     valid = mask != 0
-    xf = torch.where(valid, x.to(_acc(x)), 0.0)
+    xd = torch.where(valid, x.to(STATS_DTYPE), 0.0)
     n = valid.sum()
-    mean = xf.sum() / n.clamp(min=1)
-    dev = torch.where(valid, xf - mean, 0.0)
+    mean = xd.sum() / n.clamp(min=1)
+    dev = torch.where(valid, xd - mean, 0.0)
     dof = n - 1 if unbiased else n
     var = (dev * dev).sum() / dof.clamp(min=1)
     out = dev * torch.where(dof > 0, torch.rsqrt(var + eps), 1.0)
     if not shift_mean:
         out = out + mean
-    return torch.where(valid, out, 0.0)
+    return torch.where(valid, out, 0.0).to(acc_dtype(x))
 
 
 def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo",
@@ -93,9 +89,10 @@ def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo"
     """Advantages of ``scores [N]`` against their group of ``group_size`` consecutive scores.
 
     ``grpo``: ``(s - mean) / (std + eps)`` (unbiased std); ``rloo``: ``s - mean(others)``;
-    ``dr_grpo``: ``s - mean``. A group of one has no baseline: mean 0 and std 1.
+    ``dr_grpo``: ``s - mean``. A group of one has no baseline: mean 0 and std 1. Computed in
+    fp64 (``STATS_DTYPE``), returned in the accumulation dtype.
     """
-    s = scores.to(_acc(scores)).view(-1, group_size)
+    s = scores.to(STATS_DTYPE).view(-1, group_size)
     if group_size == 1 or s.numel() == 0:
         out = s / (1 + eps) if method == "grpo" else s.clone()
     elif method == "rloo":
@@ -104,4 +101,4 @@ def group_advantages(scores: torch.Tensor, group_size: int, method: str = "grpo"
         out = s - s.mean(-1, keepdim=True)
         if method == "grpo":
             out = out / (s.std(-1, keepdim=True) + eps)
-    return out.reshape(-1)
+    return out.reshape(-1).to(acc_dtype(scores))

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fastrlhf._numerics import acc_dtype
+
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
               "apo_zero", "apo_down")
 
@@ -23,14 +25,20 @@ def exo_smoothing(label_smoothing: float) -> float:
     return label_smoothing if label_smoothing > 0 else 1e-3
 
 
+def weighted(w, x: torch.Tensor) -> torch.Tensor:
+    """``w * x``, and 0 where the weight ``w`` (a number or a tensor) is 0, even where ``x`` is
+    infinite: a margin too large for the dtype makes ``logsigmoid`` infinite in a term whose
+    weight is 0 (a label smoothing of 0, a sigmoid that underflowed). ``x`` is selected away
+    before the product, so autograd gives no NaN either."""
+    return w * torch.where(torch.as_tensor(w) == 0, 0.0, x)
+
+
 def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.sum() / max(x.numel(), 1)  # an empty batch gives 0
 
 
 def _upcast(*xs: torch.Tensor) -> list[torch.Tensor]:
-    dtype = torch.float32
-    for x in xs:
-        dtype = torch.promote_types(dtype, x.dtype)
+    dtype = acc_dtype(*xs)
     return [x.to(dtype) for x in xs]
 
 
@@ -43,17 +51,17 @@ def dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.
     a = pc - rc
     b = pr - rr
     if loss_type == "sigmoid":
-        losses = -F.logsigmoid(beta * h) * (1 - eps) - F.logsigmoid(-beta * h) * eps
+        losses = weighted(1 - eps, -F.logsigmoid(beta * h)) + weighted(eps, -F.logsigmoid(-beta * h))
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     elif loss_type == "robust":
-        losses = (-F.logsigmoid(beta * h) * (1 - eps) + F.logsigmoid(-beta * h) * eps) / (1 - 2 * eps)
+        losses = (weighted(1 - eps, -F.logsigmoid(beta * h)) + weighted(eps, F.logsigmoid(-beta * h))) / (1 - 2 * eps)
     elif loss_type == "exo_pair":
         eps = exo_smoothing(eps)
-        losses = (beta * h).sigmoid() * (F.logsigmoid(beta * h) - math.log(1 - eps)) + (
-            -beta * h).sigmoid() * (F.logsigmoid(-beta * h) - math.log(eps))
+        losses = weighted((beta * h).sigmoid(), F.logsigmoid(beta * h) - math.log(1 - eps)) + weighted(
+            (-beta * h).sigmoid(), F.logsigmoid(-beta * h) - math.log(eps))
     elif loss_type == "nca_pair":
         losses = -F.logsigmoid(beta * a) - 0.5 * F.logsigmoid(-beta * a) - 0.5 * F.logsigmoid(-beta * b)
     elif loss_type == "sppo_hard":
@@ -103,7 +111,7 @@ def dpo_pair_grads(policy_chosen, policy_rejected, ref_chosen, ref_rejected, bet
             dh = beta * (-(1 - eps) * sig(-z) - eps * sig(z)) / (1 - 2 * eps)
         else:
             eps = exo_smoothing(eps)
-            dh = beta * sig(z) * sig(-z) * (z - math.log(1 - eps) + math.log(eps))
+            dh = beta * weighted(sig(z) * sig(-z), z - math.log(1 - eps) + math.log(eps))
         return dh, -dh
     if loss_type == "nca_pair":
         return beta * (0.5 * sig(beta * a) - sig(-beta * a)), 0.5 * beta * sig(beta * b)

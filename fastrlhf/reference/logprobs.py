@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf._numerics import acc_dtype
+
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False):
@@ -17,7 +19,7 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, temperature: floa
     ``[0, V)`` gives a NaN log-prob whose gradient is that of ``-logsumexp`` alone (the label
     is not among these logits: the vocab-parallel case). ``-inf`` logits have probability 0.
     """
-    x = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    x = logits.to(acc_dtype(logits)) / temperature
     logp_all = torch.log_softmax(x, dim=-1)
     labels = labels.long()  # an ignore_index outside int32 must not wrap around
     ignored = labels == ignore_index
@@ -50,7 +52,7 @@ def row_stats(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     Kept apart (not summed into the logsumexp) so that ``z - max - log_sum`` loses no
     precision when logits are large.
     """
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
+    z = logits.to(acc_dtype(logits)) / temperature
     m = z.amax(-1, keepdim=True).clamp(min=torch.finfo(z.dtype).min)  # a -inf row stays finite
     return torch.cat([m, (z - m).exp().sum(-1, keepdim=True).log()], -1)
 

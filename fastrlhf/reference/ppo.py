@@ -7,16 +7,12 @@ whatever they hold (even NaN) reaches neither the loss nor the statistics.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from fastrlhf._numerics import acc_dtype
 
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
              "seq-mean-token-sum-norm")
-
-
-def _acc(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
 
 
 def safe_div(total: torch.Tensor, count) -> torch.Tensor:
@@ -29,7 +25,7 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
               global_tokens=None, global_seqs=None, loss_scale_factor=None) -> torch.Tensor:
     """A scalar from a ``[B, T]`` per-token loss; see ``fastrlhf.ops.ppo.aggregate``."""
     valid = mask != 0
-    x = torch.where(valid, loss_mat.to(_acc(loss_mat)), 0.0)
+    x = torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0)
     if mode == "token-mean":
         return safe_div(x.sum(), valid.sum() if global_tokens is None else global_tokens)
     if mode == "token-sum":
@@ -51,7 +47,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def policy_terms(logprobs, old_logprobs, advantages, clip_low, clip_high, dual_clip, log_ratio_clamp):
     """Per token: ``(loss, clipped, dual_clipped, clamped log-ratio)``."""
-    acc = _acc(logprobs, old_logprobs, advantages)
+    acc = acc_dtype(logprobs, old_logprobs, advantages)
     lr = logprobs.to(acc) - old_logprobs.to(acc)
     if log_ratio_clamp is not None:
         lr = lr.clamp(-log_ratio_clamp, log_ratio_clamp)
@@ -87,7 +83,7 @@ def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip
 def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean",
                    global_tokens=None, global_seqs=None, loss_scale_factor=None):
     """``(0.5 * agg(max((v - R)**2, (clip(v, old +- clip) - R)**2)), {"vf_clipfrac": ...})``."""
-    acc = _acc(values, old_values, returns)
+    acc = acc_dtype(values, old_values, returns)
     v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
     loss1 = (v - ret).square()
     if clip is None:
@@ -99,32 +95,7 @@ def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean
     return total, {"vf_clipfrac": masked_mean(clipped.to(acc), mask).detach()}
 
 
-# ------------------------------------------------- what the kernels compute, split in parts
-def loss_scale(mask: torch.Tensor, agg: str, denom=None, dtype: torch.dtype = torch.float32,
-               n_tokens=None, row_counts=None):
-    """``(scale, row_counts)``: the aggregate is ``scale * sum(w * loss)`` over the valid tokens,
-    ``w = 1 / row_counts[row]`` for ``seq-mean-token-mean`` and 1 otherwise (``row_counts`` is
-    ``None`` then). ``denom`` overrides the mode's normalizer (global tokens, global sequences
-    or the loss scale factor). ``scale`` is 0-dim, 0 when the normalizer is ``<= 0``.
-    ``n_tokens`` / ``row_counts``: counts already known (the kernels count valid tokens)."""
-    one = torch.ones((), dtype=dtype, device=mask.device)
-    if agg == "token-sum":
-        return one, None
-    if agg == "token-mean":
-        if denom is None:
-            denom = (mask != 0).sum() if n_tokens is None else n_tokens
-        return safe_div(one, denom), None
-    if agg == "seq-mean-token-sum-norm":
-        if denom is None:
-            denom = (mask != 0).any(-1).sum() * mask.shape[-1]
-        return safe_div(one, denom), None
-    per_row = agg == "seq-mean-token-mean"
-    if row_counts is None and (per_row or denom is None):
-        row_counts = (mask != 0).sum(-1)
-    scale = safe_div(one, (row_counts > 0).sum() if denom is None else denom)
-    return scale, (row_counts if per_row else None)
-
-
+# ------------------------------------------ gradients in closed form (the torch backend's backward)
 def _token_weight(grad, mask, scale, row_counts, dtype):
     w = (grad.to(dtype) * scale.to(dtype)).expand(mask.shape)
     if row_counts is not None:
@@ -140,7 +111,7 @@ def ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, sca
     unclipped surrogate is chosen; 0 where the clipped one is strictly larger, where dual clip
     caps the loss, or where the log-ratio clamp is active.
     """
-    acc = _acc(logprobs, old_logprobs, advantages)
+    acc = acc_dtype(logprobs, old_logprobs, advantages)
     raw = logprobs.to(acc) - old_logprobs.to(acc)
     c = float("inf") if log_ratio_clamp is None else log_ratio_clamp
     ratio = torch.exp(raw.clamp(-c, c))
@@ -158,7 +129,7 @@ def ppo_policy_loss_backward(grad, logprobs, old_logprobs, advantages, mask, sca
 def ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, row_counts, clip):
     """``d loss / d values`` (in ``values.dtype``): ``v - R`` unless the clipped term is
     strictly larger (then 0)."""
-    acc = _acc(values, old_values, returns)
+    acc = acc_dtype(values, old_values, returns)
     v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
     d = v - ret
     if clip is not None:
@@ -166,28 +137,3 @@ def ppo_value_loss_backward(grad, values, old_values, returns, mask, scale, row_
         d = torch.where(loss2 > d.square(), 0.0, d)
     w = _token_weight(grad, mask, scale, row_counts, acc)
     return torch.where(mask != 0, w * d, 0.0).to(values.dtype)
-
-
-def kernel_params(value: bool, clips: tuple) -> tuple[float, float, float, float]:
-    """The fused kernels' scalars ``c0..c3`` from ``(clip_low, clip_high, dual_clip,
-    log_ratio_clamp)`` (policy) or ``(clip,)`` (value); ``None`` -> ``inf`` (changes nothing)."""
-    inf = math.inf
-    if value:
-        (clip,) = clips
-        return (inf if clip is None else float(clip)), 0.0, 0.0, 0.0
-    clip_low, clip_high, dual_clip, log_ratio_clamp = clips
-    return (1.0 - clip_low, 1.0 + clip_high, inf if dual_clip is None else float(dual_clip),
-            inf if log_ratio_clamp is None else float(log_ratio_clamp))
-
-
-def reduce_partials(value: bool, sums, counts, mask, agg, denom, dtype, row_counts):
-    """Second stage of the fused forward kernels: a fixed-order sum of the per-program
-    partials (``sums``: loss [, minus log-ratio]; ``counts``: valid, clipped [, dual-clipped])
-    and the normalization. Returns ``(loss, stats, scale, row_counts or an empty tensor)``."""
-    s = sums.sum(1)
-    c = counts.sum(1)
-    scale, _ = loss_scale(mask, agg, denom, dtype, n_tokens=c[0], row_counts=row_counts)
-    frac = [safe_div(c[i].to(dtype), c[0]) for i in range(1, c.numel())]
-    stats = tuple(frac) if value else (frac[0], frac[1], safe_div(s[1], c[0]))
-    keep = row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
-    return s[0] * scale, stats, scale, keep

@@ -14,13 +14,11 @@ adds the block sums in a fixed order. Backward: ``d pi_c = g/N * dL/da``,
 
 from __future__ import annotations
 
-import math
-
-import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.reference.dpo import LOSS_TYPES, exo_smoothing
+from fastrlhf._numerics import acc_dtype
+from fastrlhf.triton._common import tl_acc
 
 BLOCK = 1024
 
@@ -44,7 +42,13 @@ def _sigmoid(x):
 
 
 @triton.jit
-def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, loss_code,
+def _weighted(w, x):
+    """``w * x``, 0 where ``w`` is 0 even for an infinite ``x`` (see ``reference.dpo.weighted``)."""
+    return tl.where(w == 0, 0.0, w * x)
+
+
+@triton.jit
+def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, LOSS: tl.constexpr,
            ACC: tl.constexpr):
     """``(loss, dL/da, dL/db, a, b)`` of the pairs at ``offs``. ``c_pos``/``c_neg``:
     ``log(1 - eps)`` and ``log(eps)`` (exo_pair)."""
@@ -56,42 +60,42 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
     a = pc - rc
     b = pr - rr
     z = beta * h
-    if loss_code == 0:  # sigmoid (conservative DPO with label smoothing eps)
-        loss = -_logsigmoid(z) * (1 - eps) - _logsigmoid(-z) * eps
+    if LOSS == 0:  # sigmoid (conservative DPO with label smoothing eps)
+        loss = _weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, -_logsigmoid(-z))
         da = beta * (-(1 - eps) * _sigmoid(-z) + eps * _sigmoid(z))
         db = -da
-    elif loss_code == 1:  # ipo
+    elif LOSS == 1:  # ipo
         d = h - 1 / (2 * beta)
         loss = d * d
         da = 2 * d
         db = -da
-    elif loss_code == 2:  # hinge
+    elif LOSS == 2:  # hinge
         loss = tl.maximum(1 - z, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN
         da = tl.where(1 - z > 0, -beta, 0.0).to(ACC)
         db = -da
-    elif loss_code == 3:  # robust
-        loss = (-_logsigmoid(z) * (1 - eps) + _logsigmoid(-z) * eps) / (1 - 2 * eps)
+    elif LOSS == 3:  # robust
+        loss = (_weighted(1 - eps, -_logsigmoid(z)) + _weighted(eps, _logsigmoid(-z))) / (1 - 2 * eps)
         da = beta * (-(1 - eps) * _sigmoid(-z) - eps * _sigmoid(z)) / (1 - 2 * eps)
         db = -da
-    elif loss_code == 4:  # exo_pair
+    elif LOSS == 4:  # exo_pair
         sp = _sigmoid(z)
         sn = _sigmoid(-z)
-        loss = sp * (_logsigmoid(z) - c_pos) + sn * (_logsigmoid(-z) - c_neg)
-        da = beta * sp * sn * (z - c_pos + c_neg)
+        loss = _weighted(sp, _logsigmoid(z) - c_pos) + _weighted(sn, _logsigmoid(-z) - c_neg)
+        da = beta * _weighted(sp * sn, z - c_pos + c_neg)
         db = -da
-    elif loss_code == 5:  # nca_pair
+    elif LOSS == 5:  # nca_pair
         za = beta * a
         zb = beta * b
         loss = -_logsigmoid(za) - 0.5 * _logsigmoid(-za) - 0.5 * _logsigmoid(-zb)
         da = beta * (0.5 * _sigmoid(za) - _sigmoid(-za))
         db = 0.5 * beta * _sigmoid(zb)
-    elif loss_code == 6:  # sppo_hard
+    elif LOSS == 6:  # sppo_hard
         dc = a - 0.5 / beta
         dr = b + 0.5 / beta
         loss = dc * dc + dr * dr
         da = 2 * dc
         db = 2 * dr
-    elif loss_code == 7:  # apo_zero
+    elif LOSS == 7:  # apo_zero
         za = beta * a
         zb = beta * b
         loss = (1 - _sigmoid(za)) + _sigmoid(zb)
@@ -107,14 +111,14 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, lo
 
 @triton.jit
 def _dpo_fwd_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, loss_code,
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, LOSS: tl.constexpr,
     ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
-                                loss_code, ACC)
+                                LOSS, ACC)
     chosen = beta * a
     rejected = beta * b
     out = out_ptr + pid * 5
@@ -141,12 +145,12 @@ def _sum_blocks_kernel(part_ptr, out_ptr, n_blocks, N, ACC: tl.constexpr, BLOCK:
 @triton.jit
 def _dpo_bwd_kernel(
     pc_ptr, pr_ptr, rc_ptr, rr_ptr, g_ptr, dpc_ptr, dpr_ptr, drc_ptr, drr_ptr,
-    N, beta, eps, c_pos, c_neg, loss_code, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    N, beta, eps, c_pos, c_neg, LOSS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
-                                loss_code, ACC)
+                                LOSS, ACC)
     g = tl.load(g_ptr).to(ACC) / N
     tl.store(dpc_ptr + offs, (g * da).to(dpc_ptr.dtype.element_ty), mask=ok)
     tl.store(drc_ptr + offs, (-(g * da)).to(drc_ptr.dtype.element_ty), mask=ok)
@@ -154,48 +158,25 @@ def _dpo_bwd_kernel(
     tl.store(drr_ptr + offs, (-(g * db)).to(drr_ptr.dtype.element_ty), mask=ok)
 
 
-def _acc_dtype(xs) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
-
-
-def _scalars(beta, loss_type, label_smoothing):
-    eps = exo_smoothing(label_smoothing) if loss_type == "exo_pair" else label_smoothing
-    c_pos = math.log1p(-eps) if eps < 1 else 0.0
-    c_neg = math.log(eps) if eps > 0 else 0.0
-    return float(beta), float(eps), c_pos, c_neg
-
-
-def dpo_fwd(pc, pr, rc, rr, beta, loss_type, label_smoothing):
-    """Launch the forward. Returns a new ``[5]`` tensor: mean loss, mean chosen reward, mean
-    rejected reward, mean margin, accuracy (fp32; fp64 for fp64 inputs; zeros for N = 0).
-    Allocates ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
-    acc = _acc_dtype((pc, pr, rc, rr))
-    out = torch.empty(5, dtype=acc, device=pc.device)
+def dpo_fwd(pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, out):
+    """Fill ``out`` (``[5]``): mean loss, mean chosen reward, mean rejected reward, mean margin,
+    accuracy, for ``N > 0`` pairs (kernel arguments from ``fastrlhf.ops.dpo``). Allocates
+    ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
     N = pc.numel()
-    if N == 0:
-        return out.zero_()
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
     n_blocks = triton.cdiv(N, BLOCK)
-    part = out if n_blocks == 1 else torch.empty((n_blocks, 5), dtype=acc, device=pc.device)
-    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
-    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, *_scalars(beta, loss_type, label_smoothing),
-                                 LOSS_TYPES.index(loss_type), ACC=tl_acc,
+    part = out if n_blocks == 1 else out.new_empty((n_blocks, 5))
+    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, beta, eps, c_pos, c_neg, loss_code, ACC=tl_acc(out.dtype),
                                  FINAL=n_blocks == 1, BLOCK=BLOCK, num_warps=4)
     if n_blocks > 1:
-        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
-    return out
+        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc(out.dtype), BLOCK=BLOCK, num_warps=4)
 
 
-def dpo_bwd(grad, pc, pr, rc, rr, beta, loss_type, label_smoothing):
-    """Launch the backward for upstream gradient ``grad`` (a 0-dim tensor of the mean loss).
-    Returns four new tensors shaped and typed like the inputs."""
-    grads = [torch.empty(x.shape, dtype=x.dtype, device=x.device) for x in (pc, pr, rc, rr)]
+def dpo_bwd(grad, pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, grads):
+    """Fill ``grads``, four contiguous tensors shaped and typed like the inputs, for upstream
+    gradient ``grad`` (a 0-dim tensor of the mean loss), ``N > 0`` pairs."""
     N = pc.numel()
-    if N == 0:
-        return grads
     xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
-    tl_acc = tl.float64 if _acc_dtype(xs) == torch.float64 else tl.float32
     _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-        *xs, grad.reshape(1), *grads, N, *_scalars(beta, loss_type, label_smoothing),
-        LOSS_TYPES.index(loss_type), ACC=tl_acc, BLOCK=BLOCK, num_warps=4)
-    return grads
+        *xs, grad.reshape(1), *grads, N, beta, eps, c_pos, c_neg, loss_code,
+        ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)

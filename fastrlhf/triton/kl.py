@@ -1,28 +1,56 @@
 """Triton kernels for KL estimators and KL-penalized per-token rewards.
 
-All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp is passed as ``inf``, which leaves
+All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp comes as ``inf``, which leaves
 every value unchanged, so clamps are runtime arguments and never specialize a kernel.
-Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3.
+Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3 (``fastrlhf.ops.kl`` numbers them).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.reference.kl import parse_estimator
+from fastrlhf._numerics import acc_dtype
+from fastrlhf.triton._common import tl_acc
 
-_EST_ID = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
 _BLOCK = 1024
+TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
 
 
 @triton.jit
 def _clamp(x, bound):
     """``x`` clamped to ``[-bound, bound]``; NaN stays NaN (``tl.maximum`` may drop it on GPUs)."""
     return tl.where(x < -bound, -bound, tl.where(x > bound, bound, x))
+
+
+@triton.jit
+def _k3(x):
+    """``(exp(-x) - 1 + x, 1 - exp(-x))`` to a few ulps: the series of ``e**y - 1 - y``
+    (``y = -x``) where ``|x| < 1``, the direct forms beyond (``reference.kl.k3_parts``)."""
+    y = -x
+    p = tl.full(x.shape, 8.22063524662433e-18, x.dtype)
+    p = p * y + 1.5619206968586225e-16
+    p = p * y + 2.8114572543455206e-15
+    p = p * y + 4.779477332387385e-14
+    p = p * y + 7.647163731819816e-13
+    p = p * y + 1.1470745597729725e-11
+    p = p * y + 1.6059043836821613e-10
+    p = p * y + 2.08767569878681e-09
+    p = p * y + 2.505210838544172e-08
+    p = p * y + 2.755731922398589e-07
+    p = p * y + 2.7557319223985893e-06
+    p = p * y + 2.48015873015873e-05
+    p = p * y + 0.0001984126984126984
+    p = p * y + 0.001388888888888889
+    p = p * y + 0.008333333333333333
+    p = p * y + 0.041666666666666664
+    p = p * y + 0.16666666666666666
+    p = p * y + 0.5
+    tail = y * y * p
+    near = tl.abs(x) < 1.0
+    e = tl.exp(y)
+    return tl.where(near, tail, e - 1.0 + x), tl.where(near, -(y + tail), 1.0 - e)
 
 
 @triton.jit
@@ -35,7 +63,7 @@ def _kl_value(lr, log_ratio_clamp, EST: tl.constexpr):
     elif EST == 2:
         v = 0.5 * x * x
     else:
-        v = tl.exp(-x) - 1.0 + x
+        v, _ = _k3(x)
     return x, v
 
 
@@ -60,7 +88,7 @@ def _kl_derivative(lr, clamp, log_ratio_clamp, EST: tl.constexpr, STRAIGHT: tl.c
         elif EST == 2:
             d = x
         else:
-            d = 1.0 - tl.exp(-x)
+            _, d = _k3(x)
         active = (tl.abs(lr) > log_ratio_clamp) | (tl.abs(v) > clamp)
         d = tl.where(active, 0.0, d)
     return d
@@ -97,51 +125,72 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, l
 
 
 @triton.jit
-def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_ptr, coef_ptr,
-                       T, n_tiles, s_logp, s_ref, s_mask, kl_coef, clamp, log_ratio_clamp, score_clip,
-                       EST: tl.constexpr, COEF_TENSOR: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK_T: tl.constexpr):
-    """One program per ``BLOCK_T`` tile of a row. The tile holding the row's last valid token
-    adds the score there; it knows it is that tile by scanning the mask of the later tiles
-    until it meets a valid token (only the tile right before an invalid run scans it, so the
-    extra reads stay below one more pass over the mask)."""
-    pid = tl.program_id(0)
-    row = (pid // n_tiles).to(tl.int64)
-    tile = pid % n_tiles
-    cols = tile * BLOCK_T + tl.arange(0, BLOCK_T)
-    inb = cols < T
-    valid = (tl.load(mask_ptr + row * s_mask + cols, mask=inb, other=0) != 0) & inb
-    lr = _log_ratio(logp_ptr + row * s_logp, ref_ptr + row * s_ref, cols, valid, ACC)
+def _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, cols, hi, coef, clamp, log_ratio_clamp,
+                  last, MASKED: tl.constexpr, EST: tl.constexpr, ACC: tl.constexpr):
+    """Write one tile's rewards and KL; return the last valid column so far."""
+    if MASKED:
+        inb = cols < hi
+        valid = (tl.load(m_row + cols, mask=inb, other=0) != 0) & inb
+        lr = _log_ratio(lp_row, rf_row, cols, inb, ACC)  # bounds-masked only: no wait on the mask
+    else:
+        valid = tl.load(m_row + cols) != 0
+        lr = tl.load(lp_row + cols).to(ACC) - tl.load(rf_row + cols).to(ACC)
     kl = tl.where(valid, _kl_estimate(lr, clamp, log_ratio_clamp, EST), 0.0)
+    if MASKED:
+        tl.store(rewards_ptr + out + cols, tl.where(valid, -coef * kl, 0.0), mask=inb)
+        tl.store(kl_ptr + out + cols, kl, mask=inb)
+    else:
+        tl.store(rewards_ptr + out + cols, tl.where(valid, -coef * kl, 0.0))
+        tl.store(kl_ptr + out + cols, kl)
+    return tl.maximum(last, tl.max(tl.where(valid, cols, -1), axis=0))
+
+
+@triton.jit
+def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_ptr, coef_ptr, cu_ptr,
+                       T, NC, CHUNK, s_logp, s_ref, s_mask, kl_coef, clamp, log_ratio_clamp, score_clip,
+                       EST: tl.constexpr, COEF_TENSOR: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK_T: tl.constexpr):
+    """One program per chunk of a row (a packed sequence: ``[cu[s], cu[s + 1])``), tile by
+    tile. The chunk holding the row's last valid token adds the score there, after its tiles
+    are written; it knows it holds it by reading the mask past its end until a valid token
+    (only the chunk right before a masked run reads it, so the extra reads stay below one
+    more pass over the mask)."""
+    pid = tl.program_id(0)
+    row = (pid // NC).to(tl.int64)
+    c = pid % NC
+    if PACKED:
+        start = tl.load(cu_ptr + row).to(tl.int64)
+        L = tl.load(cu_ptr + row + 1).to(tl.int64) - start
+        lp_row, rf_row, m_row, out = logp_ptr + start, ref_ptr + start, mask_ptr + start, start
+    else:
+        L = T
+        lp_row, rf_row, m_row, out = logp_ptr + row * s_logp, ref_ptr + row * s_ref, mask_ptr + row * s_mask, row * T
     if COEF_TENSOR:
         coef = tl.load(coef_ptr).to(ACC)
     else:
         coef = kl_coef
-    rewards = tl.where(valid, -coef * kl, 0.0)
-
-    last = tl.max(tl.where(valid, cols, -1), axis=0)
+    lo = c * CHUNK
+    hi = tl.minimum(lo + CHUNK, L)
+    j = tl.arange(0, BLOCK_T)
+    last = tl.full([], -1, tl.int64)
+    n_full = tl.maximum(hi - lo, 0) // BLOCK_T
+    for k in range(0, n_full):  # full tiles: vector loads and stores, no mask
+        last = _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, lo + k * BLOCK_T + j, hi, coef,
+                             clamp, log_ratio_clamp, last, False, EST, ACC)
+    if lo + n_full * BLOCK_T < hi:
+        last = _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, lo + n_full * BLOCK_T + j, hi, coef,
+                             clamp, log_ratio_clamp, last, True, EST, ACC)
     later = tl.full([], 0, tl.int32)
-    if n_tiles > 1:  # (a row of one tile has no later tiles; a loop that never runs breaks some compilers)
-        start = (tile + 1) * BLOCK_T
-        while (last >= 0) & (later == 0) & (start < T):
-            c = start + tl.arange(0, BLOCK_T)
-            m = tl.load(mask_ptr + row * s_mask + c, mask=c < T, other=0) != 0
-            later = tl.max(m.to(tl.int32), axis=0)
-            start += BLOCK_T
-    score = tl.load(scores_ptr + row).to(ACC)
-    score = _clamp(score, score_clip)
-    rewards = tl.where((cols == last) & (later == 0), rewards + score, rewards)
-    out = row * T + cols
-    tl.store(rewards_ptr + out, rewards, mask=inb)
-    tl.store(kl_ptr + out, kl, mask=inb)
-
-
-def _acc(*xs: torch.Tensor):
-    return tl.float64 if any(x.dtype == torch.float64 for x in xs) else tl.float32
-
-
-def _out_dtype(*xs: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(x.dtype == torch.float64 for x in xs) else torch.float32
+    nxt = hi
+    while (last >= 0) & (later == 0) & (nxt < L):
+        cols = nxt + j
+        later = tl.max((tl.load(m_row + cols, mask=cols < L, other=0) != 0).to(tl.int32), axis=0)
+        nxt += BLOCK_T
+    if (last >= 0) & (later == 0):  # the row's last valid token: its reward gets the score
+        tl.debug_barrier()  # after every thread's stores above
+        score = _clamp(tl.load(scores_ptr + row).to(ACC), score_clip)
+        at = rewards_ptr + out + last
+        tl.store(at, tl.load(at) + score)
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -149,64 +198,49 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1).contiguous()
 
 
-def _inf(x: float | None) -> float:
-    return math.inf if x is None else float(x)
-
-
-def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp):
-    """The clamped estimate, a new contiguous tensor of the inputs' shape, fp32 (fp64 for fp64)."""
-    name, _ = parse_estimator(estimator)
-    out = torch.empty(logprobs.shape, dtype=_out_dtype(logprobs, ref_logprobs), device=logprobs.device)
+def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, out):
+    """Fill ``out`` (contiguous, the inputs' shape) with the clamped estimate."""
     n = out.numel()
-    if n:
-        _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            _flat(logprobs), _flat(ref_logprobs), out, n, _inf(clamp), _inf(log_ratio_clamp),
-            EST=_EST_ID[name], ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
-    return out
+    _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+        _flat(logprobs), _flat(ref_logprobs), out, n, clamp, log_ratio_clamp,
+        EST=estimator, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
-def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp,
-                   want_logp=True, want_ref=True):
-    """``(d logprobs, d ref_logprobs)`` in the inputs' dtypes; an unwanted one is an empty tensor."""
-    name, straight = parse_estimator(estimator)
-    dlogp = torch.empty(logprobs.shape if want_logp else 0, dtype=logprobs.dtype, device=logprobs.device)
-    dref = torch.empty(ref_logprobs.shape if want_ref else 0, dtype=ref_logprobs.dtype, device=logprobs.device)
+def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log_ratio_clamp,
+                   grad_logprobs, grad_ref_logprobs):
+    """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
     n = logprobs.numel()
-    if n and (want_logp or want_ref):
-        _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-            _flat(grad), _flat(logprobs), _flat(ref_logprobs), dlogp, dref, n,
-            _inf(clamp), _inf(log_ratio_clamp), EST=_EST_ID[name], STRAIGHT=straight,
-            WANT_LOGP=want_logp, WANT_REF=want_ref, ACC=_acc(logprobs, ref_logprobs), BLOCK=_BLOCK)
-    return dlogp, dref
+    want_logp, want_ref = grad_logprobs.numel() > 0, grad_ref_logprobs.numel() > 0
+    _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
+        _flat(grad), _flat(logprobs), _flat(ref_logprobs), grad_logprobs, grad_ref_logprobs, n,
+        clamp, log_ratio_clamp, EST=estimator, STRAIGHT=straight, WANT_LOGP=want_logp,
+        WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """``(x, row stride)`` of a ``[B, T]`` tensor read in place when its last dim is unit-strided."""
-    if x.shape[1] > 1 and x.stride(1) != 1:
+    """``(x, row stride)`` of a ``[B, T]`` tensor read in place when its last dim is unit-strided
+    (a packed 1-D tensor: contiguous, stride 0); a bool mask as bytes."""
+    if x.dim() == 1 or (x.shape[1] > 1 and x.stride(1) != 1):
         x = x.contiguous()
-    return x, x.stride(0)
+    if x.dtype == torch.bool:
+        x = x.view(torch.uint8)
+    return x, (x.stride(0) if x.dim() == 2 else 0)
 
 
 def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_coef_t, estimator,
-                             kl_clamp, log_ratio_clamp, score_clip):
-    """``(rewards, kl)``: new contiguous ``[B, T]`` tensors, fp32 (fp64 for fp64 log-probs).
-
-    ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the kernel when given,
-    else the Python float ``kl_coef``.
-    """
-    B, T = logprobs.shape
-    dtype = _out_dtype(logprobs, ref_logprobs)
-    rewards = torch.empty((B, T), dtype=dtype, device=logprobs.device)
-    kl = torch.empty((B, T), dtype=dtype, device=logprobs.device)
-    if B * T == 0:
-        return rewards, kl
-    name, _ = parse_estimator(estimator)
+                             kl_clamp, log_ratio_clamp, score_clip, rewards, kl, cu_seqlens=None):
+    """Fill ``rewards`` and ``kl`` (contiguous, the log-probs' shape: ``[B, T]``, or packed 1-D
+    with ``cu_seqlens``). ``kl_coef_t`` (a 0-dim tensor on the inputs' device) is read by the
+    kernel when given, else the Python float ``kl_coef``."""
+    packed = cu_seqlens is not None
+    B, T = (cu_seqlens.numel() - 1, logprobs.numel()) if packed else logprobs.shape
     block = min(max(triton.next_power_of_2(T), 16), 2048)  # >= 16: tiny tiles crash some Triton versions
     n_tiles = triton.cdiv(T, block)
+    nc = min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(B, 1)))  # long rows of few: chunks in parallel
+    chunk = triton.cdiv(n_tiles, nc) * block
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
-    _kl_rewards_kernel[(B * n_tiles,)](
+    _kl_rewards_kernel[(B * triton.cdiv(T, chunk),)](
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
-        T, n_tiles, s_lp, s_rf, s_m, float(kl_coef), _inf(kl_clamp), _inf(log_ratio_clamp),
-        _inf(score_clip), EST=_EST_ID[name], COEF_TENSOR=kl_coef_t is not None,
-        ACC=_acc(logprobs, ref_logprobs), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)
-    return rewards, kl
+        cu_seqlens if packed else scores, T, triton.cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
+        kl_clamp, log_ratio_clamp, score_clip, EST=estimator, COEF_TENSOR=kl_coef_t is not None, PACKED=packed,
+        ACC=tl_acc(rewards.dtype), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)

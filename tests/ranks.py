@@ -1,0 +1,49 @@
+"""Ranks of a process group simulated by threads, for tests of ops that all-reduce."""
+
+import threading
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+
+
+class ThreadGroup:
+    """A process group of ``world`` threads: ``all_reduce`` stacks every rank's tensor and
+    reduces it in rank order, so every rank gets the same bits, as a real group does."""
+
+    def __init__(self, world):
+        self.world = world
+        self.barrier = threading.Barrier(world)
+        self.slots = [None] * world
+        self.rank = threading.local()
+
+    def all_reduce(self, tensor, op=dist.ReduceOp.SUM, group=None):
+        self.slots[self.rank.value] = tensor.clone()
+        self.barrier.wait()
+        stacked = torch.stack(self.slots)
+        reduced = stacked.amax(0) if op == dist.ReduceOp.MAX else stacked.sum(0)
+        self.barrier.wait()
+        tensor.copy_(reduced)
+
+    def run(self, fn):
+        """``[fn(rank) for rank in range(world)]``, each on its own thread."""
+        results, errors = [None] * self.world, []
+
+        def target(rank):
+            self.rank.value = rank
+            try:
+                results[rank] = fn(rank)
+            except BaseException as e:  # noqa: BLE001 (re-raised below)
+                errors.append(e)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
+        with mock.patch.object(dist, "all_reduce", self.all_reduce), \
+                mock.patch.object(dist, "is_initialized", lambda: True):
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        if errors:
+            raise errors[0]
+        return results
