@@ -11,6 +11,8 @@ Providers, in the order tables list them:
 * ``torch``           the naive reference (``fastrlhf.reference``), as trainers write it;
 * ``torch.compile``   ``torch.compile`` of that same reference;
 * ``liger``           Liger-Kernel, where an op of it has the same semantics;
+* ``trl``             TRL's own fused LM head (``trl.kernels``), for the fused linear op;
+* ``cce``             Cut Cross-Entropy (``cut-cross-entropy``), for the fused linear op;
 * ``fastrlhf-triton`` the fastrlhf op with ``backend="triton"``;
 * ``fastrlhf-cuda``   the fastrlhf op with ``backend="cuda"``.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-PROVIDERS = ("torch", "torch.compile", "liger", "fastrlhf-triton", "fastrlhf-cuda")
+PROVIDERS = ("torch", "torch.compile", "liger", "trl", "cce", "fastrlhf-triton", "fastrlhf-cuda")
 FASTRLHF = ("fastrlhf-triton", "fastrlhf-cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
 TIERS = ("smoke", "quick", "full")
