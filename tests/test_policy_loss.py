@@ -115,8 +115,8 @@ def _correction_args(mode, name, roll):
     return {"rollout_logprobs": roll, "rollout_correction": corr}
 
 
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
-@pytest.mark.parametrize("correction", ["none", "tis-token", "icepop-seq"])
+@pytest.mark.parametrize("correction, agg", [("none", "token-mean"), ("tis-token", "seq-mean-token-mean"),
+                                             ("icepop-seq", "seq-mean-token-sum")])
 @pytest.mark.parametrize("mode", MODES)
 def test_matches_reference(backend, mode, correction, agg):
     # spread 1.0: many ratios outside the clip ranges and the correction's bounds
@@ -138,8 +138,9 @@ def test_matches_reference(backend, mode, correction, agg):
     assert (got[2][mask == 0] == 0).all()
 
 
-@pytest.mark.parametrize("correction", [c for c in CORRECTIONS if c != "none"])
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "geo_mean", "cispo", "bypass_mode"])
+@pytest.mark.parametrize("correction, mode", [("tis-token", "gspo"), ("icepop-seq", "bypass_mode"),
+                                              ("openrlhf-seqmean-mask", "vanilla"), ("openrlhf-clip", "gspo"),
+                                              ("binary-kl-token", "vanilla"), ("tv-seqmean", "cispo")])
 def test_corrections_match_reference(backend, mode, correction):
     logp, old, adv, mask, roll = _case(6, 23, spread=0.5)
     kw = dict(agg="seq-mean-token-mean", **OPTIONS.get(mode, {}), **_correction_args(mode, correction, roll))
@@ -151,11 +152,14 @@ def test_corrections_match_reference(backend, mode, correction):
         assert {"is_weight_mean", "is_filtered_frac", "rollout_kl"} <= set(got[1])
 
 
-@pytest.mark.parametrize("agg", ops.AGG_MODES)
-@pytest.mark.parametrize("mode, options", [("gspo", {"dual_clip": 2.0}), ("gspo", {"gradient": "sequence"}),
-                                           ("geo_mean", {}), ("sapo", {"tau_pos": 2.0, "tau_neg": 3.0}),
-                                           ("dppo_kl", {"ratio_cap": 1.5})],
-                         ids=["gspo-dual", "gspo-seqgrad", "geo_mean", "sapo", "dppo_kl-cap"])
+_OPTION_CASES = [("gspo", {"dual_clip": 2.0}), ("gspo", {"gradient": "sequence"}), ("geo_mean", {}),
+                 ("sapo", {"tau_pos": 2.0, "tau_neg": 3.0}), ("dppo_kl", {"ratio_cap": 1.5})]
+
+
+@pytest.mark.parametrize("mode, options, agg", [(m, o, a) for i, (m, o) in enumerate(_OPTION_CASES)
+                                               for a in (ops.AGG_MODES[i], ops.AGG_MODES[(i + 2) % 5])],
+                         ids=[f"{m}-{'-'.join(o)}-{a}" for i, (m, o) in enumerate(_OPTION_CASES)
+                              for a in (ops.AGG_MODES[i], ops.AGG_MODES[(i + 2) % 5])])
 def test_aggregations_and_options(backend, mode, options, agg):
     logp, old, adv, mask, roll = _case(4, 29, spread=0.8)
     # sequence-level advantages as GRPO makes them, and one row with token-level ones
@@ -170,7 +174,7 @@ def test_aggregations_and_options(backend, mode, options, agg):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-T{s[1]}")
-@pytest.mark.parametrize("mode", ["gspo", "geo_mean", "cispo", "dppo_tv"])
+@pytest.mark.parametrize("mode", ["gspo", "cispo"])
 def test_shapes_and_dtypes(backend, mode, shape, dtype):
     logp, old, adv, mask, roll = _case(*shape, dtype)
     kw = dict(agg="seq-mean-token-mean", rollout_logprobs=roll, rollout_correction=RolloutCorrection())
@@ -199,11 +203,9 @@ def test_gradcheck_fp64(backend, mode, options):
     logp, old, adv, mask, roll = _case(3, 7, torch.float64, spread=0.3)
     mask[0, :2] = True
     extra = {"is_weights": (roll - old).exp()}
-    for agg in ("token-mean", "seq-mean-token-mean"):
-        assert torch.autograd.gradcheck(  # fast mode: a random projection of the Jacobian (the interpreter is slow)
-            lambda x, agg=agg: policy_loss(x, old, adv, mask, mode=mode, agg=agg, backend=backend, **options,
-                                           **extra)[0],
-            (logp.clone().requires_grad_(True),), fast_mode=backend != "torch")
+    assert torch.autograd.gradcheck(  # fast mode: a random projection of the Jacobian
+        lambda x: policy_loss(x, old, adv, mask, mode=mode, agg="seq-mean-token-mean", backend=backend, **options,
+                              **extra)[0], (logp.clone().requires_grad_(True),), fast_mode=True)
 
 
 # ---------------------------------------------------------------------- hand-computed
@@ -259,7 +261,7 @@ def test_empty_and_fully_masked_give_zero_not_nan(backend, mode):
         logp, old, adv, mask, roll = _case(B, T)
         if zero_mask:
             mask = torch.zeros_like(mask)
-        for agg in ops.AGG_MODES:
+        for agg in ops.AGG_MODES if zero_mask else ("seq-mean-token-mean",):
             kw = dict(agg=agg, **OPTIONS.get(mode, {}))
             kw.update(_correction_args(mode, "tis-token", roll) if mode != "geo_mean" else {"is_weights": roll.exp()})
             loss, stats, grad = _run(backend, logp, mode, old, adv, mask, **kw)
@@ -307,7 +309,7 @@ def test_deterministic(backend):
 
 def test_global_counts_split_like_data_parallel_ranks(backend):
     """Two ranks with the global counts: their losses and gradients add up to the full batch's."""
-    logp, old, adv, mask, roll = _case(6, 25)
+    logp, old, adv, mask, _ = _case(6, 25)
     for mode, agg in [("gspo", "seq-mean-token-mean"), ("cispo", "token-mean"), ("geo_mean", "seq-mean-token-sum")]:
         full = _run(backend, logp, mode, old, adv, mask, agg=agg)
         counts = {"global_tokens": int(mask.sum()), "global_seqs": torch.tensor(int(mask.any(-1).sum()))}
@@ -555,9 +557,19 @@ def _verl_inputs(B=5, T=33):
     return logp, old, adv, mask.float(), roll
 
 
-@pytest.mark.parametrize("weights", [False, True], ids=["plain", "is_weights"])
-@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
-@pytest.mark.parametrize("mode", list(VERL))
+def _verl_cases():
+    """Every mode plain (token-mean) and with weights (seq-mean-token-mean); every aggregation
+    with vanilla and GSPO."""
+    for mode in VERL:
+        yield mode, "token-mean", False
+        yield mode, "seq-mean-token-mean", True
+    for mode in ("vanilla", "gspo"):
+        for agg in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm"):
+            yield mode, agg, mode == "gspo"
+
+
+@pytest.mark.parametrize("mode, agg, weights", list(_verl_cases()),
+                         ids=[f"{m}-{a}-{'is_weights' if w else 'plain'}" for m, a, w in _verl_cases()])
 def test_matches_verl_transcription(backend, mode, agg, weights):
     logp, old, adv, mask, roll = _verl_inputs()
     fn, options = VERL[mode]
@@ -580,9 +592,9 @@ def test_matches_verl_transcription(backend, mode, agg, weights):
         _close(got[1][k], v)
 
 
-@pytest.mark.parametrize("threshold", [2.0, "1.5", "0.5_1.8"])
+@pytest.mark.parametrize("threshold", [2.0, "0.5_1.8"])
 @pytest.mark.parametrize("level", ["token", "sequence"])
-@pytest.mark.parametrize("mode", ["vanilla", "gspo", "cispo"])
+@pytest.mark.parametrize("mode", ["vanilla", "gspo"])
 def test_verl_rollout_correction_matches_precomputed_weights(backend, mode, level, threshold):
     """verl's decoupled mode: weights from (old, rollout) on the driver, multiplied in the loss;
     fastrlhf computes them in the kernels from the rollout log-probs."""
@@ -833,9 +845,8 @@ def test_opcheck_custom_ops():
         for mode, agg, corr, packed, counts in [
                 ("gspo_seq", "seq-mean-token-mean", RolloutCorrection("sequence-mean", "mask", (0.5, 2.0)), False,
                  (None, None, None)),
-                ("geo_mean", "token-mean", RolloutCorrection(), True, (torch.tensor(30.0), None, None)),
-                ("cispo", "seq-mean-token-sum-norm", None, True, (None, torch.tensor(4), torch.tensor(16.0))),
-                ("value", "seq-mean-token-sum", None, False, (None, None, None))]:
+                ("geo_mean", "seq-mean-token-sum-norm", RolloutCorrection(), True,
+                 (None, torch.tensor(4), torch.tensor(16.0)))]:
             o = ops._options("gspo" if mode == "gspo_seq" else "vanilla" if mode == "value" else mode, {})
             o["clip"] = 0.2
             c = "" if corr is None else f"{corr.level},{corr.mode},{corr.stat},rollout,1"
@@ -921,7 +932,8 @@ def test_kernels_compile_for_gpus():
         bwd = {"grad_ptr": f"*{acc}", "scale_ptr": f"*{acc}", "gseq_ptr": f"*{acc}", **ins, "dx_ptr": f"*{dt}", "N": n,
                "T": "i32", "S": "i32", **rows}
         aligned = [k for k in ins if k not in ("table_ptr", "cu_ptr")]
-        cases += [(mod, "_fwd_kernel", fwd, const, 4, aligned), (mod, "_bwd_kernel", bwd, const, 4, aligned)]
+        cases += [(mod, "_policy_loss_fwd_kernel", fwd, const, 4, aligned),
+                  (mod, "_policy_loss_bwd_kernel", bwd, const, 4, aligned)]
     # The per-sequence pass: GSPO's sums, geo_mean with sequence-level weights, the correction's
     # sums, GSPO's sequence-level gradient (backward), padded and packed.
     for dt, what, mode, level, is_mode, stat, source, apply, w, packed in [
@@ -942,5 +954,6 @@ def test_kernels_compile_for_gpus():
         sig2 = {"part_ptr": f"*{acc}", "pcount_ptr": "*i32", "cstart_ptr": "*i32", "table_ptr": f"*{acc}",
                 "gseq_ptr": f"*{acc}", "S": "i32", "NC": "i32", "cpr": "i32",
                 **dict.fromkeys(["lrc", "is_low", "is_high", "is_clamp"], "fp32"), **dict.fromkeys(c2, "constexpr")}
-        cases += [(mod, "_seq_partials_kernel", sig1, c1, 4), (mod, "_seq_finish_kernel", sig2, c2, 1)]
+        cases += [(mod, "_policy_seq_partials_kernel", sig1, c1, 4),
+                  (mod, "_policy_seq_finish_kernel", sig2, c2, 1)]
     compile_for_gpus(cases)

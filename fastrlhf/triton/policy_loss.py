@@ -70,6 +70,17 @@ def _ld(ptr, offs, inb, MASKED: tl.constexpr):
 
 
 @triton.jit
+def _at(ptr, idx, inb, MASKED: tl.constexpr, other):
+    """``ptr[idx]`` for the in-bounds tokens: read whatever the mask says (a load guarded by the
+    mask would wait for it); what invalid tokens read is selected away later."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=inb, other=other)
+    else:
+        x = tl.load(ptr + idx)
+    return x
+
+
+@triton.jit
 def _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED: tl.constexpr, FAST_ROWS: tl.constexpr):
     """The sequence of each flat offset: the largest ``s < S`` with ``cu[s] <= offs`` (packed;
     empty sequences are skipped), else the row ``offs // T``."""
@@ -258,9 +269,9 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
 
 
 @triton.jit
-def _coefficients(logp, old, roll, w, seq, valid, table_ptr, S, is_low, is_high, is_clamp,
+def _coefficients(logp, old, roll, w, seq, inb, table_ptr, S, is_low, is_high, is_clamp,
                   MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
-                  IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr):
+                  IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, MASKED: tl.constexpr):
     """``(applied coefficient, coefficient for statistics, filtered, rollout KL)`` per token."""
     coef = tl.full(logp.shape, 1.0, logp.dtype)
     filt = tl.zeros_like(logp) > 1.0
@@ -268,19 +279,19 @@ def _coefficients(logp, old, roll, w, seq, valid, table_ptr, S, is_low, is_high,
     if HAS_W:
         coef = w
     if IS_LEVEL == 1:
-        coef, filt, rho, rkl, lr, g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
-                                                 IS_SOURCE)
+        coef, filt, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
+                                                   IS_SOURCE)
     elif IS_LEVEL >= 2:
         _c, _f, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
                                           IS_SOURCE)
-        t_is = tl.load(table_ptr + _ROW_IS * S + seq, mask=valid, other=0.0)
-        filt = tl.load(table_ptr + _ROW_ISF * S + seq, mask=valid, other=0.0) != 0
+        t_is = _at(table_ptr + _ROW_IS * S, seq, inb, MASKED, 0.0)
+        filt = _at(table_ptr + _ROW_ISF * S, seq, inb, MASKED, 0.0) != 0
         if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
             coef = tl.where(t_is != 0, rho, 0.0)  # the sequence is a gate; the token keeps its ratio
         else:
             coef = t_is
     if MODE == 9 and (HAS_W or IS_LEVEL != 0):  # geo_mean: the geometric mean over the sequence
-        coef = tl.load(table_ptr + _ROW_B * S + seq, mask=valid, other=1.0)
+        coef = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 1.0)
     if IS_APPLY:
         applied = coef
     else:
@@ -317,19 +328,20 @@ def _token(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, 
     seq_b = n_s
     if NEED_SEQ:
         seq = _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED, FAST_ROWS)
-        n_s = tl.load(table_ptr + _ROW_N * S + seq, mask=valid, other=1.0)
+        n_s = _at(table_ptr + _ROW_N * S, seq, inb, MASKED, 1.0)
         if MODE == 3 or MODE == 4 or MODE == 9:
-            seq_a = tl.load(table_ptr + _ROW_A * S + seq, mask=valid, other=0.0)
-            seq_b = tl.load(table_ptr + _ROW_B * S + seq, mask=valid, other=0.0)
+            seq_a = _at(table_ptr + _ROW_A * S, seq, inb, MASKED, 0.0)
+            seq_b = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 0.0)
     loss, d, clipped, lower, neg = _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc,
                                                p0, p1, MODE)
-    applied, coef, filt, rkl = _coefficients(logp, old, roll, w, seq, valid, table_ptr, S, is_low, is_high,
+    applied, coef, filt, rkl = _coefficients(logp, old, roll, w, seq, inb, table_ptr, S, is_low, is_high,
                                              is_clamp, MODE, IS_LEVEL, IS_MODE, IS_STAT, IS_SOURCE, IS_APPLY,
-                                             HAS_W)
+                                             HAS_W, MASKED)
     weight = applied
     if PER_SEQ:
         weight = applied / n_s
-    return offs, valid, loss, d, weight, clipped, lower, neg, tl.abs(logp - old), coef, filt, rkl, seq, n_s, seq_b
+    return offs, inb, valid, loss, d, weight, clipped, lower, neg, tl.abs(logp - old), coef, filt, rkl, seq, n_s, \
+        seq_b
 
 
 # --------------------------------------------------------------------------- token pass
@@ -340,7 +352,7 @@ def _fwd_tile(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_pt
               IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
               HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
               FAST_ROWS: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    _, valid, loss, _, weight, clipped, lower, neg, absl, coef, filt, rkl, _, _, _ = _token(
+    _, _, valid, loss, _, weight, clipped, lower, neg, absl, coef, filt, rkl, _, _, _ = _token(
         pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S, steps,
         row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE, IS_LEVEL, IS_MODE,
         IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED, FAST_ROWS, MASKED, ACC, BLOCK)
@@ -356,12 +368,13 @@ def _fwd_tile(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_pt
 
 
 @triton.jit
-def _fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr,
-                sums_ptr, counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1,
-                is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
-                IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
-                FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr,
+                            sums_ptr, counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc,
+                            p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr,
+                            IS_MODE: tl.constexpr, IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr,
+                            IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_SEL: tl.constexpr,
+                            PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
+                            FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """Partials of program ``pid``: ``sums[:, pid]`` (weighted loss, -log-ratio, |log-ratio|,
     coefficient, rollout KL), ``counts[:, pid]`` (valid, clipped, lower, filtered)."""
     pid = tl.program_id(0)
@@ -384,12 +397,12 @@ def _bwd_tile(pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, ma
               HAS_W: tl.constexpr, HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr,
               PACKED: tl.constexpr, FAST_ROWS: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
               BLOCK: tl.constexpr):
-    offs, valid, _, d, weight, _, _, _, _, _, _, _, seq, n_s, gate = _token(
+    offs, inb, valid, _, d, weight, _, _, _, _, _, _, _, seq, n_s, gate = _token(
         pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S, steps,
         row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE, IS_LEVEL, IS_MODE,
         IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED, FAST_ROWS, MASKED, ACC, BLOCK)
     if MODE == 4:  # GSPO, gradient through the sequence mean: G_s * gate / n_s on every valid token
-        d = tl.load(gseq_ptr + seq, mask=valid, other=0.0) * gate / n_s
+        d = _at(gseq_ptr, seq, inb, MASKED, 0.0) * gate / n_s
     else:
         d = weight * d
     g = tl.where(valid, tl.load(grad_ptr).to(ACC) * tl.load(scale_ptr).to(ACC) * d, 0.0)
@@ -397,12 +410,13 @@ def _bwd_tile(pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, ma
 
 
 @triton.jit
-def _bwd_kernel(grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr,
-                table_ptr, cu_ptr, dx_ptr, N, T, S, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1,
-                is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
-                IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
-                FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+def _policy_loss_bwd_kernel(grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr,
+                            sel_ptr, table_ptr, cu_ptr, dx_ptr, N, T, S, steps, row_magic, row_shift, lo, hi,
+                            dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr,
+                            IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                            IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+                            HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr,
+                            PACKED: tl.constexpr, FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     """``d loss / d logp = grad * scale * w * c * d loss_token / d logp`` on valid tokens, 0 elsewhere."""
     pid = tl.program_id(0)
     args = (pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr,
@@ -418,12 +432,12 @@ def _bwd_kernel(grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_
 
 # ------------------------------------------------------------------------ sequence pass
 @triton.jit
-def _seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, table_ptr, cu_ptr, cstart_ptr,
-                         part_ptr, pcount_ptr, T, S, NC, cpr, cstart_steps, lo, hi, dual_clip, lrc, is_low,
-                         is_high, is_clamp, WHAT: tl.constexpr, MODE: tl.constexpr, IS_LEVEL: tl.constexpr,
-                         IS_MODE: tl.constexpr, IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr,
-                         IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
-                         BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, table_ptr, cu_ptr,
+                                cstart_ptr, part_ptr, pcount_ptr, T, S, NC, cpr, cstart_steps, lo, hi, dual_clip,
+                                lrc, is_low, is_high, is_clamp, WHAT: tl.constexpr, MODE: tl.constexpr,
+                                IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                                IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+                                PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
     """Stage 1: the sums of one chunk of one sequence into ``part[:, p]``, ``pcount[p]``.
 
     ``WHAT`` (bits): ``W_LR`` sum of log-ratios (GSPO); ``W_GEO`` sums of geo_mean's clipped
@@ -507,10 +521,10 @@ def _seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, 
 
 
 @triton.jit
-def _seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_ptr, S, NC, cpr, lrc, is_low, is_high,
-                       is_clamp, WHAT: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
-                       IS_STAT: tl.constexpr, GEO_W: tl.constexpr, PER_SEQ: tl.constexpr, PACKED: tl.constexpr,
-                       ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+def _policy_seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_ptr, S, NC, cpr, lrc, is_low,
+                              is_high, is_clamp, WHAT: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
+                              IS_STAT: tl.constexpr, GEO_W: tl.constexpr, PER_SEQ: tl.constexpr,
+                              PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
     """Stage 2: sequence ``s`` adds its chunks' partials in order and writes its table column
     (forward) or ``gseq[s]`` (``W_GRAD``, backward)."""
     s = tl.program_id(0)
@@ -631,14 +645,14 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     cu = cu_seqlens if packed else pcounts
     cs = chunk_starts if packed else pcounts
     if N and NC:
-        _seq_partials_kernel[(NC,)](
+        _policy_seq_partials_kernel[(NC,)](
             x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x), table, cu, cs,
             partials, pcounts, T, S, NC, max(cpr, 1), _steps(S + 1), k.lo, k.hi, k.dual_clip, k.lrc, k.is_low,
             k.is_high, k.is_clamp, WHAT=what, **cex, BLOCK=1024, CHUNK=SEQ_CHUNK)
     elif NC:
         pcounts.zero_()
         partials.zero_()
-    _seq_finish_kernel[(S,)](
+    _policy_seq_finish_kernel[(S,)](
         partials, pcounts, cs, table, gseq if gseq is not None else table, S, NC, cpr, k.lrc, k.is_low, k.is_high,
         k.is_clamp, WHAT=what, IS_LEVEL=cex["IS_LEVEL"], IS_MODE=cex["IS_MODE"], IS_STAT=cex["IS_STAT"],
         GEO_W=weights is not None or spec.is_level is not None, PER_SEQ=spec.agg == "seq-mean-token-mean",
@@ -662,7 +676,7 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
     x = _flat(logprobs)
     k = spec.kernel
-    _fwd_kernel[(sums.shape[1],)](
+    _policy_loss_fwd_kernel[(sums.shape[1],)](
         x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x),
         _opt(selected, x), table if table is not None else sums, cu_seqlens if packed else counts, sums, counts,
         n, T, max(S, 1), sums.shape[1], steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
@@ -680,7 +694,7 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
     x = _flat(logprobs)
     k = spec.kernel
-    _bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
+    _policy_loss_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
         grad, scale, gseq if gseq is not None else scale, x, _flat(old_logprobs), _flat(advantages), _flat(mask),
         _opt(rollout, x), _opt(weights, x), _opt(selected, x), table if table is not None else scale,
         cu_seqlens if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
