@@ -775,6 +775,7 @@ def _pl(**kw):
     (_pl(mode="bypass_mode", loss_type="ppo"), ValueError, "loss_type must be one of"),
     (_pl(mode="bypass_mode", rollout_logprobs=_x, rollout_correction=RolloutCorrection()), ValueError,
      "rollout_logprobs must be None"),
+    (_pl(mode="bypass_mode", is_weights=_x), ValueError, "is_weights must be None"),
     (_pl(rollout_logprobs=_x), ValueError, "rollout_logprobs and rollout_correction go together"),
     (_pl(rollout_correction=RolloutCorrection()), ValueError, "go together"),
     (_pl(rollout_correction="token", rollout_logprobs=_x), TypeError, "must be a fastrlhf.RolloutCorrection"),

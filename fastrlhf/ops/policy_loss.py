@@ -622,6 +622,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if bypass and rollout_logprobs is not None:
         raise ValueError("mode='bypass_mode' takes the rollout's log-probs as old_logprobs: rollout_logprobs must "
                          "be None")
+    if bypass and is_weights is not None:
+        raise ValueError("mode='bypass_mode' computes its weights (rollout_correction): is_weights must be None")
     if not bypass and (rollout_logprobs is None) != (rollout_correction is None):
         raise ValueError("rollout_logprobs and rollout_correction go together: pass both or neither")
     if is_weights is not None and rollout_correction is not None:
