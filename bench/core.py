@@ -91,6 +91,8 @@ class Op:
     oracle on the probe; above it a provider is not timed (its semantics differ)."""
     rank: tuple[int, int] = (0, 0)
     """(family, op) position in the registry: the order of the reports (set when loaded)."""
+    kernels: str = ""
+    """The fastrlhf kernel family a backend must have to run the op (default: ``family``)."""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -123,7 +125,7 @@ def fastrlhf_impl(op: Op, provider: str, device: torch.device) -> Impl:
         return Impl(None, op.fastrlhf_reason or f"fastrlhf has no {op.name} op in this checkout")
     backend = provider.removeprefix("fastrlhf-")
     try:  # the op families of the benchmark are fastrlhf's (kernels per backend and family)
-        resolve_backend(backend, device, op.family)
+        resolve_backend(backend, device, op.kernels or op.family)
     except BackendUnavailableError as exc:
         return Impl(None, str(exc))
     fn = op.fastrlhf

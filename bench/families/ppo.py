@@ -121,8 +121,8 @@ def _mode_op(name, kw, rollout):
             return _mode_inputs(rnd.PROBE_SHAPE, device, rollout)
     compile_reason = "the covariance selection reads counts on the host (graph breaks)" \
         if kw["mode"] == "clip_cov" else ""
-    return Op(name=f"policy_loss-{name}", family="ppo", reference=reference, fastrlhf=fastrlhf, probe=probe,
-              grad_inputs=("logprobs",), x_label="tokens", rtol=1e-4, compile_reason=compile_reason)
+    return Op(name=f"policy_loss-{name}", family="ppo", kernels="policy_loss", reference=reference,
+              fastrlhf=fastrlhf, probe=probe, grad_inputs=("logprobs",), x_label="tokens", rtol=1e-4, compile_reason=compile_reason)
 
 
 MODE_OPS = {name: _mode_op(name, kw, rollout) for name, (kw, rollout) in MODES.items()}
