@@ -11,6 +11,8 @@ Providers, in the order tables list them:
 * ``torch``           the naive reference (``fastrlhf.reference``), as trainers write it;
 * ``torch.compile``   ``torch.compile`` of that same reference;
 * ``liger``           Liger-Kernel, where an op of it has the same semantics;
+* ``trl``             TRL's own fused LM head (``trl.kernels``), for the fused linear op;
+* ``cce``             Cut Cross-Entropy (``cut-cross-entropy``), for the fused linear op;
 * ``fastrlhf-triton`` the fastrlhf op with ``backend="triton"``;
 * ``fastrlhf-cuda``   the fastrlhf op with ``backend="cuda"``.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-PROVIDERS = ("torch", "torch.compile", "liger", "fastrlhf-triton", "fastrlhf-cuda")
+PROVIDERS = ("torch", "torch.compile", "liger", "trl", "cce", "fastrlhf-triton", "fastrlhf-cuda")
 FASTRLHF = ("fastrlhf-triton", "fastrlhf-cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
 TIERS = ("smoke", "quick", "full")
@@ -89,6 +91,8 @@ class Op:
     oracle on the probe; above it a provider is not timed (its semantics differ)."""
     rank: tuple[int, int] = (0, 0)
     """(family, op) position in the registry: the order of the reports (set when loaded)."""
+    kernels: str = ""
+    """The fastrlhf kernel family a backend must have to run the op (default: ``family``)."""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -121,7 +125,7 @@ def fastrlhf_impl(op: Op, provider: str, device: torch.device) -> Impl:
         return Impl(None, op.fastrlhf_reason or f"fastrlhf has no {op.name} op in this checkout")
     backend = provider.removeprefix("fastrlhf-")
     try:  # the op families of the benchmark are fastrlhf's (kernels per backend and family)
-        resolve_backend(backend, device, op.family)
+        resolve_backend(backend, device, op.kernels or op.family)
     except BackendUnavailableError as exc:
         return Impl(None, str(exc))
     fn = op.fastrlhf

@@ -237,7 +237,7 @@ def summary_markdown(records: list[dict], docs: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------- plots
-_COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:orange", "tab:purple", "tab:green", "tab:red")))
+_COLORS = dict(zip(PROVIDERS, ("tab:blue", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:green", "tab:red")))
 
 
 def plot_op(records: list[dict], path: Path, smoke: bool) -> None:

@@ -6,6 +6,7 @@ from fastrlhf.ops.dpo import bradley_terry_loss, choice_loss, dpo_loss
 from fastrlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards, kl_penalty
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.ops.logprobs import sequence_logprobs, token_logprobs
+from fastrlhf.ops.policy_loss import POLICY_LOSS_MODES, RolloutCorrection, policy_loss
 from fastrlhf.ops.ppo import aggregate, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
@@ -14,6 +15,8 @@ __all__ = [
     "AdaptiveKLController",
     "BackendUnavailableError",
     "FixedKLController",
+    "POLICY_LOSS_MODES",
+    "RolloutCorrection",
     "aggregate",
     "available_backends",
     "bradley_terry_loss",
@@ -26,6 +29,7 @@ __all__ = [
     "kl_penalty",
     "linear_token_logprobs",
     "masked_whiten",
+    "policy_loss",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logprobs",

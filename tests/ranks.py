@@ -1,5 +1,6 @@
 """Ranks of a process group simulated by threads, for tests of ops that all-reduce."""
 
+import contextlib
 import threading
 from unittest import mock
 
@@ -39,7 +40,7 @@ class ThreadGroup:
 
         threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
         with mock.patch.object(dist, "all_reduce", self.all_reduce), \
-                mock.patch.object(dist, "is_initialized", lambda: True):
+                mock.patch.object(dist, "is_initialized", lambda: True), _one_interpreted_kernel_at_a_time():
             for t in threads:
                 t.start()
             for t in threads:
@@ -47,3 +48,23 @@ class ThreadGroup:
         if errors:
             raise errors[0]
         return results
+
+
+@contextlib.contextmanager
+def _one_interpreted_kernel_at_a_time():
+    """The Triton interpreter runs one kernel at a time: launches from the ranks' threads take a lock."""
+    from fastrlhf.backend import triton_interpreter
+
+    if not triton_interpreter():
+        yield
+        return
+    from triton.runtime import interpreter
+
+    lock, launch = threading.Lock(), interpreter.GridExecutor.__call__
+
+    def locked(self, *args, **kwargs):
+        with lock:
+            return launch(self, *args, **kwargs)
+
+    with mock.patch.object(interpreter.GridExecutor, "__call__", locked):
+        yield

@@ -325,11 +325,10 @@ def test_masked_whiten_backends_agree(backend):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_masked_whiten_over_ranks(world):
+def test_masked_whiten_over_ranks(backend, world):
     """With a process group, every rank whitens with the statistics of all ranks' valid
-    elements (one all-reduce; ranks simulated by threads, so on the torch backend: the Triton
-    interpreter is not thread-safe; tests/test_parallel.py runs every backend in processes):
-    values and gradients equal whitening the concatenation, a fully masked rank included."""
+    elements (one all-reduce; ranks simulated by threads): values and gradients equal
+    whitening the concatenation, a fully masked rank included."""
     from tests.ranks import ThreadGroup
 
     xs = [torch.randn(2, 9 + r, device=DEVICE, dtype=torch.float64) * 2 + r for r in range(world)]
@@ -343,7 +342,7 @@ def test_masked_whiten_over_ranks(world):
 
     def rank_fn(rank):
         x = xs[rank].clone().requires_grad_(True)
-        out = masked_whiten(x, ms[rank], group=object(), backend="torch")
+        out = masked_whiten(x, ms[rank], group=object(), backend=backend)
         (out * gs[rank]).sum().backward()
         return out.detach(), x.grad
 

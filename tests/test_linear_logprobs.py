@@ -622,26 +622,12 @@ def test_matches_trl_chunked_logprob(backend, design):
 
 
 @IMPLS
-def test_vocab_parallel_head_with_softcap_and_scale(backend, design, monkeypatch):
+def test_vocab_parallel_head_with_softcap_and_scale(backend, design):
     """The vocab-sharded LM head (three ranks on threads) with soft-capping and a logit scale:
     log-probs, entropy and every gradient equal the unsharded op's (each shard caps its own
     logits: the transform is per logit)."""
-    import threading
-
-    from fastrlhf.backend import triton_interpreter
     from fastrlhf.parallel import vocab_parallel_linear_token_logprobs
-    from tests.test_parallel import _ThreadGroup
-
-    if backend == "triton" and triton_interpreter():  # the interpreter runs one kernel at a time
-        from triton.runtime import interpreter
-
-        lock, launch = threading.Lock(), interpreter.GridExecutor.__call__
-
-        def locked(self, *args, **kwargs):
-            with lock:
-                return launch(self, *args, **kwargs)
-
-        monkeypatch.setattr(interpreter.GridExecutor, "__call__", locked)
+    from tests.ranks import ThreadGroup
 
     N, H, V, edges = 7, 16, 37, [0, 15, 26, 37]
     hidden, weight, bias, labels = _case(N, H, V, torch.float32, scale=3.0)
@@ -660,7 +646,7 @@ def test_vocab_parallel_head_with_softcap_and_scale(backend, design, monkeypatch
         (lp * g1 + ent * g2).sum().backward()
         return lp.detach(), ent.detach(), h.grad, w.grad, b.grad
 
-    for rank, (lp, ent, gh, gw, gb) in enumerate(_ThreadGroup(3).run(rank_fn)):
+    for rank, (lp, ent, gh, gw, gb) in enumerate(ThreadGroup(3).run(rank_fn)):
         lo, hi = edges[rank], edges[rank + 1]
         for got, want in ((lp, want_lp), (ent, want_ent), (gh, full[0].grad), (gw, full[1].grad[lo:hi]),
                           (gb, full[2].grad[lo:hi])):

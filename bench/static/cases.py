@@ -35,7 +35,16 @@ from unittest import mock
 import torch
 
 from bench.static.hardware import SM_COUNT
-from fastrlhf.triton import advantages, dpo, kl, linear_logprobs, logprobs, ppo
+from fastrlhf.ops.policy_loss import KernelArgs, LossSpec
+from fastrlhf.triton import (
+    advantages,
+    dpo,
+    kl,
+    linear_logprobs,
+    logprobs,
+    policy_loss,
+    ppo,
+)
 
 BF16, F32, I64 = torch.bfloat16, torch.float32, torch.int64
 N_TOKENS = 16384  # rows of logits: 8 x 2048 (the sliced case: [8, 2049, V][:, :-1])
@@ -73,6 +82,10 @@ KERNELS = {
     "_dpo_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_dpo_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_sum_blocks_kernel": Counting("loop", ("BLOCK",)),
+    "_policy_loss_fwd_kernel": Counting("straight", ("BLOCK",)),
+    "_policy_loss_bwd_kernel": Counting("straight", ("BLOCK",)),
+    "_policy_seq_partials_kernel": Counting("loop", ("BLOCK",)),
+    "_policy_seq_finish_kernel": Counting("loop", ("BLOCK_C",)),
 }
 
 
@@ -202,7 +215,57 @@ def _small_cases() -> list[TritonCase]:
     ]
 
 
-TRITON_CASES: list[TritonCase] = _token_cases() + _linear_cases() + _small_cases()
+def _policy_loss(direction, mode, agg="token-mean", level=None, packed=False):
+    """A ``policy_loss`` launch at 16 M tokens: padded [8192, 2048] or packed in 8192 sequences;
+    ``level``: a token/sequence rollout correction (IcePop's mask), which reads rollout log-probs."""
+    pl, inf = policy_loss, float("inf")
+    shape = (B * T,) if packed else (B, T)
+    x, old, adv, mask = t(*shape), t(*shape), t(*shape), t(*shape, dtype=torch.bool)
+    rollout = t(*shape) if level else None
+    cu = t(B + 1, dtype=torch.int32) if packed else None
+    spec = LossSpec(mode, agg, level, "mask" if level else "truncate", "ratio", "rollout", True,
+                    KernelArgs(0.8, 1.28, inf, 10.0 if mode == "gspo" else 20.0, inf, 0.0, 0.5, 2.0, 20.0))
+    per_sequence = mode in ("gspo", "geo_mean") or level in ("sequence", "sequence-mean") or agg != "token-mean"
+    table = t(pl.TABLE_ROWS, B) if per_sequence else None
+    if direction == "seq":
+        n = pl.seq_programs(B * T, B, 0 if packed else T, packed)
+        starts = t(B + 1, dtype=torch.int32) if packed else None
+        return lambda: pl.policy_seq_pass(x, old, adv, mask, rollout, None, cu, starts, spec, pl.seq_work(spec),
+                                          table, t(pl.SEQ_SUMS, n), t(n, dtype=torch.int32))
+    if direction == "fwd":
+        P = pl.token_programs(x)
+        return lambda: pl.policy_loss_fwd(x, old, adv, mask, rollout, None, None, cu, table, spec,
+                                          t(pl.FWD_SUMS, P), t(pl.FWD_COUNTS, P, dtype=torch.int32))
+    return lambda: pl.policy_loss_bwd(t(), t(), x, old, adv, mask, rollout, None, None, cu, table, None, spec,
+                                      t(*shape))
+
+
+def _policy_loss_cases() -> list[TritonCase]:
+    """Bytes per token: log-prob, old, advantage (4 each) and mask (1) read, +4 with rollout
+    log-probs; backward writes the 4-byte gradient; the per-sequence pass reads log-prob,
+    old and mask."""
+    seq_mean = "seq-mean-token-mean"
+    return [
+        TritonCase("policy_loss.vanilla-icepop.fwd.B8192-T2048", _policy_loss("fwd", "vanilla", level="token"),
+                   {"_policy_loss_fwd_kernel": 17}, "token"),
+        TritonCase("policy_loss.vanilla-icepop.bwd.B8192-T2048", _policy_loss("bwd", "vanilla", level="token"),
+                   {"_policy_loss_bwd_kernel": 21}, "token"),
+        TritonCase("policy_loss.cispo.fwd.B8192-T2048", _policy_loss("fwd", "cispo"),
+                   {"_policy_loss_fwd_kernel": 13}, "token"),
+        TritonCase("policy_loss.gspo.seq.B8192-T2048", _policy_loss("seq", "gspo", seq_mean),
+                   {"_policy_seq_partials_kernel": 9}, "token"),
+        TritonCase("policy_loss.gspo.fwd.B8192-T2048", _policy_loss("fwd", "gspo", seq_mean),
+                   {"_policy_loss_fwd_kernel": 13}, "token"),
+        TritonCase("policy_loss.gspo.bwd.B8192-T2048", _policy_loss("bwd", "gspo", seq_mean),
+                   {"_policy_loss_bwd_kernel": 17}, "token"),
+        TritonCase("policy_loss.gspo.fwd.packed-N16M", _policy_loss("fwd", "gspo", seq_mean, packed=True),
+                   {"_policy_loss_fwd_kernel": 13}, "token"),
+        TritonCase("policy_loss.gspo.seq.packed-N16M", _policy_loss("seq", "gspo", seq_mean, packed=True),
+                   {"_policy_seq_partials_kernel": 9}, "token"),
+    ]
+
+
+TRITON_CASES: list[TritonCase] = _token_cases() + _linear_cases() + _small_cases() + _policy_loss_cases()
 
 
 def run_launcher(case: TritonCase) -> None:

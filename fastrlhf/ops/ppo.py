@@ -17,6 +17,11 @@ Aggregation modes (``agg``), over the valid tokens (``mask != 0``) of a ``[B, T]
   ``loss_scale_factor``), the factor defaulting to ``T`` (Dr. GRPO; verl >= 0.9).
   ``global_seqs`` replaces the row count.
 
+Packed sequences: with ``cu_seqlens`` (int32 ``[S + 1]``, flash-attention's varlen offsets) the
+inputs are 1-D ``[total]`` and a "row" above is a packed sequence ``[cu[s], cu[s+1])`` (empty ones
+allowed, holes still masked); the result equals the padded one. ``seq-mean-token-sum-norm`` then
+needs ``loss_scale_factor`` (no padded length ``T`` to default to).
+
 Fully masked rows count for nothing; a normalizing count ``<= 0`` (an all-zero mask, ``B = 0``,
 ``T = 0``) gives loss 0 and zero gradients, never NaN. Global counts are for data parallelism:
 each rank passes the count summed over ranks and gets its share of the global loss; when the
@@ -293,16 +298,21 @@ def _counts(mask, global_tokens, global_seqs, loss_scale_factor) -> tuple:
             one("loss_scale_factor", loss_scale_factor))
 
 
-def _check_inputs(names, tensors, mask):
-    _checks.matching(names, tensors, dim=2)
+def _check_inputs(names, tensors, mask, cu_seqlens=None, agg=None, loss_scale_factor=None):
+    _checks.matching(names, tensors, dim=2 if cu_seqlens is None else 1)
     _checks.mask("mask", mask, tensors[0].shape, tensors[0].device)
+    if cu_seqlens is not None:
+        _checks.cu_seqlens("cu_seqlens", cu_seqlens, tensors[0].shape[0], tensors[0].device)
+        if agg == "seq-mean-token-sum-norm" and loss_scale_factor is None:
+            raise ValueError("agg='seq-mean-token-sum-norm' with cu_seqlens needs loss_scale_factor (packed "
+                             "sequences have no padded length T to default to)")
 
 
 def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                     mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
                     dual_clip: float | None = None, agg: str = "token-mean", global_tokens=None,
                     global_seqs=None, loss_scale_factor=None, log_ratio_clamp: float | None = 20.0,
-                    backend: str = "auto"):
+                    cu_seqlens: torch.Tensor | None = None, backend: str = "auto"):
     """The clipped PPO surrogate loss (with optional asymmetric and dual clipping), aggregated.
 
     Per token: ``ratio = exp(clamp(logprobs - old_logprobs, +-log_ratio_clamp))``,
@@ -321,6 +331,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
             ``None``, a number ``>= 0`` or a 0-dim tensor, used by the modes that need them.
         log_ratio_clamp: ``None`` or ``> 0``: the log-ratio is clamped before ``exp`` (20, as
             verl); the gradient is 0 where it is active.
+        cu_seqlens: int32 ``[S + 1]`` packed-sequence offsets; the inputs are then ``[total]``
+            (see the module docstring). Runs the policy-loss op (``fastrlhf.policy_loss``'s
+            vanilla mode: triton or torch; the cuda backend has no packed kernels).
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
 
     Returns:
@@ -338,7 +351,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     extra read of the mask; not needed for ``seq-mean-token-sum`` with ``global_seqs``).
     Backward allocates only the gradient.
     """
-    _check_inputs(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask)
+    _check_inputs(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask,
+                  cu_seqlens, agg, loss_scale_factor)
     clip_low = _checks.positive("clip_low", clip_low)
     clip_high = clip_low if clip_high is None else _checks.positive("clip_high", clip_high)
     if dual_clip is not None:
@@ -349,6 +363,11 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     _checks.choice("agg", agg, AGG_MODES)
     counts = _counts(mask, global_tokens, global_seqs, loss_scale_factor)
+    if cu_seqlens is not None:
+        from fastrlhf.ops.policy_loss import packed_ppo_policy_loss  # noqa: PLC0415  (it builds on this module)
+
+        return packed_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high,
+                                      dual_clip, log_ratio_clamp, agg, counts, backend)
     name = resolve_backend(backend, logprobs.device, "ppo")
     loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
         logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
@@ -360,13 +379,13 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                    mask: torch.Tensor, *, clip: float | None = None, agg: str = "token-mean",
                    global_tokens=None, global_seqs=None, loss_scale_factor=None,
-                   backend: str = "auto"):
+                   cu_seqlens: torch.Tensor | None = None, backend: str = "auto"):
     """The (clipped) value loss ``0.5 * agg(max((v - R)**2, (clip(v, old -+ clip) - R)**2))``.
 
     Args:
         values: ``[B, T]`` float, the critic's predictions; the only input with a gradient.
         old_values, returns: ``[B, T]`` float, on the same device.
-        mask, agg, global_tokens, global_seqs, loss_scale_factor, backend: as
+        mask, agg, global_tokens, global_seqs, loss_scale_factor, cu_seqlens, backend: as
             :func:`ppo_policy_loss`.
         clip: ``None`` (plain ``0.5 * (v - R)**2``) or ``> 0``.
 
@@ -374,23 +393,35 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
         ``(loss, {"vf_clipfrac": ...})``: 0-dim fp32 (fp64 for fp64 inputs); ``vf_clipfrac``
         is the fraction of valid tokens where the clipped term is strictly larger.
     """
-    _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask)
+    _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask, cu_seqlens, agg,
+                  loss_scale_factor)
     clip = _checks.optional_positive("clip", clip)
     _checks.choice("agg", agg, AGG_MODES)
     counts = _counts(mask, global_tokens, global_seqs, loss_scale_factor)
+    if cu_seqlens is not None:
+        from fastrlhf.ops.policy_loss import packed_ppo_value_loss  # noqa: PLC0415  (it builds on this module)
+
+        loss, clipfrac = packed_ppo_value_loss(values, old_values, returns, mask, cu_seqlens, clip, agg, counts,
+                                               backend)
+        return loss, {"vf_clipfrac": clipfrac.detach()}
     name = resolve_backend(backend, values.device, "ppo")
     loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, *counts, name)
     return loss, {"vf_clipfrac": clipfrac.detach()}
 
 
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean", *,
-              global_tokens=None, global_seqs=None, loss_scale_factor=None) -> torch.Tensor:
-    """Aggregate a per-token ``[B, T]`` loss into a scalar, over the valid tokens (``mask != 0``).
+              global_tokens=None, global_seqs=None, loss_scale_factor=None,
+              cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Aggregate a per-token ``[B, T]`` (or packed ``[total]`` with ``cu_seqlens``) loss into a
+    scalar, over the valid tokens (``mask != 0``).
 
     Modes and counts as in the module docstring. Plain differentiable PyTorch (no kernel):
     for any per-token loss (entropy bonus, KL loss, ...). Returns a 0-dim fp32 tensor (fp64
     for fp64 input); invalid tokens are selected away, never multiplied (NaN there is harmless).
+    Packed: each token is weighted by its sequence (a ``cumsum`` of the mask, int64 ``[total]``,
+    gives the sequence counts; no host sync, no atomics), the result equals the padded one.
     """
-    _check_inputs(("loss_mat",), (loss_mat,), mask)
+    _check_inputs(("loss_mat",), (loss_mat,), mask, cu_seqlens, mode, loss_scale_factor)
     _checks.choice("mode", mode, AGG_MODES)
-    return ref.aggregate(loss_mat, mask, mode, *_counts(mask, global_tokens, global_seqs, loss_scale_factor))
+    return ref.aggregate(loss_mat, mask, mode, *_counts(mask, global_tokens, global_seqs, loss_scale_factor),
+                         cu_seqlens=cu_seqlens)

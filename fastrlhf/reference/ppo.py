@@ -21,11 +21,31 @@ def safe_div(total: torch.Tensor, count) -> torch.Tensor:
     return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
 
 
+def packed_row_counts(valid: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 ``[S]``: the valid tokens of each packed sequence (a cumsum of the mask, exact)."""
+    csum = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.long().cumsum(0)])
+    cu = cu_seqlens.long()
+    return csum[cu[1:]] - csum[cu[:-1]]
+
+
 def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
-              global_tokens=None, global_seqs=None, loss_scale_factor=None) -> torch.Tensor:
-    """A scalar from a ``[B, T]`` per-token loss; see ``fastrlhf.ops.ppo.aggregate``."""
+              global_tokens=None, global_seqs=None, loss_scale_factor=None, cu_seqlens=None) -> torch.Tensor:
+    """A scalar from a ``[B, T]`` (or packed ``[total]``) per-token loss; see ``fastrlhf.ops.ppo.aggregate``."""
     valid = mask != 0
     x = torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0)
+    if cu_seqlens is not None:
+        if mode in ("token-mean", "token-sum"):
+            return aggregate(x, valid, mode, global_tokens)
+        row_n = packed_row_counts(valid, cu_seqlens)
+        seqs = (row_n > 0).sum() if global_seqs is None else global_seqs
+        if mode == "seq-mean-token-mean":  # each token weighs 1 / its sequence's count
+            lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+            per_token = torch.repeat_interleave(1.0 / row_n.clamp(min=1).to(x.dtype), lengths.long(),
+                                                output_size=x.numel())
+            x = x * per_token
+        elif mode == "seq-mean-token-sum-norm":
+            seqs = seqs * loss_scale_factor
+        return safe_div(x.sum(), seqs)
     if mode == "token-mean":
         return safe_div(x.sum(), valid.sum() if global_tokens is None else global_tokens)
     if mode == "token-sum":

@@ -1,0 +1,710 @@
+"""Triton kernels of the policy losses (``fastrlhf.ops.policy_loss``): every mode, rollout
+correction, padded ``[B, T]`` and packed ``[total]`` + ``cu_seqlens`` layouts.
+
+Two passes, both deterministic (fixed-order sums, no atomics):
+
+1. **Per-sequence pass** (only when a sequence-level quantity is needed: GSPO's ratio, the
+   geometric mean of ``geo_mean``, sequence-level importance weights, the token count of a
+   sequence for the ``seq-mean-*`` aggregations). Stage 1: one program per ``SEQ_CHUNK`` tokens
+   of one sequence writes ``SEQ_SUMS`` partial sums and a count; stage 2: one program per
+   sequence adds its chunks in order and writes the derived values into the sequence table
+   ``[TABLE_ROWS, S]`` (count, mode values, importance coefficient, filtered flag). Sequences
+   of any length spread over many programs; packed sequences find their chunks through
+   ``chunk_starts`` (int32 ``[S + 1]``, the exclusive prefix sum of each sequence's chunk count).
+2. **Token pass**: one program per ``TOKENS_PER_PARTIAL`` tokens of the flattened input computes
+   the per-token loss and statistics and writes partial sums; the op layer adds them in a fixed
+   order and normalizes. Backward: one elementwise kernel, after (GSPO with the sequence-level
+   gradient only) one more per-sequence pass that sums each sequence's loss derivatives.
+
+A token finds its sequence by ``row_divider`` (padded) or by a binary search of ``cu_seqlens``
+(packed, ``ceil(log2 S)`` cached loads). Full tiles load unmasked (vector loads), only the last
+tile is masked; inputs are loaded then selected by the mask, so masked tokens (even NaN) never
+reach a result.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrlhf.triton._common import tl_acc
+from fastrlhf.triton.ppo import _clamp, _flat, _policy_terms, _store, _value_terms, row_divider
+
+TOKENS_PER_PARTIAL = 1024
+"""Tokens of one token-pass program: the forward writes ``cdiv(N, TOKENS_PER_PARTIAL)`` partials."""
+SEQ_CHUNK = 4096
+"""Tokens of one program of the per-sequence pass (stage 1)."""
+SEQ_SUMS = 4
+"""Partial sums per stage-1 program."""
+TABLE_ROWS = 5
+"""Rows of the sequence table: count, two mode values, importance coefficient, filtered flag."""
+FWD_SUMS, FWD_COUNTS = 5, 4
+"""Token-pass partials: sums (loss, -log-ratio, |log-ratio|, coefficient, rollout KL) and counts
+(valid, clipped, lower-clipped, filtered)."""
+
+_MODES = {"vanilla": 0, "dppo_tv": 1, "dppo_kl": 2, "gspo": 3, "gspo_seq": 4, "sapo": 5, "gpg": 6,
+          "clip_cov": 7, "kl_cov": 8, "geo_mean": 9, "dro": 10, "cispo": 11, "value": 12}
+_LEVELS = {None: 0, "token": 1, "sequence": 2, "sequence-mean": 3}
+_IS_MODES = {"truncate": 0, "clamp": 1, "mask": 2}
+_STATS = {"ratio": 0, "binary_kl": 1, "tv": 2}
+
+# sequence-table rows
+_ROW_N = tl.constexpr(0)
+_ROW_A = tl.constexpr(1)
+_ROW_B = tl.constexpr(2)
+_ROW_IS = tl.constexpr(3)
+_ROW_ISF = tl.constexpr(4)
+# stage-1 work: what the per-sequence pass sums
+W_LR, W_GEO, W_IS, W_GRAD = 1, 2, 4, 8
+
+
+# ----------------------------------------------------------------------------- helpers
+@triton.jit
+def _ld(ptr, offs, inb, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=inb, other=0)
+    else:
+        x = tl.load(ptr + offs)
+    return x
+
+
+@triton.jit
+def _at(ptr, idx, inb, MASKED: tl.constexpr, other):
+    """``ptr[idx]`` for the in-bounds tokens: read whatever the mask says (a load guarded by the
+    mask would wait for it); what invalid tokens read is selected away later."""
+    if MASKED:
+        x = tl.load(ptr + idx, mask=inb, other=other)
+    else:
+        x = tl.load(ptr + idx)
+    return x
+
+
+@triton.jit
+def _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED: tl.constexpr, FAST_ROWS: tl.constexpr):
+    """The sequence of each flat offset: the largest ``s < S`` with ``cu[s] <= offs`` (packed;
+    empty sequences are skipped), else the row ``offs // T``."""
+    if PACKED:
+        lo = (offs * 0).to(tl.int32)
+        hi = lo + S
+        for _step in range(steps):
+            mid = (lo + hi) >> 1
+            go = tl.load(cu_ptr + mid).to(tl.int64) <= offs
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        seq = lo.to(tl.int64)
+    else:
+        if FAST_ROWS:
+            seq = (offs * row_magic) >> row_shift
+        else:
+            seq = offs // T
+    return seq
+
+
+@triton.jit
+def _gate_stat(rho, num, den, IS_STAT: tl.constexpr):
+    """The gated statistic of a token: its ratio, or OpenRLHF's binary KL / total variation of
+    the sampled token's probabilities (``p`` rollout, ``q`` trainer, clamped to ``[1e-6, 1-1e-6]``)."""
+    if IS_STAT == 0:
+        g = rho
+    else:
+        p = _clamp(tl.exp(den), 1e-6, 1.0 - 1e-6)
+        q = _clamp(tl.exp(num), 1e-6, 1.0 - 1e-6)
+        if IS_STAT == 1:
+            g = p * tl.log(p / q) + (1.0 - p) * tl.log((1.0 - p) / (1.0 - q))
+        else:
+            g = tl.abs(p - q)
+    return g
+
+
+@triton.jit
+def _is_apply(g, weight, is_low, is_high, IS_MODE: tl.constexpr):
+    """``(coefficient, filtered)`` of a gated statistic ``g``: truncate (``min(g, high)``),
+    clamp (``clamp(g, low, high)``) or mask (``weight`` inside ``[low, high]``, else 0)."""
+    if IS_MODE == 0:
+        coef = tl.where(g > is_high, is_high, g)
+        filt = g > is_high
+    elif IS_MODE == 1:
+        coef = _clamp(g, is_low, is_high)
+        filt = (g < is_low) | (g > is_high)
+    else:
+        keep = (g >= is_low) & (g <= is_high)
+        coef = tl.where(keep, weight, 0.0)
+        filt = keep == 0
+    return coef, filt
+
+
+@triton.jit
+def _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+              IS_SOURCE: tl.constexpr):
+    """Token-level correction: ``(coefficient, filtered, token ratio, rollout KL, log-ratio)``."""
+    if IS_SOURCE == 1:  # bypass: current (detached) over old, which is the rollout
+        num = logp
+        den = old
+    else:
+        num = old
+        den = roll
+    lr = num - den
+    rho = tl.exp(_clamp(lr, -is_clamp, is_clamp))
+    g = _gate_stat(rho, num, den, IS_STAT)
+    coef, filt = _is_apply(g, rho, is_low, is_high, IS_MODE)
+    return coef, filt, rho, den - num, lr, g
+
+
+@triton.jit
+def _surrogate(ratio, adv, lo, hi, dual_clip):
+    """PPO's clipped surrogate of a ratio: ``(loss, clipped, lower, d loss / d log ratio)``."""
+    loss1 = -adv * ratio
+    loss2 = -adv * _clamp(ratio, lo, hi)
+    clipped = loss2 > loss1
+    loss = tl.where(clipped, loss2, loss1)
+    loss3 = -tl.where(adv < 0, adv, -1.0) * dual_clip  # -A * c where A < 0; no 0 * inf
+    lower = (adv < 0) & (loss > loss3)
+    return tl.where(lower, loss3, loss), clipped, lower, tl.where(clipped | lower, 0.0, loss1)
+
+
+@triton.jit
+def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, p0, p1, MODE: tl.constexpr):
+    """Per token of mode ``MODE``: ``(loss, d loss / d logp, clipped, lower, -log-ratio)``.
+
+    ``lo``/``hi``: ratio bounds (PPO-like modes), divergence thresholds (dppo) or log-ratio
+    bounds (geo_mean); ``lrc``: the token log-ratio clamp (GSPO: the upper clamp of the
+    sequence log-ratio, applied in the sequence table); ``p0``/``p1``: the mode's numbers;
+    ``seq_a``/``seq_b``: the sequence table's values (GSPO: ratio, gate; geo_mean: A * ratio)."""
+    raw = logp - old
+    never = tl.zeros_like(raw) > 1.0
+    if MODE == 0:  # vanilla
+        loss, clipped, lower, lr, d = _policy_terms(logp, old, adv, lo, hi, dual_clip, lrc)
+        neg = -lr
+    elif MODE == 1 or MODE == 2:  # dppo_tv, dppo_kl
+        lr = _clamp(raw, -lrc, lrc)
+        ratio = tl.exp(lr)
+        truncated = tl.where(ratio > p0, p0, ratio)
+        prob = tl.exp(logp)
+        old_prob = tl.exp(old)
+        if MODE == 1:
+            pos = (prob - old_prob) <= hi
+            negative = (prob - old_prob) >= -lo
+        else:
+            binary_kl = old_prob * (old - logp) + (1.0 - old_prob) * tl.log(
+                (1.0 - old_prob + 1e-8) / (1.0 - prob + 1e-8))
+            pos = (binary_kl <= hi) | (prob <= old_prob)
+            negative = (binary_kl <= lo) | (prob >= old_prob)
+        keep = tl.where(adv > 0, pos, negative)
+        loss = tl.where(keep, -adv * truncated * logp, 0.0)
+        d = tl.where(keep, -adv * truncated, 0.0)
+        clipped = keep == 0
+        lower = (ratio > p0) & keep
+        neg = -lr
+    elif MODE == 3 or MODE == 4:  # gspo (token gradient, sequence gradient)
+        loss, clipped, lower, dlog = _surrogate(seq_a, adv, lo, hi, dual_clip)
+        d = dlog * seq_b
+        neg = -raw
+    elif MODE == 5:  # sapo
+        lr = _clamp(raw, -lrc, lrc)
+        ratio = tl.exp(lr)
+        tau = tl.where(adv > 0, p0, p1)
+        sig = tl.sigmoid(tau * (ratio - 1.0))
+        loss = -sig * (4.0 / tau) * adv
+        d = tl.where(tl.abs(raw) > lrc, 0.0, -adv * 4.0 * sig * (1.0 - sig) * ratio)
+        clipped = never
+        lower = never
+        neg = -lr
+    elif MODE == 6:  # gpg (and bypass reinforce)
+        loss = -logp * adv
+        d = -adv
+        clipped = never
+        lower = never
+        neg = -raw
+    elif MODE == 7:  # clip_cov
+        ratio = tl.exp(raw)
+        loss1 = -adv * ratio
+        loss2 = -adv * _clamp(ratio, lo, hi)
+        by_clip = loss2 > loss1
+        chosen = sel != 0
+        loss = tl.where(chosen, 0.0, tl.where(by_clip, loss2, loss1))
+        d = tl.where(chosen | by_clip, 0.0, loss1)
+        clipped = chosen
+        lower = never
+        neg = -raw
+    elif MODE == 8:  # kl_cov
+        loss1 = -adv * tl.exp(raw)
+        chosen = sel != 0
+        sign = tl.where(raw > 0, 1.0, tl.where(raw < 0, -1.0, 0.0))
+        loss = tl.where(chosen, loss1 + p0 * tl.abs(raw), loss1)
+        d = tl.where(chosen, loss1 + p0 * sign, loss1)
+        clipped = chosen
+        lower = never
+        neg = -raw
+    elif MODE == 9:  # geo_mean: the sequence loss -A_s * r_s, broadcast to its tokens
+        sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+        clamped = _clamp(raw, lo, hi)
+        free = (adv != 0) & (sign * raw <= sign * clamped)
+        loss = -seq_a
+        d = tl.where(free, -seq_a * (n_s / (n_s + 1e-8)), 0.0)
+        out = raw != clamped
+        clipped = out & (adv > 0)
+        lower = out & (adv < 0)
+        neg = -raw
+    elif MODE == 10:  # dro
+        loss = -(logp * adv - 0.5 * p0 * raw * raw)
+        d = -(adv - p0 * raw)
+        clipped = never
+        lower = never
+        neg = -raw
+    elif MODE == 11:  # cispo
+        lr = _clamp(raw, -lrc, lrc)
+        ratio = tl.exp(lr)
+        clipped_ratio = _clamp(ratio, lo, hi)
+        loss = -clipped_ratio * adv * logp
+        d = -clipped_ratio * adv
+        clipped = ratio != clipped_ratio
+        lower = never
+        neg = -lr
+    else:  # value loss (values, old values, returns; p0 = clip)
+        loss, clipped, d = _value_terms(logp, old, adv, p0)
+        lower = never
+        neg = tl.zeros_like(raw)
+    return loss, d, clipped, lower, neg
+
+
+@triton.jit
+def _coefficients(logp, old, roll, w, seq, inb, table_ptr, S, is_low, is_high, is_clamp,
+                  MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                  IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, MASKED: tl.constexpr):
+    """``(applied coefficient, coefficient for statistics, filtered, rollout KL)`` per token."""
+    coef = tl.full(logp.shape, 1.0, logp.dtype)
+    filt = tl.zeros_like(logp) > 1.0
+    rkl = tl.zeros_like(logp)
+    if HAS_W:
+        coef = w
+    if IS_LEVEL == 1:
+        coef, filt, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
+                                                   IS_SOURCE)
+    elif IS_LEVEL >= 2:
+        _c, _f, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
+                                          IS_SOURCE)
+        t_is = _at(table_ptr + _ROW_IS * S, seq, inb, MASKED, 0.0)
+        filt = _at(table_ptr + _ROW_ISF * S, seq, inb, MASKED, 0.0) != 0
+        if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+            coef = tl.where(t_is != 0, rho, 0.0)  # the sequence is a gate; the token keeps its ratio
+        else:
+            coef = t_is
+    if MODE == 9 and (HAS_W or IS_LEVEL != 0):  # geo_mean: the geometric mean over the sequence
+        coef = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 1.0)
+    if IS_APPLY:
+        applied = coef
+    else:
+        applied = tl.full(logp.shape, 1.0, logp.dtype)
+    return applied, coef, filt, rkl
+
+
+@triton.jit
+def _token(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S,
+           steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp,
+           MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+           IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_SEL: tl.constexpr,
+           PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr, FAST_ROWS: tl.constexpr,
+           MASKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Everything the token kernels need about the tokens of program ``pid``."""
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    valid = (_ld(mask_ptr, offs, inb, MASKED) != 0) & inb
+    logp = _ld(logp_ptr, offs, inb, MASKED).to(ACC)
+    old = _ld(old_ptr, offs, inb, MASKED).to(ACC)
+    adv = _ld(adv_ptr, offs, inb, MASKED).to(ACC)
+    roll = logp
+    if IS_LEVEL != 0 and IS_SOURCE == 0:
+        roll = _ld(roll_ptr, offs, inb, MASKED).to(ACC)
+    w = logp
+    if HAS_W:
+        w = _ld(w_ptr, offs, inb, MASKED).to(ACC)
+    sel = valid
+    if HAS_SEL:
+        sel = _ld(sel_ptr, offs, inb, MASKED) != 0
+    seq = offs
+    n_s = tl.full(logp.shape, 1.0, ACC)
+    seq_a = n_s
+    seq_b = n_s
+    if NEED_SEQ:
+        seq = _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED, FAST_ROWS)
+        n_s = _at(table_ptr + _ROW_N * S, seq, inb, MASKED, 1.0)
+        if MODE == 3 or MODE == 4 or MODE == 9:
+            seq_a = _at(table_ptr + _ROW_A * S, seq, inb, MASKED, 0.0)
+            seq_b = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 0.0)
+    loss, d, clipped, lower, neg = _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc,
+                                               p0, p1, MODE)
+    applied, coef, filt, rkl = _coefficients(logp, old, roll, w, seq, inb, table_ptr, S, is_low, is_high,
+                                             is_clamp, MODE, IS_LEVEL, IS_MODE, IS_STAT, IS_SOURCE, IS_APPLY,
+                                             HAS_W, MASKED)
+    weight = applied
+    if PER_SEQ:
+        weight = applied / n_s
+    return offs, inb, valid, loss, d, weight, clipped, lower, neg, tl.abs(logp - old), coef, filt, rkl, seq, n_s, \
+        seq_b
+
+
+# --------------------------------------------------------------------------- token pass
+@triton.jit
+def _fwd_tile(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr,
+              sums_ptr, counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1,
+              is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
+              IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+              HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
+              FAST_ROWS: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    _, _, valid, loss, _, weight, clipped, lower, neg, absl, coef, filt, rkl, _, _, _ = _token(
+        pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S, steps,
+        row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE, IS_LEVEL, IS_MODE,
+        IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED, FAST_ROWS, MASKED, ACC, BLOCK)
+    tl.store(sums_ptr + pid, tl.sum(tl.where(valid, weight * loss, 0.0), axis=0))
+    tl.store(sums_ptr + P + pid, tl.sum(tl.where(valid, neg, 0.0), axis=0))
+    tl.store(sums_ptr + 2 * P + pid, tl.sum(tl.where(valid, absl, 0.0), axis=0))
+    tl.store(sums_ptr + 3 * P + pid, tl.sum(tl.where(valid, coef, 0.0), axis=0))
+    tl.store(sums_ptr + 4 * P + pid, tl.sum(tl.where(valid, rkl, 0.0), axis=0))
+    tl.store(counts_ptr + pid, tl.sum(valid.to(tl.int32), axis=0))
+    tl.store(counts_ptr + P + pid, tl.sum((valid & clipped).to(tl.int32), axis=0))
+    tl.store(counts_ptr + 2 * P + pid, tl.sum((valid & lower).to(tl.int32), axis=0))
+    tl.store(counts_ptr + 3 * P + pid, tl.sum((valid & filt).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr,
+                            sums_ptr, counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc,
+                            p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr,
+                            IS_MODE: tl.constexpr, IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr,
+                            IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_SEL: tl.constexpr,
+                            PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
+                            FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """Partials of program ``pid``: ``sums[:, pid]`` (weighted loss, -log-ratio, |log-ratio|,
+    coefficient, rollout KL), ``counts[:, pid]`` (valid, clipped, lower, filtered)."""
+    pid = tl.program_id(0)
+    args = (pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, sums_ptr,
+            counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high,
+            is_clamp)
+    flags = (MODE, IS_LEVEL, IS_MODE, IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED,
+             FAST_ROWS)
+    if pid < N // BLOCK:
+        _fwd_tile(*args, *flags, False, ACC, BLOCK)
+    else:
+        _fwd_tile(*args, *flags, True, ACC, BLOCK)
+
+
+@triton.jit
+def _bwd_tile(pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr,
+              sel_ptr, table_ptr, cu_ptr, dx_ptr, N, T, S, steps, row_magic, row_shift, lo, hi, dual_clip, lrc,
+              p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr,
+              IS_MODE: tl.constexpr, IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr,
+              HAS_W: tl.constexpr, HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr,
+              PACKED: tl.constexpr, FAST_ROWS: tl.constexpr, MASKED: tl.constexpr, ACC: tl.constexpr,
+              BLOCK: tl.constexpr):
+    offs, inb, valid, _, d, weight, _, _, _, _, _, _, _, seq, n_s, gate = _token(
+        pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S, steps,
+        row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE, IS_LEVEL, IS_MODE,
+        IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED, FAST_ROWS, MASKED, ACC, BLOCK)
+    if MODE == 4:  # GSPO, gradient through the sequence mean: G_s * gate / n_s on every valid token
+        d = _at(gseq_ptr, seq, inb, MASKED, 0.0) * gate / n_s
+    else:
+        d = weight * d
+    g = tl.where(valid, tl.load(grad_ptr).to(ACC) * tl.load(scale_ptr).to(ACC) * d, 0.0)
+    _store(dx_ptr, offs, g, N, MASKED)
+
+
+@triton.jit
+def _policy_loss_bwd_kernel(grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr,
+                            sel_ptr, table_ptr, cu_ptr, dx_ptr, N, T, S, steps, row_magic, row_shift, lo, hi,
+                            dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr,
+                            IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                            IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+                            HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr,
+                            PACKED: tl.constexpr, FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``d loss / d logp = grad * scale * w * c * d loss_token / d logp`` on valid tokens, 0 elsewhere."""
+    pid = tl.program_id(0)
+    args = (pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr,
+            table_ptr, cu_ptr, dx_ptr, N, T, S, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1,
+            is_low, is_high, is_clamp)
+    flags = (MODE, IS_LEVEL, IS_MODE, IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED,
+             FAST_ROWS)
+    if pid < N // BLOCK:
+        _bwd_tile(*args, *flags, False, ACC, BLOCK)
+    else:
+        _bwd_tile(*args, *flags, True, ACC, BLOCK)
+
+
+# ------------------------------------------------------------------------ sequence pass
+@triton.jit
+def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, table_ptr, cu_ptr,
+                                cstart_ptr, part_ptr, pcount_ptr, T, S, NC, cpr, cstart_steps, lo, hi, dual_clip,
+                                lrc, is_low, is_high, is_clamp, WHAT: tl.constexpr, MODE: tl.constexpr,
+                                IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                                IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+                                PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """Stage 1: the sums of one chunk of one sequence into ``part[:, p]``, ``pcount[p]``.
+
+    ``WHAT`` (bits): ``W_LR`` sum of log-ratios (GSPO); ``W_GEO`` sums of geo_mean's clipped
+    log-ratios, advantages and ``log(coefficient + 1e-10)``; ``W_IS`` sum of the correction's
+    log-ratios (or divergences); ``W_GRAD`` sum of ``coefficient * d loss / d log s`` (GSPO's
+    sequence-level gradient, backward: reads the table).
+    """
+    p = tl.program_id(0)
+    if PACKED:  # programs past the last chunk find an empty range (start >= end)
+        s = p * 0
+        top = s + S
+        for _step in range(cstart_steps):  # the largest s with chunk_starts[s] <= p
+            mid = (s + top) >> 1
+            go = tl.load(cstart_ptr + mid) <= p
+            s = tl.where(go, mid, s)
+            top = tl.where(go, top, mid)
+        c = p - tl.load(cstart_ptr + s)
+        start = tl.load(cu_ptr + s).to(tl.int64) + c.to(tl.int64) * CHUNK
+        end = tl.minimum(start + CHUNK, tl.load(cu_ptr + s + 1).to(tl.int64))
+    else:
+        s = p // cpr
+        c = p % cpr
+        start = s.to(tl.int64) * T + c.to(tl.int64) * CHUNK
+        end = tl.minimum(start + CHUNK, s.to(tl.int64) * T + T)
+    q0 = tl.zeros([BLOCK], ACC)
+    q1 = tl.zeros([BLOCK], ACC)
+    q2 = tl.zeros([BLOCK], ACC)
+    q3 = tl.zeros([BLOCK], ACC)
+    n = tl.zeros([BLOCK], tl.int32)
+    if (WHAT & 8) != 0:  # the sequence's values, for the gradient sums
+        s_ratio = tl.load(table_ptr + _ROW_A * S + s)
+        t_is = tl.load(table_ptr + _ROW_IS * S + s)
+    for k in range(0, CHUNK, BLOCK):
+        offs = start + k + tl.arange(0, BLOCK)
+        inb = offs < end
+        valid = (tl.load(mask_ptr + offs, mask=inb, other=0) != 0) & inb
+        logp = tl.load(logp_ptr + offs, mask=inb, other=0.0).to(ACC)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(ACC)
+        raw = logp - old
+        n += valid.to(tl.int32)
+        if (WHAT & 1) != 0:
+            q0 += tl.where(valid, raw, 0.0)
+        if (WHAT & 2) != 0 or (WHAT & 8) != 0 or (WHAT & 4) != 0:
+            adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(ACC)
+            roll = logp
+            if IS_LEVEL != 0 and IS_SOURCE == 0:
+                roll = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(ACC)
+            coef = tl.full([BLOCK], 1.0, ACC)
+            if HAS_W:
+                coef = tl.load(w_ptr + offs, mask=inb, other=1.0).to(ACC)
+            if IS_LEVEL != 0:
+                coef, _f, rho, _k, lr, g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
+                                                     IS_SOURCE)
+            if (WHAT & 4) != 0:
+                if IS_STAT == 0:
+                    q3 += tl.where(valid, lr, 0.0)
+                else:
+                    q3 += tl.where(valid, g, 0.0)
+            if (WHAT & 2) != 0:
+                sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
+                clamped = _clamp(raw, lo, hi)
+                lr_min = sign * tl.where(sign * raw < sign * clamped, sign * raw, sign * clamped)
+                q0 += tl.where(valid, lr_min, 0.0)
+                q1 += tl.where(valid, adv, 0.0)
+                q2 += tl.where(valid, tl.log(coef + 1e-10), 0.0)
+            if (WHAT & 8) != 0:
+                if IS_LEVEL >= 2:
+                    if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+                        coef = tl.where(t_is != 0, rho, 0.0)
+                    else:
+                        coef = tl.full([BLOCK], 1.0, ACC) * t_is
+                if not IS_APPLY:
+                    coef = tl.full([BLOCK], 1.0, ACC)
+                _l, _c, _w, dlog = _surrogate(s_ratio, adv, lo, hi, dual_clip)
+                q0 += tl.where(valid, coef * dlog, 0.0)
+    tl.store(part_ptr + p, tl.sum(q0, axis=0))
+    tl.store(part_ptr + NC + p, tl.sum(q1, axis=0))
+    tl.store(part_ptr + 2 * NC + p, tl.sum(q2, axis=0))
+    tl.store(part_ptr + 3 * NC + p, tl.sum(q3, axis=0))
+    tl.store(pcount_ptr + p, tl.sum(n, axis=0))
+
+
+@triton.jit
+def _policy_seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_ptr, S, NC, cpr, lrc, is_low,
+                              is_high, is_clamp, WHAT: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
+                              IS_STAT: tl.constexpr, GEO_W: tl.constexpr, PER_SEQ: tl.constexpr,
+                              PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Stage 2: sequence ``s`` adds its chunks' partials in order and writes its table column
+    (forward) or ``gseq[s]`` (``W_GRAD``, backward)."""
+    s = tl.program_id(0)
+    if PACKED:
+        c0 = tl.load(cstart_ptr + s)
+        c1 = tl.load(cstart_ptr + s + 1)
+    else:
+        c0 = s * cpr
+        c1 = c0 + cpr
+    a0 = tl.zeros([BLOCK_C], ACC)
+    a1 = tl.zeros([BLOCK_C], ACC)
+    a2 = tl.zeros([BLOCK_C], ACC)
+    a3 = tl.zeros([BLOCK_C], ACC)
+    an = tl.zeros([BLOCK_C], tl.int32)
+    for c in range(c0, c1, BLOCK_C):
+        idx = c + tl.arange(0, BLOCK_C)
+        m = idx < c1
+        a0 += tl.load(part_ptr + idx, mask=m, other=0.0)
+        a1 += tl.load(part_ptr + NC + idx, mask=m, other=0.0)
+        a2 += tl.load(part_ptr + 2 * NC + idx, mask=m, other=0.0)
+        a3 += tl.load(part_ptr + 3 * NC + idx, mask=m, other=0.0)
+        an += tl.load(pcount_ptr + idx, mask=m, other=0)
+    q0 = tl.sum(a0, axis=0)
+    q1 = tl.sum(a1, axis=0)
+    q2 = tl.sum(a2, axis=0)
+    q3 = tl.sum(a3, axis=0)
+    n = tl.sum(an, axis=0).to(ACC)
+    if (WHAT & 8) != 0:
+        if PER_SEQ:
+            q0 = q0 / tl.maximum(n, 1.0)
+        tl.store(gseq_ptr + s, q0)
+    else:  # every row is written (rows a mode does not use hold 0 / 1 / 1 / 0)
+        tl.store(table_ptr + _ROW_N * S + s, n)
+        if (WHAT & 3) == 0:
+            tl.store(table_ptr + _ROW_A * S + s, n * 0.0)
+            tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
+        if (WHAT & 4) == 0:
+            tl.store(table_ptr + _ROW_IS * S + s, n * 0.0 + 1.0)
+            tl.store(table_ptr + _ROW_ISF * S + s, n * 0.0)
+        if (WHAT & 1) != 0:  # GSPO: ratio exp(min(mean, lrc)), gate (mean <= lrc)
+            mean = q0 / tl.maximum(n, 1.0)
+            tl.store(table_ptr + _ROW_A * S + s, tl.exp(tl.where(mean > lrc, lrc, mean)))
+            tl.store(table_ptr + _ROW_B * S + s, (mean <= lrc).to(ACC))
+        if (WHAT & 2) != 0:  # geo_mean: A_s * r_s and the geometric mean of the coefficients
+            tl.store(table_ptr + _ROW_A * S + s, (q1 / (n + 1e-8)) * tl.exp(q0 / (n + 1e-8)))
+            if GEO_W:
+                tl.store(table_ptr + _ROW_B * S + s, tl.exp(q2 / (n + 1e-8)))
+            else:
+                tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
+        if (WHAT & 4) != 0:  # sequence-level correction
+            if IS_STAT == 0:
+                if IS_LEVEL == 2:
+                    g = tl.exp(_clamp(q3, -is_clamp, is_clamp))
+                else:
+                    g = tl.exp(_clamp(q3 / tl.maximum(n, 1.0), -is_clamp, is_clamp))
+            else:
+                g = q3 / tl.maximum(n, 1.0)
+            if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+                keep = (g >= is_low) & (g <= is_high)
+                coef = keep.to(ACC)
+                filt = keep == 0
+            else:
+                coef, filt = _is_apply(g, g, is_low, is_high, IS_MODE)
+            tl.store(table_ptr + _ROW_IS * S + s, coef)
+            tl.store(table_ptr + _ROW_ISF * S + s, filt.to(ACC))
+
+
+# ---------------------------------------------------------------------------- launchers
+def _steps(n: int) -> int:
+    """Binary-search steps over ``[0, n)``: ``ceil(log2(n))``."""
+    return max(n - 1, 0).bit_length()
+
+
+def _opt(x, like):
+    return _flat(x) if x is not None else like
+
+
+def _constexprs(spec, *, rollout, weights, selected, packed, n, dtype):
+    return dict(MODE=_MODES[spec.mode], IS_LEVEL=_LEVELS[spec.is_level], IS_MODE=_IS_MODES[spec.is_mode],
+                IS_STAT=_STATS[spec.is_stat], IS_SOURCE=int(spec.is_source == "current"), IS_APPLY=spec.is_apply,
+                HAS_W=weights is not None, HAS_SEL=selected is not None, PACKED=packed, ACC=tl_acc(dtype))
+
+
+def seq_work(spec) -> int:
+    """The ``WHAT`` bits of the forward per-sequence pass of ``spec``."""
+    what = 0
+    if spec.mode in ("gspo", "gspo_seq"):
+        what |= W_LR
+    if spec.mode == "geo_mean":
+        what |= W_GEO
+    if spec.is_level in ("sequence", "sequence-mean"):
+        what |= W_IS
+    return what
+
+
+def seq_programs(N: int, S: int, T: int, packed: bool) -> int:
+    """Stage-1 programs (columns of the partials): ``S * cdiv(T, SEQ_CHUNK)`` padded, at most
+    ``cdiv(N, SEQ_CHUNK) + S`` packed."""
+    return triton.cdiv(N, SEQ_CHUNK) + S if packed else S * triton.cdiv(T, SEQ_CHUNK)
+
+
+def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, cu_seqlens, chunk_starts, spec,
+                    what, table, partials, pcounts, gseq=None):
+    """Fill ``table [TABLE_ROWS, S]`` (forward, ``what = seq_work(spec)``) or ``gseq [S]``
+    (``what = W_GRAD``, reading ``table``) for padded ``[B, T]`` or packed ``[total]`` inputs
+    (``cu_seqlens`` and ``chunk_starts`` int32 ``[S + 1]``); ``partials [SEQ_SUMS, NC]`` and
+    ``pcounts [NC]`` (int32), ``NC = seq_programs(...)``, are scratch."""
+    packed = cu_seqlens is not None
+    S = table.shape[1]
+    N = logprobs.numel()
+    T = 0 if packed else logprobs.shape[-1]
+    NC = partials.shape[1]
+    cpr = 0 if packed else triton.cdiv(T, SEQ_CHUNK)
+    x = _flat(logprobs)
+    cex = _constexprs(spec, rollout=rollout, weights=weights, selected=None, packed=packed, n=N, dtype=table.dtype)
+    cex.pop("HAS_SEL")
+    k = spec.kernel
+    cu = cu_seqlens if packed else pcounts
+    cs = chunk_starts if packed else pcounts
+    if N and NC:
+        _policy_seq_partials_kernel[(NC,)](
+            x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x), table, cu, cs,
+            partials, pcounts, T, S, NC, max(cpr, 1), _steps(S + 1), k.lo, k.hi, k.dual_clip, k.lrc, k.is_low,
+            k.is_high, k.is_clamp, WHAT=what, **cex, BLOCK=1024, CHUNK=SEQ_CHUNK)
+    elif NC:
+        pcounts.zero_()
+        partials.zero_()
+    _policy_seq_finish_kernel[(S,)](
+        partials, pcounts, cs, table, gseq if gseq is not None else table, S, NC, cpr, k.lrc, k.is_low, k.is_high,
+        k.is_clamp, WHAT=what, IS_LEVEL=cex["IS_LEVEL"], IS_MODE=cex["IS_MODE"], IS_STAT=cex["IS_STAT"],
+        GEO_W=weights is not None or spec.is_level is not None, PER_SEQ=spec.agg == "seq-mean-token-mean",
+        PACKED=packed, ACC=cex["ACC"], BLOCK_C=32)
+
+
+def _token_args(logprobs, cu_seqlens, table):
+    packed = cu_seqlens is not None
+    n = logprobs.numel()
+    T = 1 if packed or logprobs.dim() < 2 else max(logprobs.shape[-1], 1)
+    S = table.shape[1] if table is not None else 0
+    magic, shift = row_divider(T)
+    return n, T, S, _steps(S), magic, shift, packed
+
+
+def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, table,
+                    spec, sums, counts):
+    """Fill the token-pass partials ``sums [FWD_SUMS, P]`` (accumulation dtype) and ``counts
+    [FWD_COUNTS, P]`` (int32), ``P = cdiv(N, TOKENS_PER_PARTIAL)``; ``table``: the sequence
+    table, or None when ``spec`` needs none."""
+    n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
+    x = _flat(logprobs)
+    k = spec.kernel
+    _policy_loss_fwd_kernel[(sums.shape[1],)](
+        x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x),
+        _opt(selected, x), table if table is not None else sums, cu_seqlens if packed else counts, sums, counts,
+        n, T, max(S, 1), sums.shape[1], steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
+        k.is_high, k.is_clamp,
+        **_constexprs(spec, rollout=rollout, weights=weights, selected=selected, packed=packed, n=n,
+                      dtype=sums.dtype),
+        PER_SEQ=spec.agg == "seq-mean-token-mean", NEED_SEQ=table is not None, FAST_ROWS=n < 2**31,
+        BLOCK=TOKENS_PER_PARTIAL)
+
+
+def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens,
+                    table, gseq, spec, grad_logprobs):
+    """Fill ``grad_logprobs`` (contiguous, the log-probs' dtype); ``grad``, ``scale``: 0-dim;
+    ``gseq``: ``[S]`` sums of GSPO's sequence-level gradient (``spec.mode == "gspo_seq"``)."""
+    n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
+    x = _flat(logprobs)
+    k = spec.kernel
+    _policy_loss_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
+        grad, scale, gseq if gseq is not None else scale, x, _flat(old_logprobs), _flat(advantages), _flat(mask),
+        _opt(rollout, x), _opt(weights, x), _opt(selected, x), table if table is not None else scale,
+        cu_seqlens if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
+        k.dual_clip, k.lrc, k.p0, k.p1, k.is_low, k.is_high, k.is_clamp,
+        **_constexprs(spec, rollout=rollout, weights=weights, selected=selected, packed=packed, n=n,
+                      dtype=scale.dtype),
+        PER_SEQ=spec.agg == "seq-mean-token-mean", NEED_SEQ=table is not None, FAST_ROWS=n < 2**31,
+        BLOCK=TOKENS_PER_PARTIAL)
+
+
+def token_programs(x: torch.Tensor) -> int:
+    """``P``, the token-pass programs (columns of the forward partials) for ``x``."""
+    return triton.cdiv(x.numel(), TOKENS_PER_PARTIAL)
