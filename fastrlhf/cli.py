@@ -84,6 +84,8 @@ def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
     if stage == "grpo":
         p.add_argument("--group-size", type=int, help="completions per prompt")
         p.add_argument("--advantage", help="grpo | rloo | dr_grpo")
+    if stage in ("ppo", "grpo"):
+        p.add_argument("--loss-mode", help="policy loss: vanilla | gspo | cispo | gpg | sapo | ... (fastrlhf.policy_loss)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +122,8 @@ def config_from_args(args: argparse.Namespace):
     for flag in ("group_size", "advantage"):
         if getattr(args, flag, None) is not None:
             overrides[f"grpo.{flag}"] = getattr(args, flag)
+    if getattr(args, "loss_mode", None) is not None:
+        overrides[f"{stage}.loss_mode"] = args.loss_mode
     if args.resume:
         overrides["resume"] = True
     if args.no_progress:

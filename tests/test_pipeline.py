@@ -514,7 +514,9 @@ def test_quick_demo_grpo_closes_the_gap(quick_demo):
     {"grpo.advantage": "rloo"},
     {"grpo.advantage": "dr_grpo", "grpo.epochs": 2, "grpo.clip_high": 0.28},
     {"grpo.kl_in": "loss", "grpo.kl_estimator": "k3", "grpo.dual_clip": 3.0},
-], ids=["rloo", "dr_grpo", "kl-in-loss"])
+    {"grpo.loss_mode": "gspo", "grpo.epochs": 2},
+    {"grpo.loss_mode": "sapo", "grpo.loss_options": "tau_pos=1.0,tau_neg=1.05"},
+], ids=["rloo", "dr_grpo", "kl-in-loss", "gspo", "sapo"])
 def test_grpo_variants_train(settings, quick_demo, tmp_path):
     from fastrlhf.pipeline.demo import run_stage
     from fastrlhf.pipeline.runtime import Runtime

@@ -86,7 +86,10 @@ def test_a_folder_without_tokenizer_files_says_so(tmp_path, capsys):
     (["sft", "--steps", "0"], "sft.steps must be >= 1, got 0"),
     (["sft", "--set", "cpu_threads=100000"], "cpu_threads=100000 is more than the"),
     (["sft", "--set", "keep_checkpoints=-1"], "keep_checkpoints must be >= 0"),
-], ids=["loss-type", "advantage", "kl-estimator", "agg", "kl-in-loss-k1", "zero-steps", "cpu-threads", "keep"])
+    (["grpo", "--set", "grpo.loss_mode=ppo2"], "grpo.loss_mode must be one of ("),
+    (["ppo", "--set", "ppo.loss_mode=dro"], "ppo.loss_mode='dro' with options {}: policy_loss(mode='dro') needs "),
+], ids=["loss-type", "advantage", "kl-estimator", "agg", "kl-in-loss-k1", "zero-steps", "cpu-threads", "keep",
+        "loss-mode", "loss-options"])
 def test_bad_config_is_one_line_before_anything_loads(argv, message, tmp_path, capsys, no_model_loads):
     code, res = run(argv + ["--out", str(tmp_path / "o"), "--no-progress"], capsys)
     assert code == 2 and res.err.startswith(f"fastrlhf {argv[0]}: error: {message}") and res.err.count("\n") == 1

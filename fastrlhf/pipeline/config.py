@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
+import functools
 import math
 import os
 import types
@@ -140,11 +141,18 @@ class RLConfig(TrainConfig):
     kl_estimator: str = "k1"
     """fastrlhf.kl_penalty estimator; k1 in the reward makes the objective exactly
     E[r] - kl_coef * KL(pi || pi_ref)."""
+    loss_mode: str = "vanilla"
+    """The policy loss, a fastrlhf.policy_loss mode: vanilla (the clipped PPO surrogate), gspo,
+    cispo, gpg, sapo, dppo_tv, dppo_kl, clip_cov, kl_cov, geo_mean, dro, bypass_mode."""
+    loss_options: str = ""
+    """Further options of the mode, as key=value pairs separated by commas
+    (e.g. "tau_pos=1.0,tau_neg=1.05" for sapo, "dro_beta=0.1" for dro)."""
     clip: float = 0.2
+    """Clip range of the policy ratio (the mode's clip_low, where it takes one)."""
     clip_high: float | None = None
     """Upper clip range of the policy ratio (None: clip); asymmetric clipping as DAPO."""
     dual_clip: float | None = None
-    """Dual clip c > 1 for negative advantages (None: off)."""
+    """Dual clip c > 1 for negative advantages (None: off; vanilla and gspo)."""
     agg: str = "token-mean"
     """Loss aggregation (fastrlhf.aggregate modes), normalized by global counts."""
     score_clip: float | None = None
@@ -488,6 +496,58 @@ def _check_op_choices(cfg: Config) -> None:
             raise ConfigError(f"{key} {rest}" if rest.startswith("must be") else f"{key}={flat[key]!r}: {e}") from None
 
 
+def _parse_options(text: str, key: str) -> dict[str, Any]:
+    import yaml
+
+    options = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, sep, raw = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{key} must be key=value pairs separated by commas, got {text!r}")
+        options[name.strip()] = yaml.safe_load(raw)
+    return options
+
+
+@functools.lru_cache(maxsize=None)
+def _mode_takes(mode: str, option: str) -> bool:
+    import torch
+
+    import fastrlhf
+
+    z = torch.zeros(1, 1)
+    try:
+        fastrlhf.policy_loss(z, z, z, z, mode=mode, **{option: {"clip_low": 0.2}.get(option)})
+    except TypeError as e:
+        return "unexpected option" not in str(e)
+    return True
+
+
+def policy_loss_options(c, name: str = "") -> dict[str, Any]:
+    """The options of ``fastrlhf.policy_loss`` for the ppo or grpo section ``c``: its
+    ``loss_options``, and ``clip`` / ``clip_high`` / ``dual_clip`` as the mode's ``clip_low`` /
+    ``clip_high`` / ``dual_clip`` where it takes them."""
+    options = _parse_options(c.loss_options, f"{name}.loss_options")
+    for option, value in (("clip_low", c.clip), ("clip_high", c.clip_high), ("dual_clip", c.dual_clip)):
+        if option not in options and _mode_takes(c.loss_mode, option):
+            options[option] = value
+    return options
+
+
+def _check_policy_loss(c, name: str) -> None:
+    import torch
+
+    import fastrlhf
+
+    _check(c.loss_mode in fastrlhf.POLICY_LOSS_MODES,
+           f"{name}.loss_mode must be one of {tuple(fastrlhf.POLICY_LOSS_MODES)}, got {c.loss_mode!r}")
+    options = policy_loss_options(c, name)
+    z = torch.zeros(1, 1)
+    try:
+        fastrlhf.policy_loss(z, z, z, z, mode=c.loss_mode, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}.loss_mode={c.loss_mode!r} with options {options}: {e}") from None
+
+
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone do not catch, all before anything loads."""
     _check_ranges(_flat(cfg))
@@ -499,6 +559,7 @@ def validate(cfg: Config) -> None:
         c = getattr(cfg, name)
         _check(0 < c.clip < 1, f"{name}.clip must be in (0, 1), got {c.clip}")
         _check(c.dual_clip is None or c.dual_clip > 1, f"{name}.dual_clip must be null or > 1, got {c.dual_clip}")
+        _check_policy_loss(c, name)
     g = cfg.grpo
     _check((g.rollout_batch * g.group_size) % g.minibatch_size == 0,
            f"grpo.rollout_batch x grpo.group_size ({g.rollout_batch * g.group_size} completions) must be a multiple "

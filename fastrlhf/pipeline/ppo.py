@@ -6,7 +6,7 @@ Each iteration:
 2. score (:func:`score`): policy and reference token log-probs (``fastrlhf`` log-prob ops),
    critic values, the reward; per-token rewards ``-kl_coef * kl`` plus the score at the last
    token (``fastrlhf.kl_penalized_rewards``); advantages and returns by GAE
-   (``fastrlhf.gae``), whitened (``fastrlhf.masked_whiten``);
+   (``fastrlhf.gae``), whitened over the rollouts of all processes (``fastrlhf.masked_whiten``);
 3. update (:func:`update`): ``epochs`` passes over minibatches of the rollout: clipped policy
    loss and clipped value loss (``fastrlhf.ppo_policy_loss`` / ``ppo_value_loss``),
    normalized by the global token count of the minibatch over all processes.
@@ -46,7 +46,9 @@ def score(c, batch: Batch, idx: list[int], models: dict, rollouts: Rollouts, kl_
             exp["scores"], exp["old_logp"], exp["ref_logp"], mask, kl_coef=kl_coef, estimator=c.kl_estimator,
             score_clip=c.score_clip)
         adv, exp["returns"] = fastrlhf.gae(exp["rewards"], exp["values"], mask, gamma=c.gamma, lam=c.lam)
-        exp["advantages"] = fastrlhf.masked_whiten(adv, mask) if c.whiten_advantages else adv
+        # whitened over the rollout of every process, as one process would
+        group = torch.distributed.group.WORLD if rt.dist.enabled else None
+        exp["advantages"] = fastrlhf.masked_whiten(adv, mask, group=group) if c.whiten_advantages else adv
     return exp
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 import fastrlhf
-from fastrlhf.pipeline.config import Config
+from fastrlhf.pipeline.config import Config, policy_loss_options
 from fastrlhf.pipeline.data import Batch, micro_batches
 from fastrlhf.pipeline.distributed import all_sum
 from fastrlhf.pipeline.evaluation import Oracle
@@ -76,12 +76,12 @@ def agg_counts(agg: str, counts: Counts, scale_factor: float | None = None) -> d
 
 def policy_loss(c, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 counts: Counts, agg: str, scale_factor: float | None = None):
-    """The policy loss of ``ppo`` and ``grpo`` (the one place it is computed): the clipped
-    surrogate of ``fastrlhf.ppo_policy_loss`` with the stage's clip ranges, aggregated by
-    ``agg`` over the minibatch's global ``counts``, as this process's share. Returns
-    ``(loss, stats)``."""
-    return fastrlhf.ppo_policy_loss(logp, old_logp, advantages, mask, clip_low=c.clip, clip_high=c.clip_high,
-                                    dual_clip=c.dual_clip, agg=agg, **agg_counts(agg, counts, scale_factor))
+    """The policy loss of ``ppo`` and ``grpo`` (the one place it is computed):
+    ``fastrlhf.policy_loss`` in the stage's ``loss_mode`` (vanilla: the clipped surrogate) with
+    its options, aggregated by ``agg`` over the minibatch's global ``counts``, as this
+    process's share. Returns ``(loss, stats)``."""
+    return fastrlhf.policy_loss(logp, old_logp, advantages, mask, mode=c.loss_mode, agg=agg,
+                                **agg_counts(agg, counts, scale_factor), **policy_loss_options(c))
 
 
 def update(stage, batch: Batch, loss_fn, *, epochs: int, minibatch_size: int, micro_batch_size: int,
