@@ -121,9 +121,12 @@ def finished(cfg: Config, rt: Runtime, name: str) -> dict | None:
     steps = getattr(getattr(cfg, name), "steps", None)
     if not cfg.resume or steps is None or not os.path.isfile(path):
         return None
-    with open(path) as f:
-        summary = json.load(f)
-    done = summary.get("steps")
+    try:
+        with open(path) as f:
+            summary = json.load(f)
+    except (OSError, ValueError):
+        return None  # not a summary this stage wrote: run it
+    done = summary.get("steps") if isinstance(summary, dict) else None
     if done == steps:
         rt.print(f"[{name}] already finished ({done}/{steps} steps, {path}): nothing to do")
         return summary
@@ -299,8 +302,10 @@ class Stage:
                 if plot:
                     files["plot"] = plot
             summary["files"] = files
-            with open(os.path.join(self.dir, "summary.json"), "w") as f:
+            tmp = os.path.join(self.dir, f"summary.json.{os.getpid()}.tmp")
+            with open(tmp, "w") as f:
                 json.dump(summary, f, indent=1)
+            os.replace(tmp, os.path.join(self.dir, "summary.json"))  # a killed run leaves no half a summary
             self.rt.print(f"[{self.name}] time {format_breakdown(times)}")
             for k, v in files.items():
                 self.rt.print(f"[{self.name}] {k}: {v}")
