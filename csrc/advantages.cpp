@@ -12,13 +12,13 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
              const at::Tensor& maps) {
   FASTRLHF_CHECK_CUDA(rewards);
   FASTRLHF_CHECK_FLOAT(rewards);
-  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", rewards.sizes());
+  TORCH_CHECK_VALUE(rewards.dim() == 2, "rewards must have shape [B, T], got ", text(rewards.sizes()));
   FASTRLHF_CHECK_SAME_DEVICE(mask, rewards);
   FASTRLHF_CHECK_MASK(mask);
   FASTRLHF_CHECK_SHAPE(mask, rewards.sizes());
   TORCH_CHECK_VALUE(threads >= 32 && threads <= 512 && (threads & (threads - 1)) == 0,
-                    "threads must be a power of two in [32, 512], got ", threads);
-  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", chunk);
+                    "threads must be a power of two in [32, 512], got ", text(threads));
+  TORCH_CHECK_VALUE(chunk >= 1, "chunk must be >= 1, got ", text(chunk));
   at::ScalarType acc = acc_of({&rewards});
   if (values.has_value()) {
     FASTRLHF_CHECK_SAME_DEVICE(*values, rewards);
@@ -30,7 +30,7 @@ void gae_fwd(const at::Tensor& rewards, const std::optional<at::Tensor>& values,
   FASTRLHF_CHECK_OUT(advantages, rewards, acc, rewards.sizes());
   const int64_t B = rewards.size(0), T = rewards.size(1);
   TORCH_CHECK_VALUE(T < (int64_t(1) << 31) - 2048, "rewards must have fewer than 2**31 - 2048 positions per row, got T = ",
-                    T);
+                    text(T));
   const int64_t n_chunks = chunk >= T ? 1 : (T + chunk - 1) / chunk;
   const std::vector<int64_t> maps_shape{B, n_chunks, 5};  // 5 numbers per chunk map
   if (n_chunks > 1) FASTRLHF_CHECK_OUT(maps, rewards, acc, maps_shape);
@@ -61,11 +61,11 @@ void group_advantages_fwd(const at::Tensor& scores, int64_t group_size, int64_t 
                           const at::Tensor& out) {
   FASTRLHF_CHECK_CUDA(scores);
   FASTRLHF_CHECK_FLOAT(scores);
-  TORCH_CHECK_VALUE(scores.dim() == 1, "scores must have one dimension, got shape ", scores.sizes());
+  TORCH_CHECK_VALUE(scores.dim() == 1, "scores must have one dimension, got shape ", text(scores.sizes()));
   TORCH_CHECK_VALUE(group_size >= 1 && scores.size(0) % group_size == 0,
-                    "group_size must be >= 1 and divide N = ", scores.size(0), ", got ", group_size);
+                    "group_size must be >= 1 and divide N = ", text(scores.size(0)), ", got ", text(group_size));
   TORCH_CHECK_VALUE(method >= 0 && method <= 2, "method must be 0 (grpo), 1 (rloo) or 2 (dr_grpo), got ",
-                    method);
+                    text(method));
   FASTRLHF_CHECK_OUT(out, scores, acc_of({&scores}), scores.sizes());
   if (scores.numel() == 0) return;
 

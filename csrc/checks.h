@@ -8,6 +8,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
 
+#include <cstdio>
 #include <initializer_list>
 #include <optional>
 #include <string>
@@ -41,6 +42,21 @@ inline bool dtype_in(at::ScalarType t, std::initializer_list<at::ScalarType> typ
   return false;
 }
 
+// Numbers reach error messages as strings made here, never through operator<< of a number:
+// on an H200 image (torch 2.11, g++ 13.3) every failed check whose message streamed an integer
+// or a shape crashed the process instead of raising, while messages of strings raised.
+inline std::string text(int64_t v) { return std::to_string(v); }
+inline std::string text(double v) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%g", v);
+  return buf;
+}
+inline std::string text(at::IntArrayRef v) {
+  std::string out = "[";
+  for (size_t i = 0; i < v.size(); ++i) out += (i ? ", " : "") + std::to_string(v[i]);
+  return out + "]";
+}
+
 }  // namespace fastrlhf
 
 #define FASTRLHF_CHECK_CUDA(x) \
@@ -59,7 +75,7 @@ inline bool dtype_in(at::ScalarType t, std::initializer_list<at::ScalarType> typ
 // FASTRLHF_CHECK_SHAPE(x, expected): expected converts to at::IntArrayRef.
 #define FASTRLHF_CHECK_SHAPE(x, expected)                                                    \
   TORCH_CHECK_VALUE((x).sizes() == at::IntArrayRef(expected), #x " must have shape ",        \
-                    at::IntArrayRef(expected), ", got ", (x).sizes())
+                    ::fastrlhf::text(at::IntArrayRef(expected)), ", got ", ::fastrlhf::text((x).sizes()))
 
 #define FASTRLHF_CHECK_FLOAT(x) FASTRLHF_CHECK_DTYPE(x, at::kFloat, at::kHalf, at::kBFloat16, at::kDouble)
 
@@ -77,7 +93,7 @@ inline bool dtype_in(at::ScalarType t, std::initializer_list<at::ScalarType> typ
   } while (0)
 
 #define FASTRLHF_CHECK_CONTIGUOUS(x) \
-  TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous, got strides ", (x).strides())
+  TORCH_CHECK_VALUE((x).is_contiguous(), #x " must be contiguous, got strides ", ::fastrlhf::text((x).strides()))
 
 #define FASTRLHF_CHECK_LAUNCH(err, name)                                                     \
   do {                                                                                       \

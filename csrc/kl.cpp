@@ -14,7 +14,7 @@ void check_pair(const at::Tensor& logprobs, const at::Tensor& ref_logprobs, int6
   FASTRLHF_CHECK_FLOAT(ref_logprobs);
   FASTRLHF_CHECK_SHAPE(ref_logprobs, logprobs.sizes());
   TORCH_CHECK_VALUE(estimator >= 0 && estimator <= 3,
-                    "estimator must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3), got ", estimator);
+                    "estimator must be 0 (k1), 1 (abs), 2 (k2) or 3 (k3), got ", text(estimator));
 }
 
 // The kernels' view of flat log-probs lp, rf (contiguous) and the estimator.
@@ -67,7 +67,7 @@ void kl_penalized_rewards_fwd(const at::Tensor& scores, const at::Tensor& logpro
                               double kl_clamp, double log_ratio_clamp, double score_clip,
                               const at::Tensor& rewards, const at::Tensor& kl) {
   check_pair(logprobs, ref_logprobs, estimator);
-  TORCH_CHECK_VALUE(logprobs.dim() == 2, "logprobs must have shape [B, T], got ", logprobs.sizes());
+  TORCH_CHECK_VALUE(logprobs.dim() == 2, "logprobs must have shape [B, T], got ", text(logprobs.sizes()));
   FASTRLHF_CHECK_SAME_DEVICE(scores, logprobs);
   FASTRLHF_CHECK_FLOAT(scores);
   FASTRLHF_CHECK_SHAPE(scores, logprobs.sizes().slice(0, 1));
@@ -77,7 +77,7 @@ void kl_penalized_rewards_fwd(const at::Tensor& scores, const at::Tensor& logpro
   if (kl_coef_t.has_value()) {
     FASTRLHF_CHECK_SAME_DEVICE(*kl_coef_t, logprobs);
     FASTRLHF_CHECK_FLOAT(*kl_coef_t);
-    TORCH_CHECK_VALUE(kl_coef_t->dim() == 0, "kl_coef_t must be 0-dim, got shape ", kl_coef_t->sizes());
+    TORCH_CHECK_VALUE(kl_coef_t->dim() == 0, "kl_coef_t must be 0-dim, got shape ", text(kl_coef_t->sizes()));
   }
   const at::ScalarType acc = acc_of({&logprobs, &ref_logprobs});
   FASTRLHF_CHECK_OUT(rewards, logprobs, acc, logprobs.sizes());

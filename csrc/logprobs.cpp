@@ -13,15 +13,15 @@ void check_logits_labels(const at::Tensor& logits, const at::Tensor& labels, dou
   FASTRLHF_CHECK_CUDA(logits);
   FASTRLHF_CHECK_FLOAT(logits);
   TORCH_CHECK_VALUE(logits.dim() >= 1 && logits.size(-1) >= 1,
-                    "logits must have a vocabulary dimension V >= 1, got shape ", logits.sizes());
+                    "logits must have a vocabulary dimension V >= 1, got shape ", text(logits.sizes()));
   TORCH_CHECK_VALUE(logits.size(-1) < (int64_t(1) << 31),
-                    "logits must have a vocabulary dimension V < 2**31, got shape ", logits.sizes());
+                    "logits must have a vocabulary dimension V < 2**31, got shape ", text(logits.sizes()));
   TORCH_CHECK_VALUE(logits.stride(-1) == 1 || logits.size(-1) == 1,
-                    "logits must have unit stride on the last dimension, got strides ", logits.strides());
+                    "logits must have unit stride on the last dimension, got strides ", text(logits.strides()));
   FASTRLHF_CHECK_SAME_DEVICE(labels, logits);
   FASTRLHF_CHECK_DTYPE(labels, at::kInt, at::kLong);
   FASTRLHF_CHECK_SHAPE(labels, logits.sizes().slice(0, logits.dim() - 1));
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", temperature);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be > 0, got ", text(temperature));
 }
 
 std::vector<int64_t> with_pair(at::IntArrayRef sizes) {
@@ -99,7 +99,7 @@ void token_logprobs_bwd(const at::Tensor& grad_logp, const std::optional<at::Ten
                    dtype_name(grad_logits.scalar_type()));
   TORCH_CHECK_VALUE(grad_logits.stride(-1) == 1 || grad_logits.size(-1) == 1,
                     "grad_logits must have unit stride on the last dimension, got strides ",
-                    grad_logits.strides());
+                    text(grad_logits.strides()));
   at::Tensor g_ent;
   if (grad_entropy.has_value()) {
     FASTRLHF_CHECK_SAME_DEVICE(*grad_entropy, logits);

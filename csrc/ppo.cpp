@@ -18,13 +18,13 @@ Tokens tokens_of(const at::Tensor& x, const at::Tensor& old, const at::Tensor& t
                  const std::optional<at::Tensor>& row_counts) {
   FASTRLHF_CHECK_CUDA(x);
   FASTRLHF_CHECK_FLOAT(x);
-  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, T], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 2, "x must have shape [B, T], got ", text(x.sizes()));
   for (const at::Tensor* t : {&old, &target}) {
     TORCH_CHECK_VALUE(t->device() == x.device(), "inputs must all be on ", x.device(), ", got ", t->device());
     TORCH_CHECK_TYPE(dtype_in(t->scalar_type(), {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}),
                      "inputs must have dtype float32/float16/bfloat16/float64, got ",
                      dtype_name(t->scalar_type()));
-    TORCH_CHECK_VALUE(t->sizes() == x.sizes(), "inputs must have shape ", x.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_VALUE(t->sizes() == x.sizes(), "inputs must have shape ", text(x.sizes()), ", got ", text(t->sizes()));
   }
   FASTRLHF_CHECK_SAME_DEVICE(mask, x);
   FASTRLHF_CHECK_MASK(mask);
@@ -45,8 +45,8 @@ Tokens tokens_of(const at::Tensor& x, const at::Tensor& old, const at::Tensor& t
 // sums [n_sums, P] in the accumulation dtype and counts [n_sums + 1, P] int32; returns P.
 int64_t check_partials(const at::Tensor& x, at::ScalarType acc, int64_t n_sums, const at::Tensor& sums,
                        const at::Tensor& counts) {
-  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == n_sums, "sums must have shape [", n_sums,
-                    ", n_parts], got ", sums.sizes());
+  TORCH_CHECK_VALUE(sums.dim() == 2 && sums.size(0) == n_sums, "sums must have shape [", text(n_sums),
+                    ", n_parts], got ", text(sums.sizes()));
   FASTRLHF_CHECK_OUT(sums, x, acc, sums.sizes());
   FASTRLHF_CHECK_OUT(counts, x, at::kInt, (std::vector<int64_t>{n_sums + 1, sums.size(1)}));
   return sums.size(1);
@@ -56,7 +56,7 @@ int64_t check_partials(const at::Tensor& x, at::ScalarType acc, int64_t n_sums, 
 void check_grad(const at::Tensor& x, const at::Tensor& grad, const at::Tensor& scale, const at::Tensor& grad_x) {
   for (const at::Tensor* t : {&grad, &scale}) {
     TORCH_CHECK_VALUE(t->device() == x.device() && t->numel() == 1,
-                      "grad and scale must be single values on ", x.device(), ", got shape ", t->sizes(),
+                      "grad and scale must be single values on ", x.device(), ", got shape ", text(t->sizes()),
                       " on ", t->device());
     TORCH_CHECK_TYPE(dtype_in(t->scalar_type(), {at::kFloat, at::kHalf, at::kBFloat16, at::kDouble}),
                      "grad and scale must have dtype float32/float16/bfloat16/float64, got ",

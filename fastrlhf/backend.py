@@ -143,6 +143,13 @@ def resolve_backend(backend: str, device: torch.device, family: str | None = Non
         stack = getattr(_state, "stack", None)
         name = stack[-1] if stack else _check_name(os.environ.get("FASTRLHF_BACKEND", "auto"),
                                                   "FASTRLHF_BACKEND")
+    return _concrete(name, device, family, feature)
+
+
+@torch.compiler.assume_constant_result
+def _concrete(name: str, device: torch.device, family: str | None, feature: str | None) -> str:
+    """:func:`resolve_backend` once the name is known: run eagerly, also while ``torch.compile``
+    traces a caller (a constant of the graph)."""
     if name == "auto":
         return _auto(device, family, feature)
     ok, why = backend_status(name, device)

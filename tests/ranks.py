@@ -32,8 +32,10 @@ class ThreadGroup:
 
         def target(rank):
             self.rank.value = rank
-            try:
-                results[rank] = fn(rank)
+            try:  # backward on this thread: the autograd engine would run every rank's CUDA
+                # backward on its one device thread, where ranks waiting for each other deadlock
+                with torch.autograd.set_multithreading_enabled(False):
+                    results[rank] = fn(rank)
             except BaseException as e:  # noqa: BLE001 (re-raised below)
                 errors.append(e)
                 self.barrier.abort()

@@ -577,9 +577,12 @@ def test_kernels_compile_for_gpus():
         sig = {"s_ptr": f"*{s_dtype}", "out_ptr": f"*{acc}", "n_groups": "i32", "G": "i32", "eps": "fp32",
                "method": "i32", **dict.fromkeys(const, "constexpr")}
         cases.append((mod, "_group_advantages_kernel", sig, const, 4))
-    # GRPO groups of 16 with aligned pointers (a pass of Triton 3.6's compiler once crashed on it)
-    cases.append((mod, "_group_advantages_kernel", {**sig, "s_ptr": "*fp32", "out_ptr": "*fp32"},
-                  {"ROWS": 64, "BLOCK_G": 16}, 4, ["s_ptr", "out_ptr", "n_groups", "G"]))
+    # Aligned pointers and counts, fp32 and fp64 (Triton 3.6's thread-locality pass once crashed
+    # on sums inside the loops: on an H200, fp64 groups of 2 and 70)
+    for dt in ("fp32", "fp64"):
+        for rows, block_g in ((64, 16), (16, 128)):
+            cases.append((mod, "_group_advantages_kernel", {**sig, "s_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
+                          {"ROWS": rows, "BLOCK_G": block_g}, 4, ["s_ptr", "out_ptr", "n_groups", "G"]))
     # Ints equal to 1 are specialized to constexpr 1: groups of one (rloo: method 1), and
     # rows of one token (T, row strides) in one chunk (NC) with holes skipped (skip).
     one = {**const, "G": 1, "method": 1}

@@ -652,7 +652,7 @@ def test_kl_penalized_rewards_against_reference(estimator, T):
     mask = _mask(B, T, "holes", torch.float32)
     for coef, coef_t in ((0.05, None), (0.0, torch.tensor(0.2, device=DEVICE, dtype=torch.float64))):
         got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, mask, coef, coef_t, estimator,
-                                                      10.0, 20.0, 5.0, "cuda")
+                                                      10.0, 20.0, 5.0, None, "cuda")
         want = ref_kl.kl_penalized_rewards(scores.double(), logp.double(), ref_lp.double(), mask,
                                            coef if coef_t is None else coef_t.double(), estimator,
                                            10.0, 20.0, 5.0)
@@ -738,7 +738,7 @@ def test_kl_rewards_group_loads_against_reference(T, mask_dtype):
     logp = logp.masked_fill(~mask, float("nan"))
     scores = torch.randn(B, device=DEVICE) * 3
     m = mask.to(mask_dtype)
-    got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, m, 0.05, None, "k3", 10.0, 20.0, 5.0, "cuda")
+    got = torch.ops.fastrlhf.kl_penalized_rewards(scores, logp, ref_lp, m, 0.05, None, "k3", 10.0, 20.0, 5.0, None, "cuda")
     want = ref_kl.kl_penalized_rewards(scores.double(), logp.double().nan_to_num(0.0), ref_lp.double(), mask,
                                        0.05, "k3", 10.0, 20.0, 5.0)
     for a, b in zip(got, want):

@@ -283,21 +283,24 @@ def _group_advantages_kernel(
     group_ok = groups < n_groups
     base = groups[:, None] * G
     cols = tl.arange(0, BLOCK_G)
-    total = tl.zeros([ROWS], tl.float64)
+    # Tiles are summed elementwise in the loops and reduced once after them.
+    tile = tl.zeros([ROWS, BLOCK_G], tl.float64)
     for start in range(0, G, BLOCK_G):
         c = start + cols
         ok = group_ok[:, None] & (c < G)[None, :]
-        total += tl.sum(tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64), axis=1)
+        tile += tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64)
+    total = tl.sum(tile, axis=1)
     many = G > 1
     mean = tl.where(many, total / G, 0.0)  # a group of one: no baseline
-    ss = tl.zeros([ROWS], tl.float64)
+    tile = tl.zeros([ROWS, BLOCK_G], tl.float64)
     if method == 0:  # grpo: unbiased std, two-pass
         for start in range(0, G, BLOCK_G):
             c = start + cols
             ok = group_ok[:, None] & (c < G)[None, :]
             x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64)
             d = tl.where(ok, x - mean[:, None], 0.0)
-            ss += tl.sum(d * d, axis=1)
+            tile += d * d
+    ss = tl.sum(tile, axis=1)
     denom = tl.where(many, tl.sqrt(ss / tl.maximum(G - 1, 1)), 1.0) + eps
     for start in range(0, G, BLOCK_G):
         c = start + cols
