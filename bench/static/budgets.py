@@ -94,12 +94,9 @@ BUDGETS: list[Budget] = [
     Budget("dpo.*", "_dpo_*", "prediction.copy_share", ">=", 0.8,
            "DPO is elementwise over 16-32 B per pair: predicted memory-bound, >= 80 % of copy "
            "bandwidth"),
-    Budget("linear_logprobs.*", "_d*", "tensor_core", ">=", 1,
-           "fused linear log-probs is GEMM-bound (2 N H V FLOP): its GEMM kernels must use "
-           "tensor cores (HGMMA on sm_90)"),
-    Budget("linear_logprobs.*", "_fwd_kernel", "tensor_core", ">=", 1,
-           "fused linear log-probs is GEMM-bound (2 N H V FLOP): its GEMM kernels must use "
-           "tensor cores (HGMMA on sm_90)"),
+    Budget("linear_logprobs.fused.*", "_fused_*_kernel", "tensor_core", ">=", 1,
+           "fused linear log-probs is GEMM-bound (2 N H V FLOP): the fused design's GEMM kernels "
+           "must use tensor cores (HGMMA on sm_90)"),
 ]
 
 
