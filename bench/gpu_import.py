@@ -27,7 +27,7 @@ from bench.measure import gpu_slug
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKERS = ("<!-- gpu-results:begin -->", "<!-- gpu-results:end -->")
-LOGS = ("env.txt", "tests.log", "tests.xml", "bench.log", "cuda.log", "cuda.xml", "build-error.log")
+LOGS = ("env.txt", "tests.log", "tests.xml", "bench.log", "cuda.log", "cuda.xml", "build-error.log", "extra.log")
 
 
 def test_counts(xml: Path) -> str:

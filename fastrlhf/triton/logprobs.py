@@ -96,7 +96,9 @@ def _token_logprobs_fwd_kernel(
     ALIGNED: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """``PREFETCH``: each iteration of the full tiles' loop loads the next tile before folding
-    the current one, so that a thread has a tile's loads in flight while it computes."""
+    the current one, so that a thread has a tile's loads in flight while it computes. Measured
+    on an H200 (bf16, 16384 rows): without the entropy 52 -> 78 % of copy bandwidth at
+    V = 151936 and 54 -> 85 % at V = 262144; with it slower (60 -> 47 %), so only without."""
     row = tl.program_id(0).to(tl.int64)
     x_row, mis = _row_start(x_ptr, row, D1, sx0, sx1, lead, VEC, ALIGNED)
     offs = _tile_offsets(BLOCK_V, VEC, R)
@@ -264,11 +266,8 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, 
     _token_logprobs_fwd_kernel[(labels.numel(),)](
         base, labels.reshape(-1).contiguous(), logp, entropy, stats, D1, s0, s1, logits.shape[-1], lead,
         1.4426950408889634 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=tl_acc(logp.dtype), ALIGNED=aligned, PREFETCH=PREFETCH, **_config(x))
-
-
-PREFETCH = False
-"""Whether the forward kernel loads a row's next tile before folding the current one."""
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(logp.dtype), ALIGNED=aligned, PREFETCH=not with_entropy,
+        **_config(x))
 
 
 def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
