@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=f"Example configs (YAML, TOML): {CONFIGS}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, devices and available backends")
-    _common(sub.add_parser("demo", help="SFT, reward model, best-of-n, DPO, PPO and GRPO on the embedded task, "
-                                        "checked against the exact optimum (no downloads)"), None)
+    _common(sub.add_parser("demo", help="SFT, reward model, best-of-n, DPO, PPO, GRPO, RLOO and Dr. GRPO on the "
+                                        "embedded task, checked against the exact optimum (no downloads)"), None)
     for stage, text in STAGE_HELP.items():
         _common(sub.add_parser(stage, help=text, epilog=f"Example configs: {CONFIGS}"), stage)
     return parser

@@ -66,7 +66,7 @@ def test_shortened_demo_on_two_processes(tmp_path):
     assert res.stdout.count("fastrlhf demo: embedded task") == 1  # only the main process prints
     with open(out / "summary.json") as f:
         s = json.load(f)
-    for method in ("ppo", "dpo"):
+    for method in ("ppo", "dpo", "grpo", "rloo", "dr_grpo"):
         assert s[method]["exact"]["gap_closed"] >= 0.5, (method, s[method]["exact"])
     assert s["rm"]["heldout_accuracy"] > 0.65
     assert len((out / "bon" / "samples.jsonl").read_text().splitlines()) == 128  # both processes' samples

@@ -48,6 +48,8 @@ class Runtime:
         self.precision = precision
         self.timer = Timer(sync=self.device.type == "cuda")
         self.out_dir = cfg.out_dir
+        self.folders: dict[str, str] = {}
+        """Stages written to another folder than ``<out>/<stage>`` (see :meth:`stage_folder`)."""
 
     def close(self) -> None:
         """Leave the process group and restore the thread count."""
@@ -94,4 +96,14 @@ class Runtime:
             print(*args, **kwargs, flush=True)
 
     def stage_dir(self, stage: str) -> str:
-        return os.path.join(self.out_dir, stage)
+        return os.path.join(self.out_dir, self.folders.get(stage, stage))
+
+    @contextlib.contextmanager
+    def stage_folder(self, stage: str, folder: str):
+        """In the block, ``stage`` writes to (and resumes from) ``<out>/<folder>``: the demo's
+        GRPO variants beside its GRPO run."""
+        self.folders[stage] = folder
+        try:
+            yield
+        finally:
+            del self.folders[stage]
