@@ -14,6 +14,8 @@ first completion token of every row, and ``attention_mask`` marks the real token
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import importlib.util
 import inspect
 import json
@@ -104,14 +106,30 @@ def _dequantized(model):
     return model
 
 
-def model_context(path: str) -> int | None:
-    """The context length in the model's config (no weights are loaded)."""
+@functools.lru_cache(maxsize=4)
+def _gguf_config(directory: str, gguf: str, mtime_ns: int):
     from transformers import AutoConfig
 
-    _quiet_transformers()
+    return AutoConfig.from_pretrained(directory, local_files_only=True, gguf_file=gguf)
+
+
+def _config(path: str):
+    """The model's config; a GGUF file's is read once per process (each read parses the whole
+    file's metadata, its vocabulary included: seconds), and handed out as a copy."""
+    from transformers import AutoConfig
+
     directory, kw = _source_kwargs(path)
+    if "gguf_file" not in kw:
+        return AutoConfig.from_pretrained(directory, **kw)
+    mtime = os.stat(os.path.join(directory, kw["gguf_file"])).st_mtime_ns
+    return copy.deepcopy(_gguf_config(directory, kw["gguf_file"], mtime))
+
+
+def model_context(path: str) -> int | None:
+    """The context length in the model's config (no weights are loaded)."""
+    _quiet_transformers()
     try:
-        return getattr(AutoConfig.from_pretrained(directory, **kw), "max_position_embeddings", None)
+        return getattr(_config(path), "max_position_embeddings", None)
     except Exception as e:  # noqa: BLE001
         raise PipelineError(f"cannot read the config of the model {path!r}: {str(e).splitlines()[0]}") from None
 
@@ -123,6 +141,8 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device):
     _quiet_transformers()
     directory, kw = _source_kwargs(path)
     try:
+        if "gguf_file" in kw:  # the config read before, not parsed from the file again
+            kw["config"] = _config(path)
         model = AutoModelForCausalLM.from_pretrained(directory, **kw, **_dtype_kwarg(dtype))
     except Exception as e:  # noqa: BLE001
         raise PipelineError(f"cannot load a causal LM from {path!r}: {e}") from None
