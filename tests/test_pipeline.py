@@ -262,9 +262,14 @@ def _run(argv, capsys=None):
     return code, out
 
 
+ON_THE_DEMO_WORKER = pytest.mark.xdist_group("quick_demo")
+"""For the tests that read :func:`quick_demo`: under ``pytest -n N --dist loadgroup`` (as
+scripts/test.sh runs) one worker runs them all, so the demo runs once, not once per worker."""
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory):
-    """The shortened demo through the command, once for the module."""
+    """The shortened demo through the command, once for the module (per xdist worker)."""
     from fastrlhf.cli import main
 
     out = tmp_path_factory.mktemp("demo")
@@ -273,6 +278,7 @@ def quick_demo(tmp_path_factory):
         return out, json.load(f)
 
 
+@ON_THE_DEMO_WORKER
 def test_quick_demo_closes_the_gap(quick_demo):
     out, s = quick_demo
     for method in ("ppo", "dpo"):
@@ -312,6 +318,7 @@ def _params(path):
     return load_file(os.path.join(path, "model.safetensors"))
 
 
+@ON_THE_DEMO_WORKER
 def test_ppo_resumes_exactly(quick_demo, tmp_path, monkeypatch):
     from fastrlhf.pipeline import stage as stage_mod
     from fastrlhf.pipeline.demo import run_stage
@@ -347,6 +354,7 @@ def test_ppo_resumes_exactly(quick_demo, tmp_path, monkeypatch):
 
 @pytest.mark.skipif("triton" not in __import__("fastrlhf").available_backends("cpu"),
                     reason="the Triton interpreter is not set up for CPU tensors")
+@ON_THE_DEMO_WORKER
 def test_ppo_on_triton_kernels_matches_the_torch_reference(quick_demo, tmp_path):
     """Every op PPO calls (fused log-probs, KL rewards, GAE, whitening, both losses), through the
     Triton kernels (interpreted on CPU), gives the run of the PyTorch reference."""
@@ -497,6 +505,7 @@ def test_local_model_errors(tmp_path, capsys):
 
 
 # -------------------------------------------------------------------------- grpo
+@ON_THE_DEMO_WORKER
 def test_quick_demo_grpo_closes_the_gap(quick_demo):
     """GRPO, and the demo's runs of its other advantages (RLOO, Dr. GRPO), against the exact optimum."""
     out, s = quick_demo
@@ -521,6 +530,7 @@ def test_quick_demo_grpo_closes_the_gap(quick_demo):
     {"grpo.loss_mode": "gspo", "grpo.epochs": 2},
     {"grpo.loss_mode": "sapo", "grpo.loss_options": "tau_pos=1.0,tau_neg=1.05"},
 ], ids=["dr_grpo", "kl-in-loss", "gspo", "sapo"])
+@ON_THE_DEMO_WORKER
 def test_grpo_variants_train(settings, quick_demo, tmp_path):
     from fastrlhf.pipeline.demo import run_stage
     from fastrlhf.pipeline.runtime import Runtime
