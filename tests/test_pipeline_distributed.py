@@ -1,5 +1,6 @@
-"""Two processes on the gloo backend (CPU), launched by torchrun: the same result as one
-process where it must be, and the shortened demo still closes the gap."""
+"""Two processes on the gloo backend (CPU), launched by torchrun (or spawned, for one stage's
+step): the same result as one process where it must be, and the shortened demo still closes
+the gap."""
 
 import json
 import os
@@ -120,3 +121,48 @@ def test_checkpoints_resume_across_world_sizes_and_modes(tmp_path, capsys):
         from transformers import AutoModelForCausalLM
 
         AutoModelForCausalLM.from_pretrained(out / stage / "model", local_files_only=True)
+
+
+def _ppo_advantages(rank: int, world: int) -> torch.Tensor:
+    """ppo.score's advantages of this process's rows of one rollout: six completions of
+    different lengths with made-up log-probs, values and scores (all six with one process)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from fastrlhf.pipeline import ppo
+    from fastrlhf.pipeline.config import PPOConfig
+    from fastrlhf.pipeline.data import Batch
+    from fastrlhf.pipeline.distributed import DistInfo
+    from fastrlhf.pipeline.metrics import Timer
+
+    g = torch.Generator().manual_seed(0)
+    B, P, N = 6, 2, 5
+    mask = (torch.arange(N) < torch.tensor([5, 1, 4, 2, 5, 3])[:, None]).long()
+    old, ref, values = (torch.randn(B, N, generator=g) for _ in range(3))
+    scores = torch.randn(B, generator=g) * 3 + torch.arange(B)  # the halves' statistics differ
+    mine = slice(rank * B // world, (rank + 1) * B // world)
+    batch = Batch(torch.randint(3, 20, (B, P + N), generator=g)[mine],
+                  torch.cat([torch.ones(B, P, dtype=torch.long), mask], -1)[mine], P, mask[mine])
+    models = {"policy": lambda *a: (old[mine],), "ref": lambda *a: (ref[mine],),
+              "critic": lambda *a: torch.cat([torch.zeros(B, P - 1), values, torch.zeros(B, 1)], -1)[mine]}
+    rollouts = SimpleNamespace(score=lambda b, idx: scores[mine])
+    rt = SimpleNamespace(dist=DistInfo(rank, world), autocast=contextlib.nullcontext, timer=Timer())
+    return ppo.score(PPOConfig(), batch, list(range(B))[mine], models, rollouts, 0.1, rt)["advantages"]
+
+
+def _ppo_advantages_worker(rank, world, store, result):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result[rank] = _ppo_advantages(rank, world)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ppo_whitens_advantages_over_all_processes(tmp_path):
+    """Two gloo processes, each with half of a rollout: their advantages are one process's,
+    whitened over the whole rollout, not each half over itself."""
+    import torch.multiprocessing as mp
+
+    result = mp.Manager().dict()
+    mp.spawn(_ppo_advantages_worker, args=(2, str(tmp_path / "store"), result), nprocs=2)
+    torch.testing.assert_close(torch.cat([result[0], result[1]]), _ppo_advantages(0, 1), atol=1e-6, rtol=1e-5)
