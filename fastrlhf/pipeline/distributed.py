@@ -46,7 +46,15 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def shutdown() -> None:
+    """Leave the process group, after collecting the models of the stage that ran: FSDP2
+    modules hold the group (and their last collectives' buffers), and they live in reference
+    cycles, so without this the group's gloo threads were stopped only at interpreter exit,
+    where one releasing a tensor aborted the process now and then ("terminate called without
+    an active exception" on a busy machine)."""
     if dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.destroy_process_group()
 
 
