@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
+from fastrlhf.backend import triton_interpreter
 from fastrlhf.triton._common import tl_acc
 
 _BLOCK = 1024
@@ -211,10 +212,18 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log
     """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
     n = logprobs.numel()
     want_logp, want_ref = grad_logprobs.numel() > 0, grad_ref_logprobs.numel() > 0
+    outs = (grad_logprobs, grad_ref_logprobs)
+    if triton_interpreter():
+        # The interpreter casts fp32 to bf16 by truncation (GPUs round to nearest): under it the
+        # kernel writes fp32 and torch rounds, so the tests see the GPU's rounding.
+        outs = tuple(g.new_empty(g.shape, dtype=torch.float32) if g.dtype == torch.bfloat16 else g for g in outs)
     _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        _flat(grad), _flat(logprobs), _flat(ref_logprobs), grad_logprobs, grad_ref_logprobs, n,
+        _flat(grad), _flat(logprobs), _flat(ref_logprobs), outs[0], outs[1], n,
         clamp, log_ratio_clamp, EST=estimator, STRAIGHT=straight, WANT_LOGP=want_logp,
         WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
+    for out, buf in zip((grad_logprobs, grad_ref_logprobs), outs):
+        if buf is not out:
+            out.copy_(buf)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
