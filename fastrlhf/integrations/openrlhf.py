@@ -350,6 +350,11 @@ def _defined_in_openrlhf(obj) -> bool:
     if isinstance(obj, type):
         codes = [getattr(v, "__code__", None) for v in vars(obj).values()]
         return any(c is not None and _is_openrlhf_file(c.co_filename) for c in codes)
+    for _ in range(4):  # through torch.compile's and functools' wrappers (compute_entropy is compiled)
+        inner = getattr(obj, "_torchdynamo_orig_callable", None) or getattr(obj, "__wrapped__", None)
+        if inner is None:
+            break
+        obj = inner
     code = getattr(obj, "__code__", None)
     return code is not None and _is_openrlhf_file(code.co_filename)
 

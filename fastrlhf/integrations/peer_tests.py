@@ -1,6 +1,6 @@
 """Run the unit tests that verl and OpenRLHF ship in their wheels against fastrlhf's drop-ins.
 
-``python -m fastrlhf.integrations.peer_tests verl|openrlhf [--backend torch|triton] [--cache DIR]``
+``python -m fastrlhf.integrations.peer_tests verl|openrlhf [--backend torch|triton] [--cache DIR] [-- PYTEST_ARGS]``
 downloads the peer's released wheel (``pip download --no-deps``, with the few pure-Python
 packages its modules import), unpacks it under ``--cache`` (default ``.cache/peers``), and runs
 the test files it ships for the functions fastrlhf replaces, in a separate pytest process with
@@ -85,6 +85,21 @@ def fetch(name: str, cache: str | os.PathLike = ".cache/peers") -> Path:
     ``RuntimeError`` with pip's message when the download fails."""
     peer = PEERS[name]
     root = Path(cache).resolve() / name
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        _lock(lock)  # concurrent test workers fetch once
+        return _fetch(peer, root)
+
+
+def _lock(f) -> None:
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover (not POSIX): no lock
+        return
+    fcntl.flock(f, fcntl.LOCK_EX)
+
+
+def _fetch(peer: Peer, root: Path) -> Path:
     site = root / "site"
     done = root / f"{peer.requirement}.unpacked"
     if done.exists():
@@ -123,22 +138,25 @@ def _rmtree(path: Path) -> None:
 
 
 def run(name: str, *, backend: str = "torch", cache: str | os.PathLike = ".cache/peers", junit: str | None = None,
-        extra: tuple[str, ...] = (), timeout: float = 900) -> subprocess.CompletedProcess:
+        extra: tuple[str, ...] = (), own: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
     """Run peer ``name``'s shipped tests with fastrlhf swapped in (``FASTRLHF_BACKEND=backend``), in
-    a new process whose working directory is the unpacked wheel. Returns the finished process
+    a new process whose working directory is the unpacked wheel; with ``own`` also fastrlhf's
+    parity tests against the peer (:attr:`Peer.own`). Returns the finished process
     (``returncode`` is pytest's, output captured)."""
     site = fetch(name, cache)
     peer = PEERS[name]
     here = Path(__file__).resolve().parents[2]  # the directory holding the fastrlhf package
+    parity = peer.own if own else ()
     own = []
-    for rel in peer.own:
+    for rel in parity:
         src = here / rel
         if src.is_file():
             dst = site / "fastrlhf_parity" / src.name
             dst.parent.mkdir(exist_ok=True)
             dst.write_bytes(src.read_bytes())
             own.append(str(dst.relative_to(site)))
-    env = {**os.environ, "FASTRLHF_PEER": name, "FASTRLHF_BACKEND": backend,
+    env = {"PYTEST_DISABLE_PLUGIN_AUTOLOAD": "1",  # none of the installed pytest plugins is needed (faster start)
+           **os.environ, "FASTRLHF_PEER": name, "FASTRLHF_BACKEND": backend,
            "PYTHONPATH": os.pathsep.join([str(site), str(here), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     if backend == "triton" and "TRITON_INTERPRET" not in env:
         import torch
@@ -238,6 +256,18 @@ def pytest_collection_finish(session):
         session.config._fastrlhf_patch = patch_openrlhf(*modules.values())
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    patch = getattr(config, "_fastrlhf_patch", None)
+    if patch is None:
+        return
+    if os.environ.get("FASTRLHF_PEER") == "verl":  # a VerlRegistration
+        names = sorted({key for _, key, _, _ in patch.entries} | {name for _, _, name in patch.swaps if name})
+    else:  # an OpenRLHFPatch
+        names = sorted({name for _, name in patch.swaps})
+    terminalreporter.write_line(f"fastrlhf drop-ins in place ({os.environ.get('FASTRLHF_PEER')}, backend "
+                                f"{os.environ.get('FASTRLHF_BACKEND', 'auto')}): {', '.join(names)}")
+
+
 def _pytest_runtest_call(item):
     """OpenRLHF modules a fixture loaded for this test (outside ``sys.modules``) are patched too."""
     if os.environ.get("FASTRLHF_PEER") == "openrlhf":
@@ -264,9 +294,11 @@ def main(argv=None) -> int:
     parser.add_argument("peer", choices=sorted(PEERS))
     parser.add_argument("--backend", default="torch", help="FASTRLHF_BACKEND for the run (torch, triton, auto)")
     parser.add_argument("--cache", default=".cache/peers")
-    parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
-    args = parser.parse_args(argv)
-    proc = run(args.peer, backend=args.backend, cache=args.cache, extra=tuple(args.pytest_args))
+    parser.add_argument("--no-own", action="store_true", help="only the peer's shipped tests, not fastrlhf's parity tests")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []  # more pytest arguments, after --
+    args = parser.parse_args(argv[:len(argv) - len(extra) - (1 if "--" in argv else 0)])
+    proc = run(args.peer, backend=args.backend, cache=args.cache, extra=tuple(extra), own=not args.no_own)
     sys.stdout.write(proc.stdout)
     sys.stderr.write(proc.stderr)
     return proc.returncode
