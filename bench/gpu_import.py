@@ -3,8 +3,8 @@
 ``DIR`` holds what the check wrote to ``$OUT`` (``env.txt``, ``tests.log``/``.xml``,
 ``bench.log``, ``bench.tgz``, ``cuda.log``/``.xml``). This unpacks the benchmark JSON into
 ``bench/results/<gpu>/`` (the folder name from the GPU in the JSON), keeps the check's logs in
-``bench/results/<gpu>/gpu-check/`` with a summary of the test counts, re-renders the Markdown
-and plots of everything in that folder, regenerates the auto dispatch table from it, and puts
+``bench/results/<gpu>/gpu-check/<commit>/`` with a summary of the test counts, re-renders the
+Markdown and plots of everything in that folder, regenerates the auto dispatch table from it, and puts
 the summary in the README between ``<!-- gpu-results -->`` markers. Every number it writes
 is one the GPU measured; nothing is predicted here.
 """
@@ -27,7 +27,7 @@ from bench.measure import gpu_slug
 
 ROOT = Path(__file__).resolve().parent.parent
 MARKERS = ("<!-- gpu-results:begin -->", "<!-- gpu-results:end -->")
-LOGS = ("env.txt", "tests.log", "tests.xml", "bench.log", "cuda.log", "cuda.xml", "build-error.log")
+LOGS = ("env.txt", "tests.log", "tests.xml", "bench.log", "cuda.log", "cuda.xml", "build-error.log", "extra.log")
 
 
 def test_counts(xml: Path) -> str:
@@ -57,11 +57,11 @@ def unpack(src: Path, results: Path = RESULTS) -> Path:
     return out
 
 
-def summary(src: Path, out: Path) -> str:
+def summary(src: Path, out: Path, commit: str) -> str:
     """The Markdown block for the README: GPU, commit, test counts, the benchmark summary."""
     env = (src / "env.txt").read_text().strip().splitlines() if (src / "env.txt").is_file() else []
-    lines = [f"Measured by `bash scripts/gpu_check.sh` (imported with `python -m bench.gpu_import`); "
-             f"full tables in `{out.relative_to(ROOT)}/results.md`.", ""]
+    lines = [f"Measured by `bash scripts/gpu_check.sh` on commit {commit} (imported with "
+             f"`python -m bench.gpu_import`); full tables in `{out.relative_to(ROOT)}/results.md`.", ""]
     lines += [f"    {line}" for line in env] + [""]
     lines += [f"- compiled correctness (triton): {test_counts(src / 'tests.xml')}",
               f"- CUDA extension parity: {test_counts(src / 'cuda.xml')}", ""]
@@ -83,16 +83,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.gpu_import", description=__doc__.splitlines()[0])
     p.add_argument("src", type=Path, help="the folder scripts/gpu_check.sh wrote ($OUT)")
     p.add_argument("--no-readme", action="store_true", help="leave README.md as it is")
+    p.add_argument("--commit", help="the commit whose tree the check ran (default: HEAD)")
     args = p.parse_args(argv)
+    commit = args.commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                           text=True, cwd=ROOT).stdout.strip()
     out = unpack(args.src)
-    logs = out / "gpu-check"
-    logs.mkdir(exist_ok=True)
+    logs = out / "gpu-check" / commit
+    logs.mkdir(parents=True, exist_ok=True)
     for name in LOGS:
         if (args.src / name).is_file():
             shutil.copy(args.src / name, logs / name)
     report.render_dir(out)
     subprocess.run([sys.executable, "-m", "fastrlhf.cuda.dispatch_table", str(out)], check=True, cwd=ROOT)
-    block = summary(args.src, out)
+    block = summary(args.src, out, commit)
     (logs / "summary.md").write_text(block + "\n")
     if not args.no_readme:
         update_readme(block)

@@ -106,14 +106,17 @@ def use_backend(name: str):
 
 def _auto(device: torch.device, family: str | None, feature: str | None) -> str:
     """CPU: torch. CUDA: triton, or cuda where the measured table (``fastrlhf.cuda.
-    dispatch_table``) says it is faster or Triton is not installed; torch when neither runs."""
+    dispatch_table``) says it is faster and the extension is already built (``auto`` never
+    starts a build), or where Triton is not installed (then it builds); torch when neither runs."""
     if device.type != "cuda":
         return "torch"
     if family is not None and has_kernels("cuda", family, feature):
+        from fastrlhf import _cuda  # noqa: PLC0415
         from fastrlhf.cuda.dispatch_table import preferred  # noqa: PLC0415
 
+        triton = _triton_installed()
         choice = preferred(family, torch.cuda.get_device_capability(device))
-        if (choice == "cuda" or not _triton_installed()) and backend_status("cuda", device)[0]:
+        if (choice == "cuda" or not triton) and _cuda.status(build=not triton)[0]:
             return "cuda"
     return "triton" if _triton_installed() else "torch"
 

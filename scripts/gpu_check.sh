@@ -10,6 +10,7 @@
 # Results: at most 8 files in ${OUT:-gpu-out}/ (env.txt, tests.log, tests.xml, bench.log,
 # bench.tgz, cuda.log, cuda.xml). Import them here with: python -m bench.gpu_import DIR
 # Peers that the GPU machine lacks travel as wheels in .whl/ (bash scripts/fetch_wheels.sh).
+# BENCH_OPS=kl,ppo,... limits (b) to those families (a second call measures what the first had no time for).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-out}
@@ -21,7 +22,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/fastrlhf-peers .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/fastrlhf-peers"
 fi
-{ nvidia-smi -L; date -u; git log -1 --format='commit %H %s' 2>/dev/null
+{ nvidia-smi -L; date -u
   "$PY" -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"; } \
     > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
@@ -40,7 +41,8 @@ tail -3 "$OUT/tests.log"
 
 wait "$build"
 echo "== (b) benchmarks"
-timeout -s INT 180 "$PY" -m bench --quick --max-minutes 2.5 --out "$OUT/bench" > "$OUT/bench.log" 2>&1
+timeout -s INT 180 "$PY" -m bench --quick --max-minutes 2.5 ${BENCH_OPS:+--ops "$BENCH_OPS"} --out "$OUT/bench" \
+    > "$OUT/bench.log" 2>&1
 tail -25 "$OUT/bench.log"
 tar czf "$OUT/bench.tgz" -C "$OUT/bench" . && rm -rf "$OUT/bench"
 

@@ -91,3 +91,23 @@ def test_compile_fullgraph_forward_and_backward():
     compiled(x1, labels, mask).backward()
     loss_fn(x2, labels, mask).backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_auto_picks_cuda_only_when_measured_faster_and_built(monkeypatch):
+    """On a GPU whose row in the measured table says cuda, auto takes cuda only once the
+    extension is built: it asks for the status without building (no minute-long first call)."""
+    from fastrlhf import _cuda, backend
+    from fastrlhf.cuda import dispatch_table
+
+    asked = []
+    built = [False]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(dispatch_table, "preferred", lambda family, capability=None: "cuda")
+    monkeypatch.setattr(_cuda, "status", lambda build=True: asked.append(build) or (built[0], ""))
+    cuda = torch.device("cuda")
+    assert backend._auto(cuda, "logprobs", None) == "triton"
+    built[0] = True
+    assert backend._auto(cuda, "logprobs", None) == "cuda"
+    assert asked == [False, False]
+    assert backend._auto(cuda, "advantages", "whiten") == "triton"  # a feature cuda lacks
+    assert backend._auto(cuda, "dpo", None) == "triton"  # a family without cuda kernels

@@ -88,7 +88,7 @@ def test_only_entropy_or_only_logp_used(backend):
             fn = ref.token_logprobs if be == "reference" else fastrlhf.token_logprobs
             kw = {} if be == "reference" else {"backend": be}
             out = fn(x, labels, return_entropy=True, **kw)[which]
-            (out * torch.arange(6.0).view(2, 3)).sum().backward()
+            (out * torch.arange(6.0, device=DEVICE).view(2, 3)).sum().backward()
             outs.append(x.grad)
         torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-4)
 
@@ -364,14 +364,16 @@ def test_kernels_compile_for_gpus():
                **dict.fromkeys(const, "constexpr")}
         aligned_args = [k for k in bwd if (k.endswith("_ptr") and aligned) or k.startswith("s")]
         aligned_args += ["D1", "V"] if ints == "i32" else []
-        cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", fwd, const, 8,
-                   [k for k in aligned_args if k in fwd]),
+        cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", {**fwd, "PREFETCH": "constexpr"},
+                   {**const, "PREFETCH": with_entropy}, 8, [k for k in aligned_args if k in fwd]),
                   ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned_args)]
         if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
             one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16, "R": 4}
-            for name, sig in (("_token_logprobs_fwd_kernel", fwd), ("_token_logprobs_bwd_kernel", bwd)):
-                sig = {**sig, **{k: "constexpr" for k in one if k in sig}}
-                cases.append(("fastrlhf.triton.logprobs", name, sig, {k: v for k, v in one.items() if k in sig}, 4))
+            for name, sig in (("_token_logprobs_fwd_kernel", {**fwd, "PREFETCH": "constexpr"}),
+                              ("_token_logprobs_bwd_kernel", bwd)):
+                sig = {**sig, **{k: "constexpr" for k in {**one, "PREFETCH": False} if k in sig}}
+                cases.append(("fastrlhf.triton.logprobs", name, sig,
+                              {k: v for k, v in {**one, "PREFETCH": False}.items() if k in sig}, 4))
     compile_for_gpus(cases)
 
 

@@ -425,7 +425,8 @@ def _v_gspo(old, logp, adv, mask, agg, low=0.2, high=0.2, w=None):
 def _v_sapo(old, logp, adv, mask, agg, tau_pos=1.0, tau_neg=1.05, w=None):
     nkl = (logp - old).clamp(-20.0, 20.0)
     ratio = nkl.exp()
-    tau = torch.where(adv > 0, torch.as_tensor(tau_pos, dtype=adv.dtype), torch.as_tensor(tau_neg, dtype=adv.dtype))
+    tau = torch.where(adv > 0, torch.as_tensor(tau_pos, dtype=adv.dtype, device=adv.device),
+                      torch.as_tensor(tau_neg, dtype=adv.dtype, device=adv.device))
     pg = -torch.sigmoid(tau * (ratio - 1.0)) * (4.0 / tau) * adv
     if w is not None:
         pg = pg * w

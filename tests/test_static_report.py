@@ -258,9 +258,9 @@ def test_specialization_follows_triton_runtime(report):
     assert aligned["x_ptr"] == "*bf16/16" and aligned["sx1"] == "i32/16" and aligned["V"] == "i32/16"
     assert odd["x_ptr"] == "*bf16/16" and odd["sx1"] == "i32" and odd["V"] == "i32"
     assert sliced["sx0"] == "i32/16" and sliced["D1"] == "i32/16" and sliced["sx1"] == "i32/16"
-    assert aligned["inv_temp"] == "fp32" and aligned["BLOCK_V"] == "4096"
+    assert aligned["c"] == "fp32" and aligned["BLOCK_V"] == "8192" and aligned["PREFETCH"] == "True"
     gae = rows[("gae.B8192-T2048", 90)]["specialization"]
-    assert gae["skip"] == "1" and gae["m_ptr"] == "*u8/16"  # an int equal to 1 is a constant
+    assert gae["NC"] == "1" and gae["m_ptr"] == "*u8/16"  # an int equal to 1 is a constant
 
 
 @pytest.mark.parametrize("check_id", [c["id"] for c in _committed_checks()])

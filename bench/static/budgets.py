@@ -94,12 +94,20 @@ BUDGETS: list[Budget] = [
     Budget("dpo.*", "_dpo_*", "prediction.copy_share", ">=", 0.8,
            "DPO is elementwise over 16-32 B per pair: predicted memory-bound, >= 80 % of copy "
            "bandwidth"),
-    Budget("linear_logprobs.*", "_d*", "tensor_core", ">=", 1,
-           "fused linear log-probs is GEMM-bound (2 N H V FLOP): its GEMM kernels must use "
-           "tensor cores (HGMMA on sm_90)"),
-    Budget("linear_logprobs.*", "_fwd_kernel", "tensor_core", ">=", 1,
-           "fused linear log-probs is GEMM-bound (2 N H V FLOP): its GEMM kernels must use "
-           "tensor cores (HGMMA on sm_90)"),
+    Budget("linear_logprobs.blas.fwd.*", "_fold_kernel", "count.per_elem", "<=", 9.5,
+           "the blas design's fold of an fp32 block of logits: <= 9.5 SASS instructions per logit "
+           f"(9.375 with the raw-max subtraction that keeps large logits exact; the memory budget "
+           f"at 3.0 TB/s is {issue_budget(4):.1f} for 4 B read)"),
+    Budget("linear_logprobs.blas.fwd+ent.*", "_fold_kernel", "count.per_elem", "<=", 13,
+           "the fold with the entropy: <= 13 SASS instructions per logit (12.75 today)"),
+    Budget("linear_logprobs.blas.bwd.*", "_dlogits_kernel", "count.per_elem", "<=", 8,
+           "the blas design's dlogits: <= 8 SASS instructions per logit (7.75 today; the memory "
+           f"budget at 3.0 TB/s is {issue_budget(6):.1f} for 4 B read + 2 B written)"),
+    Budget("linear_logprobs.blas.bwd+ent.*", "_dlogits_kernel", "count.per_elem", "<=", 12,
+           "dlogits with the entropy's gradient: <= 12 SASS instructions per logit (11.75 today)"),
+    Budget("linear_logprobs.fused.*", "_fused_*_kernel", "tensor_core", ">=", 1,
+           "fused linear log-probs is GEMM-bound (2 N H V FLOP): the fused design's GEMM kernels "
+           "must use tensor cores (HGMMA on sm_90)"),
 ]
 
 

@@ -65,13 +65,15 @@ class Counting:
 KERNELS = {
     "_token_logprobs_fwd_kernel": Counting("loop", ("BLOCK_V",)),
     "_token_logprobs_bwd_kernel": Counting("loop", ("BLOCK_V",)),
-    "_fwd_kernel": Counting("tensor-core"),
+    "_fold_kernel": Counting("loop", ("BLOCK",)),
+    "_dlogits_kernel": Counting("loop", ("BLOCK",)),
+    "_fused_fwd_kernel": Counting("tensor-core"),
     "_combine_kernel": Counting("loop", ("BLOCK_R", "BLOCK_S")),
-    "_dlogits_kernel": Counting("tensor-core"),
-    "_dhidden_kernel": Counting("tensor-core"),
-    "_dweight_kernel": Counting("tensor-core"),
+    "_fused_dlogits_kernel": Counting("tensor-core"),
     "_gae_kernel": Counting("loop", ("R", 8)),
     "_group_advantages_kernel": Counting("kernel", ("ROWS", "BLOCK_G")),
+    "_whiten_stats_kernel": Counting("straight", ("BLOCK",)),
+    "_whiten_apply_kernel": Counting("straight", ("BLOCK",)),
     "_kl_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_kl_rewards_kernel": Counting("loop", ("BLOCK_T",)),
@@ -148,18 +150,59 @@ _LIN_N, _LIN_H, _LIN_V = 8192, 4096, 151936
 _SMS = ((linear_logprobs, "_sm_count", lambda device: SM_COUNT),)  # meta tensors have no SM count
 
 
-def _linear(direction, ent):
-    x, w, labels = t(_LIN_N, _LIN_H, dtype=BF16), t(_LIN_V, _LIN_H, dtype=BF16), t(_LIN_N, dtype=I64)
+def _lin_options(every: bool) -> dict:
+    """Plain (T = 1) or soft-capped with every statistic (Gemma-style)."""
+    return {"temperature": 1.0, "logit_scale": 1.0, "softcap": 30.0 if every else None, "ignore_index": -100}
+
+
+def _lin_outs(n: int, ent: bool, every: bool) -> tuple:
+    return (t(n), t(n) if ent or every else t(0), t(n, 2), t(n) if every else t(0), t(n) if every else t(0),
+            t(n if every else 0, dtype=torch.bool))
+
+
+def _lin_grads(n: int, ent: bool, every: bool) -> tuple:
+    def opt(on):
+        return t(n) if on else None
+    return (t(n), opt(ent or every), opt(ent or every), opt(every), opt(every), opt(every))
+
+
+def _linear_blas(direction, ent, every):
+    """The blas design's epilogues on one block of logits of the headline shape (``plan``)."""
+    rows, cols = linear_logprobs.plan(_LIN_N, _LIN_V)
+    tile, labels = t(rows, cols), t(rows, dtype=I64)
+    p = _lin_options(every)
     if direction == "fwd":
-        return lambda: linear_logprobs.linear_logprobs_fwd(x, w, None, labels, 1.0, -100, ent)
-    return lambda: linear_logprobs.linear_logprobs_bwd(
-        t(_LIN_N), t(_LIN_N) if ent else None, x, w, None, labels, t(_LIN_N, 2),
-        t(_LIN_N) if ent else t(0), 1.0, -100, True, True, False)
+        return lambda: linear_logprobs.fold_(tile, None, labels, t(rows, 8), cols, _LIN_V, False, False, p,
+                                             _lin_outs(rows, ent, every))
+    return lambda: linear_logprobs.dlogits_(tile, None, labels, t(rows, 2), _lin_grads(rows, ent, every), cols,
+                                            _LIN_V, p, BF16)
+
+
+def _linear_fused(direction, ent, every):
+    x, w, labels = t(_LIN_N, _LIN_H, dtype=BF16), t(_LIN_V, _LIN_H, dtype=BF16), t(_LIN_N, dtype=I64)
+    p = _lin_options(every)
+    if direction == "fwd":
+        return lambda: linear_logprobs.fused_forward_out(x, w, None, labels, p, _lin_outs(_LIN_N, ent, every))
+    rows, cols = linear_logprobs.plan(_LIN_N, _LIN_V)
+    return lambda: linear_logprobs.fused_dlogits_out(t(rows, cols, dtype=BF16), x[:rows], w, None, labels[:rows],
+                                                     t(rows, 2), _lin_grads(rows, ent, every), 0, _LIN_V, p)
 
 
 def _linear_cases() -> list[TritonCase]:
-    return [TritonCase(f"linear_logprobs.{d}{'+ent' if e else ''}.N8192-H4096-V151936", _linear(d, e),
-                       {}, "logit", _SMS) for d in ("fwd", "bwd") for e in (False, True)]
+    """Both designs at N=8192, H=4096, V=151936 (bf16): the blas design's row kernels read an
+    fp32 block of logits (4 B per logit), ``dlogits`` also writes it back in bf16 (2 B)."""
+    out = []
+    for extra, ent, every in (("", False, False), ("+ent", True, False), ("+all+cap", True, True)):
+        shape = "N8192-H4096-V151936"
+        out += [TritonCase(f"linear_logprobs.blas.fwd{extra}.{shape}", _linear_blas("fwd", ent, every),
+                           {"_fold_kernel": 4}, "logit"),
+                TritonCase(f"linear_logprobs.blas.bwd{extra}.{shape}", _linear_blas("bwd", ent, every),
+                           {"_dlogits_kernel": 6}, "logit"),
+                TritonCase(f"linear_logprobs.fused.fwd{extra}.{shape}", _linear_fused("fwd", ent, every),
+                           {}, "logit", _SMS),
+                TritonCase(f"linear_logprobs.fused.bwd{extra}.{shape}", _linear_fused("bwd", ent, every),
+                           {}, "logit", _SMS)]
+    return out
 
 
 # ------------------------------------------------------------------ advantages, KL, PPO, DPO
@@ -194,6 +237,12 @@ def _small_cases() -> list[TritonCase]:
         TritonCase("group_advantages.grpo.N1048576-G16",
                    lambda: advantages.group_advantages_fwd(t(1 << 20), 16, 0, 1e-6, t(1 << 20)),
                    {"_group_advantages_kernel": 8}, "score"),
+        TritonCase("masked_whiten.stats.B8192-T2048",
+                   lambda: advantages.whiten_stats(lp, mask, t(3, -(-B * T // advantages.WHITEN_BLOCK),
+                                                               dtype=torch.float64)),
+                   {"_whiten_stats_kernel": 5}, "token"),
+        TritonCase("masked_whiten.apply.B8192-T2048",
+                   lambda: advantages.whiten_apply(lp, mask, t(2), t(B, T)), {"_whiten_apply_kernel": 9}, "token"),
         TritonCase("kl_penalty.fwd.k3.B8192-T2048",
                    lambda: kl.kl_penalty_fwd(lp, ref, K3, 10.0, 20.0, t(B, T)), {"_kl_fwd_kernel": 12}, "token"),
         TritonCase("kl_penalty.bwd.k3.B8192-T2048",

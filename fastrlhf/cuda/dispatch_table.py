@@ -117,6 +117,14 @@ def table_from_records(records: list[dict]) -> dict[str, str]:
     return out
 
 
+def _shown(folder) -> str:
+    """``folder`` relative to the working directory when inside it (as the docs name it)."""
+    try:
+        return str(Path(folder).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(folder)
+
+
 def regenerate(result_dirs: list[str], path: str | Path = PATH) -> dict:
     """Rebuild the table at ``path`` from benchmark result folders (one per GPU kind:
     ``<op>.json`` files with ``env.sm`` and ``records``), write it and return it.
@@ -130,7 +138,7 @@ def regenerate(result_dirs: list[str], path: str | Path = PATH) -> dict:
             raise ValueError(f"{folder}: expected results of one GPU kind (env.sm), found {sorted(sms)}")
         sm = sms.pop()
         rows[sm] = table_from_records([r for d in docs for r in d.get("records", [])])
-        sources[sm] = [str(folder)]
+        sources[sm] = [_shown(folder)]
     out = validate({"rows": dict(sorted(rows.items())), "sources": dict(sorted(sources.items()))})
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
     if Path(path) == PATH:

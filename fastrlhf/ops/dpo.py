@@ -132,6 +132,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
 
     Memory (triton): a 5-element output (and ``5 * N / 1024`` block sums past 1024 pairs);
     backward recomputes from the inputs and allocates only the four gradients.
+
+    >>> loss, metrics = fastrlhf.dpo_loss(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+    ...                                   ref_rejected_logps, beta=0.1, loss_type="sigmoid")
     """
     names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
     xs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
@@ -165,6 +168,8 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     scores: a difference too large for the dtype (``|r_c - r_r - margin|`` past about 3.4e38 in
     fp32) counts as infinite, so such a pair's loss is 0 (chosen far ahead) or ``+inf`` (the
     true loss, past the dtype's range).
+
+    >>> loss = fastrlhf.bradley_terry_loss(reward_model(chosen), reward_model(rejected))
     """
     _checks.matching(("chosen_rewards", "rejected_rewards"), (chosen_rewards, rejected_rewards))
     zeros = torch.zeros_like(chosen_rewards)
@@ -192,6 +197,8 @@ def choice_loss(rewards: torch.Tensor, chosen_index: torch.Tensor, backend: str 
     Returns the fp32 mean over rows (fp64 for fp64 rewards), 0 for ``B = 0``, with a
     gradient w.r.t. ``rewards``. Runs the fused log-prob kernel of :func:`token_logprobs`
     (no ``[B, K]`` fp32 copy in the triton backend).
+
+    >>> loss = fastrlhf.choice_loss(rewards.view(B, K), chosen_index)  # K candidates per prompt
     """
     _checks.tensor("rewards", rewards, _checks.FLOAT_DTYPES, dim=2)
     _checks.tensor("chosen_index", chosen_index, _checks.INDEX_DTYPES, dim=1)

@@ -78,7 +78,9 @@ def _mm(out, a, b, accumulate=False):
     """``out (+)= a @ b`` with ``out``'s dtype as the accumulator: for 16-bit ``a, b`` and an
     fp32 ``out`` the product is never rounded to 16 bits (cuBLAS with ``out_dtype``; on the
     CPU, which has no such GEMM, from fp32 copies of the operands: products of 16-bit values
-    are exact in fp32)."""
+    are exact in fp32). cuBLAS takes 32-bit leading dimensions: an operand strided past
+    them (rows of a huge buffer) is copied first."""
+    a, b = (t.contiguous() if t.is_cuda and max(t.stride()) >= 2**31 else t for t in (a, b))
     if a.dtype != out.dtype or b.dtype != out.dtype:
         if out.is_cuda and a.dtype == b.dtype:
             if accumulate:
@@ -406,6 +408,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     Rounding: ``dlogits`` is computed in fp32 and rounded once to the inputs' dtype (the
     operand of the two gradient GEMMs, as in an unfused trainer); ``grad_hidden``,
     ``grad_weight`` and ``grad_bias`` are summed in fp32 and rounded once at the end.
+
+    >>> h = model.model(input_ids).last_hidden_state[:, :-1]                 # [B, T - 1, H]
+    >>> logp = fastrlhf.linear_token_logprobs(h, model.lm_head.weight, input_ids[:, 1:])
     """
     _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
     names = () if outputs is None else _check_outputs(outputs)

@@ -162,6 +162,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     and log-sum-exp, kept for backward); backward allocates only the gradient, nothing with
     ``inplace_backward``. The gradient has the logits' dtype. The ``torch`` backend
     materializes fp32 ``[..., V]`` tensors.
+
+    >>> logp = fastrlhf.token_logprobs(logits[:, :-1], input_ids[:, 1:])             # [B, T - 1]
+    >>> logp, ent = fastrlhf.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
     """
     _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
     name = resolve_backend(backend, logits.device, "logprobs")

@@ -603,6 +603,10 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     numbers per 4096 tokens (+ ``[S + 1]`` int32 chunk offsets packed); clip_cov / kl_cov a bool
     ``[B, T]`` selection. Backward allocates the gradient (GSPO ``gradient="sequence"``: also
     ``[S]`` and the per-sequence scratch). Deterministic: fixed-order sums, no atomics.
+
+    >>> loss, stats = fastrlhf.policy_loss(logp, old_logp, adv, mask, mode="gspo", agg="seq-mean-token-mean")
+    >>> loss, stats = fastrlhf.policy_loss(logp, old_logp, adv, mask, rollout_logprobs=rollout_logp,
+    ...                                    rollout_correction=fastrlhf.RolloutCorrection("token", "truncate", 2.0))
     """
     _checks.choice("mode", mode, POLICY_LOSS_MODES)
     o = _options(mode, options)

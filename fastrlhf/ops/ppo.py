@@ -27,7 +27,8 @@ Fully masked rows count for nothing; a normalizing count ``<= 0`` (an all-zero m
 each rank passes the count summed over ranks and gets its share of the global loss; when the
 data-parallel wrapper averages gradients over ranks (DDP/FSDP), also multiply the loss by the
 world size (verl's ``dp_size`` factor). Pass counts that change every step as 0-dim tensors
-(read on the device: no sync, no recompilation under ``torch.compile``).
+(read on the device: no sync, no recompilation under ``torch.compile``; a CPU one is copied
+to the inputs' device).
 """
 
 from __future__ import annotations
@@ -273,13 +274,16 @@ _value_op.register_autograd(_value_backward, setup_context=_value_setup_context)
 
 # ------------------------------------------------------------------------- public API
 def _check_count(name: str, value, device: torch.device):
-    """``None``, a finite Python number ``>= 0`` or a 0-dim real tensor on ``device``."""
+    """``None``, a finite Python number ``>= 0`` or a 0-dim real tensor on ``device`` (or on
+    the CPU, like a scalar of a torch op: copied to ``device``)."""
     if value is None:
         return None
     if isinstance(value, torch.Tensor):
         if value.dim() != 0 or value.dtype.is_complex or value.dtype == torch.bool:
             raise TypeError(f"{name} must be a Python number or a 0-dim int/float tensor, got a "
                             f"{value.dtype} tensor of shape {tuple(value.shape)}")
+        if value.device.type == "cpu":
+            return value.detach().to(device)
         _checks.same_device(name, value, device)
         return value.detach()
     return _checks.non_negative(name, value)
@@ -350,6 +354,9 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
     count each row's valid tokens with a torch ``(mask != 0).sum(-1)`` (``[B]`` int64, one
     extra read of the mask; not needed for ``seq-mean-token-sum`` with ``global_seqs``).
     Backward allocates only the gradient.
+
+    >>> loss, stats = fastrlhf.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28,
+    ...                                        agg="token-mean", global_tokens=n_tokens_all_ranks)
     """
     _check_inputs(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask,
                   cu_seqlens, agg, loss_scale_factor)
@@ -392,6 +399,8 @@ def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torc
     Returns:
         ``(loss, {"vf_clipfrac": ...})``: 0-dim fp32 (fp64 for fp64 inputs); ``vf_clipfrac``
         is the fraction of valid tokens where the clipped term is strictly larger.
+
+    >>> loss, stats = fastrlhf.ppo_value_loss(values, old_values, returns, mask, clip=0.2)
     """
     _check_inputs(("values", "old_values", "returns"), (values, old_values, returns), mask, cu_seqlens, agg,
                   loss_scale_factor)
@@ -420,6 +429,8 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     for fp64 input); invalid tokens are selected away, never multiplied (NaN there is harmless).
     Packed: each token is weighted by its sequence (a ``cumsum`` of the mask, int64 ``[total]``,
     gives the sequence counts; no host sync, no atomics), the result equals the padded one.
+
+    >>> loss = fastrlhf.aggregate(per_token_loss, mask, "seq-mean-token-mean")
     """
     _check_inputs(("loss_mat",), (loss_mat,), mask, cu_seqlens, mode, loss_scale_factor)
     _checks.choice("mode", mode, AGG_MODES)

@@ -24,15 +24,22 @@ With ``y`` the head's output (bias included), ``z = logit_scale * y / T`` or, so
 ``z = (softcap / T) * tanh(logit_scale * y / softcap)``; with ``log p = z - m - log s``:
 ``dz = g_logp (1[label] - p) - g_ent p (log p + H) + 2 g_lsq (p^2 / sum p^2 - p) + g_mean / V``
 and ``dy = dz * logit_scale / T * (1 - tanh^2)`` (no last factor without soft-capping).
-Inside the kernels the logits are in base 2 (``log2(e)`` folded into the constants, one
-multiply and one ``exp2`` per element); the outputs and the row statistics kept for
-backward are in natural units. The row kernels read the label's logit with one load and
-write its gradient after the row's loop instead of comparing every column with the label.
-Compiled SASS (sm_90, bf16, 2048-column steps): the fold's loop is 9 instructions per
-element (12.5 with the entropy, 41 with soft-capping and every statistic), ``dlogits``' 8
-(12, 33). An H100 issues about 37 per fp32 element it reads at full memory bandwidth (55
-for ``dlogits``, which also writes 2 bytes): memory-bound but for the fold with soft-capping
-and every statistic, predicted at about 90 % of the bandwidth.
+Inside the kernels ``z = k r`` with the raw logit ``r = y`` (soft-capped ``tanh(logit_scale
+* y / softcap)``) and ``k = logit_scale / T`` (``softcap / T``). The running max is of ``r``
+and an element's exponent is ``(r - max) k log2(e)`` (``log2(e)`` folded into the constant,
+one subtraction, one multiply and one ``exp2``): the max is subtracted before scaling, exact
+near it (Sterbenz), so logits of 1e3 or more cost no more precision than small ones (a
+rounded ``z`` would cost ``ulp(z)`` in every ``log p``). The outputs and the row statistics
+kept for backward are in natural units, the log-sum carrying the rounding of the max's
+conversion (see :func:`_finish`); backward's exponent is ``(r k - max) log2(e) - log s
+log2(e)`` from two FMAs. The row kernels read the label's logit with one load and write its
+gradient after the row's loop instead of comparing every column with the label.
+Compiled SASS (sm_90, bf16, 2048-column steps, ``python -m bench.static --only
+'linear*'``): the fold's loop is 9.4 instructions per element (12.75 with the entropy,
+41.75 with soft-capping and every statistic), ``dlogits``' 7.75 (11.75, 37.9). An H100
+issues about 37 per fp32 element it reads at full memory bandwidth (55 for ``dlogits``,
+which also writes 2 bytes): memory-bound but for the fold with soft-capping and every
+statistic, predicted at about 90 % of the bandwidth.
 
 ``tl.dot`` on bf16 operands returns garbage under the Triton interpreter, so the operands
 are cast to fp32 only when ``INTERPRET`` (products of bf16/fp16 values are exact in fp32,
@@ -98,29 +105,39 @@ def _tanh(x):
 
 
 @triton.jit
-def _transform(y, k_z, k_cap, k_in, HAS_CAP: tl.constexpr):
-    """``(z2, tanh term)`` of head outputs ``y``, ``z2 = z log2(e)`` the logit in base 2:
-    ``z2 = k_z * y``, or soft-capped ``z2 = k_cap * tanh(k_in * y)`` (``k_z = scale log2(e) / T``,
-    ``k_cap = cap log2(e) / T``, ``k_in = scale / cap``)."""
+def _raw(y, k_in, HAS_CAP: tl.constexpr):
+    """The raw logit ``r`` of head outputs ``y``: ``y``, or soft-capped ``tanh(k_in y)``
+    (``k_in = scale / cap``). The base-2 logit is ``z2 = k2 r`` (see :func:`_k2`)."""
     if HAS_CAP:
-        th = _tanh(y * k_in)
-        z2 = th * k_cap
+        return _tanh(y * k_in)
     else:
-        th = y
-        z2 = y * k_z
-    return z2, th
+        return y
 
 
 @triton.jit
-def _merge(m1, s1, t1, q1, m2, s2, t2, q2):
-    """Running ``(m, s, t, q)`` (base 2) of two column ranges, each relative to its own max
-    ``m``: ``s = sum e``, ``t = sum e (z2 - m)``, ``q = sum e^2`` with ``e = 2**(z2 - m)``."""
+def _k2(k_z, k_cap, HAS_CAP: tl.constexpr):
+    """``k2``, the base-2 logit per unit of raw logit: ``k_z = scale log2(e) / T``, or
+    soft-capped ``k_cap = cap log2(e) / T``. Its natural-unit twin ``k2 * ln 2`` (the
+    factor of the row max in the stats) is rounded the same way wherever it is used."""
+    if HAS_CAP:
+        return k_cap
+    else:
+        return k_z
+
+
+@triton.jit
+def _merge(m1, s1, t1, q1, m2, s2, t2, q2, k2):
+    """Running ``(m, s, t, q)`` of two column ranges, each relative to its own max ``m`` of
+    the raw logits ``r``: ``s = sum e``, ``t = sum e a``, ``q = sum e^2`` with ``a = (r - m) k2``
+    (base 2) and ``e = 2**a``."""
     m = tl.maximum(m1, m2)
     shift = tl.where(m == _NEG_INF, 0.0, m)  # rows of -inf so far: keep the exponent finite
-    a1 = tl.exp2(m1 - shift)
-    a2 = tl.exp2(m2 - shift)
-    d1 = tl.where(m1 == _NEG_INF, 0.0, m1 - shift)
-    d2 = tl.where(m2 == _NEG_INF, 0.0, m2 - shift)
+    d1 = (m1 - shift) * k2  # -inf for m1 = -inf (k2 > 0)
+    d2 = (m2 - shift) * k2
+    a1 = tl.exp2(d1)
+    a2 = tl.exp2(d2)
+    d1 = tl.where(m1 == _NEG_INF, 0.0, d1)
+    d2 = tl.where(m2 == _NEG_INF, 0.0, d2)
     s = a1 * s1 + a2 * s2
     t = a1 * (t1 + d1 * s1) + a2 * (t2 + d2 * s2)
     q = a1 * a1 * q1 + a2 * a2 * q2
@@ -128,28 +145,39 @@ def _merge(m1, s1, t1, q1, m2, s2, t2, q2):
 
 
 @triton.jit
-def _finish(rows, row_ok, label, m, s, t, q, zsum, label_rel, left_rel, V, ignore_index,
+def _finish(rows, row_ok, label, m, s, t, q, rsum, label_rel, left_rel, k2, V, ignore_index,
             logp_ptr, ent_ptr, stats_ptr, lsq_ptr, mean_ptr, top1_ptr,
             WITH_ENTROPY: tl.constexpr, WITH_LSQ: tl.constexpr, WITH_MEAN: tl.constexpr,
             WITH_TOP1: tl.constexpr):
-    """Store the outputs (natural units) of rows whose running values (base 2) cover the
-    whole vocabulary.
+    """Store the outputs (natural units) of rows whose running values cover the whole
+    vocabulary: ``m`` the max of the raw logits, ``(s, t, q)`` relative to it in base 2
+    (:func:`_merge`), ``rsum`` the sum of the raw logits.
 
-    ``label_rel = z2[label] - m`` and ``left_rel = (max of z2 left of the label) - m`` (exact
-    where it matters: ``a - m == 0`` only for ``a == m``). Passing the differences keeps each
-    loop result of the callers to one use (Triton 3.6 asserts otherwise in
-    ``OptimizeThreadLocality``)."""
+    ``label_rel = r[label] - m`` and ``left_rel = (max of r left of the label) - m`` (exact
+    near the max, Sterbenz: ``a - m == 0`` only for ``a == m``). Passing the differences
+    keeps each loop result of the callers to one use (Triton 3.6 asserts otherwise in
+    ``OptimizeThreadLocality``).
+
+    Stats in natural units: the max ``M = m k`` (``k = k2 ln 2``, rounded) and the log-sum
+    plus the max's rounding ``m k - M`` (exact: an FMA gives a product's rounding error), so
+    that ``M + stats[1]`` is the row's log-sum-exp to the rounding of small numbers however
+    large the logits (vocab-parallel shards combine them in natural units), and backward's
+    ``(r k - M) log2(e) - stats[1] log2(e)`` (two FMAs, :func:`_grad_logits`) is forward's
+    ``(r - m) k2 - log2 s`` to that rounding, not to ``ulp(M)``."""
     s = tl.where(row_ok, s, 1.0)  # rows past the end: no log(0) warnings
     q = tl.where(row_ok, q, 1.0)
     log2_s = tl.log2(s)
     keep = label != ignore_index
     in_range = (label >= 0) & (label < V)
     # Clamps keep NaN (the default drops it: NaN/+inf logits would give 0, not NaN)
-    logp = tl.minimum((label_rel - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
+    logp = tl.minimum((label_rel * k2 - log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
     tl.store(logp_ptr + rows, tl.where(keep, logp, 0.0), mask=row_ok)
-    tl.store(stats_ptr + 2 * rows, m * _LN2, mask=row_ok)
-    tl.store(stats_ptr + 2 * rows + 1, log2_s * _LN2, mask=row_ok)
+    k = k2 * _LN2
+    big_m = m * k
+    residual = tl.where(m == _NEG_INF, 0.0, tl.fma(m, k, -big_m))
+    tl.store(stats_ptr + 2 * rows, big_m, mask=row_ok)
+    tl.store(stats_ptr + 2 * rows + 1, tl.fma(log2_s, _LN2, residual), mask=row_ok)
     if WITH_ENTROPY:
         ent = tl.maximum((log2_s - t / s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(ent_ptr + rows, tl.where(keep, ent, 0.0), mask=row_ok)
@@ -157,19 +185,23 @@ def _finish(rows, row_ok, label, m, s, t, q, zsum, label_rel, left_rel, V, ignor
         lsq = tl.minimum((tl.log2(q) - 2.0 * log2_s) * _LN2, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(lsq_ptr + rows, tl.where(keep, lsq, 0.0), mask=row_ok)
     if WITH_MEAN:
-        tl.store(mean_ptr + rows, tl.where(keep, zsum * _LN2 / V, 0.0), mask=row_ok)
+        tl.store(mean_ptr + rows, tl.where(keep, rsum * k / V, 0.0), mask=row_ok)
     if WITH_TOP1:
         tl.store(top1_ptr + rows, keep & in_range & (label_rel >= 0) & (left_rel < 0), mask=row_ok)
 
 
 @triton.jit
-def _grad_logits(z2, th, hit, m2, ls2, g_logp, g_ent, ent, g_lsq, lsq2, g_mean_v, k_grad,
+def _grad_logits(r, hit, big_m, ls2, k, g_logp, g_ent, ent, g_lsq, lsq2, g_mean_v, k_grad,
                  HAS_CAP: tl.constexpr, WITH_ENTROPY: tl.constexpr, WITH_LSQ: tl.constexpr,
                  WITH_MEAN: tl.constexpr):
-    """``d loss / d y`` (fp32) of base-2 logits ``z2``; per-row values come broadcastable to
-    ``z2``: ``m2``, ``ls2`` the row max and log-sum-exp and ``lsq2`` the log sum p^2, times
-    log2(e); upstream gradients already zero on ignored rows; ``g_mean_v = g_mean / V``."""
-    logq2 = (z2 - m2) - ls2
+    """``d loss / d y`` (fp32) of raw logits ``r`` (:func:`_raw`); per-row values come
+    broadcastable to ``r``: ``big_m`` the stats' max (natural units), ``ls2`` their log-sum
+    and ``lsq2`` the log sum p^2, times log2(e); ``k = k2 ln 2`` (:func:`_finish`); upstream
+    gradients already zero on ignored rows; ``g_mean_v = g_mean / V``.
+
+    ``log2 p = (r k - M) log2(e) - ls2``: the product ``r k`` is exact inside the FMA, so
+    ``r k - M`` is ``(r - m) k`` plus the max's rounding (which ``ls2`` carries) rounded once."""
+    logq2 = tl.fma(tl.fma(r, k, -big_m), _LOG2E, -ls2)
     p = tl.exp2(logq2)
     g = tl.where(hit, g_logp, 0.0) - g_logp * p
     if WITH_ENTROPY:  # p (log p + H), 0 where p = 0 (log p = -inf)
@@ -180,7 +212,7 @@ def _grad_logits(z2, th, hit, m2, ls2, g_logp, g_ent, ent, g_lsq, lsq2, g_mean_v
         g += g_mean_v
     g = g * k_grad
     if HAS_CAP:
-        g = g * (1.0 - th * th)
+        g = g * (1.0 - r * r)
     return g
 
 
@@ -197,9 +229,10 @@ def _fold_kernel(
     """Row ``i`` of ``tile [n, w]`` (columns ``v0 + j`` of the vocabulary) into ``state [n, 8]``.
 
     A step is a ``[BLOCK / VEC, VEC]`` tile: each thread loads VEC consecutive values (one
-    16-byte load) and keeps its own running max and sums (base 2), so an element costs one
-    multiply, one ``exp2`` and the sums; no value crosses threads inside the loop (no
-    barrier, no shuffle). The thread-rows are merged once at the end."""
+    16-byte load) and keeps its own running max (of the raw logits) and sums (base 2), so an
+    element costs a subtraction, a multiply, one ``exp2`` and the sums; no value crosses
+    threads inside the loop (no barrier, no shuffle). The thread-rows are merged once at the
+    end."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
     local = label - v0
@@ -210,12 +243,13 @@ def _fold_kernel(
     y_label = tl.load(row_ptr + tl.where(in_tile, local, 0))
     if HAS_BIAS:
         y_label += tl.load(bias_ptr + v0 + tl.where(in_tile, local, 0)).to(tl.float32)
-    z_label, th_label = _transform(y_label, k_z, k_cap, k_in, HAS_CAP)
+    r_label = _raw(y_label, k_in, HAS_CAP)
+    k2 = _k2(k_z, k_cap, HAS_CAP)
     m = tl.full([BLOCK // VEC], _NEG_INF, tl.float32)
     s = tl.zeros([BLOCK // VEC], tl.float32)
     t = tl.zeros([BLOCK // VEC], tl.float32)
     q = tl.zeros([BLOCK // VEC], tl.float32)
-    zsum = tl.zeros([BLOCK // VEC], tl.float32)
+    rsum = tl.zeros([BLOCK // VEC], tl.float32)
     left = tl.full([BLOCK // VEC], _NEG_INF, tl.float32)
     for c0 in range(0, w, BLOCK):
         cols = c0 + offs
@@ -223,43 +257,45 @@ def _fold_kernel(
         y = tl.load(row_ptr + cols, mask=ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + v0 + cols, mask=ok, other=0.0).to(tl.float32)
-        z, _ = _transform(y, k_z, k_cap, k_in, HAS_CAP)
-        z = tl.where(ok, z, _NEG_INF)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        r = tl.where(ok, _raw(y, k_in, HAS_CAP), _NEG_INF)
+        m_new = tl.maximum(m, tl.max(r, axis=1))
         shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.exp2(m - shift)  # 0 while m = -inf
-        arg = z - shift[:, None]
+        d = (m - shift) * k2  # -inf while m = -inf: alpha = 0
+        alpha = tl.exp2(d)
+        # the max is subtracted before scaling: exact near it (Sterbenz), however large r is
+        arg = (r - shift[:, None]) * k2
         e = tl.exp2(arg)
         if WITH_ENTROPY:  # t is relative to the running max: moving the max by d adds d * s
-            t = alpha * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s)
+            t = alpha * (t + tl.where(m == _NEG_INF, 0.0, d) * s)
             t += tl.sum(e * tl.maximum(arg, _LOWEST), axis=1)  # (-inf, e = 0: 0, not NaN)
         if WITH_LSQ:
             q = q * (alpha * alpha) + tl.sum(e * e, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
         if WITH_MEAN:
-            zsum += tl.sum(tl.where(ok, z, 0.0), axis=1)
+            rsum += tl.sum(tl.where(ok, r, 0.0), axis=1)
         if WITH_TOP1:
-            left = tl.maximum(left, tl.max(tl.where(cols < local, z, _NEG_INF), axis=1))
+            left = tl.maximum(left, tl.max(tl.where(cols < local, r, _NEG_INF), axis=1))
     m_r = tl.max(m, axis=0)
     shift = tl.where(m_r == _NEG_INF, 0.0, m_r)
-    alpha = tl.exp2(m - shift)
+    d = (m - shift) * k2
+    alpha = tl.exp2(d)
     s_r = tl.sum(alpha * s, axis=0)
-    t_r = tl.sum(alpha * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s), axis=0)
+    t_r = tl.sum(alpha * (t + tl.where(m == _NEG_INF, 0.0, d) * s), axis=0)
     q_r = tl.sum(alpha * alpha * q, axis=0)
-    zsum_r = tl.sum(zsum, axis=0)
-    zl_r = tl.where(in_tile, z_label, 0.0)
+    rsum_r = tl.sum(rsum, axis=0)
+    rl_r = tl.where(in_tile, r_label, 0.0)
     left_r = tl.max(left, axis=0)
     m = m_r
     st = state_ptr + row * 8
     if not FIRST:
         m, s_r, t_r, q_r = _merge(tl.load(st), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3),
-                                  m, s_r, t_r, q_r)
-        zsum_r += tl.load(st + 4)
-        zl_r += tl.load(st + 5)
+                                  m, s_r, t_r, q_r, k2)
+        rsum_r += tl.load(st + 4)
+        rl_r += tl.load(st + 5)
         left_r = tl.maximum(left_r, tl.load(st + 6))
     if LAST:
-        _finish(row, row >= 0, label, m, s_r, t_r, q_r, zsum_r, zl_r - m, left_r - m, V, ignore_index,
+        _finish(row, row >= 0, label, m, s_r, t_r, q_r, rsum_r, rl_r - m, left_r - m, k2, V, ignore_index,
                 logp_ptr, ent_ptr, stats_ptr, lsq_ptr, mean_ptr, top1_ptr,
                 WITH_ENTROPY, WITH_LSQ, WITH_MEAN, WITH_TOP1)
     else:
@@ -267,8 +303,8 @@ def _fold_kernel(
         tl.store(st + 1, s_r)
         tl.store(st + 2, t_r)
         tl.store(st + 3, q_r)
-        tl.store(st + 4, zsum_r)
-        tl.store(st + 5, zl_r)
+        tl.store(st + 4, rsum_r)
+        tl.store(st + 5, rl_r)
         tl.store(st + 6, left_r)
 
 
@@ -288,8 +324,9 @@ def _dlogits_kernel(
     ahead of the stores after it)."""
     row = tl.program_id(0).to(tl.int64)
     label = tl.load(labels_ptr + row).to(tl.int64)
-    m2 = tl.load(stats_ptr + 2 * row) * _LOG2E
+    big_m = tl.load(stats_ptr + 2 * row)
     ls2 = tl.load(stats_ptr + 2 * row + 1) * _LOG2E
+    k = _k2(k_z, k_cap, HAS_CAP) * _LN2  # rounded as the forward's (see _finish)
     g_logp = tl.load(glogp_ptr + row)
     g_ent = 0.0
     ent = 0.0
@@ -319,13 +356,11 @@ def _dlogits_kernel(
         y = tl.load(tile_ptr + row * ld + cols, mask=ok, other=0.0)
         if HAS_BIAS:
             y += tl.load(bias_ptr + v0 + cols, mask=ok, other=0.0).to(tl.float32)
-        z, th = _transform(y, k_z, k_cap, k_in, HAS_CAP)
-        g = _grad_logits(z, th, False, m2, ls2, g_logp, g_ent, ent, g_lsq, lsq2,
+        g = _grad_logits(_raw(y, k_in, HAS_CAP), False, big_m, ls2, k, g_logp, g_ent, ent, g_lsq, lsq2,
                          g_mean_v, k_grad, HAS_CAP, WITH_ENTROPY, WITH_LSQ, WITH_MEAN)
         tl.debug_barrier()
         tl.store(dz_ptr + row * ld_dz + cols, g.to(dz_ptr.dtype.element_ty), mask=ok)
-    z, th = _transform(y_label, k_z, k_cap, k_in, HAS_CAP)
-    g = _grad_logits(z, th, True, m2, ls2, g_logp, g_ent, ent, g_lsq, lsq2,
+    g = _grad_logits(_raw(y_label, k_in, HAS_CAP), True, big_m, ls2, k, g_logp, g_ent, ent, g_lsq, lsq2,
                      g_mean_v, k_grad, HAS_CAP, WITH_ENTROPY, WITH_LSQ, WITH_MEAN)
     tl.debug_barrier()  # after every warp's last store of the loop
     tl.store(dz_ptr + row * ld_dz + local, g.to(dz_ptr.dtype.element_ty), mask=in_tile)
@@ -382,12 +417,13 @@ def _fused_fwd_kernel(
     split = pid % splits
     rows = (pid // splits).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     labels = tl.load(labels_ptr + rows, mask=rows < N, other=-1).to(tl.int64)
+    k2 = _k2(k_z, k_cap, HAS_CAP)
     m = tl.full([BLOCK_N], _NEG_INF, tl.float32)
     s = tl.zeros([BLOCK_N], dtype=tl.float32)
     t = tl.zeros([BLOCK_N], dtype=tl.float32)
     q = tl.zeros([BLOCK_N], dtype=tl.float32)
-    zsum = tl.zeros([BLOCK_N], dtype=tl.float32)
-    z_label = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    r_label = tl.zeros([BLOCK_N], dtype=tl.float32)
     left = tl.full([BLOCK_N], _NEG_INF, tl.float32)
     v_begin = split * tiles_per_split * BLOCK_V
     v_end = tl.minimum(V, v_begin + tiles_per_split * BLOCK_V)
@@ -396,41 +432,47 @@ def _fused_fwd_kernel(
         col_ok = cols < V
         y = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, col_ok, N, H, sxn, sxk, swv, swk,
                          HAS_BIAS, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-        z, _ = _transform(y, k_z, k_cap, k_in, HAS_CAP)
-        z = tl.where(col_ok[None, :], z, _NEG_INF)
-        m_new = tl.maximum(m, tl.max(z, axis=1))
+        r = tl.where(col_ok[None, :], _raw(y, k_in, HAS_CAP), _NEG_INF)
+        m_new = tl.maximum(m, tl.max(r, axis=1))
         shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.exp2(m - shift)
-        arg = z - shift[:, None]
+        d = (m - shift) * k2
+        alpha = tl.exp2(d)
+        # (r - shift) k2 as in _fold_kernel, from an FMA: r k2 - round(shift k2) is exact but
+        # for one rounding, and the rounding of shift k2 (exact, another FMA) is taken back.
+        # The same value to a rounding of a number near 0 by the max; this form keeps the
+        # soft-capped kernel with every statistic from spilling in its loop (sm_90).
+        shift2 = shift * k2
+        arg = tl.fma(r, k2, -shift2[:, None]) - tl.fma(shift, k2, -shift2)[:, None]
         e = tl.exp2(arg)
         if WITH_ENTROPY:
-            t = alpha * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s)
+            t = alpha * (t + tl.where(m == _NEG_INF, 0.0, d) * s)
             t += tl.sum(e * tl.maximum(arg, _LOWEST), axis=1)
         if WITH_LSQ:
             q = q * (alpha * alpha) + tl.sum(e * e, axis=1)
         s = s * alpha + tl.sum(e, axis=1)
         m = m_new
         if WITH_MEAN:
-            zsum += tl.sum(tl.where(col_ok[None, :], z, 0.0), axis=1)
-        z_label += tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
+            rsum += tl.sum(tl.where(col_ok[None, :], r, 0.0), axis=1)
+        r_label += tl.sum(tl.where(cols[None, :] == labels[:, None], r, 0.0), axis=1)
         if WITH_TOP1:
-            left = tl.maximum(left, tl.max(tl.where(cols[None, :] < labels[:, None], z, _NEG_INF), axis=1))
-    # part is [8, splits, N] (step = splits * N), base 2: m, s, t, q, sum z, z[label], max left of the label
+            left = tl.maximum(left, tl.max(tl.where(cols[None, :] < labels[:, None], r, _NEG_INF), axis=1))
+    # part is [8, splits, N] (step = splits * N): the raw max m, then s, t, q (base 2, relative
+    # to m), sum r, r[label], max of r left of the label
     out = part_ptr + split.to(tl.int64) * N + rows
     row_ok = rows < N
     tl.store(out, m, mask=row_ok)
     tl.store(out + step, s, mask=row_ok)
     tl.store(out + 2 * step, t, mask=row_ok)
     tl.store(out + 3 * step, q, mask=row_ok)
-    tl.store(out + 4 * step, zsum, mask=row_ok)
-    tl.store(out + 5 * step, z_label, mask=row_ok)
+    tl.store(out + 4 * step, rsum, mask=row_ok)
+    tl.store(out + 5 * step, r_label, mask=row_ok)
     tl.store(out + 6 * step, left, mask=row_ok)
 
 
 @triton.jit
 def _combine_kernel(
     part_ptr, labels_ptr, logp_ptr, ent_ptr, stats_ptr, lsq_ptr, mean_ptr, top1_ptr,
-    N, V, splits, step, ignore_index,
+    N, V, splits, step, ignore_index, k2,
     WITH_ENTROPY: tl.constexpr, WITH_LSQ: tl.constexpr, WITH_MEAN: tl.constexpr,
     WITH_TOP1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
@@ -440,8 +482,8 @@ def _combine_kernel(
     s = tl.zeros([BLOCK_R], dtype=tl.float32)
     t = tl.zeros([BLOCK_R], dtype=tl.float32)
     q = tl.zeros([BLOCK_R], dtype=tl.float32)
-    zsum = tl.zeros([BLOCK_R], dtype=tl.float32)
-    z_label = tl.zeros([BLOCK_R], dtype=tl.float32)
+    rsum = tl.zeros([BLOCK_R], dtype=tl.float32)
+    r_label = tl.zeros([BLOCK_R], dtype=tl.float32)
     left = tl.full([BLOCK_R], _NEG_INF, tl.float32)
     for s0 in range(0, splits, BLOCK_S):
         sp = s0 + tl.arange(0, BLOCK_S)
@@ -453,19 +495,21 @@ def _combine_kernel(
         q_b = tl.load(ptrs + 3 * step, mask=ok, other=0.0)
         m_new = tl.maximum(m, tl.max(m_b, axis=1))
         shift = tl.where(m_new == _NEG_INF, 0.0, m_new)
-        alpha = tl.exp2(m - shift)
-        beta = tl.exp2(m_b - shift[:, None])
-        d_b = tl.where(m_b == _NEG_INF, 0.0, m_b - shift[:, None])
-        t = alpha * (t + tl.where(m == _NEG_INF, 0.0, m - shift) * s) + tl.sum(beta * (t_b + d_b * s_b), axis=1)
+        d = (m - shift) * k2  # raw maxima: the differences are exact near the max
+        d_b = (m_b - shift[:, None]) * k2
+        alpha = tl.exp2(d)
+        beta = tl.exp2(d_b)
+        d_b = tl.where(m_b == _NEG_INF, 0.0, d_b)
+        t = alpha * (t + tl.where(m == _NEG_INF, 0.0, d) * s) + tl.sum(beta * (t_b + d_b * s_b), axis=1)
         q = q * (alpha * alpha) + tl.sum(beta * beta * q_b, axis=1)
         s = s * alpha + tl.sum(beta * s_b, axis=1)
         m = m_new
-        zsum += tl.sum(tl.load(ptrs + 4 * step, mask=ok, other=0.0), axis=1)
-        z_label += tl.sum(tl.load(ptrs + 5 * step, mask=ok, other=0.0), axis=1)
+        rsum += tl.sum(tl.load(ptrs + 4 * step, mask=ok, other=0.0), axis=1)
+        r_label += tl.sum(tl.load(ptrs + 5 * step, mask=ok, other=0.0), axis=1)
         left = tl.maximum(left, tl.max(tl.load(ptrs + 6 * step, mask=ok, other=_NEG_INF), axis=1))
     label = tl.load(labels_ptr + rows, mask=row_ok, other=0).to(tl.int64)
     m = tl.where(row_ok, m, 0.0)  # rows past the end: no -inf - -inf warnings
-    _finish(rows, row_ok, label, m, s, t, q, zsum, z_label - m, left - m, V, ignore_index,
+    _finish(rows, row_ok, label, m, s, t, q, rsum, r_label - m, left - m, k2, V, ignore_index,
             logp_ptr, ent_ptr, stats_ptr, lsq_ptr, mean_ptr, top1_ptr,
             WITH_ENTROPY, WITH_LSQ, WITH_MEAN, WITH_TOP1)
 
@@ -489,10 +533,11 @@ def _fused_dlogits_kernel(
     col_ok = local < width
     y = _logits_tile(x_ptr, w_ptr, b_ptr, rows, cols, col_ok, N, H, sxn, sxk, swv, swk,
                      HAS_BIAS, INTERPRET, PRECISION, BLOCK_N, BLOCK_V, BLOCK_K)
-    z, th = _transform(y, k_z, k_cap, k_in, HAS_CAP)
+    r = _raw(y, k_in, HAS_CAP)
     label = tl.load(labels_ptr + rows, mask=row_ok, other=-1).to(tl.int64)
-    m2 = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0) * _LOG2E
+    big_m = tl.load(stats_ptr + 2 * rows, mask=row_ok, other=0.0)
     ls2 = tl.load(stats_ptr + 2 * rows + 1, mask=row_ok, other=0.0) * _LOG2E
+    k = _k2(k_z, k_cap, HAS_CAP) * _LN2  # rounded as the forward's (see _finish)
     g_logp = tl.load(glogp_ptr + rows, mask=row_ok, other=0.0)
     g_ent = tl.zeros([BLOCK_N], tl.float32)
     ent = tl.zeros([BLOCK_N], tl.float32)
@@ -507,7 +552,7 @@ def _fused_dlogits_kernel(
         lsq2 = tl.load(lsq_ptr + rows, mask=row_ok, other=0.0) * _LOG2E
     if WITH_MEAN:
         g_mean_v = tl.load(gmean_ptr + rows, mask=row_ok, other=0.0) * inv_V
-    g = _grad_logits(z, th, cols[None, :] == label[:, None], m2[:, None], ls2[:, None],
+    g = _grad_logits(r, cols[None, :] == label[:, None], big_m[:, None], ls2[:, None], k,
                      g_logp[:, None], g_ent[:, None], ent[:, None], g_lsq[:, None], lsq2[:, None],
                      g_mean_v[:, None], k_grad, HAS_CAP, WITH_ENTROPY, WITH_LSQ, WITH_MEAN)
     ok = row_ok[:, None] & col_ok[None, :]
@@ -518,12 +563,19 @@ def _fused_dlogits_kernel(
 _LOG2E_F = 1.4426950408889634
 
 
+_TINY = 2.0**-125
+"""Least base-2 factor: fp32-normal also after ``* ln 2``. A factor that underflowed to 0 (a
+temperature past ~1e38) would make ``-inf * 0`` NaN; any tiny factor gives the same uniform
+distribution the true one does."""
+
+
 def _consts(p: dict) -> dict:
-    """The constants of ``_transform`` and ``_grad_logits`` for the options ``p``: ``z2 = k_z y``
-    or ``k_cap tanh(k_in y)`` (base 2), ``d z / d y = k_grad (1 - tanh^2)``."""
+    """The constants of ``_raw``, ``_k2`` and ``_grad_logits`` for the options ``p``: ``z2 =
+    k_z y`` or ``k_cap tanh(k_in y)`` (base 2), ``d z / d y = k_grad (1 - tanh^2)``."""
     k_grad = p["logit_scale"] / p["temperature"]
     cap = p["softcap"]
-    return {"k_z": k_grad * _LOG2E_F, "k_cap": 1.0 if cap is None else cap / p["temperature"] * _LOG2E_F,
+    return {"k_z": max(k_grad * _LOG2E_F, _TINY),
+            "k_cap": 1.0 if cap is None else max(cap / p["temperature"] * _LOG2E_F, _TINY),
             "k_in": 1.0 if cap is None else p["logit_scale"] / cap, "HAS_CAP": cap is not None}
 
 
@@ -576,13 +628,15 @@ def _or(x, default):
     return default if x is None else x
 
 
-def _config(dtype: torch.dtype) -> dict:
+def _config(dtype: torch.dtype, heavy: bool) -> dict:
     """Tiles of the fused design. Compiled: 128x128 output tiles (wgmma/mma friendly), K step
     64 for 16-bit inputs and 32 for fp32 (3 pipeline stages stay within an A100's shared
-    memory). Interpreter: smaller tiles, still >= 16 per dim as ``tl.dot`` requires."""
+    memory); ``heavy`` epilogues (soft-capping with log sum p^2 or the mean logit) take
+    64-row tiles, which keep them from spilling (sm_80 and sm_90). Interpreter: smaller
+    tiles, still >= 16 per dim as ``tl.dot`` requires."""
     if triton_interpreter():
         return {"BLOCK_N": 32, "BLOCK_V": 128, "BLOCK_K": 64, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": 64 if dtype.itemsize == 2 else 32,
+    return {"BLOCK_N": 64 if heavy else 128, "BLOCK_V": 128, "BLOCK_K": 64 if dtype.itemsize == 2 else 32,
             "num_warps": 8, "num_stages": 3}
 
 
@@ -607,14 +661,14 @@ def fused_forward_out(hidden, weight, bias, labels, p, outs):
     N, H = hidden.shape
     V = weight.shape[0]
     logp, ent, stats, lsq, mean, top1 = outs
-    cfg = _config(hidden.dtype)
+    c = _consts(p)
+    cfg = _config(hidden.dtype, c["HAS_CAP"] and (lsq.numel() > 0 or mean.numel() > 0))
     row_tiles = triton.cdiv(N, cfg["BLOCK_N"])
     v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
     splits = min(v_tiles, max(8, triton.cdiv(2 * _sm_count(hidden.device), row_tiles)))
     tiles_per_split = triton.cdiv(v_tiles, splits)
     splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
     part = hidden.new_empty((8, splits, N), dtype=torch.float32)
-    c = _consts(p)
     flags = {"WITH_ENTROPY": ent.numel() > 0, "WITH_LSQ": lsq.numel() > 0,
              "WITH_MEAN": mean.numel() > 0, "WITH_TOP1": top1.numel() > 0}
     _fused_fwd_kernel[(row_tiles * splits,)](
@@ -624,7 +678,7 @@ def fused_forward_out(hidden, weight, bias, labels, p, outs):
         **_common(hidden.dtype), **cfg)
     _combine_kernel[(triton.cdiv(N, 64),)](
         part, labels, logp, ent, stats, lsq, mean, top1, N, V, splits, splits * N,
-        p["ignore_index"], **flags, BLOCK_R=64, BLOCK_S=16)
+        p["ignore_index"], c["k_cap"] if c["HAS_CAP"] else c["k_z"], **flags, BLOCK_R=64, BLOCK_S=16)
 
 
 def fused_dlogits_out(dz, hidden, weight, bias, labels, stats, grads, v0, V, p):
@@ -633,8 +687,8 @@ def fused_dlogits_out(dz, hidden, weight, bias, labels, stats, grads, v0, V, p):
     n, w = dz.shape
     H = hidden.shape[1]
     g_logp, g_ent, ent, g_lsq, lsq, g_mean = grads
-    cfg = _config(hidden.dtype)
     c = _consts(p)
+    cfg = _config(hidden.dtype, c["HAS_CAP"] and (g_lsq is not None or g_mean is not None))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(w, cfg["BLOCK_V"]),)
     _fused_dlogits_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels, stats, g_logp,

@@ -93,8 +93,12 @@ def _token_logprobs_fwd_kernel(
     x_ptr, labels_ptr, logp_ptr, ent_ptr, stats_ptr,
     D1, sx0, sx1, V, lead, c, ignore_index,
     WITH_ENTROPY: tl.constexpr, ACC: tl.constexpr, VEC: tl.constexpr, BLOCK_V: tl.constexpr, R: tl.constexpr,
-    ALIGNED: tl.constexpr, FAST: tl.constexpr,
+    ALIGNED: tl.constexpr, FAST: tl.constexpr, PREFETCH: tl.constexpr,
 ):
+    """``PREFETCH``: each iteration of the full tiles' loop loads the next tile before folding
+    the current one, so that a thread has a tile's loads in flight while it computes. Measured
+    on an H200 (bf16, 16384 rows): without the entropy 52 -> 78 % of copy bandwidth at
+    V = 151936 and 54 -> 85 % at V = 262144; with it slower (60 -> 47 %), so only without."""
     row = tl.program_id(0).to(tl.int64)
     x_row, mis = _row_start(x_ptr, row, D1, sx0, sx1, lead, VEC, ALIGNED)
     offs = _tile_offsets(BLOCK_V, VEC, R)
@@ -106,9 +110,18 @@ def _token_logprobs_fwd_kernel(
     ok = (cols >= 0) & (cols < V)
     x = tl.load(x_row + offs, mask=ok, other=0.0).to(ACC)
     m, s, t = _fold(x, ok, m, s, t, c, True, WITH_ENTROPY, FAST)
-    for k in range(1, n_tiles - 1):  # full tiles: 128-bit loads, no mask
-        x = tl.load(x_row + k * BLOCK_V + offs).to(ACC)
-        m, s, t = _fold(x, ok, m, s, t, c, False, WITH_ENTROPY, FAST)
+    if PREFETCH:
+        if n_tiles > 2:
+            cur = tl.load(x_row + BLOCK_V + offs)
+            for k in range(2, n_tiles - 1):  # full tiles: 128-bit loads, no mask
+                nxt = tl.load(x_row + k * BLOCK_V + offs)
+                m, s, t = _fold(cur.to(ACC), ok, m, s, t, c, False, WITH_ENTROPY, FAST)
+                cur = nxt
+            m, s, t = _fold(cur.to(ACC), ok, m, s, t, c, False, WITH_ENTROPY, FAST)
+    else:
+        for k in range(1, n_tiles - 1):  # full tiles: 128-bit loads, no mask
+            x = tl.load(x_row + k * BLOCK_V + offs).to(ACC)
+            m, s, t = _fold(x, ok, m, s, t, c, False, WITH_ENTROPY, FAST)
     if n_tiles > 1:
         ok = (n_tiles - 1) * BLOCK_V + offs - mis < V
         x = tl.load(x_row + (n_tiles - 1) * BLOCK_V + offs, mask=ok, other=0.0).to(ACC)
@@ -253,7 +266,8 @@ def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, 
     _token_logprobs_fwd_kernel[(labels.numel(),)](
         base, labels.reshape(-1).contiguous(), logp, entropy, stats, D1, s0, s1, logits.shape[-1], lead,
         1.4426950408889634 / temperature, ignore_index,
-        WITH_ENTROPY=with_entropy, ACC=tl_acc(logp.dtype), ALIGNED=aligned, **_config(x))
+        WITH_ENTROPY=with_entropy, ACC=tl_acc(logp.dtype), ALIGNED=aligned, PREFETCH=not with_entropy,
+        **_config(x))
 
 
 def token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
