@@ -123,28 +123,70 @@ def test_clamps_extreme_log_ratios(backend):
 
 
 def _k3_exact(x: torch.Tensor) -> torch.Tensor:
-    """exp(-x) - 1 + x in fp64 by its series, to fp64 rounding for |x| < 1 (the last term, 1/27!, is
-    below 1e-28), summed from the smallest term up."""
+    """exp(-x) - 1 + x in fp64 by its series, to fp64 rounding for |x| <= 2 (the last term,
+    2**29 / 29!, is below 1e-22 of the value), summed from the smallest term up."""
     x = x.double()
-    return sum((-x) ** k * (1.0 / math.factorial(k)) for k in range(26, 1, -1))
+    return sum((-x) ** k * (1.0 / math.factorial(k)) for k in range(29, 1, -1))
+
+
+def _near_zero(dtype) -> torch.Tensor:
+    """Log-ratios from 1e-7 to the ends of k3's series range (-2, 1), both signs, densely
+    through it, and the values on either side of its ends (where the closed forms take over)."""
+    neg = -torch.logspace(-7, math.log10(1.999), 300, dtype=torch.float64)
+    pos = torch.logspace(-7, math.log10(0.999), 300, dtype=torch.float64)
+    dense = torch.linspace(-2, 1, 3001, dtype=torch.float64)
+    x = torch.cat([neg, pos, dense, torch.tensor([-0.113, 0.113], dtype=torch.float64)]).to(dtype)
+    ends = torch.tensor([-2.0, 1.0], dtype=dtype)
+    sides = [torch.nextafter(ends, ends + d) for d in (-1, 1)]
+    return torch.cat([x, ends, *sides]).to(DEVICE)
+
+
+def _exact(estimator: str, x: torch.Tensor):
+    """(value, d value / d x) in fp64, exact to an fp64 ulp."""
+    x = x.double()
+    return {"k1": (x, torch.ones_like(x)), "abs": (x.abs(), torch.sign(x)), "k2": (0.5 * x * x, x),
+            "k3": (_k3_exact(x), -torch.expm1(-x))}[estimator]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
-def test_k3_few_ulps_near_zero(backend, dtype):
+@pytest.mark.parametrize("estimator", ["k1", "abs", "k2", "k3"])
+def test_estimators_few_ulps_near_zero(backend, estimator, dtype):
     """k3 = exp(-x) - 1 + x cancels to nothing written directly near x = 0 (1e-5 relative error
-    at x = -0.11 in fp32): every backend is within a few ulps of the exact value there, and
-    its gradient 1 - exp(-x) too."""
-    mags = torch.logspace(-7, math.log10(0.99), 400, dtype=torch.float64)
-    x = torch.cat([mags, -mags, torch.tensor([-0.113, 0.113, 0.0], dtype=torch.float64)]).to(dtype).to(DEVICE)
+    at x = -0.11 in fp32): every estimator on every backend is within a few ulps, relative, of
+    the exact value there (k3 across its whole series range and just beyond its ends), its
+    gradient too, and so is the kl of kl_penalized_rewards."""
+    x = _near_zero(dtype)
     zero = torch.zeros_like(x)
     lp = x.clone().requires_grad_(True)
-    got = kl_penalty(lp, zero, estimator="k3", backend=backend)
+    got = kl_penalty(lp, zero, estimator=estimator, backend=backend)
     got.sum().backward()
     ulp = torch.finfo(dtype).eps
-    exact = _k3_exact(x)
-    assert ((got.double() - exact).abs() <= 4 * ulp * exact).all()
-    slope = -torch.expm1(-x.double())  # exact to an fp64 ulp
+    value, slope = _exact(estimator, x)
+    assert ((got.double() - value).abs() <= 4 * ulp * value.abs()).all()
     assert ((lp.grad.double() - slope).abs() <= 4 * ulp * slope.abs()).all()
+    _, kl = kl_penalized_rewards(torch.zeros(1, dtype=dtype, device=DEVICE), x[None], zero[None],
+                                 torch.ones_like(x[None]), kl_coef=0.1, estimator=estimator, backend=backend)
+    assert ((kl[0].double() - value).abs() <= 4 * ulp * value.abs()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=_dtype_id)
+def test_k3_far_from_zero_follows_the_exponential(backend, dtype):
+    """Beyond the series, k3 is a closed form whose error is the exponential's: against an fp64
+    closed form (exact to fp32's ulps), fp32 within a few ulps; fp64 (against itself) too. The
+    bound is wider for fp32 Triton on a GPU, whose exp is ex2.approx of x * log2(e) (an error
+    that grows with |x|)."""
+    x64 = torch.cat([torch.linspace(-20, -2, 301, dtype=torch.float64), torch.linspace(1, 20, 301, dtype=torch.float64)])
+    x = x64.to(dtype).to(DEVICE)
+    lp = x.clone().requires_grad_(True)
+    got = kl_penalty(lp, torch.zeros_like(x), estimator="k3", backend=backend)
+    got.sum().backward()
+    xd = x.double()
+    value = torch.where(xd >= 1, torch.exp(-xd) + (xd - 1), torch.expm1(-xd) + xd)
+    slope = -torch.expm1(-xd)
+    ulps = 4 if dtype == torch.float64 or DEVICE.type == "cpu" or backend != "triton" else 64
+    tol = ulps * torch.finfo(dtype).eps
+    assert ((got.double() - value).abs() <= tol * value).all()
+    assert ((lp.grad.double() - slope).abs() <= tol * slope.abs()).all()
 
 
 def test_abs_gradient_at_zero(backend):
