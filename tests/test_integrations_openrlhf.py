@@ -237,11 +237,16 @@ def test_policy_loss_without_mask_and_bf16(backend):
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"policy_loss_type": "gspo"}, "policy_loss_type"),
-    ({"is_correction_level": "token"}, "is_correction_level"),
+    ({"policy_loss_type": "grpo"}, "policy loss type"),
+    ({"is_correction_level": "batch"}, "is_correction_level"),
+    ({"is_correction_mode": "truncate"}, "is_correction_mode"),
+    ({"is_correction_gating": "kl"}, "is_correction_gating"),
+    ({"is_correction_level": "seq", "is_correction_mode": "clip"}, "is_correction_mode=clip"),
     ({"dual_clip": 1.0}, "dual_clip"),
 ])
-def test_policy_loss_unsupported_settings(kw, words):
+def test_policy_loss_bad_settings(kw, words):
+    """Options OpenRLHF 0.11.2 refuses are refused (``ValueError`` naming the option); every
+    option it accepts is covered (``test_integrations_openrlhf_peer.py``, against OpenRLHF)."""
     with pytest.raises(ValueError, match=words):
         fo.PolicyLoss(**kw)
 

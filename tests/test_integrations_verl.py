@@ -398,7 +398,7 @@ def _verl_stubs():
     """Stand-ins for verl's functions, one distinct object per name."""
     return {name: _stub(name) for name in ("compute_gae_advantage_return", "compute_policy_loss_vanilla",
                                            "compute_value_loss", "kl_penalty", "agg_loss", "logprobs_from_logits",
-                                           "masked_whiten", "grpo")}
+                                           "masked_whiten", "grpo", "opo")}
 
 
 @pytest.fixture
@@ -415,7 +415,8 @@ def fake_verl(monkeypatch):
                  "kl_penalty", "agg_loss"):
         setattr(core, name, stubs[name])
     core.POLICY_LOSS_REGISTRY = {"vanilla": stubs["compute_policy_loss_vanilla"]}
-    core.ADV_ESTIMATOR_REGISTRY = {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"]}
+    core.ADV_ESTIMATOR_REGISTRY = {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"],
+                                   "opo": stubs["opo"]}
     tf.logprobs_from_logits, tf.masked_whiten = stubs["logprobs_from_logits"], stubs["masked_whiten"]
     losses.kl_penalty, losses.agg_loss = stubs["kl_penalty"], stubs["agg_loss"]
     for name, mod in mods.items():
@@ -444,14 +445,16 @@ def test_register_override_swaps_and_undo_restores(fake_verl):
     with fv.register_with_verl(override=True):
         assert core.POLICY_LOSS_REGISTRY["vanilla"] is fv.compute_policy_loss_vanilla
         assert core.ADV_ESTIMATOR_REGISTRY["gae"] is fv.compute_gae_advantage_return
-        assert core.ADV_ESTIMATOR_REGISTRY["grpo"] is stubs["grpo"]
+        assert core.ADV_ESTIMATOR_REGISTRY["grpo"] is fv.compute_grpo_outcome_advantage
+        assert core.ADV_ESTIMATOR_REGISTRY["opo"] is stubs["opo"]  # not one fastrlhf computes: verl's stays
         for name in ("compute_gae_advantage_return", "compute_policy_loss_vanilla", "compute_value_loss",
                      "kl_penalty", "agg_loss"):
             assert getattr(core, name) is getattr(fv, name)
         assert tf.logprobs_from_logits is fv.logprobs_from_logits and tf.masked_whiten is fv.masked_whiten
         assert losses.kl_penalty is fv.kl_penalty and losses.agg_loss is fv.agg_loss
     assert core.POLICY_LOSS_REGISTRY == {"vanilla": stubs["compute_policy_loss_vanilla"]}
-    assert core.ADV_ESTIMATOR_REGISTRY == {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"]}
+    assert core.ADV_ESTIMATOR_REGISTRY == {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"],
+                                           "opo": stubs["opo"]}
     for mod, name in ((core, "kl_penalty"), (core, "compute_gae_advantage_return"), (tf, "masked_whiten"),
                       (losses, "agg_loss"), (tf, "logprobs_from_logits")):
         assert getattr(mod, name) is stubs[name]
