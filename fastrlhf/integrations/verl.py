@@ -11,6 +11,9 @@ Differences from verl, all deliberate:
   whitening with fewer than two valid elements does not scale (verl raises).
 * Masks are binary: a token counts where ``mask != 0``. verl multiplies by the mask, so
   fractional mask values act as weights there.
+* ``kl_penalty``'s ``low_var_kl`` (k3) is accurate to a few ulps near a log-ratio of 0, where
+  verl's ``exp(kl) - kl - 1`` cancels (in fp32 its relative error is 1e-4 at a log-ratio of
+  0.01, a few % at 0.001).
 """
 
 from __future__ import annotations
