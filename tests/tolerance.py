@@ -41,3 +41,9 @@ def assert_same_dtype_close(got, same, truth, dtype: torch.dtype, slack: float =
 def assert_close_fp64(got: torch.Tensor, want: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-4):
     """fp32 results against the fp64 reference, compared in fp64 (the losses' tolerance)."""
     torch.testing.assert_close(got.double(), want.double(), atol=atol, rtol=rtol)
+
+
+def assert_close_fp32(a, b, tol: float = 1e-5):
+    """Numbers or tensors compared in fp32, ``tol`` absolute and relative (the drop-ins against
+    transcriptions of the peers' formulas)."""
+    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=tol, rtol=tol)
