@@ -1,7 +1,8 @@
 // KL estimators, their gradient, and KL-penalized per-token rewards.
 //
 // Same semantics as fastrlhf/triton/kl.py. Math in fp32 (fp64 for fp64 inputs); a missing
-// clamp is +inf, which changes nothing. Estimators: 0 k1, 1 abs, 2 k2, 3 k3.
+// clamp is +inf, which changes nothing. Estimators: 0 k1, 1 abs, 2 k2, 3 k3 (kl_math.cuh: to a
+// few ulps relative near a log-ratio of 0, where exp(-x) - 1 + x written directly cancels).
 //
 // Every kernel takes its tokens kG at a time: kG = 4 with one 16-byte load per input (fp64:
 // two) and a 4-, 16- or 32-byte mask load when the inputs are in the accumulation dtype and
@@ -9,6 +10,7 @@
 // of each input in its own dtype. Masked tokens are loaded too and then dropped by a select
 // (never multiplied: NaN there never reaches an output), so no load waits on the mask.
 #include "common.cuh"
+#include "kl_math.cuh"
 
 namespace fastrlhf {
 namespace {
@@ -21,7 +23,7 @@ template <typename A> __device__ __forceinline__ A kl_value(A x, int estimator) 
     case 0: return x;
     case 1: return fabs(x);
     case 2: return A(0.5) * x * x;
-    default: return exp(-x) - A(1) + x;
+    default: return k3_value(x);
   }
 }
 
@@ -42,7 +44,7 @@ template <typename A> struct Estimator {
       case 0: d = A(1); break;
       case 1: d = x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0)); break;
       case 2: d = x; break;
-      default: d = A(1) - exp(-x); break;
+      default: d = k3_slope(x); break;
     }
     const bool active = fabs(lr) > log_ratio_clamp || fabs(kl_value(x, estimator)) > clamp;
     return active ? A(0) : d;

@@ -132,7 +132,7 @@ cudaError_t fastrlhf_group_advantages_fwd(fastrlhf_rows scores, int64_t n_groups
 
 /* ---------------------------------------------------------------------------------- kl */
 /* The estimate of x, the log-ratio logprobs - ref_logprobs clamped to +-log_ratio_clamp:
- * estimator 0 k1 (x), 1 abs (|x|), 2 k2 (x^2 / 2), 3 k3 (exp(-x) - 1 + x), then clamped to
+ * estimator 0 k1 (x), 1 abs (|x|), 2 k2 (x^2 / 2), 3 k3 (exp(-x) - 1 + x, kl_math.cuh), then clamped to
  * +-clamp. inf: no clamp. */
 typedef struct {
   int estimator;

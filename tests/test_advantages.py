@@ -1,6 +1,7 @@
 """gae / discounted_returns / masked_whiten / group_advantages against the naive reference."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -493,31 +494,36 @@ def _gae_call(**kw):
     return lambda: gae(args.pop("rewards"), args.pop("values"), args.pop("mask"), **args)
 
 
-@pytest.mark.parametrize("call, exc, words", [
-    (_gae_call(values=torch.randn(2, 6)), ValueError, r"values must have shape \(2, 5\)"),
-    (_gae_call(mask=torch.ones(5)), ValueError, "mask must have shape"),
-    (_gae_call(rewards=torch.randn(10)), ValueError, "rewards must have 2 dimension"),
-    (_gae_call(rewards=torch.ones(2, 5, dtype=torch.long)), TypeError, "rewards must have dtype"),
-    (_gae_call(values=[1.0]), TypeError, "values must be a torch.Tensor"),
-    (_gae_call(gamma=1.5), ValueError, r"gamma must be in \[0, 1\]"),
-    (_gae_call(lam=-0.1), ValueError, "lam must be in"),
-    (_gae_call(gamma="0.9"), TypeError, "gamma must be a Python float"),
-    (_gae_call(holes="drop"), ValueError, "holes must be one of"),
-    (_gae_call(backend="jax"), ValueError, "backend must be one of"),
-    (lambda: discounted_returns(torch.randn(2, 5), torch.ones(2, 4)), ValueError, "mask must have shape"),
-    (lambda: masked_whiten(torch.randn(3), torch.ones(4)), ValueError, "mask must have shape"),
-    (lambda: masked_whiten(torch.randn(3), torch.ones(3), eps=0.0), ValueError, "eps"),
-    (lambda: group_advantages(torch.randn(7), 3), ValueError, "not a multiple of group_size = 3"),
-    (lambda: group_advantages(torch.randn(6), 0), ValueError, "group_size must be >= 1"),
-    (lambda: group_advantages(torch.randn(6), 2.0), TypeError, "group_size must be a Python int"),
-    (lambda: group_advantages(torch.randn(2, 3), 3), ValueError, "scores must have 1 dimension"),
-    (lambda: group_advantages(torch.randn(6), 3, method="ppo"), ValueError, "method must be one of"),
-    (lambda: group_advantages(torch.randn(6), 3, eps=0.0), ValueError, "eps must be"),
-])
-def test_bad_input(call, exc, words):
-    with pytest.raises(exc, match=words):
-        call()
+BAD_INPUTS = {
+    "values-wrong-shape": (_gae_call(values=torch.randn(2, 6)), ValueError, "values must have shape (2, 5)"),
+    "mask-wrong-shape": (_gae_call(mask=torch.ones(5)), ValueError, "mask must have shape"),
+    "rewards-1d": (_gae_call(rewards=torch.randn(10)), ValueError, "rewards must have 2 dimension"),
+    "rewards-int": (_gae_call(rewards=torch.ones(2, 5, dtype=torch.long)), TypeError, "rewards must have dtype"),
+    "values-list": (_gae_call(values=[1.0]), TypeError, "values must be a torch.Tensor"),
+    "gamma-above-1": (_gae_call(gamma=1.5), ValueError, "gamma must be in [0, 1]"),
+    "lam-negative": (_gae_call(lam=-0.1), ValueError, "lam must be in"),
+    "gamma-string": (_gae_call(gamma="0.9"), TypeError, "gamma must be a Python float"),
+    "holes-unknown": (_gae_call(holes="drop"), ValueError, "holes must be one of"),
+    "backend-unknown": (_gae_call(backend="jax"), ValueError, "backend must be one of"),
+    "returns-mask-wrong-shape": (lambda: discounted_returns(torch.randn(2, 5), torch.ones(2, 4)), ValueError,
+                                 "mask must have shape"),
+    "whiten-mask-wrong-shape": (lambda: masked_whiten(torch.randn(3), torch.ones(4)), ValueError,
+                                "mask must have shape"),
+    "whiten-eps-zero": (lambda: masked_whiten(torch.randn(3), torch.ones(3), eps=0.0), ValueError, "eps"),
+    "group-size-not-dividing": (lambda: group_advantages(torch.randn(7), 3), ValueError,
+                                "not a multiple of group_size = 3"),
+    "group-size-zero": (lambda: group_advantages(torch.randn(6), 0), ValueError, "group_size must be >= 1"),
+    "group-size-float": (lambda: group_advantages(torch.randn(6), 2.0), TypeError, "group_size must be a Python int"),
+    "scores-2d": (lambda: group_advantages(torch.randn(2, 3), 3), ValueError, "scores must have 1 dimension"),
+    "method-unknown": (lambda: group_advantages(torch.randn(6), 3, method="ppo"), ValueError, "method must be one of"),
+    "group-eps-zero": (lambda: group_advantages(torch.randn(6), 3, eps=0.0), ValueError, "eps must be"),
+}
 
+
+@pytest.mark.parametrize("call, exc, words", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        call()
 
 
 # --------------------------------------------------------------- torch.library / compile

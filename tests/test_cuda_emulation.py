@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from fastrlhf.reference import logprobs as ref
+from tests.tolerance import assert_same_dtype_close, max_error
 
 F32, F64 = np.float32, np.float64
 LOG2E, LN2 = 1.44269504088896340736, 0.69314718055994530942
@@ -305,20 +306,13 @@ def _reference(logits, labels, g1, g2, temperature):
     return lp.detach(), ent.detach(), x.grad
 
 
-def _err(a, b):
-    a, b = a.double(), b.double()
-    both = torch.isnan(a) & torch.isnan(b)
-    assert torch.equal(torch.isnan(a), torch.isnan(b)), (a, b)
-    return (a - b).abs().masked_fill(both, 0).max().item()
-
-
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 @pytest.mark.parametrize("N, V", GRID, ids=lambda v: str(v))
 def test_logprobs_emulation_matches_reference(N, V, dtype, temperature):
-    """The emulated kernels against the fp64 reference with the rule of tests/test_logprobs.py
-    (fp32: absolute 2e-4; bf16/fp16: at most 2x the same-dtype reference's error plus one
-    rounding), for rows starting at every offset from a 16-byte boundary."""
+    """The emulated kernels against the fp64 reference with the rules of tests/test_logprobs.py
+    (fp32: absolute 2e-4; bf16/fp16: tests/tolerance.py's), for rows starting at every offset
+    from a 16-byte boundary."""
     logits, labels = _case(N, V, dtype)
     kN = pack_elems(dtype)
     offsets = [(3 * r + 1) % kN for r in range(N)]
@@ -329,16 +323,11 @@ def test_logprobs_emulation_matches_reference(N, V, dtype, temperature):
     torch.testing.assert_close(stats.double(), ref.row_stats(logits.double(), temperature), atol=1e-5, rtol=1e-5)
     dx = emulate_bwd(g1, g2, logits, labels, stats, ent, temperature)
     got = (lp, ent, dx)
-    if dtype == torch.float64:
+    if dtype in (torch.float64, torch.float32):
         for a, b in zip(got, truth):
-            assert _err(a, b) < 1e-10
-    elif dtype == torch.float32:
-        for a, b in zip(got, truth):
-            assert _err(a, b) < 2e-4
+            assert max_error(a, b) < (1e-10 if dtype == torch.float64 else 2e-4)
     else:
-        same = _reference(logits, labels, g1, g2, temperature)
-        for a, b, t in zip(got, truth, same):
-            assert _err(a, b) <= 2 * _err(t, b) + torch.finfo(dtype).eps * b.abs().nan_to_num(0).max().item() + 1e-6
+        assert_same_dtype_close(got, _reference(logits, labels, g1, g2, temperature), truth, dtype)
     ignored = labels == -100
     assert (lp[ignored] == 0).all() and (ent[ignored] == 0).all() and (dx[ignored] == 0).all()
     assert torch.isnan(lp[0]) and (lp[1:].nan_to_num(0) <= 0).all()
@@ -370,7 +359,7 @@ def test_logprobs_emulation_extreme_logits(temperature):
     for a, b, s in zip((lp, ent, dx), want, same):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
-        assert _err(a, b) <= 2 * _err(s, b) + 1e-6  # no worse than fp32 torch
+        assert max_error(a, b) <= 2 * max_error(s, b) + 1e-6  # no worse than fp32 torch (no rounding term)
     assert lp[2] == 0 and ent[2] == 0
     assert abs(ent[3].item() - math.log(V)) < 1e-4
     # m + log s is the row's log-sum-exp to fp32 precision, however large the logits

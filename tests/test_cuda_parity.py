@@ -11,6 +11,7 @@ large shapes (V = 151936, N * V > 2**31).
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -332,7 +333,7 @@ def test_logprobs_bad_input_in_cpp():
         op(logits, labels.float(), 1.0, -100, False, out, out, stats)
     with pytest.raises(TypeError, match="stats must have dtype float32, got float16"):
         op(logits, labels, 1.0, -100, False, out, out, stats.half())
-    with pytest.raises(ValueError, match=r"stats must have shape \[2, 2\], got \[2\]"):
+    with pytest.raises(ValueError, match=re.escape("stats must have shape [2, 2], got [2]")):
         op(logits, labels, 1.0, -100, False, out, out, out)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         op(logits, labels, 0.0, -100, False, out, out, stats)
@@ -586,11 +587,11 @@ def test_gae_bad_input_in_cpp():
     r = torch.randn(2, 300, device=DEVICE)
     m = torch.ones(2, 300, device=DEVICE)
     out, maps = torch.empty_like(r), torch.empty(2, 3, 5, device=DEVICE)
-    with pytest.raises(ValueError, match="threads must be a power of two in \\[32, 512\\], got 48"):
+    with pytest.raises(ValueError, match=re.escape("threads must be a power of two in [32, 512], got 48")):
         op(r, r, m, 0.99, 0.95, True, 48, 128, out, out, maps)
     with pytest.raises(ValueError, match="chunk must be >= 1, got 0"):
         op(r, r, m, 0.99, 0.95, True, 32, 0, out, out, maps)
-    with pytest.raises(ValueError, match=r"maps must have shape \[2, 5, 5\], got \[2, 3, 5\]"):
+    with pytest.raises(ValueError, match=re.escape("maps must have shape [2, 5, 5], got [2, 3, 5]")):
         op(r, r, m, 0.99, 0.95, True, 32, 64, out, out, maps)
     with pytest.raises(TypeError, match="maps must have dtype float32, got float64"):
         op(r, r, m, 0.99, 0.95, True, 32, 128, out, out, maps.double())

@@ -1,6 +1,7 @@
 """dpo_loss / bradley_terry_loss / choice_loss: every backend against the naive reference."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -327,33 +328,48 @@ def _p(n=3, dtype=torch.float32):
     return torch.randn(n, dtype=dtype)
 
 
-@pytest.mark.parametrize("call, exc, words", [
-    (lambda: dpo_loss(_p(), _p(4), _p(), _p()), ValueError, r"policy_rejected must have shape \(3,\)"),
-    (lambda: dpo_loss(_p(), _p(), _p(), torch.ones(3, dtype=torch.long)), TypeError, "ref_rejected must have dtype"),
-    (lambda: dpo_loss(_p(), _p(), [0.0], _p()), TypeError, "ref_chosen must be a torch.Tensor"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), beta=0.0), ValueError, "beta must be a finite number > 0"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), beta=float("inf")), ValueError, "beta"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="kto"), ValueError, "loss_type must be one of"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="robust", label_smoothing=0.5), ValueError,
-     r"label_smoothing for loss_type='robust' must be in \[0, 0.5\)"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), label_smoothing=-0.1), ValueError, "label_smoothing"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="exo_pair", label_smoothing=1.0), ValueError,
-     "label_smoothing"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), label_smoothing="0.1"), TypeError, "label_smoothing must be"),
-    (lambda: dpo_loss(_p(), _p(), _p(), _p(), backend="jax"), ValueError, "backend must be one of"),
-    (lambda: bradley_terry_loss(_p(), _p(2)), ValueError, "rejected_rewards must have shape"),
-    (lambda: bradley_terry_loss(_p(), _p(), margin=_p(2)), ValueError, "margin must have shape"),
-    (lambda: bradley_terry_loss(_p(), _p(), margin=float("nan")), ValueError, "margin must be finite"),
-    (lambda: choice_loss(torch.randn(3, 4), torch.zeros(2, dtype=torch.long)), ValueError, "chosen_index must have shape"),
-    (lambda: choice_loss(torch.randn(3, 4), torch.zeros(3)), TypeError, "chosen_index must have dtype"),
-    (lambda: choice_loss(torch.randn(12), torch.zeros(3, dtype=torch.long)), ValueError, "rewards must have 2"),
-    (lambda: choice_loss(torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError, "K >= 1"),
-    (lambda: choice_loss(torch.randn(4, 3).t(), torch.zeros(3, dtype=torch.long)), ValueError, "unit stride"),
-])
-def test_bad_input(call, exc, words):
-    with pytest.raises(exc, match=words):
-        call()
+BAD_INPUTS = {
+    "policy-rejected-wrong-shape": (lambda: dpo_loss(_p(), _p(4), _p(), _p()), ValueError,
+                                    "policy_rejected must have shape (3,)"),
+    "ref-rejected-int": (lambda: dpo_loss(_p(), _p(), _p(), torch.ones(3, dtype=torch.long)), TypeError,
+                         "ref_rejected must have dtype"),
+    "ref-chosen-list": (lambda: dpo_loss(_p(), _p(), [0.0], _p()), TypeError, "ref_chosen must be a torch.Tensor"),
+    "beta-zero": (lambda: dpo_loss(_p(), _p(), _p(), _p(), beta=0.0), ValueError, "beta must be a finite number > 0"),
+    "beta-inf": (lambda: dpo_loss(_p(), _p(), _p(), _p(), beta=float("inf")), ValueError, "beta"),
+    "loss-type-unknown": (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="kto"), ValueError,
+                          "loss_type must be one of"),
+    "robust-smoothing-half": (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="robust", label_smoothing=0.5),
+                              ValueError, "label_smoothing for loss_type='robust' must be in [0, 0.5)"),
+    "smoothing-negative": (lambda: dpo_loss(_p(), _p(), _p(), _p(), label_smoothing=-0.1), ValueError,
+                           "label_smoothing"),
+    "exo-smoothing-one": (lambda: dpo_loss(_p(), _p(), _p(), _p(), loss_type="exo_pair", label_smoothing=1.0),
+                          ValueError, "label_smoothing"),
+    "smoothing-string": (lambda: dpo_loss(_p(), _p(), _p(), _p(), label_smoothing="0.1"), TypeError,
+                         "label_smoothing must be"),
+    "backend-unknown": (lambda: dpo_loss(_p(), _p(), _p(), _p(), backend="jax"), ValueError, "backend must be one of"),
+    "bt-rejected-wrong-shape": (lambda: bradley_terry_loss(_p(), _p(2)), ValueError,
+                                "rejected_rewards must have shape"),
+    "bt-margin-wrong-shape": (lambda: bradley_terry_loss(_p(), _p(), margin=_p(2)), ValueError,
+                              "margin must have shape"),
+    "bt-margin-nan": (lambda: bradley_terry_loss(_p(), _p(), margin=float("nan")), ValueError,
+                      "margin must be finite"),
+    "chosen-index-wrong-shape": (lambda: choice_loss(torch.randn(3, 4), torch.zeros(2, dtype=torch.long)),
+                                 ValueError, "chosen_index must have shape"),
+    "chosen-index-float": (lambda: choice_loss(torch.randn(3, 4), torch.zeros(3)), TypeError,
+                           "chosen_index must have dtype"),
+    "choice-rewards-1d": (lambda: choice_loss(torch.randn(12), torch.zeros(3, dtype=torch.long)), ValueError,
+                          "rewards must have 2"),
+    "choice-no-candidates": (lambda: choice_loss(torch.randn(3, 0), torch.zeros(3, dtype=torch.long)), ValueError,
+                             "K >= 1"),
+    "choice-rewards-strided": (lambda: choice_loss(torch.randn(4, 3).t(), torch.zeros(3, dtype=torch.long)),
+                               ValueError, "unit stride"),
+}
 
+
+@pytest.mark.parametrize("call, exc, words", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input(call, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        call()
 
 
 # --------------------------------------------------------------- torch.library / compile

@@ -13,6 +13,7 @@ import torch
 import fastrlhf
 from fastrlhf.integrations import openrlhf as fo
 from tests.conftest import DEVICE
+from tests.tolerance import assert_close_fp32
 
 
 # --------------------------------------------- transcription of OpenRLHF 0.11.2 (reference)
@@ -119,10 +120,6 @@ def _grads(fn, *inputs):
     return out, [x.grad for x in leaves]
 
 
-def _close(a, b, tol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=tol, rtol=tol)
-
-
 COUNTS = {"local": {}, "global": {"dp_size": 2, "batch_num_tokens": 37, "global_batch_size": 7},
           "tensors": {"dp_size": 4, "batch_num_tokens": torch.tensor(50.0), "global_batch_size": torch.tensor(9)}}
 
@@ -143,9 +140,9 @@ def test_compute_approx_kl_matches_openrlhf(backend, estimator, unbiased, old):
         value = fo.compute_approx_kl(logp, base, log_probs_old=old_lp, kl_estimator=estimator,
                                      unbiased_gradient=unbiased)
     _, grads_want = _grads(lambda a, b: (orl_approx_kl(a, b, old_lp, estimator, unbiased) * g).sum(), logp, base)
-    _close(value, orl_approx_kl(logp, base, old_lp, estimator, unbiased), 1e-4)
+    assert_close_fp32(value, orl_approx_kl(logp, base, old_lp, estimator, unbiased), 1e-4)
     for a, b in zip(grads, grads_want):
-        _close(a, b, 1e-4)
+        assert_close_fp32(a, b, 1e-4)
 
 
 def test_compute_approx_kl_bf16_and_bad_estimator(backend):
@@ -153,7 +150,7 @@ def test_compute_approx_kl_bf16_and_bad_estimator(backend):
     with fastrlhf.use_backend(backend):
         got = fo.compute_approx_kl(logp, base, kl_estimator="k3")
     assert got.dtype == torch.float32
-    _close(got, orl_approx_kl(logp, base, kl_estimator="k3"))
+    assert_close_fp32(got, orl_approx_kl(logp, base, kl_estimator="k3"))
     with pytest.raises(ValueError, match="kl_estimator"):
         fo.compute_approx_kl(logp, base, kl_estimator="abs")
 
@@ -168,7 +165,7 @@ def test_compute_reward_matches_openrlhf(backend, kind, kl_coef, clip):
     mask = _mask(B, T, kind)
     with fastrlhf.use_backend(backend):
         got = fo.compute_reward(r, kl_coef, kl, action_mask=mask, reward_clip_range=clip)
-    _close(got, orl_compute_reward(r, kl_coef, kl, mask, clip))  # masked positions and empty rows included
+    assert_close_fp32(got, orl_compute_reward(r, kl_coef, kl, mask, clip))  # masked positions and empty rows included
     assert not got.requires_grad
 
 
@@ -187,8 +184,8 @@ def test_gae_matches_openrlhf(backend, kind, gamma, lambd):
     with fastrlhf.use_backend(backend):
         adv, ret = fo.get_advantages_and_returns(values, rewards, mask, gamma, lambd)
     adv_want, ret_want = orl_gae(values, rewards, mask, gamma, lambd)
-    _close(adv, adv_want)  # every position: OpenRLHF's recurrence also runs over masked tokens
-    _close(ret, ret_want)
+    assert_close_fp32(adv, adv_want)  # every position: OpenRLHF's recurrence also runs over masked tokens
+    assert_close_fp32(ret, ret_want)
 
 
 def test_gae_without_mask_and_single_token(backend):
@@ -198,7 +195,7 @@ def test_gae_without_mask_and_single_token(backend):
         one = fo.get_advantages_and_returns(values[:, :1], rewards[:, :1], None, 0.99, 0.9)
     for a, b in zip(got + one, orl_gae(values, rewards, None, 0.99, 0.9) +
                     orl_gae(values[:, :1], rewards[:, :1], None, 0.99, 0.9)):
-        _close(a, b)
+        assert_close_fp32(a, b)
 
 
 # ---------------------------------------------------------------------------------- losses
@@ -221,8 +218,8 @@ def test_policy_loss_matches_openrlhf(backend, dual_clip, token_level, counts):
                                                            **COUNTS[counts]), logp)
     assert len(got) == 5 and got[3] is None and got[4] is None
     for a, b in zip(got[:3], want):
-        _close(a, b)
-    _close(grad, grad_want)
+        assert_close_fp32(a, b)
+    assert_close_fp32(grad, grad_want)
     assert want[1] > 0 and want[2].abs() > 1  # clipping and the unclamped ppo_kl are exercised
 
 
@@ -233,15 +230,20 @@ def test_policy_loss_without_mask_and_bf16(backend):
     want = orl_policy_loss(logp.float(), old.float(), adv.float(), None)
     assert got[0].dtype == torch.float32
     for a, b in zip(got[:3], want):
-        _close(a, b)
+        assert_close_fp32(a, b)
 
 
 @pytest.mark.parametrize("kw, words", [
-    ({"policy_loss_type": "gspo"}, "policy_loss_type"),
-    ({"is_correction_level": "token"}, "is_correction_level"),
+    ({"policy_loss_type": "grpo"}, "policy loss type"),
+    ({"is_correction_level": "batch"}, "is_correction_level"),
+    ({"is_correction_mode": "truncate"}, "is_correction_mode"),
+    ({"is_correction_gating": "kl"}, "is_correction_gating"),
+    ({"is_correction_level": "seq", "is_correction_mode": "clip"}, "is_correction_mode=clip"),
     ({"dual_clip": 1.0}, "dual_clip"),
 ])
-def test_policy_loss_unsupported_settings(kw, words):
+def test_policy_loss_bad_settings(kw, words):
+    """Options OpenRLHF 0.11.2 refuses are refused (``ValueError`` naming the option); every
+    option it accepts is covered (``test_integrations_openrlhf_peer.py``, against OpenRLHF)."""
     with pytest.raises(ValueError, match=words):
         fo.PolicyLoss(**kw)
 
@@ -259,8 +261,8 @@ def test_value_loss_matches_openrlhf(backend, clip_eps, token_level, counts):
         got, (grad,) = _grads(lambda v: module(v, old, returns, mask, **COUNTS[counts]), values)
     want, (grad_want,) = _grads(lambda v: orl_value_loss(v, old, returns, mask, clip_eps, token_level,
                                                          **COUNTS[counts]), values)
-    _close(got, want)
-    _close(grad, grad_want)
+    assert_close_fp32(got, want)
+    assert_close_fp32(grad, grad_want)
 
 
 def test_all_masked_batch_gives_zero_not_nan(backend):

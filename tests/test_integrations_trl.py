@@ -3,6 +3,10 @@
 Every parity test runs the installed TRL (``pip install trl``; they skip without it).
 TRL 1.16 computes its DPO losses inline in ``DPOTrainer._compute_loss``, so ``dpo_loss`` is
 compared with that method run on a stand-in trainer and model (the ``trl_dpo`` fixture).
+TRL's unit tests of these functions are not in its package; these are their parity tests.
+The fused LM head (``FusedLMHead``) is compared with ``trl.kernels.ChunkedLogProbFunction``,
+and :func:`patch_trl` with real one-step runs of TRL's trainers on a tiny local model
+(``tests/test_integrations_trl_trainers.py``).
 """
 
 import sys
@@ -14,7 +18,8 @@ import torch
 import fastrlhf
 from fastrlhf.backend import has_kernels
 from fastrlhf.integrations import trl as ft
-from tests.conftest import DEVICE
+from tests.conftest import BACKENDS, DEVICE
+from tests.tolerance import assert_same_dtype_close, max_error
 
 
 @pytest.fixture(scope="module")
@@ -36,17 +41,15 @@ def _value_and_grad(fn, logits, *args, grad=None, **kw):
     return out.detach(), x.grad, g
 
 
-def _err(a, b):
-    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
-
-
 def _assert_parity(ours, trl, truth, dtype):
-    """fp32: TRL's numbers. bf16/fp16: at most 2x TRL's error against fp64, plus one rounding."""
+    """TRL's dtypes. fp32: TRL's numbers. bf16/fp16: at most 2x TRL's error against fp64, plus
+    one rounding."""
     for a, b, t in zip(ours, trl, truth):
+        assert a.dtype == b.dtype
         if dtype == torch.float32:
             torch.testing.assert_close(a.to(b.dtype), b, atol=2e-5, rtol=1e-5)
         else:
-            assert _err(a, t) <= 2 * _err(b, t) + torch.finfo(dtype).eps * t.abs().max().item() + 1e-6
+            assert_same_dtype_close(a, b, t, dtype)
 
 
 # Vocabularies: tiny, odd, and a little above a power of two; rows: one, a few, a prime.
@@ -66,7 +69,7 @@ def test_selective_log_softmax_matches_trl(tu, backend, shape, dtype, temperatur
     index = torch.randint(0, shape[-1], shape[:-1], device=DEVICE)
     with fastrlhf.use_backend(backend):
         ours = _value_and_grad(ft.selective_log_softmax, logits, index, temperature=temperature)
-    assert ours[0].dtype == torch.float32 and ours[1].dtype == dtype
+    assert ours[0].dtype == dtype and ours[1].dtype == dtype  # TRL's contract: the logits' dtype
     trl = _value_and_grad(tu.selective_log_softmax, logits, index, grad=ours[2], temperature=temperature)
     truth = _value_and_grad(tu.selective_log_softmax, logits.double(), index, grad=ours[2],
                             temperature=temperature)
@@ -153,6 +156,28 @@ def test_entropy_of_masked_vocabulary_is_finite(backend):
         torch.testing.assert_close(got, ft.entropy_from_logits(logits[..., :6].contiguous()))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_out_dtype_keeps_the_fp32_result(backend, dtype):
+    """TRL's contract rounds the fp32 result once to the logits' dtype; ``out_dtype=torch.float32``
+    returns it unrounded (the same numbers before the rounding), with the same gradients."""
+    logits = _logits((3, 4, 70), dtype)
+    index = torch.randint(0, 70, (3, 4), device=DEVICE)
+    index_k = torch.randint(0, 70, (3, 4, 3), device=DEVICE)
+    with fastrlhf.use_backend(backend):
+        calls = [(ft.selective_log_softmax, (index,)), (ft.selective_log_softmax, (index_k,)),
+                 (ft.entropy_from_logits, ()),
+                 (lambda x, i, **kw: ft.selective_log_softmax_and_entropy(x, i, **kw)[1], (index,))]
+        for fn, args in calls:
+            rounded = fn(logits, *args)
+            full = fn(logits, *args, out_dtype=torch.float32)
+            assert rounded.dtype == dtype and full.dtype == torch.float32
+            torch.testing.assert_close(full.to(dtype), rounded, atol=0, rtol=0)
+        lp, ent = ft.selective_log_softmax_and_entropy(logits, index, out_dtype=torch.float32)
+        assert lp.dtype == ent.dtype == torch.float32
+    with pytest.raises(TypeError, match="out_dtype"):
+        ft.selective_log_softmax(logits, index, out_dtype=torch.int64)
+
+
 @pytest.mark.parametrize("entropy_requires_grad", [True, False])
 def test_selective_log_softmax_and_entropy_matches_trl(tu, backend, entropy_requires_grad):
     logits = _logits((3, 4, 50), torch.float32)
@@ -222,15 +247,21 @@ def test_patch_trl_installs_and_undo_restores(tu):
     try:
         assert ft.patch_trl() is patch  # idempotent
         for name in originals:
-            assert getattr(tu, name) is getattr(ft, name)
-        assert orpo.selective_log_softmax is ft.selective_log_softmax  # bound at its import
+            assert getattr(tu, name).__wrapped__ is getattr(ft, name)  # counting wrappers
+        assert orpo.selective_log_softmax is tu.selective_log_softmax  # bound at its import
         import trl.experimental.a2po.a2po_trainer as a2po  # imported after the patch
 
-        assert a2po.selective_log_softmax is ft.selective_log_softmax
+        assert a2po.selective_log_softmax is tu.selective_log_softmax
+        import trl.kernels
+
+        assert isinstance(tu._ChunkedLogProbFunction, ft.FusedLMHead)  # the trainers' fused LM head
+        assert trl.kernels.ChunkedLogProbFunction is tu._ChunkedLogProbFunction is patch.head
     finally:
         patch.undo()
     for name, fn in originals.items():
         assert getattr(tu, name) is fn
+    assert tu._ChunkedLogProbFunction is trl.kernels.ChunkedLogProbFunction
+    assert not isinstance(tu._ChunkedLogProbFunction, ft.FusedLMHead)
     assert orpo.selective_log_softmax is orpo_original
     assert a2po.selective_log_softmax is orpo_original
     patch.undo()  # twice is harmless
@@ -239,8 +270,8 @@ def test_patch_trl_installs_and_undo_restores(tu):
 
 @pytest.mark.filterwarnings("ignore:You are importing from 'trl.experimental'")
 def test_patched_trl_function_gives_fastrlhf_numbers(tu):
-    """ORPO's own ``get_batch_logps`` (TRL code) runs fastrlhf's log-probs when patched:
-    fp32 numbers from bf16 logits, equal to fastrlhf's; TRL's bf16 ones after undo."""
+    """ORPO's own ``get_batch_logps`` (TRL code) runs fastrlhf's log-probs when patched (counted),
+    in TRL's dtype (bf16 from bf16 logits), equal to fastrlhf's."""
     import trl.experimental.orpo.orpo_trainer as orpo
 
     logits = _logits((2, 6, 40), torch.bfloat16)
@@ -249,13 +280,16 @@ def test_patched_trl_function_gives_fastrlhf_numbers(tu):
     shifted = labels[:, 1:]
     mask = shifted != -100
     want = (ft.selective_log_softmax(logits[:, :-1], torch.where(mask, shifted, 0)) * mask).sum(-1)
-    with ft.patch_trl():
+    with ft.patch_trl() as patch:
         got = orpo.ORPOTrainer.get_batch_logps(logits, labels)
         ent = tu.selective_log_softmax_and_entropy(logits, labels.clamp(min=0))[1]
-    assert got.dtype == torch.float32 and ent.dtype == torch.float32
+        assert patch.calls["selective_log_softmax"] == 1 and patch.calls["selective_log_softmax_and_entropy"] == 1
+    assert got.dtype == torch.bfloat16 and ent.dtype == torch.bfloat16
     torch.testing.assert_close(got, want, atol=0, rtol=0)
     torch.testing.assert_close(ent, ft.entropy_from_logits(logits), atol=0, rtol=0)
-    assert orpo.ORPOTrainer.get_batch_logps(logits, labels).dtype == torch.bfloat16
+    assert patch.calls["selective_log_softmax"] == 1  # not counted after undo
+    orpo.ORPOTrainer.get_batch_logps(logits, labels)
+    assert patch.calls["selective_log_softmax"] == 1
 
 
 def test_patch_trl_without_trl(monkeypatch):
@@ -263,6 +297,156 @@ def test_patch_trl_without_trl(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)  # None in sys.modules: the import fails
     with pytest.raises(ImportError, match="pip install trl"):
         ft.patch_trl()
+
+
+# ---------------------------------------------------------------------------- fused LM head
+ALL_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _head_run(fn, hidden, weight, bias, targets, g, **kw):
+    """``fn``'s five outputs and the gradients of ``sum(g0 * logp + g1 * entropy)``."""
+    leaves = [x.detach().clone().requires_grad_(True) if x is not None else None for x in (hidden, weight, bias)]
+    # positional: TRL's autograd.Function takes no keywords
+    outs = fn(leaves[0], leaves[1], leaves[2], targets, kw.get("temperature", 1.0), 64,
+              kw.get("final_logit_softcapping"), kw.get("logit_scale", 1.0), kw["outputs"])
+    total = (outs[0] * g[0]).sum()
+    if outs[1] is not None:
+        total = total + (outs[1] * g[1]).sum()
+    total.backward()
+    return [None if o is None else o.detach() for o in outs], [None if x is None else x.grad for x in leaves]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("case", ["plain", "softcap-scale-bias", "temperature"])
+def test_fused_lm_head_matches_trl(backend, dtype, case):
+    """Every output and gradient of TRL's ``ChunkedLogProbFunction`` (``outputs`` all five): fp32
+    equal to TRL's; bf16 at most 2x TRL's error against fp64 (TRL rounds each logit tile to bf16,
+    fastrlhf keeps the logits in fp32, so it is usually the closer one)."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    N, H, V = 29, 24, 130  # odd sizes: blocks of rows and vocabulary with tails
+    hidden = torch.randn(N, H, device=DEVICE).to(dtype)
+    weight = (torch.randn(V, H, device=DEVICE) * 0.5).to(dtype)
+    bias = (torch.randn(V, device=DEVICE) * 0.5).to(dtype) if case == "softcap-scale-bias" else None
+    targets = torch.randint(0, V, (N,), device=DEVICE)
+    kw = {"temperature": 0.7} if case == "temperature" else {}
+    if case == "softcap-scale-bias":
+        kw.update(final_logit_softcapping=5.0, logit_scale=0.8)
+    g = torch.randn(2, N, device=DEVICE)
+    head = ft.FusedLMHead(backend=backend)
+    ours = _head_run(head.apply, hidden, weight, bias, targets, g, outputs=ALL_OUTPUTS, **kw)
+    assert head.calls == 1
+    trl = _head_run(ChunkedLogProbFunction.apply, hidden, weight, bias, targets, g, outputs=ALL_OUTPUTS, **kw)
+    truth = _head_run(ChunkedLogProbFunction.apply, hidden.double(), weight.double(),
+                      None if bias is None else bias.double(), targets, g, outputs=ALL_OUTPUTS, **kw)
+    assert torch.equal(ours[0][4], trl[0][4]) if dtype == torch.float32 else ours[0][4].dtype == torch.bool
+    for a, b, t in zip(ours[0][:4] + ours[1], trl[0][:4] + trl[1], truth[0][:4] + truth[1]):
+        if a is None:
+            assert b is None
+            continue
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, atol=3e-5, rtol=1e-4)
+        else:
+            # the rule of tests/tolerance.py with a wider rounding term (1e-2): a GEMM in the dtype
+            assert max_error(a, t) <= 2 * max_error(b, t) + 1e-2 * t.abs().max().item() + 1e-6
+
+
+@pytest.mark.parametrize("outputs", [("log_probs",), ("log_probs", "entropy"), ("log_probs", "is_top1"),
+                                     ("log_probs", "entropy", "mean_logits", "is_top1")],
+                         ids=["logp", "entropy", "top1", "three"])
+def test_fused_lm_head_outputs_subset(outputs):
+    """What TRL's trainers ask for: the outputs not asked for are None, the rest as TRL."""
+    from trl.kernels import ChunkedLogProbFunction
+
+    hidden, weight = torch.randn(11, 8, device=DEVICE), torch.randn(40, 8, device=DEVICE)
+    targets = torch.randint(0, 40, (11,), device=DEVICE)
+    ours = ft.FusedLMHead(backend="torch").apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
+    want = ChunkedLogProbFunction.apply(hidden, weight, None, targets, 1.0, 64, None, 1.0, outputs)
+    for name, a, b in zip(ALL_OUTPUTS, ours, want):
+        assert (a is None) == (b is None) == (name not in outputs), name
+        if a is not None:
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("design", ["blas", "fused"])
+def test_fused_lm_head_triton_designs(design):
+    """Both designs of the Triton backend (the interpreter here), bf16 with fp32 gradients kept
+    in the parameters' dtype, against the torch backend."""
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    hidden = torch.randn(9, 16, device=DEVICE).bfloat16()
+    weight = torch.randn(70, 16, device=DEVICE).bfloat16()
+    targets = torch.randint(0, 70, (9,), device=DEVICE)
+    g = torch.randn(2, 9, device=DEVICE)
+    got = _head_run(ft.FusedLMHead(backend="triton", design=design).apply, hidden, weight, None, targets, g,
+                    outputs=ALL_OUTPUTS)
+    want = _head_run(ft.FusedLMHead(backend="torch").apply, hidden, weight, None, targets, g, outputs=ALL_OUTPUTS)
+    for a, b in zip(got[0] + got[1][:2], want[0] + want[1][:2]):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+
+
+def _tiny_causal_lm(vocab=96, **kw):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=4, **kw)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).to(DEVICE)
+
+
+@pytest.mark.parametrize("setting", ["fp32", "autocast-bf16", "cast-lm-head-fp32"])
+def test_add_fused_lm_head_forward_runs_fastrlhf(tu, setting):
+    """A model given TRL's fused head (``add_fused_lm_head``, as its trainers do) returns the same
+    ``FusedCausalLMOutput`` patched or not: fp32 exact up to rounding; under bf16 autocast both
+    compute the logits from bf16 operands (TRL also rounds them to bf16, fastrlhf does not), so
+    the two agree to bf16 rounding; a model patched before the call runs on fastrlhf too."""
+    model = _tiny_causal_lm()
+    outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+    tu.add_fused_lm_head(model, temperature=0.9, cast_lm_head_to_fp32=setting == "cast-lm-head-fp32",
+                         outputs=outputs)
+    ids = torch.randint(0, 96, (3, 12), device=DEVICE)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    labels[2, 9:] = -100
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if setting == "autocast-bf16" else \
+            torch.autocast(DEVICE.type, enabled=False)
+        with ctx:
+            out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+        (out.loss + 0.1 * out.entropy.sum()).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out, grads
+
+    want, want_grads = run()
+    with ft.patch_trl() as patch:
+        got, got_grads = run()
+        assert patch.calls["ChunkedLogProbFunction"] == 1
+    tol = {"atol": 2e-5, "rtol": 1e-4} if setting != "autocast-bf16" else {"atol": 5e-2, "rtol": 5e-2}
+    for name in ("loss", "log_probs", "entropy", "mean_logits"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), **tol, msg=name)
+    assert torch.equal(got.label_mask, want.label_mask)
+    if setting != "autocast-bf16":
+        assert torch.equal(got.is_top1, want.is_top1)
+    assert (got.log_probs[labels[:, 1:] == -100] == 0).all()
+    assert got_grads.keys() == want_grads.keys()
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], **tol, msg=name)
+
+
+def test_fused_lm_head_bad_input():
+    head = ft.FusedLMHead(backend="torch")
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="weight"):
+        head.apply(h, torch.randn(10, 7), None, t, 1.0, 64)
+    with pytest.raises(ValueError, match="targets"):
+        head.apply(h, w, None, t[:3], 1.0, 64)
+    with pytest.raises(ValueError, match="temperature"):
+        head.apply(h, w, None, t, 0.0, 64)
+    with pytest.raises(ValueError, match="outputs"):
+        head.apply(h, w, None, t, 1.0, 64, None, 1.0, ("log_probs", "logits"))
 
 
 # ------------------------------------------------------------------------------------- DPO

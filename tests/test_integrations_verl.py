@@ -16,6 +16,7 @@ import torch
 import fastrlhf
 from fastrlhf.integrations import verl as fv
 from tests.conftest import DEVICE
+from tests.tolerance import assert_close_fp32
 
 
 # --------------------------------------------------- transcription of verl 0.9.1 (reference)
@@ -150,10 +151,6 @@ def _grad_of(fn, *inputs):
     return out, [x.grad for x in leaves]
 
 
-def _close(a, b, tol=1e-5):
-    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), atol=tol, rtol=tol)
-
-
 # ------------------------------------------------------------------------------- log-probs
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_logprobs_from_logits_matches_verl(backend, dtype):
@@ -165,12 +162,12 @@ def test_logprobs_from_logits_matches_verl(backend, dtype):
         (got,), (grad,) = _grad_of(lambda x: ((fv.logprobs_from_logits(x, labels, False) * g).sum(),), logits)
     (want,), (grad_want,) = _grad_of(lambda x: ((verl_logprobs(x, labels) * g).sum(),), logits.float())
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    _close(got, want, tol * 10)
-    _close(grad, grad_want, tol)
+    assert_close_fp32(got, want, tol * 10)
+    assert_close_fp32(grad, grad_want, tol)
     with fastrlhf.use_backend(backend):
         lp = fv.logprobs_from_logits(logits, labels)
     assert lp.dtype == torch.float32 and lp[0, 1] == 0
-    _close(lp, verl_logprobs(logits.float(), labels), tol * 10)
+    assert_close_fp32(lp, verl_logprobs(logits.float(), labels), tol * 10)
 
 
 def test_logprobs_inplace_backward(backend):
@@ -206,9 +203,9 @@ def test_kl_penalty_matches_verl(backend, name):
         _, grads = _grad_of(lambda a, b: ((fv.kl_penalty(a, b, name) * g).sum(),), logp, ref)
         value = fv.kl_penalty(logp, ref, kl_penalty=name)
     _, grads_want = _grad_of(lambda a, b: ((verl_kl(a, b, name) * g).sum(),), logp, ref)
-    _close(value, verl_kl(logp, ref, name), 1e-4)
+    assert_close_fp32(value, verl_kl(logp, ref, name), 1e-4)
     for a, b in zip(grads, grads_want):
-        _close(a, b, 1e-4)
+        assert_close_fp32(a, b, 1e-4)
 
 
 def test_kl_penalty_bf16_inputs(backend):
@@ -217,7 +214,7 @@ def test_kl_penalty_bf16_inputs(backend):
     with fastrlhf.use_backend(backend):
         got = fv.kl_penalty(logp, ref, "low_var_kl")
     assert got.dtype == torch.float32
-    _close(got, verl_kl(logp.float(), ref.float(), "low_var_kl"))
+    assert_close_fp32(got, verl_kl(logp.float(), ref.float(), "low_var_kl"))
 
 
 def test_kl_penalty_bad_names():
@@ -239,8 +236,8 @@ def test_gae_matches_verl(backend, kind, gamma, lam):
     with fastrlhf.use_backend(backend):
         adv, ret = fv.compute_gae_advantage_return(rewards, values, mask, gamma, lam)
     adv_want, ret_want = verl_gae(rewards, values, mask, gamma, lam)
-    _close(adv, adv_want)  # every position, masked ones included
-    _close(ret, ret_want)
+    assert_close_fp32(adv, adv_want)  # every position, masked ones included
+    assert_close_fp32(ret, ret_want)
     assert not adv.requires_grad and not ret.requires_grad
 
 
@@ -250,8 +247,8 @@ def test_gae_single_token_rows_and_empty_row(backend):
     with fastrlhf.use_backend(backend):
         adv, ret = fv.compute_gae_advantage_return(rewards, values, mask, torch.tensor(0.9), 0.95)
     want = verl_gae(rewards, values, mask, 0.9, 0.95)
-    _close(adv, want[0])
-    _close(ret, want[1])
+    assert_close_fp32(adv, want[0])
+    assert_close_fp32(ret, want[1])
 
 
 @pytest.mark.parametrize("shift_mean", [True, False])
@@ -264,8 +261,8 @@ def test_masked_whiten_matches_verl(shape, shift_mean):
                                        fv.masked_whiten(v, mask, shift_mean)), x)
     want, (grad_want,) = _grad_of(lambda v: ((verl_masked_whiten(v, mask.long(), shift_mean) * g).sum(),
                                              verl_masked_whiten(v, mask.long(), shift_mean)), x)
-    _close(got[1], want[1])
-    _close(grad, grad_want)
+    assert_close_fp32(got[1], want[1])
+    assert_close_fp32(grad, grad_want)
 
 
 def test_masked_whiten_with_too_few_valid_elements():
@@ -300,8 +297,8 @@ def test_agg_loss_matches_verl(mode, counts):
     mask = _mask(4, 10, "empty-row")
     got, (grad,) = _grad_of(lambda x: fv.agg_loss(x, mask, mode, **COUNTS[counts]), loss_mat)
     want, (grad_want,) = _grad_of(lambda x: verl_agg_loss(x, mask, mode, **COUNTS[counts]), loss_mat)
-    _close(got, want)
-    _close(grad, grad_want)
+    assert_close_fp32(got, want)
+    assert_close_fp32(grad, grad_want)
 
 
 @pytest.mark.parametrize("counts", COUNTS, ids=list(COUNTS))
@@ -321,12 +318,12 @@ def test_policy_loss_matches_verl(backend, mode, counts):
             (loss, metrics), (grad,) = _grad_of(ours, logp)
         want, (grad_want,) = _grad_of(
             lambda lp, w=w: verl_policy_loss(old, lp, adv, mask, mode, 0.15, 0.28, 2.5, w, **COUNTS[counts]), logp)
-        _close(loss, want[0])
-        _close(grad, grad_want)
+        assert_close_fp32(loss, want[0])
+        assert_close_fp32(grad, grad_want)
         assert all(isinstance(v, float) for v in metrics.values())
-        _close(metrics["actor/pg_clipfrac"], want[1])
-        _close(metrics["actor/ppo_kl"], want[2])
-        _close(metrics["actor/pg_clipfrac_lower"], want[3])
+        assert_close_fp32(metrics["actor/pg_clipfrac"], want[1])
+        assert_close_fp32(metrics["actor/ppo_kl"], want[2])
+        assert_close_fp32(metrics["actor/pg_clipfrac_lower"], want[3])
         assert want[3] > 0 and want[1] > 0  # both clips are exercised
 
 
@@ -338,8 +335,8 @@ def test_policy_loss_config_forms_and_bf16(backend):
         with fastrlhf.use_backend(backend):
             loss, metrics = fv.compute_policy_loss_vanilla(old, logp, adv, mask, config=config)
         assert loss.dtype == torch.float32
-        _close(loss, want[0])
-        _close(metrics["actor/pg_clipfrac"], want[1])
+        assert_close_fp32(loss, want[0])
+        assert_close_fp32(metrics["actor/pg_clipfrac"], want[1])
     with pytest.raises(ValueError, match="config"):
         fv.compute_policy_loss_vanilla(old, logp, adv, mask)
     with pytest.raises(ValueError, match="dp_size"):
@@ -360,9 +357,9 @@ def test_value_loss_matches_verl(backend, mode, counts):
             lambda v: fv.compute_value_loss(v, returns, values, mask, 0.2, mode, **COUNTS[counts]), vpreds)
     want, (grad_want,) = _grad_of(lambda v: verl_value_loss(v, returns, values, mask, 0.2, mode, **COUNTS[counts]),
                                   vpreds)
-    _close(loss, want[0])
-    _close(clipfrac, want[1])
-    _close(grad, grad_want)
+    assert_close_fp32(loss, want[0])
+    assert_close_fp32(clipfrac, want[1])
+    assert_close_fp32(grad, grad_want)
 
 
 def test_all_masked_batch_gives_zero_not_nan(backend):
@@ -398,7 +395,7 @@ def _verl_stubs():
     """Stand-ins for verl's functions, one distinct object per name."""
     return {name: _stub(name) for name in ("compute_gae_advantage_return", "compute_policy_loss_vanilla",
                                            "compute_value_loss", "kl_penalty", "agg_loss", "logprobs_from_logits",
-                                           "masked_whiten", "grpo")}
+                                           "masked_whiten", "grpo", "opo")}
 
 
 @pytest.fixture
@@ -415,7 +412,8 @@ def fake_verl(monkeypatch):
                  "kl_penalty", "agg_loss"):
         setattr(core, name, stubs[name])
     core.POLICY_LOSS_REGISTRY = {"vanilla": stubs["compute_policy_loss_vanilla"]}
-    core.ADV_ESTIMATOR_REGISTRY = {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"]}
+    core.ADV_ESTIMATOR_REGISTRY = {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"],
+                                   "opo": stubs["opo"]}
     tf.logprobs_from_logits, tf.masked_whiten = stubs["logprobs_from_logits"], stubs["masked_whiten"]
     losses.kl_penalty, losses.agg_loss = stubs["kl_penalty"], stubs["agg_loss"]
     for name, mod in mods.items():
@@ -434,7 +432,7 @@ def test_register_adds_policy_loss_only(fake_verl):
     loss, _ = core.POLICY_LOSS_REGISTRY["fastrlhf_vanilla"](
         old_log_prob=old, log_prob=logp, advantages=adv, response_mask=mask, loss_agg_mode="token-mean",
         config={"clip_ratio": 0.2}, rollout_is_weights=None)
-    _close(loss, verl_policy_loss(old, logp, adv, mask, "token-mean", 0.2, 0.2, 3.0)[0])
+    assert_close_fp32(loss, verl_policy_loss(old, logp, adv, mask, "token-mean", 0.2, 0.2, 3.0)[0])
     reg.undo()
     assert "fastrlhf_vanilla" not in core.POLICY_LOSS_REGISTRY
 
@@ -444,14 +442,16 @@ def test_register_override_swaps_and_undo_restores(fake_verl):
     with fv.register_with_verl(override=True):
         assert core.POLICY_LOSS_REGISTRY["vanilla"] is fv.compute_policy_loss_vanilla
         assert core.ADV_ESTIMATOR_REGISTRY["gae"] is fv.compute_gae_advantage_return
-        assert core.ADV_ESTIMATOR_REGISTRY["grpo"] is stubs["grpo"]
+        assert core.ADV_ESTIMATOR_REGISTRY["grpo"] is fv.compute_grpo_outcome_advantage
+        assert core.ADV_ESTIMATOR_REGISTRY["opo"] is stubs["opo"]  # not one fastrlhf computes: verl's stays
         for name in ("compute_gae_advantage_return", "compute_policy_loss_vanilla", "compute_value_loss",
                      "kl_penalty", "agg_loss"):
             assert getattr(core, name) is getattr(fv, name)
         assert tf.logprobs_from_logits is fv.logprobs_from_logits and tf.masked_whiten is fv.masked_whiten
         assert losses.kl_penalty is fv.kl_penalty and losses.agg_loss is fv.agg_loss
     assert core.POLICY_LOSS_REGISTRY == {"vanilla": stubs["compute_policy_loss_vanilla"]}
-    assert core.ADV_ESTIMATOR_REGISTRY == {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"]}
+    assert core.ADV_ESTIMATOR_REGISTRY == {"gae": stubs["compute_gae_advantage_return"], "grpo": stubs["grpo"],
+                                           "opo": stubs["opo"]}
     for mod, name in ((core, "kl_penalty"), (core, "compute_gae_advantage_return"), (tf, "masked_whiten"),
                       (losses, "agg_loss"), (tf, "logprobs_from_logits")):
         assert getattr(mod, name) is stubs[name]

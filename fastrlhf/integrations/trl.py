@@ -1,25 +1,35 @@
-"""Drop-in replacements for TRL's log-prob, entropy and DPO-loss functions, and :func:`patch_trl`.
+"""Drop-in replacements for TRL's log-prob, entropy, fused-LM-head and DPO-loss code, and :func:`patch_trl`.
 
-The functions keep the signatures and semantics of TRL 1.16.0 (``trl/trainer/utils.py``
-and the loss block of ``DPOTrainer._compute_loss``) and run on fastrlhf ops
-(:func:`fastrlhf.token_logprobs`, :func:`fastrlhf.ops.dpo.dpo_loss`). The backend follows
-:func:`fastrlhf.use_backend` / ``FASTRLHF_BACKEND`` (``auto`` by default).
+The functions keep the signatures and semantics of TRL 1.16.0 (``trl/trainer/utils.py``,
+``trl/kernels/chunked_logprob.py`` and the loss block of ``DPOTrainer._compute_loss``) and
+run on fastrlhf ops (:func:`fastrlhf.token_logprobs`, :func:`fastrlhf.linear_token_logprobs`,
+:func:`fastrlhf.ops.dpo.dpo_loss`). The backend follows :func:`fastrlhf.use_backend` /
+``FASTRLHF_BACKEND`` (``auto`` by default).
+
+TRL 1.16's trainers (DPO, GRPO, RLOO, KTO, SFT) get their log-probs from a fused LM head
+(``add_fused_lm_head``: the model's forward with ``fused_lm_head=True`` projects the hidden
+states through ``trl.kernels.ChunkedLogProbFunction``); :func:`patch_trl` swaps that function
+for :class:`FusedLMHead` (:func:`fastrlhf.linear_token_logprobs`), so one call switches every
+one of them over.
 
 Differences from TRL, all deliberate:
 
-* Outputs are fp32 (fp64 for fp64 logits), like TRL's own CUDA kernel; TRL's PyTorch
-  fallback (CPU, or an index with a trailing ``K``) returns the logits' dtype.
 * ``-inf`` logits (a masked vocabulary) have probability 0: entropies stay finite where
   TRL's fallback gives NaN. An index outside ``[0, V)`` gives a NaN log-prob where TRL
   raises (no host sync to check it).
 * Losses are never NaN on valid input: an empty ``sft`` batch gives 0, ``discopop`` is
   evaluated stably for large negative margins (TRL overflows to NaN there).
+* The fused head accumulates ``grad_hidden`` over the vocabulary in fp32 and rounds once, as
+  TRL does; its per-token statistics are computed in one pass with the log-prob.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import sys
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -27,11 +37,21 @@ import torch.nn.functional as F
 
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
+from fastrlhf.backend import resolve_backend
+from fastrlhf.ops import linear_logprobs as _ll
 from fastrlhf.ops.dpo import dpo_loss as _dpo_op
 from fastrlhf.ops.logprobs import token_logprobs
 
-__all__ = ["LOSS_TYPES", "TRLPatch", "dpo_loss", "entropy_from_logits", "patch_trl",
-           "selective_log_softmax", "selective_log_softmax_and_entropy"]
+__all__ = [
+    "LOSS_TYPES",
+    "FusedLMHead",
+    "TRLPatch",
+    "dpo_loss",
+    "entropy_from_logits",
+    "patch_trl",
+    "selective_log_softmax",
+    "selective_log_softmax_and_entropy",
+]
 
 _NO_IGNORE = -(2**63)
 """An ``ignore_index`` no int64 label equals: TRL ignores no index."""
@@ -53,8 +73,18 @@ def _apply_row_mask(x: torch.Tensor, row_mask: torch.Tensor | None) -> torch.Ten
 
 
 # ------------------------------------------------------------------------ log-probs
+def _out_dtype(logits: torch.Tensor, out_dtype) -> torch.dtype:
+    """TRL's contract: the logits' dtype, unless ``out_dtype`` asks for another float dtype."""
+    if out_dtype is None:
+        return logits.dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"out_dtype must be None or a floating torch.dtype, got {out_dtype!r}")
+    return out_dtype
+
+
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature: float = 1.0,
-                          row_mask: torch.Tensor | None = None) -> torch.Tensor:
+                          row_mask: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None
+                          ) -> torch.Tensor:
     """``log_softmax(logits / temperature).gather(-1, index)``, as TRL's ``selective_log_softmax``.
 
     Args:
@@ -64,10 +94,12 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
         temperature: a float > 0 the logits are divided by.
         row_mask: ``None`` or a tensor of ``index``'s shape; where it is 0 the output is 0
             (with zero gradient).
+        out_dtype: the dtype of the result; ``None`` (TRL's contract) is the logits' dtype,
+            ``torch.float32`` keeps the fp32 log-probs unrounded.
 
     Returns:
-        fp32 log-probs of ``index``'s shape (fp64 for fp64 logits), differentiable w.r.t.
-        ``logits``.
+        Log-probs of ``index``'s shape, computed in fp32 (fp64 for fp64 logits) and rounded once
+        to ``out_dtype``; differentiable w.r.t. ``logits``.
 
     One pass of :func:`fastrlhf.token_logprobs` per row. With a trailing ``K`` it scores the
     selected index with the largest logit, and the others are offsets from it
@@ -77,11 +109,12 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     temperature = _check_temperature(temperature)
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.tensor("index", index, _checks.INDEX_DTYPES)
+    dtype = _out_dtype(logits, out_dtype)
     lead = logits.shape[:-1]
     if index.dim() == logits.dim() - 1:
         _checks.same_shape("index", index, lead, "logits.shape[:-1]")
         out = token_logprobs(logits, index.long(), temperature=temperature, ignore_index=_NO_IGNORE)
-        return _apply_row_mask(out, row_mask)
+        return _apply_row_mask(out, row_mask).to(dtype)
     if index.dim() != logits.dim() or index.shape[:-1] != lead:
         raise ValueError(f"index must have shape {tuple(lead)} or {(*lead, 'K')} (logits.shape "
                          f"{tuple(logits.shape)}), got {tuple(index.shape)}")
@@ -89,49 +122,166 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     acc = acc_dtype(logits)
     z = logits.gather(-1, index).to(acc) / temperature  # raises on an index outside [0, V)
     if index.shape[-1] == 0:
-        return _apply_row_mask(z, row_mask)
+        return _apply_row_mask(z, row_mask).to(dtype)
     top = z.detach().argmax(-1, keepdim=True)
     logp_top = token_logprobs(logits, index.gather(-1, top).squeeze(-1), temperature=temperature,
                               ignore_index=_NO_IGNORE).unsqueeze(-1)
     out = (z - z.gather(-1, top)) + logp_top
     out = torch.where(z == float("-inf"), float("-inf"), out)  # a masked entry, even if all are
-    return _apply_row_mask(out, row_mask)
+    return _apply_row_mask(out, row_mask).to(dtype)
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128, *,
+                        out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Entropy ``-sum(p * log p)`` of ``softmax(logits)`` over the last dim, as TRL's
     ``entropy_from_logits``.
 
     ``logits``: ``[..., V]`` (any float dtype). ``chunk_size`` is accepted for TRL's signature
     and unused: nothing ``[..., V]``-sized is materialized in fp32 by the kernel backends.
-    Returns fp32 (fp64 for fp64 logits) of ``logits.shape[:-1]``, differentiable.
+    Returns ``logits.shape[:-1]``, computed in fp32 (fp64 for fp64 logits) and returned in the
+    logits' dtype as TRL does (``out_dtype=torch.float32`` keeps fp32), differentiable.
     """
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.integer("chunk_size", chunk_size)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    dtype = _out_dtype(logits, out_dtype)
     labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return token_logprobs(logits, labels, ignore_index=_NO_IGNORE, return_entropy=True)[1]
+    return token_logprobs(logits, labels, ignore_index=_NO_IGNORE, return_entropy=True)[1].to(dtype)
 
 
 def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
                                       entropy_requires_grad: bool = True, temperature: float = 1.0,
-                                      row_mask: torch.Tensor | None = None):
+                                      row_mask: torch.Tensor | None = None, *,
+                                      out_dtype: torch.dtype | None = None):
     """``(log-probs of index, entropy)`` of ``softmax(logits / temperature)`` in one pass, as TRL's
     ``selective_log_softmax_and_entropy``.
 
     ``index`` has ``logits.shape[:-1]``; where ``row_mask`` is 0 both outputs are 0. With
-    ``entropy_requires_grad=False`` the entropy is detached. Both fp32 (fp64 for fp64 logits).
+    ``entropy_requires_grad=False`` the entropy is detached. Both computed in fp32 (fp64 for
+    fp64 logits) and returned in the logits' dtype (``out_dtype`` as :func:`selective_log_softmax`).
     """
     temperature = _check_temperature(temperature)
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.tensor("index", index, _checks.INDEX_DTYPES)
     _checks.same_shape("index", index, logits.shape[:-1], "logits.shape[:-1]")
+    dtype = _out_dtype(logits, out_dtype)
     logp, ent = token_logprobs(logits, index.long(), temperature=temperature,
                                ignore_index=_NO_IGNORE, return_entropy=True)
     if not entropy_requires_grad:
         ent = ent.detach()
-    return _apply_row_mask(logp, row_mask), _apply_row_mask(ent, row_mask)
+    return _apply_row_mask(logp, row_mask).to(dtype), _apply_row_mask(ent, row_mask).to(dtype)
+
+
+# ------------------------------------------------------------------- the fused LM head
+class _LMHeadFunction(torch.autograd.Function):
+    """TRL's ``ChunkedLogProbFunction`` contract on fastrlhf's linear log-prob ops: casts to the
+    compute dtype inside (so ZeRO-3 can gather the weight again in backward), gradients in
+    the inputs' dtypes, statistics other than the entropy without gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, softcap, logit_scale, names, compute_dtype,
+                backend, design):
+        ctx.set_materialize_grads(False)
+        h = hidden.to(compute_dtype)
+        w = weight.to(compute_dtype)
+        b = None if bias is None else bias.to(compute_dtype)
+        with_entropy = "entropy" in names
+        with torch.autocast(hidden.device.type, enabled=False):
+            logp, ent, stats, lsq, mean, top1 = _ll._linear_logprobs_op(
+                h, w, b, targets, temperature, _NO_IGNORE, with_entropy, backend, logit_scale, softcap,
+                "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, design)
+        ctx.save_for_backward(hidden, weight, bias, targets, stats, ent)
+        ctx.args = (temperature, softcap, logit_scale, compute_dtype, backend, design, with_entropy)
+        ctx.mark_non_differentiable(lsq, mean, top1)
+        return logp, ent, lsq, mean, top1
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_ent, *_):
+        hidden, weight, bias, targets, stats, ent = ctx.saved_tensors
+        temperature, softcap, logit_scale, compute_dtype, backend, design, with_entropy = ctx.args
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        none = (None,) * 8
+        if grad_logp is None and grad_ent is None or not (need_h or need_w or need_b):
+            return (None, None, None, *none)
+        if grad_logp is None:
+            grad_logp = torch.zeros_like(stats[:, 0])
+        with _gather_lm_head(weight, bias), torch.autocast(hidden.device.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = None if bias is None else bias.to(compute_dtype)
+            gh, gw, gb = _ll._linear_logprobs_bwd_op(
+                grad_logp.float(), grad_ent.float() if with_entropy and grad_ent is not None else None,
+                h, w, b, targets, stats, ent, temperature, _NO_IGNORE, need_h, need_w, need_b and b is not None,
+                backend, logit_scale, softcap, design=design)
+        return (gh.to(hidden.dtype) if need_h else None, gw.to(weight.dtype) if need_w else None,
+                gb.to(bias.dtype) if need_b and bias is not None else None, *none)
+
+
+def _gather_lm_head(weight, bias):
+    """TRL's ZeRO-3 gather of the LM head for a direct access (a null context without ZeRO-3)."""
+    try:
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+    except ImportError:
+        return contextlib.nullcontext()
+    return maybe_gather_lm_head_ctx(weight, bias)
+
+
+class FusedLMHead:
+    """A stand-in for TRL 1.16's ``trl.kernels.ChunkedLogProbFunction`` (its ``apply`` contract),
+    computed by :func:`fastrlhf.linear_token_logprobs`'s kernels; :func:`patch_trl` installs one.
+
+    ``apply(hidden [N, H], weight [V, H], bias [V] | None, targets [N], temperature, chunk_size,
+    final_logit_softcapping=None, logit_scale=1.0, outputs=(...))`` returns TRL's
+    ``(log_probs, entropy, log_sum_sq_probs, mean_logits, is_top1)``, each ``[N]`` fp32 (``is_top1``
+    bool) or ``None`` when not in ``outputs``: ``z = softcap * tanh(logit_scale * y / softcap) /
+    temperature`` on the logits ``y = hidden @ weight.T + bias``, computed in the autocast dtype
+    (else the hidden states' dtype) with fp32 accumulation, the ``[N, V]`` logits never written.
+    Gradients reach ``hidden``, ``weight`` and ``bias`` (in their dtypes) from the log-probs and
+    the entropy; the other statistics have none, as in TRL. ``chunk_size`` is accepted and unused
+    (fastrlhf picks its own blocks). Under DeepSpeed ZeRO-3 the backward gathers the head again
+    with TRL's ``maybe_gather_lm_head_ctx``, as TRL's function does.
+
+    ``backend`` / ``design``: as :func:`fastrlhf.linear_token_logprobs` (``"auto"`` follows
+    :func:`fastrlhf.use_backend` and ``FASTRLHF_BACKEND`` at each call). ``calls`` counts the calls.
+    """
+
+    def __init__(self, backend: str = "auto", design: str = "auto"):
+        self.backend = backend
+        self.design = design
+        self.calls = 0
+
+    def apply(self, hidden, weight, bias, targets, temperature, chunk_size=None, final_logit_softcapping=None,
+              logit_scale=1.0, outputs=("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")):
+        names = tuple(n for n in outputs if n != "log_probs")
+        device = hidden.device
+        compute_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                         else hidden.dtype)
+        if compute_dtype not in _ll._DTYPES:
+            compute_dtype = torch.float32
+        targets = targets.reshape(-1)
+        _checks.tensor("hidden", hidden, _checks.FLOAT_DTYPES, dim=2)
+        _checks.tensor("weight", weight, _checks.FLOAT_DTYPES, dim=2)
+        if weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
+            raise ValueError(f"weight must have shape (V >= 1, {hidden.shape[1]}), got {tuple(weight.shape)}")
+        if bias is not None:
+            _checks.tensor("bias", bias, _checks.FLOAT_DTYPES)
+            _checks.same_shape("bias", bias, weight.shape[:1], "weight.shape[0]")
+        _checks.tensor("targets", targets, _checks.INDEX_DTYPES)
+        _checks.same_shape("targets", targets, hidden.shape[:1], "hidden.shape[0]")
+        _checks.positive("temperature", temperature)
+        _checks.positive("logit_scale", logit_scale)
+        _checks.optional_positive("final_logit_softcapping", final_logit_softcapping)
+        _ll._check_outputs(names)
+        backend = resolve_backend(self.backend, device, _ll.FAMILY)
+        design = _ll.resolve_design(self.design, backend, device, compute_dtype, hidden.shape[-1])
+        softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)
+        self.calls += 1
+        logp, ent, lsq, mean, top1 = _LMHeadFunction.apply(
+            hidden, weight, bias, targets, float(temperature), softcap, float(logit_scale), names, compute_dtype,
+            backend, design)
+        return (logp, ent if "entropy" in names else None, lsq if "log_sum_sq_probs" in names else None,
+                mean if "mean_logits" in names else None, top1 if "is_top1" in names else None)
 
 
 # ------------------------------------------------------------------------------ DPO
@@ -282,28 +432,41 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 
 
 # ---------------------------------------------------------------------------- patching
-_REPLACEMENTS = {"selective_log_softmax": selective_log_softmax,
-                 "entropy_from_logits": entropy_from_logits,
-                 "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
+_FUNCTIONS = {"selective_log_softmax": selective_log_softmax,
+              "entropy_from_logits": entropy_from_logits,
+              "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
+_HEAD = "ChunkedLogProbFunction"
 _active: TRLPatch | None = None
 
 
 class TRLPatch:
     """What :func:`patch_trl` changed; :meth:`undo` puts TRL's functions back.
 
-    Also a context manager: ``with patch_trl(): ...`` undoes on exit.
+    ``calls`` counts the calls TRL made into fastrlhf through the patch, by TRL's name
+    (``"ChunkedLogProbFunction"`` for the fused LM head). ``head`` is the installed
+    :class:`FusedLMHead`. Also a context manager: ``with patch_trl(): ...`` undoes on exit.
     """
 
-    def __init__(self, originals: dict):
-        self.originals = originals  # name -> TRL's function
+    def __init__(self, originals: dict, installed: dict, head: FusedLMHead | None):
+        self.originals = originals  # TRL's name -> TRL's object
+        self.installed = installed  # TRL's name -> what replaced it
+        self.head = head
+        self._calls = Counter()
         self.active = True
 
+    @property
+    def calls(self) -> Counter:
+        counts = Counter(self._calls)
+        if self.head is not None:
+            counts[_HEAD] = self.head.calls
+        return counts
+
     def undo(self) -> None:
-        """Restore TRL's functions wherever a loaded ``trl`` module holds a fastrlhf one
+        """Restore TRL's objects wherever a loaded ``trl`` module holds a fastrlhf one
         (also in modules imported after the patch). Calling it twice is harmless."""
         global _active
         for name, original in self.originals.items():
-            _swap(_REPLACEMENTS[name], original)
+            _swap(self.installed[name], original)
         self.active = False
         if _active is self:
             _active = None
@@ -328,18 +491,40 @@ def _swap(old, new) -> None:
                 setattr(module, name, new)
 
 
-def patch_trl() -> TRLPatch:
-    """Install fastrlhf's :func:`selective_log_softmax`, :func:`entropy_from_logits` and
-    :func:`selective_log_softmax_and_entropy` into the installed TRL.
+def _counting(name: str, fn, counts: Counter):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        counts[name] += 1
+        return fn(*args, **kwargs)
 
-    ``trl.trainer.utils`` and every loaded ``trl`` module that imported these names (the
-    trainers bind them at import) get the fastrlhf functions; modules imported later pick
-    them up from ``trl.trainer.utils``. TRL's DPO loss is computed inline in
-    ``DPOTrainer._compute_loss`` (1.16), so there is no function to swap: call
-    :func:`dpo_loss` from a subclass. Patching twice returns the active patch.
+    return wrapper
 
-    Returns a :class:`TRLPatch`; ``.undo()`` (or leaving its ``with`` block) restores TRL.
-    Raises ``ImportError`` when TRL is not installed.
+
+def patch_trl(*, backend: str = "auto", design: str = "auto", fused_lm_head: bool = True) -> TRLPatch:
+    """Switch the installed TRL over to fastrlhf: its trainers' fused LM head and its log-prob
+    functions.
+
+    * The fused LM head: ``trl.kernels.ChunkedLogProbFunction`` (bound in ``trl.kernels``,
+      ``trl.kernels.chunked_logprob`` and ``trl.trainer.utils``) becomes a :class:`FusedLMHead`.
+      A model given TRL's fused head (``add_fused_lm_head``, which ``DPOTrainer``,
+      ``GRPOTrainer``, ``RLOOTrainer``, ``KTOTrainer`` and ``SFTTrainer`` call in their
+      ``__init__``) looks the function up at each forward, so models patched before or after
+      the call both run on fastrlhf. ``fused_lm_head=False`` leaves it to TRL.
+    * ``selective_log_softmax``, ``entropy_from_logits``, ``selective_log_softmax_and_entropy``
+      (``trl.trainer.utils`` and every loaded ``trl`` module that imported them, e.g. the
+      experimental CPO / ORPO trainers) become the functions of this module, with TRL's dtype
+      contract; modules imported later pick them up from ``trl.trainer.utils``.
+
+    TRL's DPO loss is computed inline in ``DPOTrainer._compute_loss`` (1.16), so there is no
+    function to swap: call :func:`dpo_loss` from a subclass. Patching twice returns the active
+    patch. ``backend`` / ``design`` are those of :func:`fastrlhf.linear_token_logprobs` for the
+    fused head (``"auto"``: :func:`fastrlhf.use_backend`, ``FASTRLHF_BACKEND``, then the device).
+
+    Returns a :class:`TRLPatch` (``.calls`` counts the calls into fastrlhf); ``.undo()`` (or
+    leaving its ``with`` block) restores TRL. Raises ``ImportError`` when TRL is not installed.
+
+    >>> import fastrlhf.integrations.trl
+    >>> fastrlhf.integrations.trl.patch_trl()   # then build and train any TRL trainer as usual
     """
     global _active
     if _active is not None:
@@ -348,8 +533,22 @@ def patch_trl() -> TRLPatch:
         from trl.trainer import utils
     except ImportError as e:
         raise ImportError(f"patch_trl needs TRL installed (pip install trl): {e}") from e
-    originals = {name: getattr(utils, name) for name in _REPLACEMENTS if hasattr(utils, name)}
+    originals = {name: getattr(utils, name) for name in _FUNCTIONS if hasattr(utils, name)}
+    counts = Counter()
+    installed = {name: _counting(name, _FUNCTIONS[name], counts) for name in originals}
+    head = None
+    if fused_lm_head:
+        try:
+            from trl.kernels import chunked_logprob
+        except ImportError:
+            chunked_logprob = None
+        original_head = getattr(chunked_logprob, _HEAD, None)
+        if original_head is not None:
+            head = FusedLMHead(backend=backend, design=design)
+            originals[_HEAD] = original_head
+            installed[_HEAD] = head
     for name, original in originals.items():
-        _swap(original, _REPLACEMENTS[name])
-    _active = TRLPatch(originals)
+        _swap(original, installed[name])
+    _active = TRLPatch(originals, installed, head)
+    _active._calls = counts
     return _active

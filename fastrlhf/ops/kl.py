@@ -152,6 +152,13 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     Returns:
         The estimate, fp32 (fp64 when an input is fp64), of ``logprobs.shape``.
 
+    Precision: every estimate and gradient is within a few ulps (relative) of the exact value on
+    every backend; ``k3`` near ``lr = 0`` too, where ``exp(-lr) - 1 + lr`` written directly
+    cancels (1e-5 relative error at ``lr = -0.11`` in fp32): fastrlhf takes the Taylor series of
+    ``e**y - 1 - y`` for ``-2 < lr < 1`` and ``expm1`` / cancellation-free closed forms beyond
+    (``fastrlhf.reference.kl.k3_parts``). The gradient of ``k3`` is ``-expm1(-lr)``. (Beyond the
+    series range, fp32 Triton on a GPU adds the error of its fast ``exp``, growing with ``|lr|``.)
+
     Gradients (non-``+`` estimators) are those of the formula and 0 where a clamp is active
     (strictly beyond its bound); ``abs`` has gradient 0 at ``lr = 0``. Without clamps ``k3``
     overflows to ``+inf`` (gradient ``-inf``) for ``lr < -88`` in fp32: set ``log_ratio_clamp``.

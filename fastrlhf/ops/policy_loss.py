@@ -326,20 +326,20 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
         kernels.policy_loss_fwd(*x, selected, cu_seqlens, table, spec, sums, parts)
     s, c = sums.sum(1), parts.sum(1)
     n = c[0]
-    per_token = [_ppo._safe_div(c[1].to(dtype), n), _ppo._safe_div(c[2].to(dtype), n), _ppo._safe_div(s[1], n),
-                 _ppo._safe_div(s[2], n), _ppo._safe_div(s[3], n), _ppo._safe_div(c[3].to(dtype), n),
-                 _ppo._safe_div(s[4], n)]
+    # per valid token: counts 1 and 2, sums 1 to 3, count 3, sum 4 (the order of ref.STATS)
+    stats = _ppo._safe_div(torch.cat([c[1:3].to(dtype), s[1:4], c[3:4].to(dtype), s[4:5]]), n)
     if table is not None:
         has = table[0] > 0
         n_seqs = has.sum()
-        if spec.is_level in ("sequence", "sequence-mean"):
-            per_token[5] = _ppo._safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
+        if spec.is_level in ("sequence", "sequence-mean"):  # stat 5 per sequence instead
+            per_seq = _ppo._safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
+            stats = torch.cat([stats[:5], per_seq[None], stats[6:]])
     else:
         n_seqs = (mask != 0).sum(-1).gt(0).sum()
     T = logprobs.shape[-1] if cu_seqlens is None else None
     scale = _scale(agg, counts, dtype, dev, n, n_seqs, T)
     empty = torch.empty((0, 0), dtype=dtype, device=dev)
-    return s[0] * scale, torch.stack(per_token), scale, table if table is not None else empty
+    return s[0] * scale, stats, scale, table if table is not None else empty
 
 
 @_policy_op.register_fake
@@ -652,11 +652,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
 
     if kmode == "vanilla" and cu_seqlens is None and rollout_correction is None and is_weights is None:
         name = resolve_backend(backend, device, "ppo")  # the PPO op, with its CUDA kernels
-        loss, clipfrac, lower, approx_kl, _, _ = _ppo._policy_op(
+        return _ppo.policy_result(_ppo._policy_op(
             logprobs, old_logprobs, advantages, mask, o["clip_low"], o["clip_high"], o["dual_clip"],
-            o["log_ratio_clamp"], agg, *counts, name)
-        return loss, {"clipfrac": clipfrac.detach(), "clipfrac_lower": lower.detach(),
-                      "approx_kl": approx_kl.detach()}
+            o["log_ratio_clamp"], agg, *counts, name))
     what = (f"loss mode {mode!r}" if kmode not in ("vanilla",) else
             "packed sequences (cu_seqlens)" if cu_seqlens is not None else "rollout correction")
     name = _cuda_refused(backend, device, what)

@@ -66,9 +66,10 @@ def _inf(x: float | None) -> float:
 
 # ------------------------------------------------------------ normalization (second stage)
 def _safe_div(total: torch.Tensor, count) -> torch.Tensor:
-    """``total / count``, and 0 when ``count <= 0``."""
+    """``total / count`` (elementwise, ``count`` broadcast), and 0 where ``count <= 0``. Few
+    small ops: on small batches the host's launches, not the kernels, set the time."""
     count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
-    return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
+    return torch.where(count > 0, total / count, 0.0)
 
 
 def _row_counts(mask: torch.Tensor, agg: str) -> torch.Tensor | None:
@@ -106,12 +107,10 @@ def _partials(x, n_sums, n_counts, dtype, kernels):
 
 def _reduce(sums, counts):
     """``(total, valid tokens, stats)`` from the partials, summed in a fixed order (same input,
-    same bits): stats are the clipped fractions (counts[1:] / valid) and, for the policy, the
-    mean minus log-ratio (sums[1] / valid)."""
+    same bits): ``stats`` (1-D) are the clipped fractions (counts[1:] / valid) and, for the
+    policy, the mean minus log-ratio (sums[1] / valid)."""
     s, c = sums.sum(1), counts.sum(1)
-    stats = [_safe_div(c[i].to(s.dtype), c[0]) for i in range(1, c.numel())]
-    stats += [_safe_div(s[i], c[0]) for i in range(1, s.numel())]
-    return s[0], c[0], stats
+    return s[0], c[0], _safe_div(torch.cat([c[1:].to(s.dtype), s[1:]]), c[0])
 
 
 def _or_empty(row_counts, mask):
@@ -121,6 +120,15 @@ def _or_empty(row_counts, mask):
 def _aux_fake(x, agg, dtype):
     return x.new_empty((), dtype=dtype), x.new_empty(x.shape[0] if agg == "seq-mean-token-mean" else 0,
                                                       dtype=torch.int64)
+
+
+POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
+
+
+def policy_result(outputs) -> tuple[torch.Tensor, dict]:
+    """``(loss, stats)`` of ``_policy_op``'s outputs, the statistics by name (detached)."""
+    loss, stats, _, _ = outputs
+    return loss, dict(zip(POLICY_STATS, stats.detach().unbind()))
 
 
 def _none_but_first(ctx, grad):
@@ -133,8 +141,8 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
                log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
                global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, clipfrac, clipfrac_lower, approx_kl, scale, row_counts)``; the last two for backward."""
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, [clipfrac, clipfrac_lower, approx_kl], scale, row_counts)``; the last two for backward."""
     counts = (global_tokens, global_seqs, loss_scale_factor)
     dtype = acc_dtype(logprobs, old_logprobs, advantages)
     row_counts = _row_counts(mask, agg)
@@ -142,7 +150,7 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
         with torch.no_grad():
             loss, stats = ref.ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low, clip_high,
                                               dual_clip, agg, *counts, log_ratio_clamp=log_ratio_clamp)
-        return (loss, stats["clipfrac"], stats["clipfrac_lower"], stats["approx_kl"],
+        return (loss, torch.stack([stats[k] for k in POLICY_STATS]),
                 _scale(mask, agg, counts, dtype, row_counts=row_counts), _or_empty(row_counts, mask))
     kernels = launchers(backend, "ppo")
     sums, parts = _partials(logprobs, 2, 3, dtype, kernels)
@@ -151,16 +159,14 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                                *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), sums, parts)
     total, n_tokens, stats = _reduce(sums, parts)
     scale = _scale(mask, agg, counts, dtype, n_tokens, row_counts)
-    return total * scale, *stats, scale, _or_empty(row_counts, mask)
+    return total * scale, stats, scale, _or_empty(row_counts, mask)
 
 
 @_policy_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
       agg, global_tokens, global_seqs, loss_scale_factor, backend):
     dtype = acc_dtype(logprobs, old_logprobs, advantages)
-    loss = logprobs.new_empty((), dtype=dtype)
-    return loss, torch.empty_like(loss), torch.empty_like(loss), torch.empty_like(loss), \
-        *_aux_fake(logprobs, agg, dtype)
+    return logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype), *_aux_fake(logprobs, agg, dtype)
 
 
 @torch.library.custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
@@ -190,7 +196,8 @@ def _(grad, scale, logprobs, old_logprobs, advantages, mask, row_counts, clip_lo
 def _policy_setup_context(ctx, inputs, output):
     logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, *_, \
         backend = inputs
-    ctx.save_for_backward(logprobs, old_logprobs, advantages, mask, output[4], output[5])
+    ctx.save_for_backward(logprobs, old_logprobs, advantages, mask, output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
     ctx.args = (clip_low, clip_high, dual_clip, log_ratio_clamp, agg, backend)
 
 
@@ -224,9 +231,9 @@ def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
     sums, parts = _partials(values, 1, 2, dtype, kernels)
     if values.numel():
         kernels.ppo_value_fwd(values, old_values, returns, mask, row_counts, _inf(clip), sums, parts)
-    total, n_tokens, (clipfrac,) = _reduce(sums, parts)
+    total, n_tokens, clipfrac = _reduce(sums, parts)
     scale = _scale(mask, agg, counts, dtype, n_tokens, row_counts)
-    return total * scale, clipfrac, scale, _or_empty(row_counts, mask)
+    return total * scale, clipfrac.reshape(()), scale, _or_empty(row_counts, mask)
 
 
 @_value_op.register_fake
@@ -259,6 +266,7 @@ def _(grad, scale, values, old_values, returns, mask, row_counts, clip, agg, bac
 def _value_setup_context(ctx, inputs, output):
     values, old_values, returns, mask, clip, agg, *_, backend = inputs
     ctx.save_for_backward(values, old_values, returns, mask, output[2], output[3])
+    ctx.set_materialize_grads(False)
     ctx.args = (clip, agg, backend)
 
 
@@ -376,11 +384,8 @@ def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantag
         return packed_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high,
                                       dual_clip, log_ratio_clamp, agg, counts, backend)
     name = resolve_backend(backend, logprobs.device, "ppo")
-    loss, clipfrac, lower, approx_kl, _, _ = _policy_op(
-        logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
-        agg, *counts, name)
-    return loss, {"clipfrac": clipfrac.detach(), "clipfrac_lower": lower.detach(),
-                  "approx_kl": approx_kl.detach()}
+    return policy_result(_policy_op(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip,
+                                    log_ratio_clamp, agg, *counts, name))
 
 
 def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
