@@ -179,11 +179,13 @@ def mode_loss(mode, logp, old, adv, valid, o: dict, selected=None):
 # ----------------------------------------------------------------------- rollout correction
 def _binary_kl_tv(stat, num, den):
     """OpenRLHF's gates on the sampled token's probabilities: ``p`` of the rollout (``den``),
-    ``q`` of the trainer (``num``), each clamped to ``[1e-6, 1 - 1e-6]``."""
+    ``q`` of the trainer (``num``), each clamped to ``[1e-6, 1 - 1e-6]``. The binary KL is
+    clamped at 0: its two terms cancel for ``p ~ q`` and may round below 0, which a lower
+    bound of 0 must not reject (the peers keep ``kl <= threshold``)."""
     p = den.exp().clamp(1e-6, 1 - 1e-6)
     q = num.exp().clamp(1e-6, 1 - 1e-6)
     if stat == "binary_kl":
-        return p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()
+        return (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).clamp(min=0)
     return (p - q).abs()
 
 

@@ -112,6 +112,7 @@ def _gate_stat(rho, num, den, IS_STAT: tl.constexpr):
         q = _clamp(tl.exp(num), 1e-6, 1.0 - 1e-6)
         if IS_STAT == 1:
             g = p * tl.log(p / q) + (1.0 - p) * tl.log((1.0 - p) / (1.0 - q))
+            g = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)  # rounded below 0 for p ~ q
         else:
             g = tl.abs(p - q)
     return g
