@@ -265,9 +265,9 @@ def _setup_context(ctx, inputs, output):
 def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats, grad_lsq, grad_mean, _grad_top1):
     hidden, weight, bias, labels, stats, ent, lsq = ctx.saved_tensors
     need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
-    nothing = (None,) * 14
+    rest = (None,) * (len(ctx.needs_input_grad) - 3)  # labels and options
     if not (need_hidden or need_weight or need_bias):
-        return nothing
+        return (None, None, None, *rest)
     with_entropy, with_lsq, with_mean = ctx.flags
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[:, 0])
@@ -276,8 +276,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats, grad_lsq, grad
         *ctx.args, need_hidden, need_weight, need_bias and bias is not None, ctx.backend,
         grad_log_sum_sq=grad_lsq if with_lsq else None, log_sum_sq=lsq if with_lsq else None,
         grad_mean=grad_mean if with_mean else None, **ctx.kwargs)
-    return (gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None,
-            *nothing[3:])
+    return gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None, *rest
 
 
 _linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
