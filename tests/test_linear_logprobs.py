@@ -248,10 +248,26 @@ def test_deterministic(backend):
         assert torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
 
 
-def test_never_materializes_logits(backend, monkeypatch):
-    """No tensor created during forward + backward has N * V elements or more."""
+def _largest_created(fn) -> int:
+    """The most elements of any tensor an op creates while ``fn()`` runs."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
+    sizes = [0]
+
+    class Track(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in (out if isinstance(out, (tuple, list)) else (out,))
+                         if isinstance(t, torch.Tensor))
+            return out
+
+    with Track():
+        fn()
+    return max(sizes)
+
+
+def test_never_materializes_logits(backend, monkeypatch):
+    """No tensor created during forward + backward has N * V elements or more."""
     monkeypatch.setattr(ref, "ROW_CHUNK", 32)
     monkeypatch.setattr(ref, "VOCAB_CHUNK", 256)
     if backend == "triton":
@@ -260,19 +276,9 @@ def test_never_materializes_logits(backend, monkeypatch):
         monkeypatch.setattr(tri, "WORKSPACE_ELEMS", 1)
     N, V = 64, 1000
     hidden, weight, bias, labels = _case(N, 16, V, torch.bfloat16)
-    largest = []
 
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest.append(t.numel())
-            return out
-
-    with Track():
-        _run(backend, hidden, weight, bias, labels, _grads(N))
-    assert max(largest) <= N * V // 4  # the largest are the chunks and grad_weight (V * 16)
+    largest = _largest_created(lambda: _run(backend, hidden, weight, bias, labels, _grads(N)))
+    assert largest <= N * V // 4  # the largest are the chunks and grad_weight (V * 16)
 
 
 def test_extreme_values_and_masked_vocabulary(backend):
@@ -755,27 +761,16 @@ def test_block_plan(case):
 
 def test_never_materializes_logits_fused(monkeypatch):
     """The fused design with every output: no tensor of N * V elements or more."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     if "triton" not in family_backends(FAMILY):
         pytest.skip("the fused design runs Triton kernels")
     _small_blocks(monkeypatch)
     N, V = 64, 1000
     hidden, weight, bias, labels = _case(N, 16, V, torch.bfloat16)
-    largest = []
-
-    class Track(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for t in out if isinstance(out, (tuple, list)) else (out,):
-                if isinstance(t, torch.Tensor):
-                    largest.append(t.numel())
-            return out
 
     ups = [torch.randn(N, device=DEVICE) for _ in DIFFERENTIABLE]
-    with Track():
-        _run_all(_fastrlhf(labels, "triton", "fused", softcap=3.0), hidden, weight, bias, labels, ups)
-    assert max(largest) <= N * V // 4
+    largest = _largest_created(lambda: _run_all(_fastrlhf(labels, "triton", "fused", softcap=3.0), hidden,
+                                                weight, bias, labels, ups))
+    assert largest <= N * V // 4
 
 
 BAD_OPTIONS = {

@@ -16,6 +16,7 @@ from fastrlhf import RolloutCorrection, policy_loss
 from fastrlhf.ops import policy_loss as ops
 from fastrlhf.reference import policy_loss as ref
 from tests.conftest import DEVICE
+from tests.test_ppo import _mask  # holes everywhere, a fully masked row, a padded row
 from tests.tolerance import assert_close_fp64, assert_same_dtype_close
 
 FAMILY = "policy_loss"
@@ -26,16 +27,6 @@ SHAPES = [(3, 1), (5, 37), (2, 1031), (7, 300)]
 MODES = ref.MODES
 OPTIONS = {"dro": {"dro_beta": 0.3}, "bypass_mode": {"loss_type": "reinforce"}}
 """Options a mode needs (dro) or is tested with by default."""
-
-
-def _mask(B, T, p=0.7):
-    """Holes everywhere, a fully masked row, a padded row."""
-    mask = torch.rand(B, T, device=DEVICE) < p
-    if B > 1:
-        mask[1] = False
-    if B > 2 and T > 2:
-        mask[2, T // 2:] = False
-    return mask
 
 
 def _case(B, T, dtype=torch.float32, spread=0.3):
