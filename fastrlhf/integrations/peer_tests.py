@@ -1,7 +1,7 @@
 """Run the unit tests that verl and OpenRLHF ship in their wheels against fastrlhf's drop-ins.
 
 ``python -m fastrlhf.integrations.peer_tests verl|openrlhf [--backend torch|triton] [--cache DIR] [-- PYTEST_ARGS]``
-downloads the peer's released wheel (``pip download --no-deps``, with the few pure-Python
+downloads the peer's released wheel (``pip download --no-deps``, with the few
 packages its modules import), unpacks it under ``--cache`` (default ``.cache/peers``), and runs
 the test files it ships for the functions fastrlhf replaces, in a separate pytest process with
 the drop-ins swapped in through the public patch functions (:func:`register_with_verl` with
@@ -56,7 +56,7 @@ class Peer:
 PEERS = {
     "verl": Peer(
         requirement="verl==0.9.1",
-        deps=("omegaconf==2.4.0", "tensordict==0.10.0", "pyvers", "importlib_metadata", "zipp"),
+        deps=("omegaconf==2.4.0", "tensordict==0.10.0", "pyvers", "importlib_metadata", "zipp", "cloudpickle", "orjson"),
         tests=("tests/trainer/ppo/test_core_algos_on_cpu.py", "tests/trainer/ppo/test_loss_aggregation_on_cpu.py",
                "tests/trainer/ppo/test_dynamic_policy_losses_on_cpu.py",
                "tests/trainer/ppo/test_rollout_corr_integration.py",
@@ -101,8 +101,9 @@ def _lock(f) -> None:
 
 def _fetch(peer: Peer, root: Path) -> Path:
     site = root / "site"
-    done = root / f"{peer.requirement}.unpacked"
-    if done.exists():
+    done = root / "unpacked"
+    stamp = " ".join((peer.requirement, *peer.deps))  # a changed list of packages fetches again
+    if done.exists() and done.read_text().strip() == stamp:
         return site
     wheels = root / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
@@ -127,7 +128,7 @@ def _fetch(peer: Peer, root: Path) -> Path:
     if site.exists():
         _rmtree(site)
     tmp.rename(site)
-    done.write_text("ok\n")
+    done.write_text(stamp + "\n")
     return site
 
 
