@@ -470,6 +470,20 @@ def test_opcheck_torch_backend():
                            "torch"))
 
 
+def _assert_compiles_like_eager(loss, *inputs):
+    """``loss`` under ``torch.compile(fullgraph=True, backend="aot_eager")`` (graph capture and
+    AOT autograd through the custom ops without a C++ toolchain): same value and gradients."""
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    outs = []
+    for fn in (loss, compiled):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        value = fn(*leaves)
+        value.backward()
+        outs.append([value, *(t.grad for t in leaves)])
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_compile_fullgraph():
     hidden, weight, bias, labels = _case(10, 16, 50, torch.float32)
     grads = _grads(10)
@@ -479,16 +493,7 @@ def test_torch_compile_fullgraph():
                                         backend="torch")
         return (lp * grads[0] + ent * grads[1]).sum()
 
-    # aot_eager: graph capture + AOT autograd through the custom ops without a C++ toolchain
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    outs = []
-    for fn in (loss, compiled):
-        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        value = fn(*leaves)
-        value.backward()
-        outs.append([value, *(t.grad for t in leaves)])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+    _assert_compiles_like_eager(loss, hidden, weight, bias)
 
 
 # ------------------------------------- soft-capping, logit scale, TRL's per-token outputs, designs
@@ -833,15 +838,7 @@ def test_torch_compile_fullgraph_with_outputs():
                                     outputs=OUTPUTS, backend="torch")
         return sum((getattr(out, k) * u).sum() for k, u in zip(DIFFERENTIABLE, ups)) + out.is_top1.sum()
 
-    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
-    outs = []
-    for fn in (loss, compiled):
-        leaves = [t.clone().requires_grad_(True) for t in (hidden, weight, bias)]
-        value = fn(*leaves)
-        value.backward()
-        outs.append([value, *(t.grad for t in leaves)])
-    for a, b in zip(*outs):
-        torch.testing.assert_close(a, b)
+    _assert_compiles_like_eager(loss, hidden, weight, bias)
 
 
 def test_bench_peers_agree_on_the_probe():
