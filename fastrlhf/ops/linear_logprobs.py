@@ -195,6 +195,11 @@ def _options(temperature, logit_scale, softcap, ignore_index):
             "ignore_index": ignore_index}
 
 
+def _contiguous(bias):
+    """The kernels index the bias as a contiguous ``[V]``: a strided or expanded one is copied."""
+    return None if bias is None else bias.contiguous()
+
+
 # --------------------------------------------------------------------------- forward op
 @torch.library.custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
 def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -205,7 +210,7 @@ def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                    torch.Tensor, torch.Tensor]:
     outs = _forward_outputs(hidden, labels, with_entropy, with_log_sum_sq, with_mean, with_top1)
-    _forward_out(hidden, weight, bias, labels.contiguous(),
+    _forward_out(hidden, weight, _contiguous(bias), labels.contiguous(),
                  _options(temperature, logit_scale, softcap, ignore_index), outs, backend, design)
     return outs
 
@@ -238,7 +243,7 @@ def _linear_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor 
     grads = (masked(grad_logp), masked(grad_entropy), None if grad_entropy is None else entropy.float(),
              masked(grad_log_sum_sq), None if grad_log_sum_sq is None else log_sum_sq.float(),
              masked(grad_mean))
-    _backward_out(grads, hidden, weight, bias, labels.contiguous(), stats,
+    _backward_out(grads, hidden, weight, _contiguous(bias), labels.contiguous(), stats,
                   _options(temperature, logit_scale, softcap, ignore_index), outs,
                   (need_hidden, need_weight, need_bias), backend, design)
     return outs
@@ -356,7 +361,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
             ``H = 0`` is allowed: every logit is then the bias (or 0).
         weight: ``[V, H]``, the LM head (may be tied to the input embedding), hidden's dtype.
         labels: int32/int64 of shape ``hidden.shape[:-1]``.
-        bias: optional ``[V]``, hidden's dtype; ``-inf`` entries mask vocabulary entries
+        bias: optional ``[V]``, hidden's dtype, any strides; ``-inf`` entries mask vocabulary entries
             (unless soft-capped, below).
         temperature, logit_scale, softcap: finite floats > 0 (``softcap`` may be ``None``).
         ignore_index: labels equal to it get 0 (``False``) in every output and no gradient.
@@ -397,7 +402,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     ``cols = V / 20`` rounded to 128 when ``V >= 2560``; ``[1024, 4096]`` on the ``torch``
     backend); in backward the block is overwritten by its ``dlogits`` (the inputs' dtype).
     ``[rows, 8]`` fp32 running values per row in forward, ``[N, 2]`` fp32 row statistics
-    kept for backward. Backward, for 16-bit inputs: an fp32 ``[N, H]`` running sum of
+    kept for backward; a contiguous copy of a strided or expanded ``bias``. Backward, for 16-bit inputs: an fp32 ``[N, H]`` running sum of
     ``grad_hidden`` when the vocabulary takes more than one block, an fp32 ``[cols, H]``
     one of ``grad_weight`` when the rows take more than one; fp32 ``[V]`` for the bias. On
     the CPU, fp32 copies of the 16-bit GEMM operands (it has no 16-bit GEMM into fp32).

@@ -262,7 +262,7 @@ def gae_fwd(rewards, values, mask, gamma, lam, skip, advantages, returns, cu_seq
     m, sm = _unit_rows(mask)
     v, sv = _unit_rows(values) if values is not None else (r, 0)
     agg = advantages.new_empty((B, NC, 5)) if NC > 1 else advantages
-    args = (r, v, m, advantages, returns, agg, cu_seqlens if packed else r, T, NC, CHUNK, sr, sv, sm,
+    args = (r, v, m, advantages, returns, agg, cu_seqlens.contiguous() if packed else r, T, NC, CHUNK, sr, sv, sm,
             float(gamma), float(gamma * lam))
     # 64 threads of 8 positions; 64 registers (no spill): 16 blocks, half the SM's threads
     meta = dict(SKIP=bool(skip), HAS_VALUES=values is not None, HAS_CARRY=NC > 1, PACKED=packed,

@@ -257,6 +257,6 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
     _kl_rewards_kernel[(B * triton.cdiv(T, chunk),)](
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
-        cu_seqlens if packed else scores, T, triton.cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
+        cu_seqlens.contiguous() if packed else scores, T, triton.cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
         kl_clamp, log_ratio_clamp, score_clip, EST=estimator, COEF_TENSOR=kl_coef_t is not None, PACKED=packed,
         ACC=tl_acc(rewards.dtype), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)

@@ -643,7 +643,7 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     cex = _constexprs(spec, rollout=rollout, weights=weights, selected=None, packed=packed, n=N, dtype=table.dtype)
     cex.pop("HAS_SEL")
     k = spec.kernel
-    cu = cu_seqlens if packed else pcounts
+    cu = cu_seqlens.contiguous() if packed else pcounts
     cs = chunk_starts if packed else pcounts
     if N and NC:
         _policy_seq_partials_kernel[(NC,)](
@@ -679,7 +679,7 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     k = spec.kernel
     _policy_loss_fwd_kernel[(sums.shape[1],)](
         x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x),
-        _opt(selected, x), table if table is not None else sums, cu_seqlens if packed else counts, sums, counts,
+        _opt(selected, x), table if table is not None else sums, cu_seqlens.contiguous() if packed else counts, sums, counts,
         n, T, max(S, 1), sums.shape[1], steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
         k.is_high, k.is_clamp,
         **_constexprs(spec, rollout=rollout, weights=weights, selected=selected, packed=packed, n=n,
@@ -698,7 +698,7 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
     _policy_loss_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
         grad, scale, gseq if gseq is not None else scale, x, _flat(old_logprobs), _flat(advantages), _flat(mask),
         _opt(rollout, x), _opt(weights, x), _opt(selected, x), table if table is not None else scale,
-        cu_seqlens if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
+        cu_seqlens.contiguous() if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
         k.dual_clip, k.lrc, k.p0, k.p1, k.is_low, k.is_high, k.is_clamp,
         **_constexprs(spec, rollout=rollout, weights=weights, selected=selected, packed=packed, n=n,
                       dtype=scale.dtype),
