@@ -10,7 +10,8 @@ import torch.distributed as dist
 
 class ThreadGroup:
     """A process group of ``world`` threads: ``all_reduce`` stacks every rank's tensor and
-    reduces it in rank order, so every rank gets the same bits, as a real group does."""
+    reduces it in rank order, so every rank gets the same bits, as a real group does;
+    ``all_gather`` gives every rank every rank's tensor."""
 
     def __init__(self, world):
         self.world = world
@@ -25,6 +26,16 @@ class ThreadGroup:
         reduced = stacked.amax(0) if op == dist.ReduceOp.MAX else stacked.sum(0)
         self.barrier.wait()
         tensor.copy_(reduced)
+
+    def all_gather(self, tensors, tensor, group=None):
+        self.slots[self.rank.value] = tensor.clone()
+        self.barrier.wait()
+        for out, got in zip(tensors, self.slots):
+            out.copy_(got)
+        self.barrier.wait()
+
+    def get_world_size(self, group=None):
+        return self.world
 
     def run(self, fn):
         """``[fn(rank) for rank in range(world)]``, each on its own thread."""
@@ -42,6 +53,8 @@ class ThreadGroup:
 
         threads = [threading.Thread(target=target, args=(r,)) for r in range(self.world)]
         with mock.patch.object(dist, "all_reduce", self.all_reduce), \
+                mock.patch.object(dist, "all_gather", self.all_gather), \
+                mock.patch.object(dist, "get_world_size", self.get_world_size), \
                 mock.patch.object(dist, "is_initialized", lambda: True), _one_interpreted_kernel_at_a_time():
             for t in threads:
                 t.start()

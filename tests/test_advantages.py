@@ -463,6 +463,75 @@ def test_masked_whiten_is_scale_invariant(n, log10_scale, seed, dtype):
     torch.testing.assert_close(got.double(), masked_whiten(x.double(), m), atol=1e-5, rtol=1e-5)
 
 
+def _whiten_truth(x, m, offset, shift_mean):
+    """Whitening of ``x`` in fp64 from ``x - offset`` (exact: every ``x`` is near ``offset``), so
+    the reference's own rounding at a large offset does not count."""
+    out = ref.masked_whiten(x.double() - offset, m)
+    if not shift_mean:
+        vals = x.double()[m] - offset
+        out = torch.where(m, out + offset + (vals.mean() if vals.numel() else 0.0), 0.0)
+    return out
+
+
+# Found by hand (fp32 on the triton backend; fp64 on every backend): constants gave 1.5e-5
+# (0.1) and 2.6e26 (1e30); 1e8 + randn was off by 4.1e3, 100 + 1e-4 randn by 0.019, shift_mean=False
+# at 6e4 by 32; fp64 constants 1e30 and 1e100 gave up to 4.1e17 and 1.7e88.
+FAR_FROM_ZERO = [(0.1, 0.0, torch.float32), (1e30, 0.0, torch.float32), (1e8, 1.0, torch.float32),
+                 (100.0, 1e-4, torch.float32), (6e4, 1.0, torch.float32), (1e30, 0.0, torch.float64),
+                 (1e100, 0.0, torch.float64), (1e100, 1e88, torch.float64), (-3e15, 1.0, torch.float64)]
+
+
+def _far_case(offset, spread, dtype, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = (offset + spread * torch.randn(n, generator=gen, dtype=torch.float64)).to(dtype).to(DEVICE)
+    m = (torch.rand(n, generator=gen) < 0.8).to(DEVICE)
+    m[0] = True
+    return x, m
+
+
+def _assert_whiten_close(got, want, x, m, dtype, offset, shift_mean):
+    """A few roundings of the output's dtype at the output's scale (the offset's with
+    shift_mean=False), plus the one rounding of the fp64 mean, at the whitened scale."""
+    scale = max(1.0, abs(offset) if not shift_mean else 0.0, want.abs().max().item())
+    spread = (x.double()[m] - offset).std().item() if int(m.sum()) > 1 else 0.0
+    mean_rounding = torch.finfo(torch.float64).eps * abs(offset) / spread if spread > 0 else 0.0
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=4 * torch.finfo(dtype).eps * scale + mean_rounding)
+
+
+@pytest.mark.parametrize("offset, spread, dtype", FAR_FROM_ZERO, ids=lambda v: _dt(v) if isinstance(v, torch.dtype) else f"{v:g}")
+@pytest.mark.parametrize("shift_mean", [True, False], ids=["shift", "noshift"])
+def test_masked_whiten_far_from_zero(backend, offset, spread, dtype, shift_mean):
+    """Data far from zero, constants included (exactly 0 out): as exact as fp64 from x - offset."""
+    x, m = _far_case(offset, spread, dtype, 4099, 0)  # two whitening blocks and a part
+    got = masked_whiten(x, m, shift_mean=shift_mean, backend=backend)
+    _assert_whiten_close(got, _whiten_truth(x, m, offset, shift_mean), x, m, dtype, offset, shift_mean)
+    if spread == 0 and shift_mean:
+        assert (got == 0).all()
+
+
+@settings(max_examples=30, deadline=None)
+@given(log10_offset=st.integers(-30, 37), log10_spread=st.integers(-12, 0), seed=st.integers(0, 2**16),
+       dtype=st.sampled_from([torch.float32, torch.float64]), shift_mean=st.booleans(), world=st.integers(1, 3))
+def test_masked_whiten_offset_property(log10_offset, log10_spread, seed, dtype, shift_mean, world):
+    """Any offset, a spread down to 1e-12 of it (fp32: often a constant after rounding), on every
+    backend, on one rank and split over ranks (statistics merged across them)."""
+    from tests.ranks import ThreadGroup
+
+    offset = 10.0**log10_offset
+    x, m = _far_case(offset, offset * 10.0**log10_spread, dtype, 61, seed)
+    want = _whiten_truth(x, m, offset, shift_mean)
+    cuts = [len(x) * r // world for r in range(world + 1)]
+    for backend in family_backends("advantages"):
+        if world == 1:
+            got = masked_whiten(x, m, shift_mean=shift_mean, backend=backend)
+        else:
+            parts = ThreadGroup(world).run(lambda r: masked_whiten(
+                x[cuts[r]:cuts[r + 1]], m[cuts[r]:cuts[r + 1]], shift_mean=shift_mean, group=object(),
+                backend=backend))
+            got = torch.cat(parts)
+        _assert_whiten_close(got, want, x, m, dtype, offset, shift_mean)
+
+
 @settings(max_examples=40, deadline=None)
 @given(group_size=st.integers(1, 40), n_groups=st.integers(1, 4), log10_scale=st.integers(-30, 37),
        method=st.sampled_from(["grpo", "rloo", "dr_grpo"]), seed=st.integers(0, 2**16))

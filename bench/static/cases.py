@@ -242,7 +242,7 @@ def _small_cases() -> list[TritonCase]:
                                                                dtype=torch.float64)),
                    {"_whiten_stats_kernel": 5}, "token"),
         TritonCase("masked_whiten.apply.B8192-T2048",
-                   lambda: advantages.whiten_apply(lp, mask, t(2), t(B, T)), {"_whiten_apply_kernel": 9}, "token"),
+                   lambda: advantages.whiten_apply(lp, mask, t(4), t(B, T)), {"_whiten_apply_kernel": 9}, "token"),
         TritonCase("kl_penalty.fwd.k3.B8192-T2048",
                    lambda: kl.kl_penalty_fwd(lp, ref, K3, 10.0, 20.0, t(B, T)), {"_kl_fwd_kernel": 12}, "token"),
         TritonCase("kl_penalty.bwd.k3.B8192-T2048",

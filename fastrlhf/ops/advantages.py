@@ -89,18 +89,37 @@ def _(scores, group_size, method, eps, backend):
     return _group_output(scores)
 
 
+def _merge(parts: torch.Tensor) -> torch.Tensor:
+    """``[3]`` (count, mean, sum of squared deviations) of the union of the blocks ``parts [3, P]``
+    (Chan et al.'s merge, all blocks at once): the mean as a shift from the first non-empty
+    block's mean, so equal block means merge exactly; the deviations of the block means added to
+    the blocks' own. No cancellation: the result is as exact as the blocks' at any offset."""
+    n, mean, m2 = parts.unbind()
+    total = n.sum()
+    base = mean[(n > 0).to(torch.uint8).argmax()]
+    merged = base + (n * (mean - base)).sum() / total.clamp(min=1)
+    return torch.stack([total, merged, m2.sum() + (n * (mean - merged).square()).sum()])
+
+
 @torch.library.custom_op("fastrlhf::whiten_stats", mutates_args=())
 def _whiten_stats_op(x: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
-    """``[3]`` fp64: valid count, sum and sum of squares of ``x`` where ``mask != 0``."""
+    """``[3]`` fp64: count, mean and sum of squared deviations from the mean of ``x`` where
+    ``mask != 0``; per block (one block on the torch backend), then :func:`_merge`."""
     if backend == "torch":
-        valid = mask != 0
-        xd = torch.where(valid, x.to(STATS_DTYPE), 0.0)
-        return torch.stack([valid.sum().to(STATS_DTYPE), xd.sum(), (xd * xd).sum()])
+        valid = (mask != 0).reshape(-1)
+        x = torch.where(valid, x.reshape(-1).to(STATS_DTYPE), 0.0)
+        n = valid.sum().to(STATS_DTYPE)
+        n1 = n.clamp(min=1)
+        mean = x.sum() / n1
+        d = torch.where(valid, x - mean, 0.0)
+        s1 = d.sum()
+        return torch.stack([n, mean + s1 / n1, ((d * d).sum() - s1 * s1 / n1).clamp(min=0)])
+    if not x.numel():
+        return x.new_zeros(3, dtype=STATS_DTYPE)
     kernels = launchers(backend, "advantages")
     partials = torch.empty((3, -(-x.numel() // kernels.WHITEN_BLOCK)), dtype=STATS_DTYPE, device=x.device)
-    if x.numel():
-        kernels.whiten_stats(x, mask, partials)
-    return partials.sum(1)  # a fixed order: same input, same bits
+    kernels.whiten_stats(x, mask, partials)
+    return _merge(partials)
 
 
 @_whiten_stats_op.register_fake
@@ -109,41 +128,44 @@ def _(x, mask, backend):
 
 
 @torch.library.custom_op("fastrlhf::whiten_apply", mutates_args=())
-def _whiten_apply_op(x: torch.Tensor, mask: torch.Tensor, ab: torch.Tensor, backend: str) -> torch.Tensor:
-    """``x * ab[0] + ab[1]`` where ``mask != 0``, else 0, in ``x``'s accumulation dtype."""
+def _whiten_apply_op(x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, backend: str) -> torch.Tensor:
+    """``(x - mean) * scale + add`` where ``mask != 0``, else 0, in ``x``'s accumulation dtype;
+    ``coef = (scale, hi, lo, add)``, fp64, ``hi + lo = mean`` with ``hi`` in that dtype."""
     if backend == "torch":
-        y = torch.addcmul(ab[1], x.to(STATS_DTYPE), ab[0]).to(acc_dtype(x))
+        y = ((x.to(STATS_DTYPE) - (coef[1] + coef[2])) * coef[0] + coef[3]).to(acc_dtype(x))
         return torch.where(mask != 0, y, 0.0)
     out = torch.empty(x.shape, dtype=acc_dtype(x), device=x.device)
     if x.numel():
-        launchers(backend, "advantages").whiten_apply(x, mask, ab, out)
+        launchers(backend, "advantages").whiten_apply(x, mask, coef, out)
     return out
 
 
 @_whiten_apply_op.register_fake
-def _(x, mask, ab, backend):
+def _(x, mask, coef, backend):
     return torch.empty(x.shape, dtype=acc_dtype(x), device=x.device)
 
 
 class _Whiten(torch.autograd.Function):
-    """Whitening from one pass of statistics (``n``, sum and sum of squares, in fp64, summed
-    over ``group`` with one all-reduce) and one elementwise pass; backward in fp64 PyTorch
-    (one more all-reduce of two sums with ``group``)."""
+    """Whitening from one pass of statistics (per block: count, mean and squared deviations,
+    in fp64, merged without cancellation; over ``group`` one all-gather of each rank's three)
+    and one elementwise pass; backward in fp64 PyTorch (one all-reduce of two sums with
+    ``group``)."""
 
     @staticmethod
     def forward(ctx, x, mask, shift_mean, unbiased, eps, group, backend):
         stats = _whiten_stats_op(x, mask, backend)
         if group is not None:
-            dist.all_reduce(stats, group=group)
-        n, total, squares = stats.unbind()
-        mean = total / n.clamp(min=1)
+            ranks = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(ranks, stats, group=group)
+            stats = _merge(torch.stack(ranks, 1))
+        n, mean, m2 = stats.unbind()
         dof = n - 1 if unbiased else n
-        var = ((squares - total * mean) / dof.clamp(min=1)).clamp(min=0)
-        scale = torch.where(dof > 0, torch.rsqrt(var + eps), 1.0)
-        shift = -mean * scale + (0.0 if shift_mean else mean)
+        scale = torch.where(dof > 0, torch.rsqrt(m2 / dof.clamp(min=1) + eps), 1.0)
+        hi = mean.to(acc_dtype(x)).to(STATS_DTYPE)
+        coef = torch.stack([scale, hi, mean - hi, mean if not shift_mean else torch.zeros_like(mean)])
         ctx.save_for_backward(x, mask, n, mean, scale, dof)
         ctx.shift_mean, ctx.group = shift_mean, group
-        return _whiten_apply_op(x, mask, torch.stack([scale, shift]), backend)
+        return _whiten_apply_op(x, mask, coef, backend)
 
     @staticmethod
     def backward(ctx, grad):
@@ -241,18 +263,20 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, *, shift_mean: bool = Tru
     ``out = (x - mean) / sqrt(var + eps)`` (``+ mean`` again with ``shift_mean=False``);
     ``unbiased=True`` divides the variance by ``n - 1`` (verl), ``False`` by ``n`` (OpenRLHF).
     With ``group`` (a ``torch.distributed`` process group, e.g. the data-parallel one), the
-    mean and variance are those of the valid elements of every rank: one all-reduce of
-    ``(n, sum, sum of squares)`` (and one of two sums in backward).
+    mean and variance are those of the valid elements of every rank: one all-gather of each
+    rank's ``(n, mean, sum of squared deviations)`` (and one all-reduce of two sums in backward).
 
     Defined everywhere, never NaN: masked positions are 0; with too few valid elements for
     the variance (``n = 0``, or ``n = 1`` when unbiased) nothing is scaled, and ``n = 0``
-    takes mean 0, so a fully masked input gives zeros. The statistics accumulate in fp64, so
-    whitening is scale-invariant for every finite bf16/fp16/fp32 input (fp64 inputs: up to
-    about 1e150). Returns a new fp32 tensor of ``x``'s shape (fp64 for fp64 ``x``),
+    takes mean 0, so a fully masked input gives zeros. The statistics are fp64 means and
+    squared deviations from them (never a difference of large sums), and ``x - mean`` is exact
+    near the mean, so whitening is shift- and scale-invariant for every finite bf16/fp16/fp32
+    input and for fp64 inputs whose deviations from their mean stay below about 1e150 (a
+    constant input gives exactly 0). Returns a new fp32 tensor of ``x``'s shape (fp64 for fp64 ``x``),
     differentiable w.r.t. ``x``, no host sync.
 
-    Memory (triton): the output and ``3 * n / 2048`` fp64 partial sums; one reduction pass and
-    one elementwise pass over ``x`` and ``mask``.
+    Memory (triton): the output and ``3 * n / 2048`` fp64 partial statistics; one reduction pass
+    and one elementwise pass over ``x`` and ``mask``.
 
     >>> adv = fastrlhf.masked_whiten(adv, mask)                  # per process
     >>> adv = fastrlhf.masked_whiten(adv, mask, group=dp_group)  # over data-parallel ranks

@@ -75,6 +75,7 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     xd = torch.where(valid, x.to(STATS_DTYPE), 0.0)
     n = valid.sum()
     mean = xd.sum() / n.clamp(min=1)
+    mean = mean + torch.where(valid, xd - mean, 0.0).sum() / n.clamp(min=1)  # the sum's rounding undone
     dev = torch.where(valid, xd - mean, 0.0)
     dof = n - 1 if unbiased else n
     var = (dev * dev).sum() / dof.clamp(min=1)

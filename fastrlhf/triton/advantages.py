@@ -334,40 +334,52 @@ WHITEN_BLOCK = 2048
 
 @triton.jit
 def _whiten_stats_kernel(x_ptr, m_ptr, part_ptr, N, P, BLOCK: tl.constexpr):
-    """``part[:, pid]`` = (valid count, sum, sum of squares) of the program's elements, in fp64
-    (``STATS_DTYPE``: no finite fp32 value overflows them). Loads are bounds-masked only."""
+    """``part[:, pid]`` = (valid count, mean, sum of squared deviations from the mean) of the
+    program's elements, in fp64 (``STATS_DTYPE``), by two passes over the registers: the mean,
+    then the deviations, whose sum refines the mean (so a constant block has exactly its value
+    and no spread). Loads are bounds-masked only."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     valid = (tl.load(m_ptr + offs, mask=inb, other=0) != 0) & inb
     x = tl.where(valid, tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float64), 0.0)
-    tl.store(part_ptr + pid, tl.sum(valid.to(tl.float64), axis=0))
-    tl.store(part_ptr + P + pid, tl.sum(x, axis=0))
-    tl.store(part_ptr + 2 * P + pid, tl.sum(x * x, axis=0))
+    n = tl.sum(valid.to(tl.float64), axis=0)
+    n1 = tl.maximum(n, 1.0)
+    mean = tl.sum(x, axis=0) / n1
+    d = tl.where(valid, x - mean, 0.0)
+    s1 = tl.sum(d, axis=0)
+    tl.store(part_ptr + pid, n)
+    tl.store(part_ptr + P + pid, mean + s1 / n1)
+    tl.store(part_ptr + 2 * P + pid, tl.maximum(tl.sum(d * d, axis=0) - s1 * s1 / n1, 0.0))
 
 
 @triton.jit
-def _whiten_apply_kernel(x_ptr, m_ptr, ab_ptr, out_ptr, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``out = x * a + b`` where valid, 0 elsewhere (``ab``: the two coefficients)."""
+def _whiten_apply_kernel(x_ptr, m_ptr, coef_ptr, out_ptr, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """``out = (x - hi - lo) * scale + add`` where valid, 0 elsewhere; ``coef = (scale, hi, lo,
+    add)`` with ``hi + lo`` the mean to twice ``ACC``'s precision, so ``x - mean`` is exact near
+    the mean and only the product and the sum round."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     valid = tl.load(m_ptr + offs, mask=inb, other=0) != 0
     x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(ACC)
-    y = tl.fma(x, tl.load(ab_ptr).to(ACC), tl.load(ab_ptr + 1).to(ACC))
+    d = (x - tl.load(coef_ptr + 1).to(ACC)) - tl.load(coef_ptr + 2).to(ACC)
+    y = tl.fma(d, tl.load(coef_ptr).to(ACC), tl.load(coef_ptr + 3).to(ACC))
     tl.store(out_ptr + offs, tl.where(valid, y, 0.0), mask=inb)
 
 
 def whiten_stats(x, mask, partials):
-    """Fill ``partials [3, cdiv(n, WHITEN_BLOCK)]`` (fp64) of ``n = x.numel() > 0`` elements."""
+    """Fill ``partials [3, cdiv(n, WHITEN_BLOCK)]`` (fp64 count, mean, squared deviations) of
+    ``n = x.numel() > 0`` elements."""
     n = x.numel()
     _whiten_stats_kernel[(partials.shape[1],)](_flat(x), _flat(mask), partials, n, partials.shape[1],
                                                BLOCK=WHITEN_BLOCK, num_warps=8)
 
 
-def whiten_apply(x, mask, ab, out):
-    """Fill ``out`` (contiguous, ``x``'s shape) with ``x * ab[0] + ab[1]`` where valid, else 0."""
+def whiten_apply(x, mask, coef, out):
+    """Fill ``out`` (contiguous, ``x``'s shape) with ``(x - coef[1] - coef[2]) * coef[0] + coef[3]``
+    where valid, else 0."""
     n = x.numel()
-    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](_flat(x), _flat(mask), ab, out, n,
+    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](_flat(x), _flat(mask), coef, out, n,
                                                           ACC=tl_acc(out.dtype), BLOCK=WHITEN_BLOCK, num_warps=8)
 
 
