@@ -532,6 +532,26 @@ def test_masked_whiten_offset_property(log10_offset, log10_spread, seed, dtype, 
         _assert_whiten_close(got, want, x, m, dtype, offset, shift_mean)
 
 
+@settings(max_examples=60, deadline=None)
+@given(group_size=st.integers(1, 6), n_groups=st.integers(1, 3), seed=st.integers(0, 2**16),
+       method=st.sampled_from(["grpo", "rloo", "dr_grpo"]), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_group_advantages_finite_in_the_promised_range(group_size, n_groups, seed, method, dtype):
+    """Scores at the edges of the promised range, |s| <= fp32 max / 2 (the differences rloo and
+    dr_grpo take reach fp32 max there; ±inf came out for larger scores, which the docstring now
+    excludes): finite, and the fp64 answer rounded once."""
+    half = torch.finfo(torch.float32).max / 2
+    top = half if dtype == torch.float32 else half * (1 - 2**-8)  # bf16 rounds fp32 max / 2 up, out of range
+    gen = torch.Generator().manual_seed(seed)
+    pick = torch.randint(0, 4, (group_size * n_groups,), generator=gen)
+    scores = torch.tensor([top, -top, top * 0.999, 0.0])[pick].to(dtype).to(DEVICE)
+    assert scores.double().abs().max() <= half
+    want = ref.group_advantages(scores.double(), group_size, method)
+    for backend in family_backends("advantages"):
+        got = group_advantages(scores, group_size, method=method, backend=backend)
+        assert torch.isfinite(got).all(), (backend, scores, got)
+        torch.testing.assert_close(got.double(), want, rtol=2e-7, atol=0)
+
+
 @settings(max_examples=40, deadline=None)
 @given(group_size=st.integers(1, 40), n_groups=st.integers(1, 4), log10_scale=st.integers(-30, 37),
        method=st.sampled_from(["grpo", "rloo", "dr_grpo"]), seed=st.integers(0, 2**16))

@@ -300,8 +300,12 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, method: str = "gr
     * ``"dr_grpo"``: ``s - mean`` (no std division).
 
     A group of one has no baseline (mean 0, std 1): ``grpo`` gives ``s / (1 + eps)``, the
-    others ``s``. A group of equal scores gives 0. Group statistics accumulate in fp64: any
-    finite fp32 scores give finite advantages. Returns a new fp32 ``[N]`` tensor (fp64
+    others ``s``. A group of equal scores gives 0. Group statistics accumulate in fp64 and each
+    advantage is the fp64 one rounded once. Range: ``grpo`` advantages are finite for any finite
+    16/32-bit scores; ``rloo`` and ``dr_grpo`` ones are differences of scores, up to twice the
+    largest ``|s|``, so they are finite for ``|s| <= finfo(float32).max / 2`` (beyond it the
+    exact advantage can exceed fp32's range and rounds to +-inf); fp64 scores need
+    ``|s| <= finfo(float64).max / (2 * group_size)``. Returns a new fp32 ``[N]`` tensor (fp64
     for fp64 scores) with no gradient. Raises ``ValueError`` unless ``N % group_size == 0``.
 
     ``cu_seqlens`` (int32 ``[N + 1]``, the offsets of the ``N`` packed sequences the scores
