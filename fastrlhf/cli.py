@@ -52,6 +52,7 @@ def _common(p: argparse.ArgumentParser, stage: str | None) -> None:
     p.add_argument("--precision", help="auto | fp32 | bf16-mixed | bf16")
     p.add_argument("--beta", type=float, help="KL-regularization strength (PPO kl_coef, DPO beta)")
     p.add_argument("--resume", action="store_true", help="continue from the stage's last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="run a stage again over its finished results in --out")
     p.add_argument("--parallel", help="under torchrun: ddp | fsdp (FSDP2: sharded parameters and optimizer state)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     if stage is None:
@@ -126,6 +127,8 @@ def config_from_args(args: argparse.Namespace):
         overrides[f"{stage}.loss_mode"] = args.loss_mode
     if args.resume:
         overrides["resume"] = True
+    if args.overwrite:
+        overrides["overwrite"] = True
     if args.no_progress:
         overrides["progress"] = False
     for text in args.set:  # --set comes last: it overrides the named flags too

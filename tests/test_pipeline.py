@@ -470,7 +470,7 @@ def test_local_hf_model_through_every_stage(tmp_path, capsys):
     fn = tmp_path / "my_reward.py"
     fn.write_text(REWARD_FN)
     assert _run(["bon", "--prompts", prompts, "--reward-fn", f"{fn}:reward", "--out", out] + small)[0] == 0
-    assert _run(["ppo", "--prompts", prompts, "--steps", "1", "--reward-fn", f"{fn}:reward",
+    assert _run(["ppo", "--prompts", prompts, "--steps", "1", "--reward-fn", f"{fn}:reward", "--overwrite",
                  "--set", "ppo.adaptive_kl_target=0.1", "--set", "ppo.generate_batch=3"] + small)[0] == 0
     capsys.readouterr()
     for stage in ("sft", "dpo", "ppo"):

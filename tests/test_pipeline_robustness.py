@@ -59,7 +59,7 @@ def test_later_stages_start_from_the_sft_model_not_the_config_base(base, tmp_pat
         code, res = run([stage, "--config", str(cfg), "--steps", "1"] + SMALL, capsys)
         assert code == 0 and f"[{stage}] starting from {sft} (the sft stage's output)" in res.out
         assert json.loads((tmp_path / "out" / stage / "summary.json").read_text())["init"] == sft
-    code, res = run(["dpo", "--config", str(cfg), "--policy", model, "--steps", "1"] + SMALL, capsys)
+    code, res = run(["dpo", "--config", str(cfg), "--policy", model, "--steps", "1", "--overwrite"] + SMALL, capsys)
     assert code == 0 and f"starting from {model} (--policy)" in res.out
     code, res = run(["rm", "--model", model, "--preferences", prefs, "--steps", "1", "--out", str(tmp_path / "new")]
                     + SMALL, capsys)
@@ -218,9 +218,31 @@ def test_resuming_a_finished_stage_does_nothing(base, tmp_path, capsys):
     # a longer run continues from the kept checkpoint, and its loss is the logged one
     code, res = run(common + ["--resume", "--steps", "3"], capsys)
     assert code == 0 and "resuming from" in res.out and "at step 2/3" in res.out and "loss nan" not in res.out
-    assert run(common + ["--set", "keep_checkpoints=0"], capsys)[0] == 0
+    assert run(common + ["--set", "keep_checkpoints=0", "--overwrite"], capsys)[0] == 0
     code, res = run(common + ["--resume", "--steps", "3"], capsys)
     assert code == 2 and "kept no checkpoint (keep_checkpoints=0)" in res.err
+
+
+def test_finished_results_are_never_discarded_unasked(base, tmp_path, capsys):
+    """A finished stage run again without --resume or --overwrite is refused (a new run used to
+    replace its results silently); a --model path that does not exist is an error even where
+    <out>/sft/model takes precedence over it (it used to be ignored)."""
+    model, demos, prefs, _ = base
+    common = ["sft", "--model", model, "--demonstrations", demos, "--steps", "1", "--out", str(tmp_path)] + SMALL
+    assert run(common, capsys)[0] == 0
+    summary = tmp_path / "sft" / "summary.json"
+    before = summary.read_text(), summary.stat().st_mtime_ns
+    code, res = run(common, capsys)
+    assert code == 2 and res.err.count("\n") == 1 and "Traceback" not in res.err
+    assert f"{tmp_path / 'sft'} holds the results of a finished sft run: --resume keeps them" in res.err
+    assert (summary.read_text(), summary.stat().st_mtime_ns) == before
+    code, res = run(common + ["--overwrite"], capsys)
+    assert code == 0 and summary.stat().st_mtime_ns != before[1]
+    missing = str(tmp_path / "no-such-model")
+    for stage, data in (("rm", ["--preferences", prefs]), ("dpo", ["--preferences", prefs])):
+        code, res = run([stage, "--model", missing, *data, "--steps", "1", "--out", str(tmp_path)] + SMALL, capsys)
+        assert code == 2 and res.err.count("\n") == 1 and f"model.path (--model): {missing!r}" in res.err
+        assert not (tmp_path / stage).exists()
 
 
 # --------------------------------------------------------------- the surface

@@ -237,6 +237,9 @@ class Config:
     keep_checkpoints: int = 1
     """Checkpoints kept per stage, the newest; 0: none once the stage has finished."""
     resume: bool = False
+    overwrite: bool = False
+    """Run a stage again over a finished run of it in ``out_dir``, replacing its results; without
+    it (and without ``resume``) that is an error, so no result is discarded unasked."""
     progress: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

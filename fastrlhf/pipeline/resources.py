@@ -91,6 +91,8 @@ def policy_source(cfg: Config, rt: Runtime) -> tuple[str, str]:
     the sft stage's output, else the base model ``model.path``."""
     if cfg.model.policy is not None:
         return check_model_dir(cfg.model.policy, "model.policy (--policy)"), "--policy"
+    if cfg.model.path is not None:  # a path the user names must exist, even where it is not used
+        check_model_dir(cfg.model.path, "model.path (--model)")
     sft = os.path.join(rt.stage_dir("sft"), "model")
     if os.path.isdir(sft):
         return check_model_dir(sft, "the sft stage's model"), "the sft stage's output"

@@ -116,9 +116,13 @@ def open_stage(cfg: Config, rt: Runtime, name: str) -> StageContext:
 
 def finished(cfg: Config, rt: Runtime, name: str) -> dict | None:
     """With ``--resume``, the summary of a stage that already ran all its steps (None otherwise).
-    Raises when it finished fewer steps and kept no checkpoint to continue from."""
+    Raises when it finished fewer steps and kept no checkpoint to continue from, and when the
+    stage's folder holds a finished run that neither ``--resume`` nor ``--overwrite`` names."""
     path = os.path.join(rt.stage_dir(name), "summary.json")
     steps = getattr(getattr(cfg, name), "steps", None)
+    if os.path.isfile(path) and not (cfg.resume or cfg.overwrite):
+        raise PipelineError(f"{rt.stage_dir(name)} holds the results of a finished {name} run: --resume keeps "
+                            "them, --overwrite replaces them, or pass another --out")
     if not cfg.resume or steps is None or not os.path.isfile(path):
         return None
     try:
