@@ -1,4 +1,5 @@
-"""Every public op gives the same values and gradients for any memory layout of its inputs.
+"""Every public op gives the same values and gradients for any memory layout of its inputs,
+and the same on every backend for any mix of input dtypes.
 
 A kernel that indexes a pointer as if its tensor were contiguous reads the wrong elements of a
 strided view (``buf[::2]``, a column ``mat[:, 1]``) and reads past an expanded one
@@ -214,3 +215,35 @@ def test_any_layout(op, backend, layout):
     assert len(got) == len(want) and len(got_g) == len(want_g)
     for a, b in zip(got + got_g, want + want_g):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", list(CASES))
+def test_mixed_dtypes(op, backend):
+    """The first float input bf16, the others fp64 (fp64 accumulation, 16-bit gradients: the
+    Triton interpreter once stored those gradients as zeros): the kernels agree with the torch
+    backend on the same inputs, to a few bf16 roundings, or both refuse the mix alike."""
+    family, call, make, _ = CASES[op]
+    if not has_kernels(backend, family):
+        pytest.skip(f"backend {backend!r} has no {family} kernels")
+    results = []
+    for name in ("torch", backend):
+        torch.manual_seed(0)
+        _LEAVES.clear()
+        inputs = make()
+        floats = [k for k, x in inputs.items() if x.is_floating_point()]
+        for k in floats:
+            inputs[k] = inputs[k].to(torch.bfloat16 if k == floats[0] else torch.float64).requires_grad_()
+            _LEAVES[k] = inputs[k]
+        try:
+            results.append(_run(call, name, inputs))
+        except TypeError as e:
+            results.append(str(e))
+    want, got = results
+    if isinstance(want, str) or isinstance(got, str):
+        assert got == want, "the backends treat the dtype mix differently"
+        return
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        scale = b.double().abs().nan_to_num(0).max().item() if b.numel() else 0.0
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=4 * 2.0**-8 * max(scale, 1e-6),
+                                   equal_nan=True)

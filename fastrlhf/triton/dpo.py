@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.triton._common import tl_acc
+from fastrlhf.triton._common import narrow, tl_acc
 
 BLOCK = 1024
 
@@ -152,10 +152,10 @@ def _dpo_bwd_kernel(
     loss, da, db, a, b = _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg,
                                 LOSS, ACC)
     g = tl.load(g_ptr).to(ACC) / N
-    tl.store(dpc_ptr + offs, (g * da).to(dpc_ptr.dtype.element_ty), mask=ok)
-    tl.store(drc_ptr + offs, (-(g * da)).to(drc_ptr.dtype.element_ty), mask=ok)
-    tl.store(dpr_ptr + offs, (g * db).to(dpr_ptr.dtype.element_ty), mask=ok)
-    tl.store(drr_ptr + offs, (-(g * db)).to(drr_ptr.dtype.element_ty), mask=ok)
+    tl.store(dpc_ptr + offs, narrow(g * da, dpc_ptr), mask=ok)
+    tl.store(drc_ptr + offs, narrow(-(g * da), drc_ptr), mask=ok)
+    tl.store(dpr_ptr + offs, narrow(g * db, dpr_ptr), mask=ok)
+    tl.store(drr_ptr + offs, narrow(-(g * db), drr_ptr), mask=ok)
 
 
 def dpo_fwd(pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, out):

@@ -13,7 +13,7 @@ import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import triton_interpreter
-from fastrlhf.triton._common import tl_acc
+from fastrlhf.triton._common import narrow, tl_acc
 
 _BLOCK = 1024
 TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
@@ -127,9 +127,9 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, l
     d = _kl_derivative(lr, clamp, log_ratio_clamp, EST, STRAIGHT)
     d *= tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC)
     if WANT_LOGP:
-        tl.store(dlogp_ptr + offs, d.to(dlogp_ptr.dtype.element_ty), mask=inb)
+        tl.store(dlogp_ptr + offs, narrow(d, dlogp_ptr), mask=inb)
     if WANT_REF:
-        tl.store(dref_ptr + offs, (-d).to(dref_ptr.dtype.element_ty), mask=inb)
+        tl.store(dref_ptr + offs, narrow(-d, dref_ptr), mask=inb)
 
 
 @triton.jit

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.triton._common import tl_acc
+from fastrlhf.triton._common import narrow, tl_acc
 
 TOKENS_PER_PARTIAL = 1024
 """Tokens summed by one program: the forward writes ``cdiv(B * T, TOKENS_PER_PARTIAL)`` partials."""
@@ -210,9 +210,9 @@ def _value_bwd_kernel(grad_ptr, scale_ptr, v_ptr, old_ptr, ret_ptr, mask_ptr, ro
 @triton.jit
 def _store(ptr, offs, x, N, MASKED: tl.constexpr):
     if MASKED:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty), mask=offs < N)
+        tl.store(ptr + offs, narrow(x, ptr), mask=offs < N)
     else:
-        tl.store(ptr + offs, x.to(ptr.dtype.element_ty))
+        tl.store(ptr + offs, narrow(x, ptr))
 
 
 def row_divider(T: int) -> tuple[int, int]:
