@@ -432,6 +432,11 @@ BAD_INPUTS = {
     "bias-other-dtype": (lambda h, w, y: ((h, w, y), {"bias": torch.zeros(5).half()}), TypeError,
                          "bias must have the dtype"),
     "temperature-zero": (lambda h, w, y: ((h, w, y), {"temperature": 0.0}), ValueError, "temperature"),
+    # gradients were wrong by percents at 1e-11 and infinite at 1e-20 (see MAX_SCALE)
+    "temperature-1e-11": (lambda h, w, y: ((h, w, y), {"temperature": 1e-11}), ValueError,
+                          "logit_scale / temperature must be at most 10000"),
+    "softcap-temperature-1e-20": (lambda h, w, y: ((h, w, y), {"temperature": 1e-20, "softcap": 30.0}),
+                                  ValueError, "softcap / temperature must be at most 1e+07"),
     "ignore-index-float": (lambda h, w, y: ((h, w, y), {"ignore_index": 1.5}), TypeError,
                            "ignore_index must be a Python int"),
     "hidden-list": (lambda h, w, y: (([1.0], w, y), {}), TypeError, "hidden must be a torch.Tensor"),
@@ -647,6 +652,29 @@ def test_designs_agree_and_are_deterministic(backend, monkeypatch):
                 assert torch.equal(a, b)
             else:
                 torch.testing.assert_close(b.float(), a.float(), atol=2e-2, rtol=2e-2)
+
+
+@IMPLS
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_sharpest_allowed_softmax(backend, design, softcap):
+    """At the sharpest factor allowed (MAX_SCALE, MAX_CAPPED), with integer logits that tie at
+    the max (exact in fp32, so only the kernels' own rounding counts): ties share the
+    probability, every value and gradient as fp64's to fp32 precision."""
+    from fastrlhf.ops.linear_logprobs import MAX_CAPPED, MAX_SCALE
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randint(-3, 4, (9, 16), generator=g).float().to(DEVICE)
+    weight = torch.randint(-3, 4, (41, 16), generator=g).float().to(DEVICE)
+    labels = torch.randint(0, 41, (9,), generator=g).to(DEVICE)
+    kw = {"temperature": (1 if softcap is None else softcap) / (MAX_SCALE if softcap is None else MAX_CAPPED),
+          "softcap": softcap}
+    ups = [torch.randn(9, generator=g).to(DEVICE) for _ in DIFFERENTIABLE]
+    got = _run_all(_fastrlhf(labels, backend, design, **kw), hidden, weight, None, labels, ups)
+    want = _run_all(_oracle(labels, **kw), hidden, weight, None, labels, ups, torch.float64)
+    for k, t in want.items():
+        if t.is_floating_point():
+            scale = t.abs().max().item()
+            torch.testing.assert_close(got[k].double(), t, atol=1e-5 * max(scale, 1.0), rtol=0, msg=k)
 
 
 @IMPLS

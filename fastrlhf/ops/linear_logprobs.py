@@ -288,6 +288,15 @@ _linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_c
 
 
 # ------------------------------------------------------------------------ public API
+MAX_SCALE, MAX_CAPPED = 1e4, 1e7
+"""Largest ``logit_scale / temperature`` (``softcap / temperature`` with a soft-cap). Backward
+recomputes ``z`` and needs ``exp(z - max)`` near the row's max from the fp32 row statistics
+(the max's product and its rounding folded into the log-sum), exact to fp32 precision while
+``|z|`` stays below about 1e7: logits up to 1e3 at the first limit, any at the second. Past it
+(temperature 1e-11) the log-sum's rounding at the size of the max's rounding made gradients wrong
+by percents, and infinite at 1e-20."""
+
+
 def _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=1.0, softcap=None):
     _checks.tensor("hidden", hidden, _DTYPES, min_dim=1)
     _checks.tensor("weight", weight, _DTYPES, dim=2)
@@ -316,6 +325,12 @@ def _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=
     _checks.positive("logit_scale", logit_scale)
     _checks.optional_positive("softcap", softcap)
     _checks.integer("ignore_index", ignore_index)
+    factor, limit = (logit_scale, MAX_SCALE) if softcap is None else (softcap, MAX_CAPPED)
+    if factor / temperature > limit:
+        what = "logit_scale" if softcap is None else "softcap"
+        raise ValueError(f"{what} / temperature must be at most {limit:g}, got {factor / temperature:.3g} "
+                         f"(temperature {temperature:g}): sharper softmaxes are one-hot to fp32 rounding and "
+                         "their gradients cannot be recomputed to fp32 precision")
 
 
 def _check_outputs(outputs) -> tuple[str, ...]:
@@ -363,7 +378,9 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         labels: int32/int64 of shape ``hidden.shape[:-1]``.
         bias: optional ``[V]``, hidden's dtype, any strides; ``-inf`` entries mask vocabulary entries
             (unless soft-capped, below).
-        temperature, logit_scale, softcap: finite floats > 0 (``softcap`` may be ``None``).
+        temperature, logit_scale, softcap: finite floats > 0 (``softcap`` may be ``None``), with
+            ``logit_scale / temperature <= 1e4`` (``softcap / temperature <= 1e7``; see
+            :data:`MAX_SCALE`).
         ignore_index: labels equal to it get 0 (``False``) in every output and no gradient.
         return_entropy: also return the entropy ``-sum(p * log p)`` of each row.
         outputs: a tuple of names among ``entropy``, ``log_sum_sq_probs`` (``log sum p^2``),
