@@ -57,6 +57,17 @@ def unpack(src: Path, results: Path = RESULTS) -> Path:
     return out
 
 
+def unpack_e2e(src: Path, out: Path) -> Path | None:
+    """Unpack ``src/e2e.tgz`` (the end-to-end stage's JSON and log) into ``out/e2e``; None without it."""
+    if not (src / "e2e.tgz").is_file():
+        return None
+    dest = out / "e2e"
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(src / "e2e.tgz") as tar:
+        tar.extractall(dest, filter="data")
+    return dest
+
+
 def summary(src: Path, out: Path, commit: str) -> str:
     """The Markdown block for the README: GPU, commit, test counts, the benchmark summary."""
     env = (src / "env.txt").read_text().strip().splitlines() if (src / "env.txt").is_file() else []
@@ -94,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         if (args.src / name).is_file():
             shutil.copy(args.src / name, logs / name)
     report.render_dir(out)
+    e2e = unpack_e2e(args.src, out)
+    if e2e is not None:
+        from bench.e2e import report as e2e_report
+
+        e2e_report.render_dir(e2e)
     subprocess.run([sys.executable, "-m", "fastrlhf.cuda.dispatch_table", str(out)], check=True, cwd=ROOT)
     block = summary(args.src, out, commit)
     (logs / "summary.md").write_text(block + "\n")

@@ -203,7 +203,7 @@ def test_providers_are_checked_against_the_fp64_reference():
 
 
 def test_gpu_check_script_and_import(smoke, tmp_path):
-    """scripts/gpu_check.sh parses and writes at most 8 files; its results come home with
+    """scripts/gpu_check.sh parses and writes at most 9 files; its results come home with
     python -m bench.gpu_import: JSON into bench/results/<gpu>/, logs beside, test counts and
     the benchmark summary between the README's markers."""
     import tarfile
@@ -212,9 +212,9 @@ def test_gpu_check_script_and_import(smoke, tmp_path):
 
     script = (ROOT / "scripts" / "gpu_check.sh").read_text()
     assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "gpu_check.sh")]).returncode == 0
-    written = {name for name in ("env.txt", "tests.log", "tests.xml", "bench.log", "bench.tgz", "cuda.log",
-                                 "cuda.xml", "build-error.log") if name in script}
-    assert len(written) <= 8  # what the device machine returns
+    written = {name for name in ("env.txt", "tests.log", "tests.xml", "e2e.tgz", "bench.log", "bench.tgz",
+                                 "cuda.log", "cuda.xml", "build-error.log") if name in script}
+    assert len(written) <= 9  # what the device machine returns
 
     _, bench_out = smoke
     src = tmp_path / "gpu-out"
@@ -225,7 +225,13 @@ def test_gpu_check_script_and_import(smoke, tmp_path):
     with tarfile.open(src / "bench.tgz", "w:gz") as tar:
         for path in bench_out.glob("*.json"):
             tar.add(path, arcname=path.name)
+    e2e_json = tmp_path / "e2e-src"
+    e2e_json.mkdir()
+    (e2e_json / "e2e.log").write_text("a log\n")
+    with tarfile.open(src / "e2e.tgz", "w:gz") as tar:
+        tar.add(e2e_json / "e2e.log", arcname="e2e.log")
     out = gpu_import.unpack(src, results=tmp_path / "results")
+    assert (gpu_import.unpack_e2e(src, out) / "e2e.log").read_text() == "a log\n"
     assert out.name == "cpu" and len(list(out.glob("*.json"))) == len(list(bench_out.glob("*.json")))
     report.render_dir(out, plots=False)
     assert gpu_import.test_counts(src / "tests.xml") == "7 passed, 1 failed, 0 errors, 2 skipped"

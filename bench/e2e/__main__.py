@@ -1,0 +1,3 @@
+from bench.e2e.cli import main
+
+raise SystemExit(main())
