@@ -45,6 +45,25 @@ def test_optimum_maximizes_the_kl_regularized_objective(beta):
     assert theory.policy_report(ref, ref, reward, beta)["gap_closed"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("method", ["grpo", "rloo", "dr_grpo"])
+def test_optimum_is_a_fixed_point_of_every_group_advantage(method):
+    """Under pi*, a completion's score minus beta times its k1 KL (the grpo stage's reward with
+    kl_in = "reward") is beta log Z(x) whatever the completion: every group's rewards are
+    equal, so every advantage is 0, std normalization (grpo) included. The critic-free stages
+    share pi* as a fixed point; where they stop short of it, they stopped early."""
+    import fastrlhf
+
+    beta = 0.7
+    ref, reward = _random_case(X=4, C=9)
+    opt, value = theory.kl_regularized_optimum(ref, reward, beta)
+    g = torch.Generator().manual_seed(2)
+    y = torch.multinomial(opt.exp(), 8, replacement=True, generator=g)  # a group of 8 per prompt
+    penalized = reward.gather(-1, y) - beta * (opt.gather(-1, y) - ref.gather(-1, y))
+    assert torch.allclose(penalized, value[:, None].expand_as(penalized), atol=1e-12)
+    adv = fastrlhf.group_advantages(penalized.flatten(), 8, method=method, backend="torch")
+    assert adv.abs().max() < 1e-6, adv
+
+
 def test_kl_handles_zero_probabilities():
     p = torch.tensor([[0.0, -math.inf]], dtype=torch.float64)
     q = torch.log(torch.tensor([[0.5, 0.5]], dtype=torch.float64))
@@ -278,12 +297,28 @@ def quick_demo(tmp_path_factory):
         return out, json.load(f)
 
 
+QUICK_DEMO_FLOORS = {"dpo": 0.95, "ppo": 0.90, "grpo": 0.91, "rloo": 0.91, "dr_grpo": 0.91}
+"""The gap to the exact optimum that each stage of the shortened demo closes at least. Seen on
+a 2-core CPU over seeds 0-4 (the test runs seed 0): DPO 0.968-0.988, PPO 0.932-0.955, GRPO,
+RLOO and Dr. GRPO 0.936-0.956; each floor sits about 0.02 below the lowest seed, as another
+platform's rounding makes another trajectory. The critic-free stages' settings before
+issue 26 (16 prompts a step, 1 epoch) closed 0.857-0.885 on seed 0 and fail here."""
+
+
+@pytest.mark.parametrize("stage", list(QUICK_DEMO_FLOORS))
+@ON_THE_DEMO_WORKER
+def test_quick_demo_stage_reaches_its_floor(quick_demo, stage):
+    out, s = quick_demo
+    e = s[stage]["exact"]
+    trace = [(r["step"], round(r["gap_closed"], 3)) for r in map(json.loads, open(out / stage / "metrics.jsonl"))]
+    assert e["gap_closed"] >= QUICK_DEMO_FLOORS[stage], (stage, e["gap_closed"], "gap closed per logged step:", trace)
+
+
 @ON_THE_DEMO_WORKER
 def test_quick_demo_closes_the_gap(quick_demo):
     out, s = quick_demo
     for method in ("ppo", "dpo"):
         e = s[method]["exact"]
-        assert e["gap_closed"] >= 0.5, (method, e)
         assert e["oracle_reward"] > e["oracle_reward_ref"] + 0.3
         assert e["kl_opt"] < 0.5 * e["kl_opt_ref"]
     assert s["rm"]["heldout_accuracy"] > 0.65 and s["rm"]["heldout_oracle_accuracy"] > 0.7
@@ -512,7 +547,6 @@ def test_quick_demo_grpo_closes_the_gap(quick_demo):
     for method, agg in (("grpo", "seq-mean-token-mean"), ("rloo", "token-mean"),
                         ("dr_grpo", "seq-mean-token-sum-norm")):
         e = s[method]["exact"]
-        assert e["gap_closed"] >= 0.5, (method, e)
         assert e["oracle_reward"] > e["oracle_reward_ref"] + 0.3 and e["kl_opt"] < 0.5 * e["kl_opt_ref"]
         assert (s[method]["advantage"], s[method]["agg"], s[method]["kl_in"]) == (method, agg, "reward")
         records = [json.loads(line) for line in open(out / method / "metrics.jsonl")]

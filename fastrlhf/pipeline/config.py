@@ -160,7 +160,7 @@ class RLConfig(TrainConfig):
 
 @dataclass
 class PPOConfig(RLConfig):
-    steps: int = 120
+    steps: int = 160
     lr: float = 1e-3
     critic_lr: float = 2e-3
     warmup: int = 10
@@ -179,12 +179,12 @@ class GRPOConfig(RLConfig):
     """Critic-free: ``group_size`` completions per prompt, each scored against its group."""
 
     steps: int = 100
-    rollout_batch: int = 16
+    rollout_batch: int = 32
     """Prompts per step, over all processes; each sampled ``group_size`` times."""
     group_size: int = 8
     """Completions per prompt: a group, whose scores are each other's baseline."""
     minibatch_size: int = 64
-    epochs: int = 1
+    epochs: int = 2
     lr: float = 1e-3
     warmup: int = 10
     advantage: str = "grpo"
