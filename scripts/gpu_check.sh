@@ -38,7 +38,7 @@ print(_cuda.build_info() if ok else '')" > "$OUT/cuda.log" 2>&1 &
 build=$!
 
 echo "== (a) compiled correctness: the whole suite (CUDA parity in (c); sm_80/90 AOT compiles need no GPU)"
-FASTRLHF_TEST_CUDA=0 timeout -s INT 180 "$PY" -m pytest -q -n 8 -p no:cacheprovider --maxfail=30 --dist loadgroup \
+FASTRLHF_TEST_CUDA=0 timeout -s INT 180 "$PY" -m pytest -q -n 8 -p no:cacheprovider --maxfail=30 \
     tests --ignore=tests/test_cuda_parity.py -k "not compile_for_gpus" \
     --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
 tail -3 "$OUT/tests.log"

@@ -26,5 +26,4 @@ if [ -x "$OLD/bin/python" ]; then
     "$PY" scripts/see_site.py "$OLD/bin/python"
     export FASTRLHF_AOT_PYTHONS="$PWD/$OLD/bin/python"
 fi
-# --dist loadgroup: the tests that read the shortened demo's outputs share one worker (and one demo run).
-exec "$PY" -m pytest -q -n auto --dist loadgroup tests "$@"
+exec "$PY" -m pytest -q -n auto tests "$@"
