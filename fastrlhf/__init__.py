@@ -6,7 +6,7 @@ from fastrlhf.ops.dpo import bradley_terry_loss, choice_loss, dpo_loss
 from fastrlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards, kl_penalty
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.ops.logprobs import sequence_logprobs, token_logprobs
-from fastrlhf.ops.policy_loss import POLICY_LOSS_MODES, RolloutCorrection, policy_loss
+from fastrlhf.ops.policy_loss import POLICY_LOSS_MODES, RolloutCorrection, policy_loss, policy_loss_options
 from fastrlhf.ops.ppo import aggregate, ppo_policy_loss, ppo_value_loss
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
     "linear_token_logprobs",
     "masked_whiten",
     "policy_loss",
+    "policy_loss_options",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sequence_logprobs",

@@ -63,7 +63,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, vocab_start, temperature, ignore_index, backend, group):
         local, in_shard, ignored = _local_labels(labels, vocab_start, logits.shape[-1], ignore_index)
-        logp, ent, stats = _lp._token_logprobs_op(logits, local, temperature, _LOCAL_IGNORE,
+        logp, ent, stats = _lp.token_logprobs_op(logits, local, temperature, _LOCAL_IGNORE,
                                                   True, False, backend)
         out_logp, out_ent, stats = _combine(logp, ent, stats, in_shard, ignored, group)
         ctx.save_for_backward(logits, local, stats, out_ent)
@@ -75,7 +75,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         logits, local, stats, ent = ctx.saved_tensors
         if grad_logp is None:
             grad_logp = torch.zeros_like(ent)
-        dx = _lp._token_logprobs_bwd_op(grad_logp, grad_ent, logits, local, stats, ent, *ctx.args)
+        dx = _lp.token_logprobs_backward_op(grad_logp, grad_ent, logits, local, stats, ent, *ctx.args)
         return dx, None, None, None, None, None, None
 
 
@@ -84,7 +84,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, vocab_start, options, backend, design, group):
         temperature, ignore_index, logit_scale, softcap = options
         local, in_shard, ignored = _local_labels(labels, vocab_start, weight.shape[0], ignore_index)
-        logp, ent, stats, _, _, _ = _llp._linear_logprobs_op(
+        logp, ent, stats, _, _, _ = _llp.linear_logprobs_op(
             hidden, weight, bias, local, temperature, _LOCAL_IGNORE, True, backend,
             logit_scale=logit_scale, softcap=softcap, design=design)
         out_logp, out_ent, stats = _combine(logp, ent, stats, in_shard, ignored, group)
@@ -100,7 +100,7 @@ class _VocabParallelLinearLogprobs(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if grad_logp is None:
             grad_logp = torch.zeros_like(ent)
-        gh, gw, gb = _llp._linear_logprobs_bwd_op(
+        gh, gw, gb = _llp.linear_logprobs_backward_op(
             grad_logp, grad_ent, hidden, weight, bias, local, stats, ent, *ctx.args,
             need_h, need_w, need_b and bias is not None, ctx.backend, **ctx.kwargs)
         if need_h:  # hidden is replicated: its gradient is the sum of every shard's part
@@ -127,7 +127,7 @@ def vocab_parallel_token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *,
     Communication: an all-reduce (max) of ``[N]`` and an all-reduce (sum) of ``[N, 4]``
     fp32 in forward; nothing in backward. Memory as :func:`fastrlhf.token_logprobs`.
     """
-    _lp._check_logits_labels(logits, labels, temperature, ignore_index)
+    _lp.check_logits_labels(logits, labels, temperature, ignore_index)
     _check_group("vocab_start", vocab_start)
     name = _lp.resolve_backend(backend, logits.device, "logprobs")
     logp, ent = _VocabParallelLogprobs.apply(logits, labels, vocab_start, float(temperature),
@@ -154,7 +154,7 @@ def vocab_parallel_linear_token_logprobs(hidden: torch.Tensor, weight: torch.Ten
     Communication: forward as :func:`vocab_parallel_token_logprobs`; backward one all-reduce
     (sum) of ``grad_hidden [N, H]``. Memory as :func:`fastrlhf.linear_token_logprobs`.
     """
-    _llp._check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
+    _llp.check_inputs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
     _check_group("vocab_start", vocab_start)
     name = _llp.resolve_backend(backend, hidden.device, _llp.FAMILY)
     N, H = labels.numel(), hidden.shape[-1]

@@ -963,3 +963,17 @@ def test_kernels_compile_for_gpus():
         cases += [(mod, "_policy_seq_partials_kernel", sig1, c1, 4),
                   (mod, "_policy_seq_finish_kernel", sig2, c2, 1)]
     compile_for_gpus(cases)
+
+
+def test_policy_loss_options_lists_what_each_mode_takes():
+    """Every option a mode lists is accepted by policy_loss; any other is refused by name."""
+    z = torch.zeros(1, 2)
+    for mode in fastrlhf.POLICY_LOSS_MODES:
+        options = fastrlhf.policy_loss_options(mode)
+        given = {k: (0.5 if v is fastrlhf.ops.policy_loss.REQUIRED else v) for k, v in options.items()}
+        fastrlhf.policy_loss(z, z, z, z, mode=mode, backend="torch", **given)
+        with pytest.raises(TypeError, match="unexpected option"):
+            fastrlhf.policy_loss(z, z, z, z, mode=mode, backend="torch", no_such_option=1, **given)
+    assert fastrlhf.policy_loss_options("dro") == {"dro_beta": fastrlhf.ops.policy_loss.REQUIRED}
+    with pytest.raises(ValueError, match="mode must be one of"):
+        fastrlhf.policy_loss_options("ppo")

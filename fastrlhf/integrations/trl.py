@@ -188,7 +188,7 @@ class _LMHeadFunction(torch.autograd.Function):
         b = None if bias is None else bias.to(compute_dtype)
         with_entropy = "entropy" in names
         with torch.autocast(hidden.device.type, enabled=False):
-            logp, ent, stats, lsq, mean, top1 = _ll._linear_logprobs_op(
+            logp, ent, stats, lsq, mean, top1 = _ll.linear_logprobs_op(
                 h, w, b, targets, temperature, _NO_IGNORE, with_entropy, backend, logit_scale, softcap,
                 "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, design)
         ctx.save_for_backward(hidden, weight, bias, targets, stats, ent)
@@ -210,7 +210,7 @@ class _LMHeadFunction(torch.autograd.Function):
             h = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
             b = None if bias is None else bias.to(compute_dtype)
-            gh, gw, gb = _ll._linear_logprobs_bwd_op(
+            gh, gw, gb = _ll.linear_logprobs_backward_op(
                 grad_logp.float(), grad_ent.float() if with_entropy and grad_ent is not None else None,
                 h, w, b, targets, stats, ent, temperature, _NO_IGNORE, need_h, need_w, need_b and b is not None,
                 backend, logit_scale, softcap, design=design)
@@ -257,7 +257,7 @@ class FusedLMHead:
         device = hidden.device
         compute_dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
                          else hidden.dtype)
-        if compute_dtype not in _ll._DTYPES:
+        if compute_dtype not in _ll.COMPUTE_DTYPES:
             compute_dtype = torch.float32
         targets = targets.reshape(-1)
         _checks.tensor("hidden", hidden, _checks.FLOAT_DTYPES, dim=2)
@@ -272,7 +272,7 @@ class FusedLMHead:
         _checks.positive("temperature", temperature)
         _checks.positive("logit_scale", logit_scale)
         _checks.optional_positive("final_logit_softcapping", final_logit_softcapping)
-        _ll._check_outputs(names)
+        _ll.check_outputs(names)
         backend = resolve_backend(self.backend, device, _ll.FAMILY)
         design = _ll.resolve_design(self.design, backend, device, compute_dtype, hidden.shape[-1])
         softcap = None if final_logit_softcapping is None else float(final_logit_softcapping)

@@ -17,7 +17,7 @@ from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
 from fastrlhf.reference import packed
 
-_NAMES = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
+ESTIMATORS = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
 
 _KERNEL_ESTIMATOR = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
@@ -165,7 +165,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     Memory (triton): the output; backward allocates only the gradients asked for.
     """
     _checks.matching(("logprobs", "ref_logprobs"), (logprobs, ref_logprobs))
-    _checks.choice("estimator", estimator, _NAMES)
+    _checks.choice("estimator", estimator, ESTIMATORS)
     clamp = _checks.optional_positive("clamp", clamp)
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     name = resolve_backend(backend, logprobs.device, "kl")
@@ -216,7 +216,7 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     _checks.same_shape("scores", scores, (B,), "one per sequence")
     _checks.same_device("scores", scores, logprobs.device)
     _checks.mask("mask", mask, logprobs.shape, logprobs.device)
-    _checks.choice("estimator", estimator, _NAMES)
+    _checks.choice("estimator", estimator, ESTIMATORS)
     kl_clamp = _checks.optional_positive("kl_clamp", kl_clamp)
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     score_clip = _checks.optional_positive("score_clip", score_clip)

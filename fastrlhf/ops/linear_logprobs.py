@@ -22,7 +22,7 @@ from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import linear_logprobs as ref
 
 FAMILY = "linear_logprobs"
-_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 """Per-token outputs besides the log-prob, each computed only when asked for (TRL's names)."""
 DESIGNS = ("blas", "fused")
@@ -202,7 +202,7 @@ def _contiguous(bias):
 
 # --------------------------------------------------------------------------- forward op
 @torch.library.custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
-def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         labels: torch.Tensor, temperature: float, ignore_index: int,
                         with_entropy: bool, backend: str, logit_scale: float = 1.0,
                         softcap: float | None = None, with_log_sum_sq: bool = False,
@@ -215,7 +215,7 @@ def _linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.
     return outs
 
 
-@_linear_logprobs_op.register_fake
+@linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend,
       logit_scale=1.0, softcap=None, with_log_sum_sq=False, with_mean=False, with_top1=False,
       design="blas"):
@@ -224,7 +224,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, bac
 
 # --------------------------------------------------------------------------- backward op
 @torch.library.custom_op("fastrlhf::linear_token_logprobs_backward", mutates_args=())
-def _linear_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+def linear_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                             hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             labels: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,
                             temperature: float, ignore_index: int, need_hidden: bool,
@@ -249,7 +249,7 @@ def _linear_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor 
     return outs
 
 
-@_linear_logprobs_bwd_op.register_fake
+@linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
       ignore_index, need_hidden, need_weight, need_bias, backend, logit_scale=1.0, softcap=None,
       grad_log_sum_sq=None, log_sum_sq=None, grad_mean=None, design="blas"):
@@ -276,7 +276,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats, grad_lsq, grad
     with_entropy, with_lsq, with_mean = ctx.flags
     if grad_logp is None:
         grad_logp = torch.zeros_like(stats[:, 0])
-    gh, gw, gb = _linear_logprobs_bwd_op(
+    gh, gw, gb = linear_logprobs_backward_op(
         grad_logp, grad_entropy if with_entropy else None, hidden, weight, bias, labels, stats, ent,
         *ctx.args, need_hidden, need_weight, need_bias and bias is not None, ctx.backend,
         grad_log_sum_sq=grad_lsq if with_lsq else None, log_sum_sq=lsq if with_lsq else None,
@@ -284,7 +284,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats, grad_lsq, grad
     return gh if need_hidden else None, gw if need_weight else None, gb if need_bias else None, *rest
 
 
-_linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+linear_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public API
@@ -297,9 +297,9 @@ recomputes ``z`` and needs ``exp(z - max)`` near the row's max from the fp32 row
 by percents, and infinite at 1e-20."""
 
 
-def _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=1.0, softcap=None):
-    _checks.tensor("hidden", hidden, _DTYPES, min_dim=1)
-    _checks.tensor("weight", weight, _DTYPES, dim=2)
+def check_inputs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=1.0, softcap=None):
+    _checks.tensor("hidden", hidden, COMPUTE_DTYPES, min_dim=1)
+    _checks.tensor("weight", weight, COMPUTE_DTYPES, dim=2)
     H = hidden.shape[-1]
     if weight.dtype != hidden.dtype:
         raise TypeError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
@@ -316,7 +316,7 @@ def _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=
         raise ValueError(f"N * V = {labels.numel()} * {weight.shape[0]} logits do not fit in int64 "
                          "offsets: split the tokens into several calls")
     if bias is not None:
-        _checks.tensor("bias", bias, _DTYPES)
+        _checks.tensor("bias", bias, COMPUTE_DTYPES)
         if bias.dtype != hidden.dtype:
             raise TypeError(f"bias must have the dtype of hidden ({hidden.dtype}), got {bias.dtype}")
         _checks.same_shape("bias", bias, weight.shape[:1], "weight.shape[0]")
@@ -333,7 +333,7 @@ def _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale=
                          "their gradients cannot be recomputed to fp32 precision")
 
 
-def _check_outputs(outputs) -> tuple[str, ...]:
+def check_outputs(outputs) -> tuple[str, ...]:
     if isinstance(outputs, str) or not isinstance(outputs, (tuple, list)):
         raise TypeError(f"outputs must be a tuple of names among {OPTIONAL_OUTPUTS}, got {outputs!r}")
     for name in outputs:
@@ -433,13 +433,13 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     >>> h = model.model(input_ids).last_hidden_state[:, :-1]                 # [B, T - 1, H]
     >>> logp = fastrlhf.linear_token_logprobs(h, model.lm_head.weight, input_ids[:, 1:])
     """
-    _check(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
-    names = () if outputs is None else _check_outputs(outputs)
+    check_inputs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
+    names = () if outputs is None else check_outputs(outputs)
     name = resolve_backend(backend, hidden.device, FAMILY)
     N, H = labels.numel(), hidden.shape[-1]
     chosen = resolve_design(design, name, hidden.device, hidden.dtype, H)
     with_entropy = bool(return_entropy) or "entropy" in names
-    logp, ent, _, lsq, mean, top1 = _linear_logprobs_op(
+    logp, ent, _, lsq, mean, top1 = linear_logprobs_op(
         hidden.reshape(N, H), weight, bias, labels.reshape(-1), float(temperature), ignore_index,
         with_entropy, name, float(logit_scale), None if softcap is None else float(softcap),
         "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, chosen)

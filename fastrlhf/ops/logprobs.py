@@ -25,7 +25,7 @@ def _forward_outputs(logits, labels, with_entropy):
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
-def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
+def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if backend == "torch":
@@ -40,7 +40,7 @@ def _token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: 
     return out
 
 
-@_token_logprobs_op.register_fake
+@token_logprobs_op.register_fake
 def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
     return _forward_outputs(logits, labels, with_entropy)
 
@@ -61,7 +61,7 @@ def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperatu
 
 
 @torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
-def _token_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
+def token_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                            logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                            entropy: torch.Tensor, temperature: float, ignore_index: int,
                            backend: str) -> torch.Tensor:
@@ -69,7 +69,7 @@ def _token_logprobs_bwd_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor |
                      ignore_index, backend, inplace=False)
 
 
-@_token_logprobs_bwd_op.register_fake
+@token_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, ignore_index, backend):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -103,15 +103,15 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats):
         _token_logprobs_bwd_inplace_op(*args)
         dx = logits
     else:
-        dx = _token_logprobs_bwd_op(*args)
+        dx = token_logprobs_backward_op(*args)
     return dx, None, None, None, None, None, None
 
 
-_token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public API
-def _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward=False):
+def check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward=False):
     _checks.tensor("logits", logits, _checks.FLOAT_DTYPES, min_dim=1)
     _checks.tensor("labels", labels, _checks.INDEX_DTYPES)
     _checks.same_shape("labels", labels, logits.shape[:-1], "logits.shape[:-1]")
@@ -166,9 +166,9 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     >>> logp = fastrlhf.token_logprobs(logits[:, :-1], input_ids[:, 1:])             # [B, T - 1]
     >>> logp, ent = fastrlhf.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
     """
-    _check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
+    check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
     name = resolve_backend(backend, logits.device, "logprobs")
-    logp, ent, _ = _token_logprobs_op(logits, labels, float(temperature), ignore_index,
+    logp, ent, _ = token_logprobs_op(logits, labels, float(temperature), ignore_index,
                                       bool(return_entropy), bool(inplace_backward), name)
     return (logp, ent) if return_entropy else logp
 
@@ -193,7 +193,7 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
 
     >>> chosen_logps = fastrlhf.sequence_logprobs(logits[:, :-1], input_ids[:, 1:], response_mask[:, 1:])
     """
-    _check_logits_labels(logits, labels, temperature, ignore_index)
+    check_logits_labels(logits, labels, temperature, ignore_index)
     if labels.dim() < 1:
         raise ValueError(f"labels must have a sequence dimension, got shape {tuple(labels.shape)}")
     _checks.mask("mask", mask, labels.shape, labels.device)

@@ -29,12 +29,20 @@ from fastrlhf.ops import ppo as _ppo
 from fastrlhf.reference import policy_loss as ref
 from fastrlhf.reference.ppo import AGG_MODES
 
-__all__ = ["POLICY_LOSS_MODES", "RolloutCorrection", "policy_loss"]
+__all__ = ["POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options"]
 
 POLICY_LOSS_MODES = ref.MODES
 """The modes of :func:`policy_loss`: verl 0.9.1's policy-loss registry."""
 
-_REQUIRED = object()
+
+
+class _Required:
+    def __repr__(self):
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+"""The default of an option a mode cannot do without (:func:`policy_loss_options`)."""
 _PPO = {"clip_low": 0.2, "clip_high": None}
 _OPTIONS = {
     "vanilla": {**_PPO, "dual_clip": None, "log_ratio_clamp": 20.0},
@@ -46,7 +54,7 @@ _OPTIONS = {
     "clip_cov": {**_PPO, "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "generator": None},
     "kl_cov": {"kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1},
     "geo_mean": dict(_PPO),
-    "dro": {"dro_beta": _REQUIRED},
+    "dro": {"dro_beta": REQUIRED},
     "cispo": {**_PPO, "log_ratio_clamp": 20.0},
     "bypass_mode": {"loss_type": "ppo_clip", **_PPO, "dual_clip": None, "log_ratio_clamp": 20.0},
 }
@@ -399,6 +407,17 @@ _policy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- public API
+def policy_loss_options(mode: str) -> dict:
+    """The options :func:`policy_loss` takes in ``mode`` (keyword arguments), with their defaults;
+    an option the mode cannot do without has the default :data:`REQUIRED`.
+
+    >>> fastrlhf.policy_loss_options("sapo")
+    {'tau_pos': 1.0, 'tau_neg': 1.05, 'log_ratio_clamp': 20.0}
+    """
+    _checks.choice("mode", mode, POLICY_LOSS_MODES)
+    return dict(_OPTIONS[mode])
+
+
 def _options(mode: str, given: dict) -> dict:
     """The mode's options: defaults filled in, each checked; unknown ones rejected."""
     allowed = _OPTIONS[mode]
@@ -408,7 +427,7 @@ def _options(mode: str, given: dict) -> dict:
         raise TypeError(f"policy_loss(mode={mode!r}) got unexpected option(s) {', '.join(unknown)}; "
                         f"{mode} takes {takes}")
     o = {**allowed, **given}
-    missing = [k for k, v in o.items() if v is _REQUIRED]
+    missing = [k for k, v in o.items() if v is REQUIRED]
     if missing:
         raise TypeError(f"policy_loss(mode={mode!r}) needs option {missing[0]}")
     checks = {"clip_low": _checks.positive, "clip_high": lambda n, v: v if v is None else _checks.positive(n, v),

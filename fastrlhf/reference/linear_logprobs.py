@@ -192,9 +192,9 @@ def _store_dz(tile, g, out_dtype):
 def chunked_forward(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, **options):
     """The ``torch`` backend's forward (the custom op's outputs: ``logp, entropy, stats,
     log_sum_sq_probs, mean_logits, is_top1``); ``options`` as the op's keyword arguments."""
-    from fastrlhf.ops.linear_logprobs import _linear_logprobs_op  # noqa: PLC0415 (the op imports this module)
+    from fastrlhf.ops.linear_logprobs import linear_logprobs_op  # noqa: PLC0415 (the op imports this module)
 
-    return _linear_logprobs_op(hidden, weight, bias, labels, temperature, ignore_index, with_entropy,
+    return linear_logprobs_op(hidden, weight, bias, labels, temperature, ignore_index, with_entropy,
                                "torch", **options)
 
 
@@ -202,8 +202,8 @@ def chunked_backward(grad_logp, grad_entropy, hidden, weight, bias, labels, stat
                      temperature, ignore_index, need_hidden=True, need_weight=True, need_bias=True,
                      **options):
     """The ``torch`` backend's backward: ``(grad_hidden, grad_weight, grad_bias)``."""
-    from fastrlhf.ops.linear_logprobs import _linear_logprobs_bwd_op  # noqa: PLC0415
+    from fastrlhf.ops.linear_logprobs import linear_logprobs_backward_op  # noqa: PLC0415
 
-    return _linear_logprobs_bwd_op(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy,
+    return linear_logprobs_backward_op(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy,
                                    temperature, ignore_index, need_hidden, need_weight,
                                    need_bias and bias is not None, "torch", **options)
