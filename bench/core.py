@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from fastrlhf.registry import family_names
+
 PROVIDERS = ("torch", "torch.compile", "liger", "trl", "cce", "fastrlhf-triton", "fastrlhf-cuda")
 FASTRLHF = ("fastrlhf-triton", "fastrlhf-cuda")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -91,8 +93,9 @@ class Op:
     oracle on the probe; above it a provider is not timed (its semantics differ)."""
     rank: tuple[int, int] = (0, 0)
     """(family, op) position in the registry: the order of the reports (set when loaded)."""
-    kernels: str = ""
-    """The fastrlhf kernel family a backend must have to run the op (default: ``family``)."""
+    feature: str | None = None
+    """A feature of the family the op needs beyond its plain form (``fastrlhf.registry``'s
+    ``cuda_features``: a backend without it does not run the op)."""
 
     @property
     def modes(self) -> tuple[str, ...]:
@@ -125,7 +128,7 @@ def fastrlhf_impl(op: Op, provider: str, device: torch.device) -> Impl:
         return Impl(None, op.fastrlhf_reason or f"fastrlhf has no {op.name} op in this checkout")
     backend = provider.removeprefix("fastrlhf-")
     try:  # the op families of the benchmark are fastrlhf's (kernels per backend and family)
-        resolve_backend(backend, device, op.kernels or op.family)
+        resolve_backend(backend, device, op.family, op.feature)
     except BackendUnavailableError as exc:
         return Impl(None, str(exc))
     fn = op.fastrlhf
@@ -158,10 +161,10 @@ def as_tensors(out) -> tuple[torch.Tensor, ...]:
 
 
 # ---------------------------------------------------------------------- registry
-FAMILIES = ("logprobs", "linear_logprobs", "kl", "advantages", "ppo", "dpo")
-"""Family modules under ``bench/families/``, in run order. Registration point: a new family
-is a module there with ``ops()`` (its :class:`Op` list, or raise ImportError while the
-fastrlhf op does not exist yet) and ``cases(cfg)``, named here."""
+FAMILIES = family_names()
+"""Family modules under ``bench/families/``, in run order: one per family of ``fastrlhf.registry``,
+with ``ops()`` (its :class:`Op` list, or raise ImportError while the fastrlhf op does not exist
+yet) and ``cases(cfg)``."""
 
 
 def load_family(name: str):

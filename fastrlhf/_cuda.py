@@ -199,12 +199,12 @@ def status(build: bool = True) -> tuple[bool, str]:
 def ops():
     """``torch.ops.fastrlhf_cuda``, the extension loaded (or built) first.
 
-    Raises ``fastrlhf.backend.BackendUnavailableError`` with the reason when it cannot load.
+    Raises ``fastrlhf.errors.BackendUnavailableError`` with the reason when it cannot load.
     """
     ok, why = status()
     if not ok:
         # Imported here: setup.py loads this file alone, without the package.
-        from fastrlhf.backend import BackendUnavailableError
+        from fastrlhf.errors import BackendUnavailableError  # noqa: PLC0415
 
         raise BackendUnavailableError(f"fastrlhf backend 'cuda' is unavailable: {why}")
     return torch.ops.fastrlhf_cuda

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib
 import importlib.util
 import os
 import threading
 
 import torch
+
+from fastrlhf import _cuda, registry
+from fastrlhf.errors import BackendUnavailableError
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
            "has_kernels", "launchers", "resolve_backend", "triton_interpreter", "use_backend"]
@@ -33,10 +35,6 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
 _state = threading.local()
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for that cannot run here; the message says why."""
 
 
 def _check_name(name: str, what: str) -> str:
@@ -76,8 +74,6 @@ def backend_status(name: str, device: torch.device | str | None = None) -> tuple
             return True, ""
         return False, (f"Triton kernels need CUDA tensors (got {device.type}); set TRITON_INTERPRET=1 "
                        "before importing triton to run them on CPU under the (slow) interpreter")
-    from fastrlhf import _cuda  # noqa: PLC0415  (imported lazily: it may try to build)
-
     if device.type != "cuda":
         return False, f"the cuda backend needs CUDA tensors (got {device.type})"
     return _cuda.status()
@@ -111,8 +107,7 @@ def _auto(device: torch.device, family: str | None, feature: str | None) -> str:
     if device.type != "cuda":
         return "torch"
     if family is not None and has_kernels("cuda", family, feature):
-        from fastrlhf import _cuda  # noqa: PLC0415
-        from fastrlhf.cuda.dispatch_table import preferred  # noqa: PLC0415
+        from fastrlhf.cuda.dispatch_table import preferred  # noqa: PLC0415  (reads its JSON on first use)
 
         triton = _triton_installed()
         choice = preferred(family, torch.cuda.get_device_capability(device))
@@ -122,15 +117,13 @@ def _auto(device: torch.device, family: str | None, feature: str | None) -> str:
 
 
 def has_kernels(backend: str, family: str, feature: str | None = None) -> bool:
-    """Whether kernel backend ``backend`` implements op ``family`` (``fastrlhf.<backend>.<family>``)
-    and, when given, ``feature`` of it (e.g. ``"packed"`` sequences): the torch and triton
-    backends implement every feature, a cuda module those its ``FEATURES`` lists."""
-    if backend == "torch":
-        return True
-    if importlib.util.find_spec(f"fastrlhf.{backend}.{family}") is None:
+    """Whether ``backend`` has launchers for op ``family`` (``fastrlhf.registry``) and, when
+    given, for ``feature`` of it (e.g. ``"packed"`` sequences): the torch and triton backends
+    cover every feature, cuda those its registry entry lists."""
+    fam = registry.family(family) if family in registry.family_names() else None
+    if fam is None or backend not in fam.backends:
         return False
-    return feature is None or backend == "triton" or \
-        feature in getattr(importlib.import_module(f"fastrlhf.{backend}.{family}"), "FEATURES", ())
+    return feature is None or backend != "cuda" or feature in fam.cuda_features
 
 
 def resolve_backend(backend: str, device: torch.device, family: str | None = None,
@@ -165,6 +158,6 @@ def _concrete(name: str, device: torch.device, family: str | None, feature: str 
 
 
 def launchers(backend: str, family: str):
-    """The module of launchers for op ``family`` on a kernel backend: ``fastrlhf.triton.<family>``
-    or ``fastrlhf.cuda.<family>``. Both expose the same functions with the same signatures."""
-    return importlib.import_module(f"fastrlhf.{backend}.{family}")
+    """The launcher module of op ``family`` on ``backend`` (``fastrlhf.registry``): every backend's
+    exposes the same functions with the same signatures."""
+    return registry.launcher_module(backend, family)

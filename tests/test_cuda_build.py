@@ -261,7 +261,7 @@ def test_dispatch_table_from_benchmark_results(tmp_path):
                rec("ppo", "a", "fastrlhf-triton", 1.0), rec("ppo", "a", "fastrlhf-cuda", 0.1, "error"),
                rec("advantages", "a", "torch", 0.1)]
     assert dt.table_from_records(records) == {"logprobs": "cuda", "advantages": "triton",
-                                              "kl": "triton", "ppo": "triton"}
+                                              "kl": "triton", "policy_loss": "triton"}
     results = tmp_path / "h100"
     results.mkdir()
     (results / "logprobs.json").write_text(json.dumps({"env": {"sm": "9.0"}, "records": records}))

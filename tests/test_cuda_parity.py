@@ -105,7 +105,7 @@ DISPATCH = {
     "logprobs": (_call_logprobs, {"token_logprobs_fwd", "token_logprobs_bwd"}),
     "advantages": (_call_advantages, {"gae_fwd", "group_advantages_fwd"}),
     "kl": (_call_kl, {"kl_penalty_fwd", "kl_penalty_bwd", "kl_penalized_rewards_fwd"}),
-    "ppo": (_call_ppo, {"ppo_policy_fwd", "ppo_policy_bwd"}),
+    "policy_loss": (_call_ppo, {"ppo_policy_fwd", "ppo_policy_bwd"}),
 }
 
 
@@ -754,7 +754,7 @@ def test_ppo_group_loads_against_reference(B, T, mask_dtype, agg):
     token count not a multiple of 4 (the tail) and rows of 1, 3 and 4096 tokens (the
     division-free row walk of seq-mean-token-mean crossing rows inside a group); NaN under the
     mask; loss, statistics and gradient against the fp64 reference for both losses."""
-    from fastrlhf.reference import ppo as ref_ppo
+    from fastrlhf.reference import policy_loss as ref_ppo
 
     x = torch.randn(B, T, device=DEVICE) * 0.3
     old = x + torch.randn(B, T, device=DEVICE) * 0.2

@@ -134,22 +134,22 @@ CASES = {
     "group_advantages": ("advantages",
                          lambda b, s: fastrlhf.group_advantages(s, G, method="rloo", backend=b),
                          lambda: dict(s=_f(2 * G)), {}),
-    "ppo_policy_loss": ("ppo",
+    "ppo_policy_loss": ("policy_loss",
                         lambda b, lp, old, adv, mask: fastrlhf.ppo_policy_loss(lp, old, adv, mask, dual_clip=3.0,
                                                                                agg="seq-mean-token-mean",
                                                                                backend=b),
                         lambda: dict(lp=_logp(B, T), old=_logp(B, T), adv=_f(B, T), mask=_mask(B, T)), {}),
-    "ppo_value_loss": ("ppo",
+    "ppo_value_loss": ("policy_loss",
                        lambda b, v, old, ret, mask: fastrlhf.ppo_value_loss(v, old, ret, mask, clip=0.2, backend=b),
                        lambda: dict(v=_f(B, T), old=_f(B, T), ret=_f(B, T), mask=_mask(B, T)), {}),
-    "policy_loss-gspo-rollout": ("policy_loss",
+    "policy_loss-gspo-rollout": ("policy_loss:modes",
                                  lambda b, lp, old, adv, mask, roll: fastrlhf.policy_loss(
                                      lp, old, adv, mask, mode="gspo", rollout_logprobs=roll,
                                      rollout_correction=fastrlhf.RolloutCorrection(level="sequence", mode="truncate"),
                                      backend=b),
                                  lambda: dict(lp=_logp(B, T), old=_logp(B, T), adv=_f(B, T), mask=_mask(B, T),
                                               roll=_logp(B, T)), {}),
-    "policy_loss-is-weights-packed": ("policy_loss",
+    "policy_loss-is-weights-packed": ("policy_loss:modes",
                                       lambda b, lp, old, adv, mask, w, cu: fastrlhf.policy_loss(
                                           lp, old, adv, mask, mode="vanilla", is_weights=w, cu_seqlens=cu,
                                           agg="seq-mean-token-sum", backend=b),
@@ -163,6 +163,12 @@ CASES = {
     "choice_loss": ("dpo", lambda b, r, i: fastrlhf.choice_loss(r, i, backend=b),
                     lambda: dict(r=_f(B, G), i=torch.randint(0, G, (B,), device=DEVICE)), {"r": UNIT_LAST}),
 }
+
+
+def _has_kernels(backend, family):
+    """``family`` or ``family:feature`` (``fastrlhf.registry``)."""
+    name, _, feature = family.partition(":")
+    return has_kernels(backend, name, feature or None)
 
 
 def _tensors(out):
@@ -194,7 +200,7 @@ _LEAVES: dict = {}
 @pytest.mark.parametrize("op", list(CASES))
 def test_any_layout(op, backend, layout):
     family, call, make, keep = CASES[op]
-    if not has_kernels(backend, family) and backend != "torch":
+    if not _has_kernels(backend, family) and backend != "torch":
         pytest.skip(f"backend {backend!r} has no {family} kernels")
     torch.manual_seed(0)
     _LEAVES.clear()
@@ -224,7 +230,7 @@ def test_mixed_dtypes(op, backend):
     Triton interpreter once stored those gradients as zeros): the kernels agree with the torch
     backend on the same inputs, to a few bf16 roundings, or both refuse the mix alike."""
     family, call, make, _ = CASES[op]
-    if not has_kernels(backend, family):
+    if not _has_kernels(backend, family):
         pytest.skip(f"backend {backend!r} has no {family} kernels")
     results = []
     for name in ("torch", backend):

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import fastrlhf
 from fastrlhf import RolloutCorrection, policy_loss
 from fastrlhf.ops import policy_loss as ops
+from fastrlhf.ops import policy_spec as spec
 from fastrlhf.reference import policy_loss as ref
 from tests.conftest import DEVICE
 from tests.test_ppo import _mask  # holes everywhere, a fully masked row, a padded row
@@ -52,7 +53,7 @@ def _reference(x, mode, old, adv, mask, *, agg="token-mean", rollout_logprobs=No
                is_weights=None, cu_seqlens=None, global_tokens=None, global_seqs=None, loss_scale_factor=None,
                **options):
     """The reference with the public function's argument handling (options, selections)."""
-    o = ops._options(mode, options)
+    o = spec.resolve_options(mode, options)
     rmode = mode
     corr = None
     if rollout_correction is not None:
@@ -837,7 +838,7 @@ def test_cuda_backend_refuses_new_modes(monkeypatch):
             policy_loss(_x, _x, _x, _m, backend="cuda", **kw)
     with pytest.raises(fastrlhf.BackendUnavailableError, match=re.escape("packed sequences (cu_seqlens)")):
         policy_loss(_x.reshape(-1), _x.reshape(-1), _x.reshape(-1), _m.reshape(-1), cu_seqlens=cu, backend="cuda")
-    assert all(family is None for _, family in calls)  # never the "ppo" table that may prefer cuda
+    assert all(family is None for _, family in calls)  # never the family's table that may prefer cuda
 
 
 # -------------------------------------------------------- torch.library / torch.compile
@@ -853,15 +854,15 @@ def test_opcheck_custom_ops():
                  (None, None, None)),
                 ("geo_mean", "seq-mean-token-sum-norm", RolloutCorrection(), True,
                  (None, torch.tensor(4), torch.tensor(16.0)))]:
-            o = ops._options("gspo" if mode == "gspo_seq" else "vanilla" if mode == "value" else mode, {})
+            o = spec.resolve_options("gspo" if mode == "gspo_seq" else "vanilla" if mode == "value" else mode, {})
             o["clip"] = 0.2
-            c = "" if corr is None else f"{corr.level},{corr.mode},{corr.stat},rollout,1"
+            c, params = spec.encode(o, corr)
 
             def f(t, packed=packed):
                 return t.reshape(-1) if packed else t
 
             args = (f(logp).clone().requires_grad_(True), f(old), f(adv), f(mask), f(roll) if corr else None, None,
-                    None, cu if packed else None, *counts, mode, agg, c, ops._params(o, corr), backend)
+                    None, cu if packed else None, *counts, mode, agg, c, params, backend)
             torch.library.opcheck(opsns.policy_loss.default, args)
             out = opsns.policy_loss.default(*args)
             plain = [a.detach() if isinstance(a, torch.Tensor) else a for a in args]

@@ -35,7 +35,7 @@ from unittest import mock
 import torch
 
 from bench.static.hardware import SM_COUNT
-from fastrlhf.ops.policy_loss import KernelArgs, LossSpec
+from fastrlhf.ops.policy_spec import KernelArgs, LossSpec
 from fastrlhf.triton import (
     advantages,
     dpo,
@@ -43,7 +43,6 @@ from fastrlhf.triton import (
     linear_logprobs,
     logprobs,
     policy_loss,
-    ppo,
 )
 
 BF16, F32, I64 = torch.bfloat16, torch.float32, torch.int64
@@ -215,12 +214,12 @@ def _ppo(direction, value, agg):
     x, old, y, mask = t(B, T), t(B, T), t(B, T), t(B, T, dtype=torch.bool)
     rows = t(B, dtype=I64) if agg == "seq-mean-token-mean" else None
     clip = (0.2,) if value else (0.8, 1.28, 3.0, float("inf"))
-    P = -(-B * T // ppo.TOKENS_PER_PARTIAL)
+    P = -(-B * T // policy_loss.TOKENS_PER_PARTIAL)
     if direction == "fwd":
         partials = (t(1 if value else 2, P), t(2 if value else 3, P, dtype=torch.int32))
-        launch = ppo.ppo_value_fwd if value else ppo.ppo_policy_fwd
+        launch = policy_loss.ppo_value_fwd if value else policy_loss.ppo_policy_fwd
         return lambda: launch(x, old, y, mask, rows, *clip, *partials)
-    launch = ppo.ppo_value_bwd if value else ppo.ppo_policy_bwd
+    launch = policy_loss.ppo_value_bwd if value else policy_loss.ppo_policy_bwd
     return lambda: launch(t(), t(), x, old, y, mask, rows, *clip, t(B, T))
 
 

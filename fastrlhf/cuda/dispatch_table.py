@@ -29,8 +29,12 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-FAMILIES = ("logprobs", "advantages", "kl", "ppo")
-"""Op families with CUDA kernels; any other family always goes to triton."""
+from fastrlhf import registry
+
+FAMILIES = registry.family_names("cuda")
+"""Op families with CUDA kernels (``fastrlhf.registry``); any other family always goes to triton."""
+RENAMED = {"ppo": "policy_loss"}
+"""Family names of older benchmark results: the family they are now."""
 MARGIN = 0.97
 """cuda is picked when its time is below ``MARGIN`` x Triton's (geometric mean)."""
 BACKENDS = ("triton", "cuda")
@@ -105,7 +109,8 @@ def table_from_records(records: list[dict]) -> dict[str, str]:
     times: dict[tuple, dict[str, float]] = defaultdict(dict)
     for r in records:
         if r.get("status") == "ok" and r.get("provider") in ("fastrlhf-triton", "fastrlhf-cuda"):
-            times[(r["family"], r["op"], r["case"], r["mode"])][r["provider"]] = float(r["ms"])
+            family = RENAMED.get(r["family"], r["family"])
+            times[(family, r["op"], r["case"], r["mode"])][r["provider"]] = float(r["ms"])
     logs: dict[str, list[float]] = defaultdict(list)
     for (family, *_), t in times.items():
         if len(t) == 2 and t["fastrlhf-triton"] > 0 and t["fastrlhf-cuda"] > 0:

@@ -1,23 +1,27 @@
-"""Policy losses: every mode of verl 0.9.1's registry and every option of OpenRLHF 0.11.2's
-``PolicyLoss``, with rollout correction, on padded ``[B, T]`` or packed ``[total]`` sequences.
+"""The policy-loss family: PPO's clipped policy and value losses and every policy loss of
+verl 0.9.1's registry and OpenRLHF 0.11.2's ``PolicyLoss``, with rollout correction, on padded
+``[B, T]`` or packed ``[total]`` sequences, aggregated (``fastrlhf.ops.aggregation``).
 
-Chain: :func:`policy_loss` (checks, per-mode options, covariance selections, backend choice) →
-``torch.library`` custom op ``fastrlhf::policy_loss`` with fake and autograd registrations →
-Triton launchers (``fastrlhf.triton.policy_loss``: a per-sequence pass when a sequence-level
-quantity is needed, a token pass writing partial sums, an elementwise backward). The ``torch``
-backend is the reference itself (``fastrlhf.reference.policy_loss``: plain differentiable
-PyTorch, autograd gives its gradient, ``torch.compile`` traces it). The op adds the partial
-sums in a fixed order and normalizes
-(the aggregation modes and global counts of ``fastrlhf.ops.ppo``). The plain PPO loss
-(``mode="vanilla"``, padded, without correction) runs the ``ppo_policy_loss`` op, which also has
-CUDA kernels; every other call runs on ``triton`` or ``torch``, and ``backend="cuda"`` raises
-``BackendUnavailableError`` saying so before any kernel.
+Chain: public function (checks, the spec of ``fastrlhf.ops.policy_spec``, covariance selections,
+backend choice) → ``torch.library`` custom op with fake and autograd registrations → the
+backend's launchers (``fastrlhf.registry``). Two ops:
+
+* the plain form (``fastrlhf::ppo_policy_loss`` / ``fastrlhf::ppo_value_loss``): PPO's policy and
+  value losses on padded input without correction, on every backend (CUDA included): one token
+  pass writing per-tile partial sums, an elementwise backward;
+* the general op (``fastrlhf::policy_loss``): every mode, packed input, rollout correction, on
+  ``triton`` (a per-sequence pass when a sequence-level quantity is needed, a token pass writing
+  partial sums, an elementwise backward) or ``torch`` (the reference itself, differentiated by
+  autograd; ``torch.compile`` traces it). ``backend="cuda"`` raises ``BackendUnavailableError``
+  saying so before any kernel.
+
+The ops add the partial sums in a fixed order (same input, same bits) and normalize.
+:func:`ppo_policy_loss` is ``policy_loss(mode="vanilla")``; :func:`ppo_value_loss` the value loss.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -25,250 +29,220 @@ import torch
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import BackendUnavailableError, launchers, resolve_backend
-from fastrlhf.ops import ppo as _ppo
+from fastrlhf.ops import aggregation as agg_ops
+from fastrlhf.ops.policy_spec import (POLICY_LOSS_MODES, REQUIRED, RolloutCorrection, decode, encode, kernel_mode,
+                                      needs_table, policy_loss_options, resolve_options, stats_of)
 from fastrlhf.reference import policy_loss as ref
-from fastrlhf.reference.ppo import AGG_MODES
+from fastrlhf.reference.aggregation import AGG_MODES, safe_div
 
-__all__ = ["POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options"]
+__all__ = ["AGG_MODES", "POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options",
+           "ppo_policy_loss", "ppo_value_loss"]
 
-POLICY_LOSS_MODES = ref.MODES
-"""The modes of :func:`policy_loss`: verl 0.9.1's policy-loss registry."""
-
-
-
-class _Required:
-    def __repr__(self):
-        return "REQUIRED"
-
-
-REQUIRED = _Required()
-"""The default of an option a mode cannot do without (:func:`policy_loss_options`)."""
-_PPO = {"clip_low": 0.2, "clip_high": None}
-_OPTIONS = {
-    "vanilla": {**_PPO, "dual_clip": None, "log_ratio_clamp": 20.0},
-    "dppo_tv": {**_PPO, "ratio_cap": 20.0, "log_ratio_clamp": 20.0},
-    "dppo_kl": {**_PPO, "ratio_cap": 20.0, "log_ratio_clamp": 20.0},
-    "gspo": {**_PPO, "dual_clip": None, "log_ratio_clamp": 10.0, "gradient": "token"},
-    "sapo": {"tau_pos": 1.0, "tau_neg": 1.05, "log_ratio_clamp": 20.0},
-    "gpg": {},
-    "clip_cov": {**_PPO, "clip_cov_ratio": 0.0002, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0, "generator": None},
-    "kl_cov": {"kl_cov_ratio": 0.0002, "ppo_kl_coef": 0.1},
-    "geo_mean": dict(_PPO),
-    "dro": {"dro_beta": REQUIRED},
-    "cispo": {**_PPO, "log_ratio_clamp": 20.0},
-    "bypass_mode": {"loss_type": "ppo_clip", **_PPO, "dual_clip": None, "log_ratio_clamp": 20.0},
-}
-"""Each mode's options and defaults (verl 0.9.1's ``ActorConfig`` / ``PolicyLossConfig`` defaults,
-except ``dual_clip``: off unless asked for; verl's ``clip_ratio_c`` is 3.0)."""
-
-_STATS = {
-    "vanilla": ("clipfrac", "clipfrac_lower", "approx_kl"),
-    "dppo_tv": ("clipfrac", "clipfrac_lower", "approx_kl"),
-    "dppo_kl": ("clipfrac", "clipfrac_lower", "approx_kl"),
-    "gspo": ("clipfrac", "clipfrac_lower", "approx_kl"),
-    "sapo": ("approx_kl",),
-    "gpg": ("approx_kl",),
-    "clip_cov": ("clipfrac", "approx_kl"),
-    "kl_cov": ("clipfrac", "approx_kl", "abs_kl"),
-    "geo_mean": ("clipfrac", "clipfrac_lower", "approx_kl"),
-    "dro": ("approx_kl",),
-    "cispo": ("clipfrac", "approx_kl"),
-    "value": ("clipfrac",),
-}
-_PARAMS = ("clip_low", "clip_high", "dual_clip", "log_ratio_clamp", "ratio_cap", "tau_pos", "tau_neg",
-           "ppo_kl_coef", "dro_beta", "clip", "is_low", "is_high", "is_log_ratio_clamp")
-"""The float options in the op's ``params`` vector (``inf`` for None)."""
-_NONE_IS_INF = ("dual_clip", "log_ratio_clamp", "clip", "is_log_ratio_clamp")
-
-
-# ----------------------------------------------------------------------- rollout correction
-@dataclass(frozen=True)
-class RolloutCorrection:
-    """Importance correction for the mismatch between the rollout engine's and the trainer's
-    log-probs: each token's loss is multiplied by a detached coefficient ``c``.
-
-    The ratio of a token is ``rho = exp(clamp(old - rollout, +-log_ratio_clamp))`` (verl's
-    decoupled mode, OpenRLHF; in ``mode="bypass_mode"``, where ``old`` is the rollout,
-    ``exp(clamp(logprobs.detach() - old, ...))``). A statistic ``g`` is gated per *unit*:
-
-    * ``level="token"``: ``g = rho`` (or, with ``stat``, a divergence of the token);
-    * ``level="sequence"``: ``g = exp(clamp(sum of the sequence's log-ratios, +-clamp))``, the
-      product of its ratios (verl ``rollout_is="sequence"``); ratio only;
-    * ``level="sequence-mean"``: the mean over the sequence's valid tokens: of the log-ratio,
-      then ``exp`` (the geometric mean ratio; OpenRLHF ``is_correction_level="seq"``), or of a
-      divergence.
-
-    ``stat``: ``"ratio"``, or OpenRLHF's gates on the sampled token's probabilities ``p``
-    (rollout) and ``q`` (trainer), each clamped to ``[1e-6, 1 - 1e-6]``: ``"binary_kl"``
-    ``p log(p/q) + (1-p) log((1-p)/(1-q))`` or ``"tv"`` ``|p - q|``.
-
-    ``mode`` (``bounds`` = ``high``, or ``(low, high)``):
-
-    * ``"truncate"``: ``c = min(g, high)`` (verl TIS; an upper bound only);
-    * ``"clamp"``: ``c = clamp(g, low, high)`` (OpenRLHF ``is_correction_mode="clip"``);
-    * ``"mask"``: ``c = weight`` where ``low <= g <= high``, else 0 (verl IcePop, OpenRLHF
-      ``"mask"``); ``weight = g`` for a ratio at ``token`` / ``sequence`` level, else the token's
-      own ratio ``rho`` (a sequence mean or a divergence is a gate, not a weight). Without
-      ``low`` there is no lower bound.
-
-    ``truncate`` and ``clamp`` need ``stat="ratio"``. Statistics: ``is_weight_mean`` (mean of
-    ``c`` over the valid tokens), ``is_filtered_frac`` (units whose ``g`` is outside the bounds:
-    tokens, or sequences with a valid token), ``rollout_kl`` (mean of ``rollout - old``, OpenRLHF's
-    ``vllm_kl``, verl's ``rollout_corr/kl``). See :meth:`verl` and :meth:`openrlhf` for the peers'
-    settings.
-    """
-
-    level: str = "token"
-    mode: str = "truncate"
-    bounds: float | tuple = 2.0
-    stat: str = "ratio"
-    log_ratio_clamp: float | None = 20.0
-
-    def __post_init__(self):
-        _checks.choice("level", self.level, ref.IS_LEVELS)
-        _checks.choice("mode", self.mode, ref.IS_MODES)
-        _checks.choice("stat", self.stat, ref.IS_STATS)
-        _checks.optional_positive("log_ratio_clamp", self.log_ratio_clamp)
-        if self.stat != "ratio" and self.level == "sequence":
-            raise ValueError(f"stat={self.stat!r} is gated per token or by its mean over a sequence "
-                             "(level='token' or 'sequence-mean'), not level='sequence'")
-        if self.stat != "ratio" and self.mode != "mask":
-            raise ValueError(f"mode={self.mode!r} makes the statistic the weight: it needs stat='ratio' "
-                             f"(got {self.stat!r}; a divergence can only mask)")
-        low, _ = self._bounds()
-        if self.mode == "truncate" and low != -math.inf:
-            raise ValueError(f"mode='truncate' takes an upper bound only, got bounds={self.bounds!r}")
-        if self.mode == "clamp" and low == -math.inf:
-            raise ValueError(f"mode='clamp' needs bounds=(low, high), got {self.bounds!r}")
-
-    def _bounds(self) -> tuple[float, float]:
-        b = self.bounds
-        if isinstance(b, (tuple, list)):
-            if len(b) != 2:
-                raise ValueError(f"bounds must be high or (low, high), got {b!r}")
-            low, high = _checks.number("bounds[0]", b[0]), _checks.positive("bounds[1]", b[1])
-            if low > high:
-                raise ValueError(f"bounds must be in order (low <= high), got {tuple(b)}")
-            return low, high
-        return -math.inf, _checks.positive("bounds", b)
-
-    @property
-    def low(self) -> float:
-        return self._bounds()[0]
-
-    @property
-    def high(self) -> float:
-        return self._bounds()[1]
-
-    @classmethod
-    def verl(cls, rollout_is: str, rollout_is_threshold: float | str = 2.0) -> RolloutCorrection:
-        """verl 0.9.1's ``rollout_is`` / ``rollout_is_threshold`` (``rollout_corr_helper.py``):
-        ``"token"`` or ``"sequence"``; a number (or number string) is TIS's upper bound, a
-        ``"low_high"`` string IcePop's band (both > 0); log-ratios clamped to +-20 (verl's
-        ``SAFETY_BOUND``). verl's ``rollout_is_batch_normalize`` is not covered."""
-        if rollout_is not in ("token", "sequence"):
-            raise ValueError(f"rollout_is must be 'token' or 'sequence', got {rollout_is!r}")
-        spec = rollout_is_threshold
-        if isinstance(spec, bool) or not isinstance(spec, (int, float, str)):
-            raise TypeError(f"rollout_is_threshold must be a number or a 'low_high' string, got {spec!r}")
-        if isinstance(spec, str) and "_" in spec:
-            low, _, high = spec.partition("_")
-            try:
-                bounds = (float(low), float(high))
-            except ValueError:
-                raise ValueError(f"invalid rollout_is_threshold {spec!r}") from None
-            if bounds[0] <= 0:
-                raise ValueError(f"rollout_is_threshold's lower bound must be > 0, got {spec!r}")
-            return cls(rollout_is, "mask", bounds, "ratio", 20.0)
-        try:
-            high = float(spec)
-        except ValueError:
-            raise ValueError(f"invalid rollout_is_threshold {spec!r}") from None
-        return cls(rollout_is, "truncate", high, "ratio", 20.0)
-
-    @classmethod
-    def openrlhf(cls, is_correction_level: str, is_correction_mode: str = "mask",
-                 is_correction_gating: str = "ratio", is_correction_threshold=(0.5, 5.0)) -> RolloutCorrection:
-        """OpenRLHF 0.11.2 ``PolicyLoss``'s correction options: level ``"token"`` / ``"seq"``
-        (the per-sequence mean), mode ``"mask"`` / ``"clip"``, gating ``"ratio"`` /
-        ``"binary_kl"`` / ``"tv"``, threshold ``(low, high)``; ratios unclamped, as OpenRLHF."""
-        levels = {"token": "token", "seq": "sequence-mean"}
-        modes = {"mask": "mask", "clip": "clamp"}
-        if is_correction_level not in levels:
-            raise ValueError(f"is_correction_level must be 'token' or 'seq', got {is_correction_level!r}")
-        if is_correction_mode not in modes:
-            raise ValueError(f"is_correction_mode must be 'mask' or 'clip', got {is_correction_mode!r}")
-        if modes[is_correction_mode] == "clamp" and is_correction_level != "token":
-            raise ValueError("is_correction_mode='clip' requires is_correction_level='token'")
-        return cls(levels[is_correction_level], modes[is_correction_mode], tuple(is_correction_threshold),
-                   is_correction_gating, None)
-
-
-# ------------------------------------------------------------------------- the op's spec
-class KernelArgs(NamedTuple):
-    """The kernels' float arguments (an option that is off is ``inf``)."""
-
-    lo: float
-    hi: float
-    dual_clip: float
-    lrc: float
-    p0: float
-    p1: float
-    is_low: float
-    is_high: float
-    is_clamp: float
-
-
-class LossSpec(NamedTuple):
-    """What one call computes, as the launchers read it."""
-
-    mode: str  # a kernel mode: a public mode, "gspo_seq" (GSPO, sequence gradient) or "value"
-    agg: str
-    is_level: str | None
-    is_mode: str
-    is_stat: str
-    is_source: str  # "rollout" or "current"
-    is_apply: bool
-    kernel: KernelArgs
-
-
-def _kernel_args(mode: str, o: dict) -> KernelArgs:
-    inf = math.inf
-    lo = hi = 0.0
-    if mode in ("vanilla", "gspo", "gspo_seq", "clip_cov", "cispo"):
-        lo, hi = 1.0 - o["clip_low"], 1.0 + o["clip_high"]
-    elif mode in ("dppo_tv", "dppo_kl"):
-        lo, hi = o["clip_low"], o["clip_high"]
-    elif mode == "geo_mean":
-        lo, hi = -o["clip_low"], o["clip_high"]
-    p0 = {"dppo_tv": "ratio_cap", "dppo_kl": "ratio_cap", "sapo": "tau_pos", "kl_cov": "ppo_kl_coef",
-          "dro": "dro_beta", "value": "clip"}.get(mode)
-    return KernelArgs(lo, hi, o["dual_clip"] or inf, o["log_ratio_clamp"] or inf,
-                      inf if p0 is None or o[p0] is None else o[p0], o["tau_neg"] if mode == "sapo" else 0.0,
-                      o["is_low"], o["is_high"], o["is_log_ratio_clamp"] or inf)
-
-
-def _decode(mode: str, agg: str, correction: str, params: list[float]) -> LossSpec:
-    """The launchers' spec from the op's string and float arguments."""
-    o = {k: (None if k in _NONE_IS_INF and math.isinf(v) else v) for k, v in zip(_PARAMS, params)}
-    level, is_mode, stat, source, apply = None, "truncate", "ratio", "rollout", True
-    if correction:
-        level, is_mode, stat, source, flag = correction.split(",")
-        apply = flag == "1"
-    return LossSpec(mode, agg, level, is_mode, stat, source, apply, _kernel_args(mode, o))
-
-
-def _needs_table(spec: LossSpec, global_seqs) -> bool:
-    return (spec.mode in ("gspo", "gspo_seq", "geo_mean") or spec.is_level in ("sequence", "sequence-mean")
-            or spec.agg == "seq-mean-token-mean"
-            or (spec.agg in ("seq-mean-token-sum", "seq-mean-token-sum-norm") and global_seqs is None))
+FAMILY = "policy_loss"
 
 
 def _n_seqs(x: torch.Tensor, cu_seqlens) -> int:
     return cu_seqlens.numel() - 1 if cu_seqlens is not None else x.shape[0]
 
 
-# ------------------------------------------------------------------ the op (forward / backward)
+class PolicyClip(NamedTuple):
+    """The policy kernels' clip arguments; an option that is off is ``inf`` (it changes nothing,
+    so no kernel specializes on it)."""
+
+    ratio_low: float  # 1 - clip_low
+    ratio_high: float  # 1 + clip_high
+    dual_clip: float
+    log_ratio_clamp: float
+
+    @classmethod
+    def of(cls, clip_low, clip_high, dual_clip, log_ratio_clamp) -> PolicyClip:
+        return cls(1.0 - clip_low, 1.0 + clip_high, _inf(dual_clip), _inf(log_ratio_clamp))
+
+
+def _inf(x: float | None) -> float:
+    return math.inf if x is None else x
+
+
+def _row_counts(mask: torch.Tensor, agg: str) -> torch.Tensor | None:
+    """Valid tokens per row (int64 ``[B]``), by which ``seq-mean-token-mean`` weighs each token."""
+    return (mask != 0).sum(-1) if agg == "seq-mean-token-mean" else None
+
+
+def _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts) -> torch.Tensor:
+    """The plain ops' ``scale``: the sequences with a valid token are counted only for a
+    ``seq-mean-*`` mode without ``global_seqs``."""
+    n_seqs = None
+    if agg.startswith("seq-") and counts[1] is None:
+        n_seqs = ((mask != 0).sum(-1) if row_counts is None else row_counts).gt(0).sum()
+    return agg_ops.scale(agg, counts, dtype, mask.device, n_tokens, n_seqs, mask.shape[-1])
+
+
+def _partials(x, n_sums, n_counts, dtype, kernels):
+    """Empty partial sums ``[n_sums, P]`` and counts ``[n_counts, P]`` for the forward kernels."""
+    P = -(-x.numel() // kernels.TOKENS_PER_PARTIAL)
+    return (torch.empty((n_sums, P), dtype=dtype, device=x.device),
+            torch.empty((n_counts, P), dtype=torch.int32, device=x.device))
+
+
+def _reduce(sums, counts):
+    """``(total, valid tokens, stats)`` from the partials, summed in a fixed order (same input,
+    same bits): ``stats`` (1-D) are the clipped fractions (counts[1:] / valid) and, for the
+    policy, the mean minus log-ratio (sums[1] / valid)."""
+    s, c = sums.sum(1), counts.sum(1)
+    return s[0], c[0], safe_div(torch.cat([c[1:].to(s.dtype), s[1:]]), c[0])
+
+
+def _or_empty(row_counts, mask):
+    return row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
+
+
+def _aux_fake(x, agg, dtype):
+    return x.new_empty((), dtype=dtype), x.new_empty(x.shape[0] if agg == "seq-mean-token-mean" else 0,
+                                                      dtype=torch.int64)
+
+
+POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
+
+
+def policy_result(outputs) -> tuple[torch.Tensor, dict]:
+    """``(loss, stats)`` of ``_ppo_policy_op``'s outputs, the statistics by name (detached)."""
+    loss, stats, _, _ = outputs
+    return loss, dict(zip(POLICY_STATS, stats.detach().unbind()))
+
+
+def _none_but_first(ctx, grad):
+    return (grad, *[None] * (len(ctx.needs_input_grad) - 1))
+
+
+# ------------------------------------------------- the plain form: PPO policy loss op (+ CUDA)
+@torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
+def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+               mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
+               log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
+               global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, [clipfrac, clipfrac_lower, approx_kl], scale, row_counts)``; the last two for backward."""
+    counts = (global_tokens, global_seqs, loss_scale_factor)
+    dtype = acc_dtype(logprobs, old_logprobs, advantages)
+    row_counts = _row_counts(mask, agg)
+    kernels = launchers(backend, FAMILY)
+    sums, parts = _partials(logprobs, 2, 3, dtype, kernels)
+    if logprobs.numel():
+        kernels.ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts,
+                               *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), sums, parts)
+    total, n_tokens, stats = _reduce(sums, parts)
+    scale = _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts)
+    return total * scale, stats, scale, _or_empty(row_counts, mask)
+
+
+@_ppo_policy_op.register_fake
+def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
+      agg, global_tokens, global_seqs, loss_scale_factor, backend):
+    dtype = acc_dtype(logprobs, old_logprobs, advantages)
+    return logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype), *_aux_fake(logprobs, agg, dtype)
+
+
+@torch.library.custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
+def _ppo_policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, logprobs: torch.Tensor,
+                   old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                   row_counts: torch.Tensor, clip_low: float, clip_high: float,
+                   dual_clip: float | None, log_ratio_clamp: float | None, agg: str,
+                   backend: str) -> torch.Tensor:
+    rows = row_counts if agg == "seq-mean-token-mean" else None
+    dx = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
+    if dx.numel():
+        launchers(backend, FAMILY).ppo_policy_bwd(
+            grad, scale, logprobs, old_logprobs, advantages, mask, rows,
+            *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), dx)
+    return dx
+
+
+@_ppo_policy_bwd_op.register_fake
+def _(grad, scale, logprobs, old_logprobs, advantages, mask, row_counts, clip_low, clip_high,
+      dual_clip, log_ratio_clamp, agg, backend):
+    return torch.empty_like(logprobs, memory_format=torch.contiguous_format)
+
+
+def _policy_setup_context(ctx, inputs, output):
+    logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp, agg, *_, \
+        backend = inputs
+    ctx.save_for_backward(logprobs, old_logprobs, advantages, mask, output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
+    ctx.args = (clip_low, clip_high, dual_clip, log_ratio_clamp, agg, backend)
+
+
+def _policy_backward(ctx, grad, *_):
+    logprobs, old_logprobs, advantages, mask, scale, rows = ctx.saved_tensors
+    if grad is None:
+        grad = torch.zeros_like(scale)
+    return _none_but_first(ctx, _ppo_policy_bwd_op(grad, scale, logprobs, old_logprobs, advantages, mask, rows,
+                                               *ctx.args))
+
+
+_ppo_policy_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
+
+
+# ------------------------------------------------------------ the plain form: value loss op (+ CUDA)
+@torch.library.custom_op("fastrlhf::ppo_value_loss", mutates_args=())
+def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+              mask: torch.Tensor, clip: float | None, agg: str, global_tokens: torch.Tensor | None,
+              global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, vf_clipfrac, scale, row_counts)``; the last two for backward."""
+    counts = (global_tokens, global_seqs, loss_scale_factor)
+    dtype = acc_dtype(values, old_values, returns)
+    row_counts = _row_counts(mask, agg)
+    kernels = launchers(backend, FAMILY)
+    sums, parts = _partials(values, 1, 2, dtype, kernels)
+    if values.numel():
+        kernels.ppo_value_fwd(values, old_values, returns, mask, row_counts, _inf(clip), sums, parts)
+    total, n_tokens, clipfrac = _reduce(sums, parts)
+    scale = _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts)
+    return total * scale, clipfrac.reshape(()), scale, _or_empty(row_counts, mask)
+
+
+@_value_op.register_fake
+def _(values, old_values, returns, mask, clip, agg, global_tokens, global_seqs, loss_scale_factor, backend):
+    dtype = acc_dtype(values, old_values, returns)
+    loss = values.new_empty((), dtype=dtype)
+    return loss, torch.empty_like(loss), *_aux_fake(values, agg, dtype)
+
+
+@torch.library.custom_op("fastrlhf::ppo_value_loss_backward", mutates_args=())
+def _value_bwd_op(grad: torch.Tensor, scale: torch.Tensor, values: torch.Tensor,
+                  old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+                  row_counts: torch.Tensor, clip: float | None, agg: str, backend: str) -> torch.Tensor:
+    rows = row_counts if agg == "seq-mean-token-mean" else None
+    dx = torch.empty(values.shape, dtype=values.dtype, device=values.device)
+    if dx.numel():
+        launchers(backend, FAMILY).ppo_value_bwd(grad, scale, values, old_values, returns, mask, rows,
+                                                _inf(clip), dx)
+    return dx
+
+
+@_value_bwd_op.register_fake
+def _(grad, scale, values, old_values, returns, mask, row_counts, clip, agg, backend):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+
+def _value_setup_context(ctx, inputs, output):
+    values, old_values, returns, mask, clip, agg, *_, backend = inputs
+    ctx.save_for_backward(values, old_values, returns, mask, output[2], output[3])
+    ctx.set_materialize_grads(False)
+    ctx.args = (clip, agg, backend)
+
+
+def _value_backward(ctx, grad, *_):
+    values, old_values, returns, mask, scale, rows = ctx.saved_tensors
+    if grad is None:
+        grad = torch.zeros_like(scale)
+    return _none_but_first(ctx, _value_bwd_op(grad, scale, values, old_values, returns, mask, rows, *ctx.args))
+
+
+_value_op.register_autograd(_value_backward, setup_context=_value_setup_context)
+
+
+# ------------------------------------------------------------- the general op (forward / backward)
 def _chunk_starts(cu_seqlens: torch.Tensor, chunk: int) -> torch.Tensor:
     lengths = cu_seqlens[1:] - cu_seqlens[:-1]
     starts = torch.zeros(cu_seqlens.shape, dtype=torch.int32, device=cu_seqlens.device)
@@ -292,20 +266,6 @@ def _seq_pass(kernels, x, cu_seqlens, spec, what, table, gseq=None):
                             pcounts, gseq)
 
 
-def _scale(agg, counts, dtype, device, n_tokens, n_seqs, T):
-    """0-dim ``scale`` with ``loss = scale * sum(w * c * loss_t)``; 0 when the normalizer is ``<= 0``."""
-    global_tokens, global_seqs, factor = counts
-    one = torch.ones((), dtype=dtype, device=device)
-    if agg == "token-sum":
-        return one
-    if agg == "token-mean":
-        return _ppo._safe_div(one, n_tokens if global_tokens is None else global_tokens)
-    seqs = n_seqs if global_seqs is None else global_seqs
-    if agg == "seq-mean-token-sum-norm":
-        seqs = seqs * (T if factor is None else factor)
-    return _ppo._safe_div(one, seqs)
-
-
 _N_STATS = len(ref.STATS)
 
 
@@ -317,14 +277,14 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, stats [len(STATS)], scale, sequence table)``; the last two for backward. Kernel
     backends only: the ``torch`` backend is the reference itself, differentiated by autograd."""
-    spec = _decode(mode, agg, correction, params)
+    spec = decode(mode, agg, correction, params)
     counts = (global_tokens, global_seqs, loss_scale_factor)
     dtype = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
     dev = logprobs.device
-    kernels = launchers(backend, "policy_loss")
+    kernels = launchers(backend, FAMILY)
     x = (logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights)
     table = None
-    if _needs_table(spec, global_seqs):
+    if needs_table(spec, global_seqs):
         table = torch.empty((kernels.TABLE_ROWS, _n_seqs(logprobs, cu_seqlens)), dtype=dtype, device=dev)
         _seq_pass(kernels, x, cu_seqlens, spec, kernels.seq_work(spec), table)
     P = kernels.token_programs(logprobs)
@@ -335,17 +295,17 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     s, c = sums.sum(1), parts.sum(1)
     n = c[0]
     # per valid token: counts 1 and 2, sums 1 to 3, count 3, sum 4 (the order of ref.STATS)
-    stats = _ppo._safe_div(torch.cat([c[1:3].to(dtype), s[1:4], c[3:4].to(dtype), s[4:5]]), n)
+    stats = safe_div(torch.cat([c[1:3].to(dtype), s[1:4], c[3:4].to(dtype), s[4:5]]), n)
     if table is not None:
         has = table[0] > 0
         n_seqs = has.sum()
         if spec.is_level in ("sequence", "sequence-mean"):  # stat 5 per sequence instead
-            per_seq = _ppo._safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
+            per_seq = safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
             stats = torch.cat([stats[:5], per_seq[None], stats[6:]])
     else:
         n_seqs = (mask != 0).sum(-1).gt(0).sum()
     T = logprobs.shape[-1] if cu_seqlens is None else None
-    scale = _scale(agg, counts, dtype, dev, n, n_seqs, T)
+    scale = agg_ops.scale(agg, counts, dtype, dev, n, n_seqs, T)
     empty = torch.empty((0, 0), dtype=dtype, device=dev)
     return s[0] * scale, stats, scale, table if table is not None else empty
 
@@ -354,8 +314,8 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
 def _(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected, cu_seqlens, global_tokens,
       global_seqs, loss_scale_factor, mode, agg, correction, params, backend):
     dtype = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
-    spec = _decode(mode, agg, correction, params)
-    rows = launchers(backend, "policy_loss").TABLE_ROWS if _needs_table(spec, global_seqs) else 0
+    spec = decode(mode, agg, correction, params)
+    rows = launchers(backend, FAMILY).TABLE_ROWS if needs_table(spec, global_seqs) else 0
     seqs = _n_seqs(logprobs, cu_seqlens) if rows else 0
     loss = logprobs.new_empty((), dtype=dtype)
     return (loss, logprobs.new_empty(_N_STATS, dtype=dtype), logprobs.new_empty((), dtype=dtype),
@@ -369,8 +329,8 @@ def _policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, table: torch.Tensor,
                    selected: torch.Tensor | None, cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None,
                    global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, mode: str, agg: str,
                    correction: str, params: list[float], backend: str) -> torch.Tensor:
-    spec = _decode(mode, agg, correction, params)
-    kernels = launchers(backend, "policy_loss")
+    spec = decode(mode, agg, correction, params)
+    kernels = launchers(backend, FAMILY)
     dx = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     if not dx.numel():
         return dx
@@ -407,89 +367,10 @@ _policy_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- public API
-def policy_loss_options(mode: str) -> dict:
-    """The options :func:`policy_loss` takes in ``mode`` (keyword arguments), with their defaults;
-    an option the mode cannot do without has the default :data:`REQUIRED`.
-
-    >>> fastrlhf.policy_loss_options("sapo")
-    {'tau_pos': 1.0, 'tau_neg': 1.05, 'log_ratio_clamp': 20.0}
-    """
-    _checks.choice("mode", mode, POLICY_LOSS_MODES)
-    return dict(_OPTIONS[mode])
-
-
-def _options(mode: str, given: dict) -> dict:
-    """The mode's options: defaults filled in, each checked; unknown ones rejected."""
-    allowed = _OPTIONS[mode]
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        takes = ", ".join(allowed) if allowed else "no options"
-        raise TypeError(f"policy_loss(mode={mode!r}) got unexpected option(s) {', '.join(unknown)}; "
-                        f"{mode} takes {takes}")
-    o = {**allowed, **given}
-    missing = [k for k, v in o.items() if v is REQUIRED]
-    if missing:
-        raise TypeError(f"policy_loss(mode={mode!r}) needs option {missing[0]}")
-    checks = {"clip_low": _checks.positive, "clip_high": lambda n, v: v if v is None else _checks.positive(n, v),
-              "log_ratio_clamp": _checks.optional_positive, "ratio_cap": _checks.positive,
-              "tau_pos": _checks.positive, "tau_neg": _checks.positive, "clip_cov_ratio": _checks.unit_interval,
-              "clip_cov_lb": _checks.number, "clip_cov_ub": _checks.number, "kl_cov_ratio": _checks.unit_interval,
-              "ppo_kl_coef": _checks.non_negative, "dro_beta": _checks.positive}
-    for k, check in checks.items():
-        if k in o:
-            o[k] = check(k, o[k])
-    if o.get("dual_clip") is not None:
-        if _checks.positive("dual_clip", o["dual_clip"]) <= 1:
-            raise ValueError(f"dual_clip must be > 1, got {o['dual_clip']}")
-        o["dual_clip"] = float(o["dual_clip"])
-    for k in ("clip_cov_ratio", "kl_cov_ratio"):
-        if k in o and o[k] == 0:
-            raise ValueError(f"{k} must be in (0, 1], got 0")
-    if "clip_cov_lb" in o and not o["clip_cov_lb"] < o["clip_cov_ub"]:
-        raise ValueError(f"clip_cov_lb must be < clip_cov_ub, got {o['clip_cov_lb']} and {o['clip_cov_ub']}")
-    if "gradient" in o:
-        _checks.choice("gradient", o["gradient"], ("token", "sequence"))
-    if "loss_type" in o:
-        _checks.choice("loss_type", o["loss_type"], ("ppo_clip", "reinforce"))
-        if o["loss_type"] == "reinforce":
-            clipping = sorted(set(given) - {"loss_type"})
-            if clipping:
-                raise TypeError(f"policy_loss(mode='bypass_mode', loss_type='reinforce') does not clip: "
-                                f"unexpected option(s) {', '.join(clipping)}")
-    if o.get("generator") is not None and not isinstance(o["generator"], torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(o['generator']).__name__}")
-    if "clip_low" in o and o["clip_high"] is None:
-        o["clip_high"] = o["clip_low"]
-    return o
-
-
-def _check_layout(names, tensors, mask, cu_seqlens):
-    """The inputs' layout: ``[B, T]``, or ``[total]`` with ``cu_seqlens``."""
-    if cu_seqlens is None:
-        _checks.matching(names, tensors, dim=2)
-    else:
-        _checks.matching(names, tensors, dim=1)
-    _checks.mask("mask", mask, tensors[0].shape, tensors[0].device)
-    if cu_seqlens is not None:
-        _checks.cu_seqlens("cu_seqlens", cu_seqlens, tensors[0].shape[0], tensors[0].device)
-
-
 def _check_extra(name, x, like):
     _checks.tensor(name, x, _checks.FLOAT_DTYPES)
     _checks.same_shape(name, x, like.shape, "logprobs.shape")
     _checks.same_device(name, x, like.device)
-
-
-def _params(o: dict, corr: RolloutCorrection | None) -> list[float]:
-    inf = math.inf
-    vals = {**{k: o.get(k) for k in _PARAMS}, "is_low": -inf, "is_high": inf, "is_log_ratio_clamp": None}
-    if corr is not None:
-        vals.update(is_low=corr.low, is_high=corr.high, is_log_ratio_clamp=corr.log_ratio_clamp)
-    out = []
-    for k in _PARAMS:
-        v = vals[k]
-        out.append(float(v) if v is not None else inf if k in _NONE_IS_INF else 0.0)
-    return out
 
 
 def _cuda_refused(backend: str, device: torch.device, what: str) -> str:
@@ -502,7 +383,7 @@ def _cuda_refused(backend: str, device: torch.device, what: str) -> str:
 
 def _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollout_logprobs, corr, is_weights,
          selected, cu_seqlens, name, source="rollout", apply=True):
-    """``(loss, stats vector)`` of the op (kernel backends) or of the reference (``torch``)."""
+    """``(loss, stats vector)`` of the general op (kernel backends) or of the reference (``torch``)."""
     if name == "torch":  # the naive reference, differentiable by autograd (and by torch.compile)
         rcorr = None
         if corr is not None:
@@ -514,12 +395,9 @@ def _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollou
                                       cu_seqlens)
         zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
         return loss, torch.stack([stats.get(k, zero) for k in ref.STATS])
-    correction = ""
-    if corr is not None:
-        correction = f"{corr.level},{corr.mode},{corr.stat},{source},{int(apply)}"
-    loss, stats, _, _ = _policy_op(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights,
-                                   None if selected is None else selected, cu_seqlens, *counts, kmode, agg,
-                                   correction, _params(o, corr), name)
+    correction, params = encode(o, corr, source, apply)
+    loss, stats, _, _ = _policy_op(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected,
+                                   cu_seqlens, *counts, kmode, agg, correction, params, name)
     return loss, stats.detach()
 
 
@@ -537,7 +415,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     Per valid token (``mask != 0``), with ``lr = logprobs - old_logprobs``, ``A`` the advantage,
     ``clip_high`` defaulting to ``clip_low``, ``sg`` a stop-gradient, then multiplied by the
     correction coefficient ``c`` (``is_weights``, or ``rollout_correction``; 1 without) and
-    aggregated by ``agg`` (``fastrlhf.ops.ppo``: token-mean, token-sum, seq-mean-token-sum,
+    aggregated by ``agg`` (``fastrlhf.ops.aggregation``: token-mean, token-sum, seq-mean-token-sum,
     seq-mean-token-mean, seq-mean-token-sum-norm, with ``global_tokens`` / ``global_seqs`` /
     ``loss_scale_factor``). ``mode`` and its options (keyword arguments; any other is a
     ``TypeError``), each from ``verl/trainer/ppo/core_algos.py`` unless said:
@@ -628,12 +506,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     ...                                    rollout_correction=fastrlhf.RolloutCorrection("token", "truncate", 2.0))
     """
     _checks.choice("mode", mode, POLICY_LOSS_MODES)
-    o = _options(mode, options)
-    _check_layout(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask, cu_seqlens)
-    _checks.choice("agg", agg, AGG_MODES)
-    if cu_seqlens is not None and agg == "seq-mean-token-sum-norm" and loss_scale_factor is None:
-        raise ValueError("agg='seq-mean-token-sum-norm' with cu_seqlens needs loss_scale_factor (packed sequences "
-                         "have no padded length T to default to)")
+    o = resolve_options(mode, options)
+    agg_ops.check_layout(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask,
+                         cu_seqlens, agg, loss_scale_factor)
     if is_weights is not None:
         _check_extra("is_weights", is_weights, logprobs)
     if rollout_logprobs is not None:
@@ -654,26 +529,13 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     if mode == "geo_mean" and rollout_correction is not None and rollout_correction.level != "token":
         raise ValueError("mode='geo_mean' takes token-level corrections (its coefficient is their geometric mean "
                          f"per sequence), got level={rollout_correction.level!r}")
-    counts = _ppo._counts(mask, global_tokens, global_seqs, loss_scale_factor)
+    counts = agg_ops.normalizer_counts(mask, global_tokens, global_seqs, loss_scale_factor)
     device = logprobs.device
-
-    kmode, source, apply = mode, "rollout", True
-    if mode == "gspo" and o["gradient"] == "sequence":
-        kmode = "gspo_seq"
-    if bypass:
-        kmode = "vanilla" if o["loss_type"] == "ppo_clip" else "gpg"
-        source, apply = "current", o["loss_type"] == "reinforce"
-    keys = _STATS["gspo" if kmode == "gspo_seq" else kmode]
-    if rollout_correction is not None:
-        keys += ("is_weight_mean", "is_filtered_frac", "rollout_kl")
-    elif is_weights is not None:
-        keys += ("is_weight_mean",)
-
+    kmode, source, apply = kernel_mode(mode, o)
     if kmode == "vanilla" and cu_seqlens is None and rollout_correction is None and is_weights is None:
-        name = resolve_backend(backend, device, "ppo")  # the PPO op, with its CUDA kernels
-        return _ppo.policy_result(_ppo._policy_op(
-            logprobs, old_logprobs, advantages, mask, o["clip_low"], o["clip_high"], o["dual_clip"],
-            o["log_ratio_clamp"], agg, *counts, name))
+        name = resolve_backend(backend, device, FAMILY)  # the plain form, with its CUDA kernels
+        return policy_result(_ppo_policy_op(logprobs, old_logprobs, advantages, mask, o["clip_low"], o["clip_high"],
+                                            o["dual_clip"], o["log_ratio_clamp"], agg, *counts, name))
     what = (f"loss mode {mode!r}" if kmode not in ("vanilla",) else
             "packed sequences (cu_seqlens)" if cu_seqlens is not None else "rollout correction")
     name = _cuda_refused(backend, device, what)
@@ -686,23 +548,91 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         selected = ref.kl_cov_selection(logprobs, advantages, mask, o["kl_cov_ratio"])
     loss, vec = _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollout_logprobs,
                      rollout_correction, is_weights, selected, cu_seqlens, name, source, apply)
-    return loss, _stat_dict(keys, vec)
+    return loss, _stat_dict(stats_of(kmode, rollout_correction, is_weights is not None), vec)
 
 
-# -------------------------------------------------- packed PPO losses (fastrlhf.ops.ppo uses these)
-def packed_ppo_policy_loss(logprobs, old_logprobs, advantages, mask, cu_seqlens, clip_low, clip_high, dual_clip,
-                           log_ratio_clamp, agg, counts, backend):
-    """``ppo_policy_loss`` on packed input: the vanilla mode of the policy-loss op."""
-    name = _cuda_refused(backend, logprobs.device, "packed sequences (cu_seqlens)")
-    o = {"clip_low": clip_low, "clip_high": clip_high, "dual_clip": dual_clip, "log_ratio_clamp": log_ratio_clamp}
-    loss, vec = _run(logprobs, old_logprobs, advantages, mask, "vanilla", agg, o, counts, None, None, None, None,
-                     cu_seqlens, name)
-    return loss, _stat_dict(_STATS["vanilla"], vec)
+# ------------------------------------------------------------------- the PPO forms
+def ppo_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                    mask: torch.Tensor, *, clip_low: float = 0.2, clip_high: float | None = None,
+                    dual_clip: float | None = None, agg: str = "token-mean", global_tokens=None,
+                    global_seqs=None, loss_scale_factor=None, log_ratio_clamp: float | None = 20.0,
+                    cu_seqlens: torch.Tensor | None = None, backend: str = "auto"):
+    """The clipped PPO surrogate loss (with optional asymmetric and dual clipping), aggregated:
+    ``policy_loss(mode="vanilla")`` with its options as named arguments.
+
+    Per token: ``ratio = exp(clamp(logprobs - old_logprobs, +-log_ratio_clamp))``,
+    ``loss = max(-A * ratio, -A * clip(ratio, 1 - clip_low, 1 + clip_high))`` and, with
+    ``dual_clip = c``, for ``A < 0``: ``min(loss, -A * c)``. Then aggregated over the valid
+    tokens by ``agg`` (see ``fastrlhf.ops.aggregation`` for the modes and counts).
+
+    Args:
+        logprobs: ``[B, T]`` float, the policy's log-probs; the only input with a gradient.
+        old_logprobs, advantages: ``[B, T]`` float (any float dtypes), on the same device.
+        mask: ``[B, T]`` bool/int/float; a token is valid where ``mask != 0`` (holes allowed;
+            the values are not weights).
+        clip_low, clip_high: clip ranges ``> 0`` (``clip_high`` defaults to ``clip_low``).
+        dual_clip: ``None`` or ``c > 1`` (3.0 is usual).
+        agg: aggregation mode; ``global_tokens`` / ``global_seqs`` / ``loss_scale_factor``:
+            ``None``, a number ``>= 0`` or a 0-dim tensor, used by the modes that need them.
+        log_ratio_clamp: ``None`` or ``> 0``: the log-ratio is clamped before ``exp`` (20, as
+            verl); the gradient is 0 where it is active.
+        cu_seqlens: int32 ``[S + 1]`` packed-sequence offsets; the inputs are then ``[total]``
+            (see ``fastrlhf.ops.aggregation``; triton or torch: the cuda backend has no packed kernels).
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"``.
+
+    Returns:
+        ``(loss, stats)``: ``loss`` a 0-dim fp32 tensor (fp64 for fp64 inputs); ``stats`` a
+        dict of detached 0-dim tensors over this call's valid tokens (local counts, never the
+        global ones; 0 when there is no valid token):
+        ``clipfrac`` (fraction where the clipped surrogate is strictly larger),
+        ``clipfrac_lower`` (fraction where dual clip caps the loss; 0 without dual clip),
+        ``approx_kl`` (mean of ``-clamped log-ratio``, verl's ``ppo_kl``).
+
+    Gradient per valid token: ``-A * ratio * weight`` where the unclipped surrogate is
+    chosen, else 0. Invalid tokens are never read into the loss (NaN there is harmless).
+    Memory (triton): five partial sums per 1024 tokens; the ``seq-mean-token-*`` modes also
+    count each row's valid tokens with a torch ``(mask != 0).sum(-1)`` (``[B]`` int64, one
+    extra read of the mask; not needed for ``seq-mean-token-sum`` with ``global_seqs``).
+    Backward allocates only the gradient.
+
+    >>> loss, stats = fastrlhf.ppo_policy_loss(logp, old_logp, adv, mask, clip_low=0.2, clip_high=0.28,
+    ...                                        agg="token-mean", global_tokens=n_tokens_all_ranks)
+    """
+    return policy_loss(logprobs, old_logprobs, advantages, mask, mode="vanilla", agg=agg, global_tokens=global_tokens,
+                       global_seqs=global_seqs, loss_scale_factor=loss_scale_factor, cu_seqlens=cu_seqlens,
+                       backend=backend, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
+                       log_ratio_clamp=log_ratio_clamp)
 
 
-def packed_ppo_value_loss(values, old_values, returns, mask, cu_seqlens, clip, agg, counts, backend):
-    """``ppo_value_loss`` on packed input: ``(loss, vf_clipfrac)``."""
-    name = _cuda_refused(backend, values.device, "packed sequences (cu_seqlens)")
-    loss, vec = _run(values, old_values, returns, mask, "value", agg, {"clip": clip}, counts, None, None, None,
-                     None, cu_seqlens, name)
-    return loss, vec[0]
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   mask: torch.Tensor, *, clip: float | None = None, agg: str = "token-mean",
+                   global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                   cu_seqlens: torch.Tensor | None = None, backend: str = "auto"):
+    """The (clipped) value loss ``0.5 * agg(max((v - R)**2, (clip(v, old -+ clip) - R)**2))``.
+
+    Args:
+        values: ``[B, T]`` float, the critic's predictions; the only input with a gradient.
+        old_values, returns: ``[B, T]`` float, on the same device.
+        mask, agg, global_tokens, global_seqs, loss_scale_factor, cu_seqlens, backend: as
+            :func:`ppo_policy_loss`.
+        clip: ``None`` (plain ``0.5 * (v - R)**2``) or ``> 0``.
+
+    Returns:
+        ``(loss, {"vf_clipfrac": ...})``: 0-dim fp32 (fp64 for fp64 inputs); ``vf_clipfrac``
+        is the fraction of valid tokens where the clipped term is strictly larger.
+
+    >>> loss, stats = fastrlhf.ppo_value_loss(values, old_values, returns, mask, clip=0.2)
+    """
+    agg_ops.check_layout(("values", "old_values", "returns"), (values, old_values, returns), mask, cu_seqlens, agg,
+                         loss_scale_factor)
+    clip = _checks.optional_positive("clip", clip)
+    counts = agg_ops.normalizer_counts(mask, global_tokens, global_seqs, loss_scale_factor)
+    if cu_seqlens is None:
+        name = resolve_backend(backend, values.device, FAMILY)
+        loss, clipfrac, _, _ = _value_op(values, old_values, returns, mask, clip, agg, *counts, name)
+    else:
+        name = _cuda_refused(backend, values.device, "packed sequences (cu_seqlens)")
+        loss, vec = _run(values, old_values, returns, mask, "value", agg, {"clip": clip}, counts, None, None, None,
+                         None, cu_seqlens, name)
+        clipfrac = vec[0]
+    return loss, {"vf_clipfrac": clipfrac.detach()}

@@ -1,4 +1,4 @@
-"""Naive PyTorch policy losses: every mode of verl 0.9.1's policy-loss registry
+"""Naive PyTorch policy losses: PPO's clipped policy and value losses and every mode of verl 0.9.1's policy-loss registry
 (``verl/trainer/ppo/core_algos.py``), OpenRLHF 0.11.2's ``PolicyLoss`` (``openrlhf/models/loss.py``)
 and the rollout correction of both (``verl/trainer/ppo/rollout_corr_helper.py``), written the
 way those trainers write them: autograd does the gradients, ``.detach()`` marks the
@@ -20,7 +20,7 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.reference.ppo import aggregate, masked_mean, policy_terms, ppo_value_loss
+from fastrlhf.reference.aggregation import aggregate, masked_mean
 
 MODES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "sapo", "gpg", "clip_cov", "kl_cov", "geo_mean", "dro",
          "cispo", "bypass_mode")
@@ -78,9 +78,15 @@ def _row_sum(x, valid):
 
 
 def _surrogate(ratio, adv, clip_low, clip_high, dual_clip):
-    """PPO's clipped surrogate of a ratio (any shape broadcasting with ``adv``)."""
+    """PPO's clipped surrogate of a ratio (any shape broadcasting with ``adv``):
+    ``(loss, clipped, dual-clipped)``."""
+    return clipped_surrogate(ratio, adv, 1 - clip_low, 1 + clip_high, dual_clip)
+
+
+def clipped_surrogate(ratio, adv, ratio_low, ratio_high, dual_clip):
+    """:func:`_surrogate` with the ratio's bounds given (``dual_clip`` None: off)."""
     loss1 = -adv * ratio
-    loss2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss2 = -adv * ratio.clamp(ratio_low, ratio_high)
     loss = torch.maximum(loss1, loss2)
     clipped = loss2 > loss1
     lower = torch.zeros_like(clipped)
@@ -96,8 +102,8 @@ def mode_loss(mode, logp, old, adv, valid, o: dict, selected=None):
     raw = logp - old
     if mode in ("vanilla", "bypass_mode") and o.get("loss_type", "ppo_clip") == "ppo_clip":
         # verl compute_policy_loss_vanilla; OpenRLHF PolicyLoss(policy_loss_type="ppo")
-        loss, clipped, lower, lr = policy_terms(logp, old, adv, o["clip_low"], o["clip_high"], o["dual_clip"],
-                                                 o["log_ratio_clamp"])
+        lr = _clamped(raw, o["log_ratio_clamp"])
+        loss, clipped, lower = _surrogate(lr.exp(), adv, o["clip_low"], o["clip_high"], o["dual_clip"])
         return loss, {"clipfrac": clipped, "clipfrac_lower": lower, "approx_kl": -lr}
     if mode in ("gpg", "bypass_mode"):
         # verl compute_policy_loss_gpg, and compute_policy_loss_reinforce (bypass_mode, loss_type="reinforce")
@@ -141,11 +147,8 @@ def mode_loss(mode, logp, old, adv, valid, o: dict, selected=None):
         return -gates * adv, {"approx_kl": -lr}
     if mode == "clip_cov":
         # verl compute_policy_loss_clip_cov (the selection: clip_cov_selection)
-        ratio = raw.exp()
-        loss1 = -adv * ratio
-        loss2 = -adv * ratio.clamp(1 - o["clip_low"], 1 + o["clip_high"])
-        loss = torch.where(selected, 0.0, torch.maximum(loss1, loss2))
-        return loss, {"clipfrac": selected, "approx_kl": -raw}
+        loss, _, _ = _surrogate(raw.exp(), adv, o["clip_low"], o["clip_high"], None)
+        return torch.where(selected, 0.0, loss), {"clipfrac": selected, "approx_kl": -raw}
     if mode == "kl_cov":
         # verl compute_policy_loss_kl_cov (the selection: kl_cov_selection)
         loss1 = -adv * raw.exp()
@@ -283,6 +286,31 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, mode="vanilla", agg="t
         loss = loss * coef
     total = aggregate(loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
     return total, {k: v.detach() for k, v in stats.items()}
+
+
+def ppo_policy_loss(logprobs, old_logprobs, advantages, mask, clip_low=0.2, clip_high=None, dual_clip=None,
+                    agg="token-mean", global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                    log_ratio_clamp=20.0):
+    """``(loss, stats)`` of the clipped (optionally dual-clipped) PPO surrogate: ``mode="vanilla"``."""
+    o = {"clip_low": clip_low, "clip_high": clip_low if clip_high is None else clip_high, "dual_clip": dual_clip,
+         "log_ratio_clamp": log_ratio_clamp}
+    return policy_loss(logprobs, old_logprobs, advantages, mask, "vanilla", agg, o, global_tokens, global_seqs,
+                       loss_scale_factor)
+
+
+def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean",
+                   global_tokens=None, global_seqs=None, loss_scale_factor=None):
+    """``(0.5 * agg(max((v - R)**2, (clip(v, old +- clip) - R)**2)), {"vf_clipfrac": ...})``."""
+    acc = acc_dtype(values, old_values, returns)
+    v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
+    loss1 = (v - ret).square()
+    if clip is None:
+        loss, clipped = loss1, torch.zeros_like(loss1, dtype=torch.bool)
+    else:
+        loss2 = (torch.clamp(v, old - clip, old + clip) - ret).square()
+        loss, clipped = torch.maximum(loss1, loss2), loss2 > loss1
+    total = 0.5 * aggregate(loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
+    return total, {"vf_clipfrac": masked_mean(clipped.to(acc), mask).detach()}
 
 
 # ------------------------------------------------------------------- covariance selections

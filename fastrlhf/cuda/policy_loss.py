@@ -1,5 +1,6 @@
-"""CUDA launchers for the PPO policy and value losses: the extension's ops (kernels/ppo.cu via
-csrc/ppo.cpp), with the arguments of :mod:`fastrlhf.triton.ppo`. Forward: block ``p`` writes
+"""CUDA launchers of the policy-loss family's plain forms (the PPO policy and value losses):
+the extension's ops (kernels/ppo.cu via csrc/ppo.cpp), with the arguments of
+:mod:`fastrlhf.triton.policy_loss`. Forward: block ``p`` writes
 the partial sums of its contiguous share of the tokens (``cdiv(B * T, P)`` rounded up to whole
 groups of 4); backward: one elementwise kernel. Tokens are read 4 per 16-byte load when the
 inputs are in the math's dtype (a mask of 1, 4 or 8 bytes), selected by the mask after the

@@ -25,9 +25,8 @@ import torch
 
 from bench.core import Case, Config, Op
 from bench.families import _inputs as rnd
-from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss
-from fastrlhf.ops.ppo import ppo_policy_loss, ppo_value_loss
-from fastrlhf.reference import ppo as ref
+from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss, ppo_policy_loss, ppo_value_loss
+from fastrlhf.reference import policy_loss as ref
 
 POLICY_ARGS = {"clip_low": 0.2, "clip_high": 0.28, "dual_clip": 3.0, "agg": "token-mean"}
 VALUE_ARGS = {"clip": 0.2, "agg": "token-mean"}
@@ -46,7 +45,7 @@ def _value_inputs(shape, device):
 
 
 POLICY = Op(
-    name="ppo_policy_loss", family="ppo",
+    name="ppo_policy_loss", family="policy_loss",
     reference=lambda logprobs, old_logprobs, advantages, mask: ref.ppo_policy_loss(
         logprobs, old_logprobs, advantages, mask, **POLICY_ARGS),
     fastrlhf=lambda logprobs, old_logprobs, advantages, mask, backend: ppo_policy_loss(
@@ -55,7 +54,7 @@ POLICY = Op(
     grad_inputs=("logprobs",), x_label="tokens B·T", rtol=1e-4)
 
 VALUE = Op(
-    name="ppo_value_loss", family="ppo",
+    name="ppo_value_loss", family="policy_loss",
     reference=lambda values, old_values, returns, mask: ref.ppo_value_loss(
         values, old_values, returns, mask, **VALUE_ARGS),
     fastrlhf=lambda values, old_values, returns, mask, backend: ppo_value_loss(
@@ -121,8 +120,9 @@ def _mode_op(name, kw, rollout):
             return _mode_inputs(rnd.PROBE_SHAPE, device, rollout)
     compile_reason = "the covariance selection reads counts on the host (graph breaks)" \
         if kw["mode"] == "clip_cov" else ""
-    return Op(name=f"policy_loss-{name}", family="ppo", kernels="policy_loss", reference=reference,
-              fastrlhf=fastrlhf, probe=probe, grad_inputs=("logprobs",), x_label="tokens", rtol=1e-4, compile_reason=compile_reason)
+    return Op(name=f"policy_loss-{name}", family="policy_loss", feature="modes", reference=reference,
+              fastrlhf=fastrlhf, probe=probe, grad_inputs=("logprobs",), x_label="tokens", rtol=1e-4,
+              compile_reason=compile_reason)
 
 
 MODE_OPS = {name: _mode_op(name, kw, rollout) for name, (kw, rollout) in MODES.items()}

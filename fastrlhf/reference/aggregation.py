@@ -1,0 +1,67 @@
+"""Loss aggregation: a scalar from a per-token loss over the valid tokens, the way trainers write it.
+
+The one statement of the aggregation modes' normalizers (:func:`denominator`): this oracle
+divides by it, the ops (``fastrlhf.ops.aggregation``) scale their fused sums by its inverse.
+A token is valid where ``mask != 0``; invalid tokens are selected away (``torch.where``), so
+whatever they hold (even NaN) reaches nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastrlhf._numerics import acc_dtype
+
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean",
+             "seq-mean-token-sum-norm")
+
+
+def safe_div(total: torch.Tensor, count) -> torch.Tensor:
+    """``total / count`` (``count`` broadcast), and 0 where ``count <= 0``."""
+    count = torch.as_tensor(count, dtype=total.dtype, device=total.device)
+    return torch.where(count > 0, total / torch.where(count > 0, count, 1.0), 0.0)
+
+
+def denominator(agg: str, n_tokens, n_seqs, T, global_tokens=None, global_seqs=None, loss_scale_factor=None):
+    """What the (row-weighted) sum of mode ``agg`` is divided by: ``None`` for ``token-sum``, the
+    valid tokens for ``token-mean`` (``global_tokens`` replaces the count), else the sequences with
+    a valid token (``global_seqs`` replaces it), times ``loss_scale_factor`` (default: the padded
+    length ``T``) for ``seq-mean-token-sum-norm``. Counts may be numbers or 0-dim tensors."""
+    if agg == "token-sum":
+        return None
+    if agg == "token-mean":
+        return n_tokens if global_tokens is None else global_tokens
+    seqs = n_seqs if global_seqs is None else global_seqs
+    if agg == "seq-mean-token-sum-norm":
+        seqs = seqs * (T if loss_scale_factor is None else loss_scale_factor)
+    return seqs
+
+
+def packed_row_counts(valid: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """int64 ``[S]``: the valid tokens of each packed sequence (a cumsum of the mask, exact)."""
+    csum = torch.cat([valid.new_zeros(1, dtype=torch.int64), valid.long().cumsum(0)])
+    cu = cu_seqlens.long()
+    return csum[cu[1:]] - csum[cu[:-1]]
+
+
+def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean",
+              global_tokens=None, global_seqs=None, loss_scale_factor=None, cu_seqlens=None) -> torch.Tensor:
+    """A scalar from a ``[B, T]`` (or packed ``[total]``) per-token loss; see ``fastrlhf.aggregate``.
+    ``seq-mean-token-mean`` weighs each token by ``1 / its row's valid tokens``."""
+    valid = mask != 0
+    x = torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0)
+    row_n = packed_row_counts(valid, cu_seqlens) if cu_seqlens is not None else valid.sum(-1)
+    if mode == "seq-mean-token-mean":
+        if cu_seqlens is not None:
+            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+            x = x * torch.repeat_interleave(1.0 / row_n.clamp(min=1).to(x.dtype), lengths, output_size=x.numel())
+        else:
+            x = x / row_n.clamp(min=1).unsqueeze(-1)
+    T = None if cu_seqlens is not None else mask.shape[-1]
+    den = denominator(mode, valid.sum(), (row_n > 0).sum(), T, global_tokens, global_seqs, loss_scale_factor)
+    return x.sum() if den is None else safe_div(x.sum(), den)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over the valid tokens; 0 when there is none."""
+    return aggregate(x, mask, "token-mean")
