@@ -138,9 +138,10 @@ def test_a_second_run_on_the_same_folder_is_refused(base, tmp_path, capsys):
     model, demos, _, _ = base
     out = tmp_path / "o"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fastrlhf.pipeline.lock import _acquire; "
-         f"sys.argv = ['fastrlhf', 'ppo', '--out', {str(out)!r}]; _acquire({str(out)!r}); print('held', flush=True); "
-         "time.sleep(120)"],
+        [sys.executable, "-c", "import sys, time\nfrom fastrlhf.pipeline.distributed import DistInfo\n"
+         "from fastrlhf.pipeline.lock import output_lock\n"
+         f"sys.argv = ['fastrlhf', 'ppo', '--out', {str(out)!r}]\nwith output_lock({str(out)!r}, DistInfo()):\n"
+         "    print('held', flush=True)\n    time.sleep(120)"],
         stdout=subprocess.PIPE, text=True, cwd=ROOT,
         env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
     try:
@@ -290,7 +291,7 @@ def test_help_points_to_the_installed_configs(capsys):
 
 
 def test_model_sources(tmp_path):
-    from fastrlhf.pipeline.model import model_source
+    from fastrlhf.pipeline.sources import model_source
 
     (tmp_path / "one").mkdir()
     (tmp_path / "one" / "m.gguf").write_bytes(b"GGUF")

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-import functools
 import math
 import os
 import types
@@ -18,6 +17,13 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
+import fastrlhf
+from fastrlhf.ops.advantages import METHODS as ADVANTAGE_METHODS
+from fastrlhf.ops.dpo import LOSS_TYPES
+from fastrlhf.ops.kl import ESTIMATORS
+from fastrlhf.ops.policy_loss import AGG_MODES
 from fastrlhf.pipeline.errors import ConfigError
 
 
@@ -266,11 +272,16 @@ PRETRAINED = {
 """Defaults for a pretrained model (a run with data files), where the config sets nothing:
 the embedded task's learning rates (3e-3 for sft) would wreck a pretrained model."""
 
-_CHOICES = {
-    "device": None, "backend": ("auto", "torch", "triton", "cuda"), "parallel": ("ddp", "fsdp"),
+CHOICES = {
+    "backend": ("auto", "torch", "triton", "cuda"), "parallel": ("ddp", "fsdp"),
     "model.precision": ("auto", "fp32", "bf16-mixed", "bf16"),
     "model.logprobs": ("auto", "fused", "logits"), "grpo.kl_in": ("reward", "loss"),
+    "dpo.loss_type": LOSS_TYPES, "ppo.kl_estimator": ESTIMATORS, "grpo.kl_estimator": ESTIMATORS,
+    "ppo.agg": AGG_MODES, "grpo.agg": ("auto", *AGG_MODES), "grpo.advantage": ADVANTAGE_METHODS,
+    "ppo.loss_mode": tuple(fastrlhf.POLICY_LOSS_MODES), "grpo.loss_mode": tuple(fastrlhf.POLICY_LOSS_MODES),
 }
+"""The values a key may take; the loss types, estimators, aggregations, advantages and policy-loss
+modes are the fastrlhf ops' own tables."""
 
 
 # ---------------------------------------------------------------------------- loading
@@ -465,38 +476,21 @@ def _check_ranges(flat: dict[str, Any]) -> None:
             continue
         text, ok = rule
         _check(ok(value), f"{key} must be {text}, got {value}")
-    for key, choices in _CHOICES.items():
-        if choices is not None:
-            _check(flat[key] in choices, f"{key} must be one of {choices}, got {flat[key]!r}")
+    for key, choices in CHOICES.items():
+        _check(flat[key] in choices, f"{key} must be one of {choices}, got {flat[key]!r}")
 
 
 def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _check_op_choices(cfg: Config) -> None:
-    """Loss types, estimators and modes as the fastrlhf ops accept them (asked of the ops)."""
-    import torch
-
-    import fastrlhf
-
-    z = torch.zeros(1)
-    probes = {
-        "dpo.loss_type": lambda v: fastrlhf.dpo_loss(z, z, z, z, loss_type=v, label_smoothing=cfg.dpo.label_smoothing,
-                                                     backend="torch"),
-        "ppo.kl_estimator": lambda v: fastrlhf.kl_penalty(z, z, estimator=v, backend="torch"),
-        "grpo.kl_estimator": lambda v: fastrlhf.kl_penalty(z, z, estimator=v, backend="torch"),
-        "ppo.agg": lambda v: fastrlhf.aggregate(z[None], z[None], mode=v),
-        "grpo.agg": lambda v: v == "auto" or fastrlhf.aggregate(z[None], z[None], mode=v),
-        "grpo.advantage": lambda v: fastrlhf.group_advantages(z, 1, method=v, backend="torch"),
-    }
-    flat = _flat(cfg)
-    for key, probe in probes.items():
-        try:
-            probe(flat[key])
-        except (ValueError, TypeError) as e:
-            name, _, rest = str(e).partition(" ")  # "loss_type must be one of ..." -> "dpo.loss_type must be ..."
-            raise ConfigError(f"{key} {rest}" if rest.startswith("must be") else f"{key}={flat[key]!r}: {e}") from None
+def _check_by_op(what: str, op, *args, **options) -> None:
+    """One call of ``op`` on tiny tensors: the op checks the values of its options; its error,
+    prefixed by ``what`` (the keys that set them), becomes a :class:`ConfigError`."""
+    try:
+        op(*args, **options)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 def _parse_options(text: str, key: str) -> dict[str, Any]:
@@ -511,50 +505,25 @@ def _parse_options(text: str, key: str) -> dict[str, Any]:
     return options
 
 
-@functools.lru_cache(maxsize=None)
-def _mode_takes(mode: str, option: str) -> bool:
-    import torch
-
-    import fastrlhf
-
-    z = torch.zeros(1, 1)
-    try:
-        fastrlhf.policy_loss(z, z, z, z, mode=mode, **{option: {"clip_low": 0.2}.get(option)})
-    except TypeError as e:
-        return "unexpected option" not in str(e)
-    return True
-
-
 def policy_loss_options(c, name: str = "") -> dict[str, Any]:
     """The options of ``fastrlhf.policy_loss`` for the ppo or grpo section ``c``: its
     ``loss_options``, and ``clip`` / ``clip_high`` / ``dual_clip`` as the mode's ``clip_low`` /
     ``clip_high`` / ``dual_clip`` where it takes them."""
     options = _parse_options(c.loss_options, f"{name}.loss_options")
+    takes = fastrlhf.policy_loss_options(c.loss_mode)
     for option, value in (("clip_low", c.clip), ("clip_high", c.clip_high), ("dual_clip", c.dual_clip)):
-        if option not in options and _mode_takes(c.loss_mode, option):
+        if option not in options and option in takes:
             options[option] = value
     return options
-
-
-def _check_policy_loss(c, name: str) -> None:
-    import torch
-
-    import fastrlhf
-
-    _check(c.loss_mode in fastrlhf.POLICY_LOSS_MODES,
-           f"{name}.loss_mode must be one of {tuple(fastrlhf.POLICY_LOSS_MODES)}, got {c.loss_mode!r}")
-    options = policy_loss_options(c, name)
-    z = torch.zeros(1, 1)
-    try:
-        fastrlhf.policy_loss(z, z, z, z, mode=c.loss_mode, **options)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{name}.loss_mode={c.loss_mode!r} with options {options}: {e}") from None
 
 
 def validate(cfg: Config) -> None:
     """Range and choice checks that types alone do not catch, all before anything loads."""
     _check_ranges(_flat(cfg))
-    _check_op_choices(cfg)
+    z = torch.zeros(1)
+    _check_by_op(f"dpo.loss_type={cfg.dpo.loss_type!r} with dpo.label_smoothing={cfg.dpo.label_smoothing}",
+                 fastrlhf.dpo_loss, z, z, z, z, loss_type=cfg.dpo.loss_type,
+                 label_smoothing=cfg.dpo.label_smoothing, backend="torch")
     cores = usable_cores()
     _check(cfg.cpu_threads <= cores, f"cpu_threads={cfg.cpu_threads} is more than the {cores} cores this process "
            f"may use: give at most {cores}, or 0 for the default")
@@ -562,7 +531,9 @@ def validate(cfg: Config) -> None:
         c = getattr(cfg, name)
         _check(0 < c.clip < 1, f"{name}.clip must be in (0, 1), got {c.clip}")
         _check(c.dual_clip is None or c.dual_clip > 1, f"{name}.dual_clip must be null or > 1, got {c.dual_clip}")
-        _check_policy_loss(c, name)
+        options = policy_loss_options(c, name)
+        _check_by_op(f"{name}.loss_mode={c.loss_mode!r} with options {options}", fastrlhf.policy_loss,
+                     z[None], z[None], z[None], z[None], mode=c.loss_mode, **options)
     g = cfg.grpo
     _check((g.rollout_batch * g.group_size) % g.minibatch_size == 0,
            f"grpo.rollout_batch x grpo.group_size ({g.rollout_batch * g.group_size} completions) must be a multiple "

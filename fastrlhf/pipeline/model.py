@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import importlib.util
 import inspect
 import json
 import os
@@ -25,7 +24,11 @@ import torch
 from torch import nn
 
 import fastrlhf
+from fastrlhf.pipeline.distributed import unwrap
 from fastrlhf.pipeline.errors import PipelineError
+from fastrlhf.pipeline.metrics import MODEL, OPS
+from fastrlhf.pipeline.sources import source_kwargs
+from fastrlhf.pipeline.task import task_identity
 
 TASK_MARKER = "fastrlhf_task.json"
 """Saved beside a model trained on the embedded task: the task settings it was trained on."""
@@ -64,39 +67,6 @@ def tiny_llama(task_cfg, tokenizer, seed: int):
         return LlamaForCausalLM(config)
 
 
-def model_source(path: str | None, what: str, hint: str = "") -> tuple[str, str | None]:
-    """``(directory, GGUF file name or None)`` of a model given as a local Hugging Face
-    directory, a ``.gguf`` file, or a directory holding one ``.gguf`` file (and no config.json)."""
-    tail = f"; {hint}" if hint else ""
-    if path is None:
-        raise PipelineError(f"{what}: no path was given{tail}")
-    if os.path.isfile(path) and path.endswith(".gguf"):
-        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
-    if not os.path.isdir(path):
-        raise PipelineError(f"{what}: {path!r} is not a directory or a .gguf file{tail}")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return path, None
-    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-    if len(ggufs) > 1:
-        raise PipelineError(f"{what}: {path!r} holds {len(ggufs)} GGUF files ({', '.join(ggufs)}); pass one of them")
-    if not ggufs:
-        raise PipelineError(f"{what}: {path!r} is not a Hugging Face model directory (no config.json) and holds "
-                            "no .gguf file")
-    return path, ggufs[0]
-
-
-def check_model_dir(path: str | None, what: str, hint: str = "") -> str:
-    """``path`` if it is a model :func:`model_source` can read (GGUF: with the gguf package)."""
-    if model_source(path, what, hint)[1] is not None and importlib.util.find_spec("gguf") is None:
-        raise PipelineError(f"{what}: reading the GGUF file {path!r} needs the gguf package: pip install gguf")
-    return path
-
-
-def _source_kwargs(path: str) -> tuple[str, dict]:
-    directory, gguf = model_source(path, "model")
-    return directory, {"local_files_only": True, **({"gguf_file": gguf} if gguf else {})}
-
-
 def _dequantized(model):
     """A model loaded from GGUF is dequantized on load: make it a plain model (that saves)."""
     if getattr(model, "hf_quantizer", None) is not None:
@@ -118,7 +88,7 @@ def _config(path: str):
     file's metadata, its vocabulary included: seconds), and handed out as a copy."""
     from transformers import AutoConfig
 
-    directory, kw = _source_kwargs(path)
+    directory, kw = source_kwargs(path)
     if "gguf_file" not in kw:
         return AutoConfig.from_pretrained(directory, **kw)
     mtime = os.stat(os.path.join(directory, kw["gguf_file"])).st_mtime_ns
@@ -139,7 +109,7 @@ def load_causal_lm(path: str, dtype: torch.dtype, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     _quiet_transformers()
-    directory, kw = _source_kwargs(path)
+    directory, kw = source_kwargs(path)
     try:
         if "gguf_file" in kw:  # the config read before, not parsed from the file again
             kw["config"] = _config(path)
@@ -165,7 +135,7 @@ def load_seq_cls(path: str, dtype: torch.dtype, device: torch.device, pad_id: in
     from transformers import AutoModelForSequenceClassification
 
     _quiet_transformers()
-    directory, kw = _source_kwargs(path)
+    directory, kw = source_kwargs(path)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
             directory, num_labels=1, output_loading_info=True, **kw, **_dtype_kwarg(dtype))
@@ -192,9 +162,6 @@ def load_seq_cls(path: str, dtype: torch.dtype, device: torch.device, pad_id: in
 def save_model(model: nn.Module, tokenizer, path: str, task_cfg=None, state_dict: dict | None = None) -> None:
     """``save_pretrained`` of the model (with ``state_dict`` when given: gathered from shards)
     and its tokenizer: a regular local Hugging Face directory."""
-    from fastrlhf.pipeline.distributed import unwrap
-    from fastrlhf.pipeline.task import task_identity
-
     _quiet_transformers()
     os.makedirs(path, exist_ok=True)
     unwrap(model).save_pretrained(path, **({"state_dict": state_dict} if state_dict is not None else {}))
@@ -297,8 +264,6 @@ class PolicyModel(nn.Module):
         labels = input_ids[:, n_prompt:].masked_fill(completion_mask == 0, -100)
         kw = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": positions(attention_mask), "use_cache": False}
-        from fastrlhf.pipeline.metrics import MODEL, OPS
-
         with self._time(MODEL):
             if self.mode == "fused":
                 hidden = _backbone(self.lm)(**kw).last_hidden_state[:, n_prompt - 1:-1]
@@ -343,8 +308,6 @@ class ScalarModel(nn.Module):
         return score_head(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from fastrlhf.pipeline.metrics import MODEL
-
         with self.timer(MODEL) if self.timer is not None else contextlib.nullcontext():
             hidden = _backbone(self.model)(input_ids=input_ids, attention_mask=attention_mask,
                                            position_ids=positions(attention_mask),

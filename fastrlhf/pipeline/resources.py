@@ -25,9 +25,9 @@ import torch
 from fastrlhf.pipeline.config import Config
 from fastrlhf.pipeline.data import check_prompt_lengths, read_jsonl
 from fastrlhf.pipeline.errors import ConfigError, PipelineError
-from fastrlhf.pipeline.model import ScalarModel, check_model_dir, fused_supported, load_seq_cls, model_context
-from fastrlhf.pipeline.model import read_task_marker
+from fastrlhf.pipeline.model import ScalarModel, fused_supported, load_seq_cls, model_context, read_task_marker
 from fastrlhf.pipeline.runtime import Runtime
+from fastrlhf.pipeline.sources import check_model_dir
 from fastrlhf.pipeline.task import SyntheticTask, task_identity
 from fastrlhf.pipeline.tokenizer import Codec, build_char_tokenizer, load_tokenizer
 

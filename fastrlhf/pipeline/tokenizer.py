@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from fastrlhf.pipeline.errors import PipelineError
+from fastrlhf.pipeline.sources import source_kwargs
 
 PAD, BOS, EOS, SEP = "<pad>", "<bos>", "<eos>", ">"
 
@@ -41,14 +42,12 @@ def load_tokenizer(path: str):
     fetched from a hub)."""
     from transformers import AutoTokenizer
 
-    from fastrlhf.pipeline.model import model_source
-
-    directory, gguf = model_source(path, "model")
-    if gguf is None and not any(os.path.isfile(os.path.join(directory, f)) for f in VOCAB_FILES):
+    directory, kw = source_kwargs(path)
+    if "gguf_file" not in kw and not any(os.path.isfile(os.path.join(directory, f)) for f in VOCAB_FILES):
         raise PipelineError(f"no tokenizer found in {path!r} (none of {', '.join(VOCAB_FILES)}): save the "
                             "model's tokenizer there with tokenizer.save_pretrained(PATH)")
     try:
-        return AutoTokenizer.from_pretrained(directory, local_files_only=True, **({"gguf_file": gguf} if gguf else {}))
+        return AutoTokenizer.from_pretrained(directory, **kw)
     except Exception as e:  # noqa: BLE001
         raise PipelineError(f"cannot load a tokenizer from {path!r}: {str(e).splitlines()[0]}") from None
 
