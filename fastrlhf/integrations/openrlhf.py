@@ -31,7 +31,13 @@ import types
 import torch
 
 from fastrlhf import _checks
-from fastrlhf.integrations.verl import _next_valid
+from fastrlhf.integrations.common import (
+    NO_IGNORE_INDEX,
+    entropy,
+    gather_or_zero,
+    next_valid,
+)
+from fastrlhf.integrations.patching import Patch, PatchSlot, in_package
 from fastrlhf.ops.advantages import discounted_returns, gae
 from fastrlhf.ops.kl import kl_penalized_rewards
 from fastrlhf.ops.kl import kl_penalty as _kl_penalty
@@ -54,14 +60,13 @@ def log_probs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperatur
     ``logits.shape[:-1]``. Returns fp32 (fp64 for fp64 logits), differentiable w.r.t. ``logits``.
     Unlike OpenRLHF, the logits are not divided in place. Runs :func:`fastrlhf.token_logprobs`.
     """
-    return token_logprobs(logits, labels.long(), temperature=float(temperature), ignore_index=-(2**63))
+    return token_logprobs(logits, labels.long(), temperature=float(temperature), ignore_index=NO_IGNORE_INDEX)
 
 
 def compute_entropy(logits: torch.Tensor) -> torch.Tensor:
     """OpenRLHF's ``compute_entropy``: the entropy of ``softmax(logits)`` over the last dim, fp32
     (fp64 for fp64 logits), differentiable, in one streaming pass (:func:`fastrlhf.token_logprobs`)."""
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return token_logprobs(logits, labels, ignore_index=-(2**63), return_entropy=True)[1]
+    return entropy(logits)
 
 
 def compute_approx_kl(log_probs: torch.Tensor, log_probs_base: torch.Tensor,
@@ -117,10 +122,9 @@ def _carry_back(x: torch.Tensor, valid: torch.Tensor, rate, extra=None) -> torch
     """At a masked ``t`` before the next valid token ``s`` (recurrences whose masked steps add 0):
     ``rate**(s - t - 1) * extra_s`` (``extra`` defaults to ``rate * x_s``); 0 after a row's last
     valid token; ``x`` where valid."""
-    nxt = _next_valid(valid)
+    nxt = next_valid(valid)
     steps = (nxt - torch.arange(valid.shape[-1], device=valid.device)).clamp(min=1) - 1
-    pad = x.new_zeros(x.shape[0], 1)
-    nxt_x = torch.cat([x, pad], -1).gather(-1, nxt) if extra is None else extra
+    nxt_x = gather_or_zero(x, nxt) if extra is None else extra
     carried = rate ** steps.to(x.dtype) * (rate * nxt_x if extra is None else nxt_x)
     return torch.where(valid, x, carried)
 
@@ -140,10 +144,9 @@ def get_advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor, acti
     adv, ret = gae(rewards, values, action_mask, gamma=gamma, lam=lambd, holes="zero")
     valid = action_mask != 0
     # a masked t before the next valid token s: A_t = (gamma lam)^(s - t - 1) (gamma V_s + gamma lam A_s)
-    nxt = _next_valid(valid)
-    pad = adv.new_zeros(adv.shape[0], 1)
-    v_next = torch.cat([torch.where(valid, values.detach().to(adv.dtype), 0.0), pad], -1).gather(-1, nxt)
-    a_next = torch.cat([adv, pad], -1).gather(-1, nxt)
+    nxt = next_valid(valid)
+    v_next = gather_or_zero(torch.where(valid, values.detach().to(adv.dtype), 0.0), nxt)
+    a_next = gather_or_zero(adv, nxt)
     gl = gamma * lambd
     extra = gamma * v_next + gl * a_next
     return _carry_back(adv, valid, gl, extra), _carry_back(ret, valid, gl, extra)
@@ -343,7 +346,7 @@ def _is_openrlhf_file(path) -> bool:
 def _is_openrlhf_module(name: str, module) -> bool:
     if module is None or not isinstance(module, types.ModuleType):
         return False
-    return name == "openrlhf" or name.startswith("openrlhf.") or _is_openrlhf_file(getattr(module, "__file__", None))
+    return in_package(name, "openrlhf") or _is_openrlhf_file(getattr(module, "__file__", None))
 
 
 def _defined_in_openrlhf(obj) -> bool:
@@ -360,27 +363,21 @@ def _defined_in_openrlhf(obj) -> bool:
     return code is not None and _is_openrlhf_file(code.co_filename)
 
 
-_active: OpenRLHFPatch | None = None
+_slot = PatchSlot()
 
 
-class OpenRLHFPatch:
+class OpenRLHFPatch(Patch):
     """What :func:`patch_openrlhf` changed; :meth:`undo` restores OpenRLHF (also on leaving a
     ``with`` block). ``swaps`` lists ``(where, name)`` of every replaced binding."""
 
     def __init__(self):
-        self._saved = []  # (namespace object, name, OpenRLHF's object)
+        super().__init__()
         self._originals = {}  # id(OpenRLHF's object) -> its drop-in
         self._seen = {}  # id -> the modules and classes already patched (held: ids are not reused)
-        self.active = True
 
     @property
     def swaps(self) -> list[tuple[str, str]]:
-        return [(getattr(ns, "__name__", repr(ns)), name) for ns, name, _ in self._saved]
-
-    def _set(self, namespace, name, new) -> None:
-        old = getattr(namespace, name)
-        self._saved.append((namespace, name, old))
-        setattr(namespace, name, new)
+        return [(getattr(c.target, "__name__", repr(c.target)), c.key) for c in self.changes if c.kind == "attr"]
 
     def _patch_openrlhf_module(self, module) -> None:
         for name, new in _FUNCTIONS.items():
@@ -388,20 +385,20 @@ class OpenRLHFPatch:
             if old is None or old is new or not _defined_in_openrlhf(old):
                 continue
             self._originals[id(old)] = new
-            self._set(module, name, new)
+            self.set_attr(module, name, new)
         for cls_name, methods in _METHODS.items():
             cls = vars(module).get(cls_name)
             if isinstance(cls, type) and _defined_in_openrlhf(cls) and id(cls) not in self._seen:
                 self._seen[id(cls)] = cls
                 for name, new in methods.items():
                     if name in vars(cls):
-                        self._set(cls, name, new)
+                        self.set_attr(cls, name, new)
 
     def _patch_other_module(self, module) -> None:
         for name, value in list(vars(module).items()):
             new = self._originals.get(id(value))
             if new is not None and value is not new:
-                self._set(module, name, new)
+                self.set_attr(module, name, new)
 
     def extend(self, *modules) -> OpenRLHFPatch:
         """Patch OpenRLHF modules loaded since, and ``modules`` (see :func:`patch_openrlhf`)."""
@@ -418,19 +415,8 @@ class OpenRLHFPatch:
 
     def undo(self) -> None:
         """Put every replaced binding back. Calling it twice is harmless."""
-        global _active
-        for namespace, name, old in reversed(self._saved):
-            setattr(namespace, name, old)
-        self._saved, self._originals, self._seen = [], {}, {}
-        self.active = False
-        if _active is self:
-            _active = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
+        super().undo()
+        self._originals, self._seen = {}, {}
 
 
 def patch_openrlhf(*modules) -> OpenRLHFPatch:
@@ -456,7 +442,4 @@ def patch_openrlhf(*modules) -> OpenRLHFPatch:
     >>> from fastrlhf.integrations.openrlhf import patch_openrlhf
     >>> patch_openrlhf()
     """
-    global _active
-    if _active is None:
-        _active = OpenRLHFPatch()
-    return _active.extend(*modules)
+    return _slot.get_or_make(OpenRLHFPatch).extend(*modules)

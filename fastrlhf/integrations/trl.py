@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import sys
 from collections import Counter
 from collections.abc import Sequence
 
@@ -38,6 +37,8 @@ import torch.nn.functional as F
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import resolve_backend
+from fastrlhf.integrations.common import NO_IGNORE_INDEX, entropy
+from fastrlhf.integrations.patching import Patch, PatchSlot
 from fastrlhf.ops import linear_logprobs as _ll
 from fastrlhf.ops.dpo import dpo_loss as _dpo_op
 from fastrlhf.ops.logprobs import token_logprobs
@@ -52,9 +53,6 @@ __all__ = [
     "selective_log_softmax",
     "selective_log_softmax_and_entropy",
 ]
-
-_NO_IGNORE = -(2**63)
-"""An ``ignore_index`` no int64 label equals: TRL ignores no index."""
 
 
 def _check_temperature(temperature) -> float:
@@ -113,7 +111,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
     lead = logits.shape[:-1]
     if index.dim() == logits.dim() - 1:
         _checks.same_shape("index", index, lead, "logits.shape[:-1]")
-        out = token_logprobs(logits, index.long(), temperature=temperature, ignore_index=_NO_IGNORE)
+        out = token_logprobs(logits, index.long(), temperature=temperature, ignore_index=NO_IGNORE_INDEX)
         return _apply_row_mask(out, row_mask).to(dtype)
     if index.dim() != logits.dim() or index.shape[:-1] != lead:
         raise ValueError(f"index must have shape {tuple(lead)} or {(*lead, 'K')} (logits.shape "
@@ -125,7 +123,7 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, temperature
         return _apply_row_mask(z, row_mask).to(dtype)
     top = z.detach().argmax(-1, keepdim=True)
     logp_top = token_logprobs(logits, index.gather(-1, top).squeeze(-1), temperature=temperature,
-                              ignore_index=_NO_IGNORE).unsqueeze(-1)
+                              ignore_index=NO_IGNORE_INDEX).unsqueeze(-1)
     out = (z - z.gather(-1, top)) + logp_top
     out = torch.where(z == float("-inf"), float("-inf"), out)  # a masked entry, even if all are
     return _apply_row_mask(out, row_mask).to(dtype)
@@ -146,8 +144,7 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128, *,
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     dtype = _out_dtype(logits, out_dtype)
-    labels = torch.zeros(logits.shape[:-1], dtype=torch.int64, device=logits.device)
-    return token_logprobs(logits, labels, ignore_index=_NO_IGNORE, return_entropy=True)[1].to(dtype)
+    return entropy(logits).to(dtype)
 
 
 def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
@@ -167,7 +164,7 @@ def selective_log_softmax_and_entropy(logits: torch.Tensor, index: torch.Tensor,
     _checks.same_shape("index", index, logits.shape[:-1], "logits.shape[:-1]")
     dtype = _out_dtype(logits, out_dtype)
     logp, ent = token_logprobs(logits, index.long(), temperature=temperature,
-                               ignore_index=_NO_IGNORE, return_entropy=True)
+                               ignore_index=NO_IGNORE_INDEX, return_entropy=True)
     if not entropy_requires_grad:
         ent = ent.detach()
     return _apply_row_mask(logp, row_mask).to(dtype), _apply_row_mask(ent, row_mask).to(dtype)
@@ -189,7 +186,7 @@ class _LMHeadFunction(torch.autograd.Function):
         with_entropy = "entropy" in names
         with torch.autocast(hidden.device.type, enabled=False):
             logp, ent, stats, lsq, mean, top1 = _ll.linear_logprobs_op(
-                h, w, b, targets, temperature, _NO_IGNORE, with_entropy, backend, logit_scale, softcap,
+                h, w, b, targets, temperature, NO_IGNORE_INDEX, with_entropy, backend, logit_scale, softcap,
                 "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, design)
         ctx.save_for_backward(hidden, weight, bias, targets, stats, ent)
         ctx.args = (temperature, softcap, logit_scale, compute_dtype, backend, design, with_entropy)
@@ -212,7 +209,7 @@ class _LMHeadFunction(torch.autograd.Function):
             b = None if bias is None else bias.to(compute_dtype)
             gh, gw, gb = _ll.linear_logprobs_backward_op(
                 grad_logp.float(), grad_ent.float() if with_entropy and grad_ent is not None else None,
-                h, w, b, targets, stats, ent, temperature, _NO_IGNORE, need_h, need_w, need_b and b is not None,
+                h, w, b, targets, stats, ent, temperature, NO_IGNORE_INDEX, need_h, need_w, need_b and b is not None,
                 backend, logit_scale, softcap, design=design)
         return (gh.to(hidden.dtype) if need_h else None, gw.to(weight.dtype) if need_w else None,
                 gb.to(bias.dtype) if need_b and bias is not None else None, *none)
@@ -436,23 +433,27 @@ _FUNCTIONS = {"selective_log_softmax": selective_log_softmax,
               "entropy_from_logits": entropy_from_logits,
               "selective_log_softmax_and_entropy": selective_log_softmax_and_entropy}
 _HEAD = "ChunkedLogProbFunction"
-_active: TRLPatch | None = None
+_slot = PatchSlot()
 
 
-class TRLPatch:
-    """What :func:`patch_trl` changed; :meth:`undo` puts TRL's functions back.
+class TRLPatch(Patch):
+    """What :func:`patch_trl` changed; :meth:`undo` puts TRL's objects back wherever a loaded
+    ``trl`` module holds a fastrlhf one (also in modules imported after the patch). Calling it
+    twice is harmless.
 
-    ``calls`` counts the calls TRL made into fastrlhf through the patch, by TRL's name
-    (``"ChunkedLogProbFunction"`` for the fused LM head). ``head`` is the installed
-    :class:`FusedLMHead`. Also a context manager: ``with patch_trl(): ...`` undoes on exit.
+    ``originals`` / ``installed``: TRL's name -> TRL's object / what replaced it. ``calls``
+    counts the calls TRL made into fastrlhf through the patch, by TRL's name
+    (``"ChunkedLogProbFunction"`` for the fused LM head), from ``counts`` (the counter the
+    installed functions increment). ``head`` is the installed :class:`FusedLMHead`. Also a
+    context manager: ``with patch_trl(): ...`` undoes on exit.
     """
 
-    def __init__(self, originals: dict, installed: dict, head: FusedLMHead | None):
-        self.originals = originals  # TRL's name -> TRL's object
-        self.installed = installed  # TRL's name -> what replaced it
+    def __init__(self, originals: dict, installed: dict, head: FusedLMHead | None, counts: Counter | None = None):
+        super().__init__()
+        self.originals = originals
+        self.installed = installed
         self.head = head
-        self._calls = Counter()
-        self.active = True
+        self._calls = Counter() if counts is None else counts
 
     @property
     def calls(self) -> Counter:
@@ -460,35 +461,6 @@ class TRLPatch:
         if self.head is not None:
             counts[_HEAD] = self.head.calls
         return counts
-
-    def undo(self) -> None:
-        """Restore TRL's objects wherever a loaded ``trl`` module holds a fastrlhf one
-        (also in modules imported after the patch). Calling it twice is harmless."""
-        global _active
-        for name, original in self.originals.items():
-            _swap(self.installed[name], original)
-        self.active = False
-        if _active is self:
-            _active = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-
-
-def _trl_modules():
-    return [m for name, m in list(sys.modules.items())
-            if m is not None and (name == "trl" or name.startswith("trl."))]
-
-
-def _swap(old, new) -> None:
-    """Rebind every module-level name in loaded ``trl`` modules that is ``old`` to ``new``."""
-    for module in _trl_modules():
-        for name, value in list(vars(module).items()):
-            if value is old:
-                setattr(module, name, new)
 
 
 def _counting(name: str, fn, counts: Counter):
@@ -498,6 +470,31 @@ def _counting(name: str, fn, counts: Counter):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _make_patch(backend: str, design: str, fused_lm_head: bool) -> TRLPatch:
+    try:
+        from trl.trainer import utils
+    except ImportError as e:
+        raise ImportError(f"patch_trl needs TRL installed (pip install trl): {e}") from e
+    originals = {name: getattr(utils, name) for name in _FUNCTIONS if hasattr(utils, name)}
+    counts = Counter()
+    installed = {name: _counting(name, _FUNCTIONS[name], counts) for name in originals}
+    head = None
+    if fused_lm_head:
+        try:
+            from trl.kernels import chunked_logprob
+        except ImportError:
+            chunked_logprob = None
+        original_head = getattr(chunked_logprob, _HEAD, None)
+        if original_head is not None:
+            head = FusedLMHead(backend=backend, design=design)
+            originals[_HEAD] = original_head
+            installed[_HEAD] = head
+    patch = TRLPatch(originals, installed, head, counts)
+    for name, original in originals.items():
+        patch.rebind(original, installed[name], "trl", name)
+    return patch
 
 
 def patch_trl(*, backend: str = "auto", design: str = "auto", fused_lm_head: bool = True) -> TRLPatch:
@@ -526,29 +523,4 @@ def patch_trl(*, backend: str = "auto", design: str = "auto", fused_lm_head: boo
     >>> import fastrlhf.integrations.trl
     >>> fastrlhf.integrations.trl.patch_trl()   # then build and train any TRL trainer as usual
     """
-    global _active
-    if _active is not None:
-        return _active
-    try:
-        from trl.trainer import utils
-    except ImportError as e:
-        raise ImportError(f"patch_trl needs TRL installed (pip install trl): {e}") from e
-    originals = {name: getattr(utils, name) for name in _FUNCTIONS if hasattr(utils, name)}
-    counts = Counter()
-    installed = {name: _counting(name, _FUNCTIONS[name], counts) for name in originals}
-    head = None
-    if fused_lm_head:
-        try:
-            from trl.kernels import chunked_logprob
-        except ImportError:
-            chunked_logprob = None
-        original_head = getattr(chunked_logprob, _HEAD, None)
-        if original_head is not None:
-            head = FusedLMHead(backend=backend, design=design)
-            originals[_HEAD] = original_head
-            installed[_HEAD] = head
-    for name, original in originals.items():
-        _swap(original, installed[name])
-    _active = TRLPatch(originals, installed, head)
-    _active._calls = counts
-    return _active
+    return _slot.get_or_make(lambda: _make_patch(backend, design, fused_lm_head))

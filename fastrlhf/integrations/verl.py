@@ -27,6 +27,8 @@ import torch
 
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
+from fastrlhf.integrations.common import gather_or_zero, next_valid
+from fastrlhf.integrations.patching import Patch
 from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages
 from fastrlhf.ops.kl import kl_penalty as _kl_penalty
 from fastrlhf.ops.logprobs import token_logprobs
@@ -87,17 +89,9 @@ def kl_penalty(logprob: torch.Tensor, ref_logprob: torch.Tensor, kl_penalty: str
 
 
 # ---------------------------------------------------------------------------- advantages
-def _next_valid(valid: torch.Tensor) -> torch.Tensor:
-    """``[B, T]`` int64: the first index ``s >= t`` where ``valid[b, s]``, or ``T`` if none."""
-    T = valid.shape[-1]
-    pos = torch.where(valid, torch.arange(T, device=valid.device), T)
-    return pos.flip(-1).cummin(-1).values.flip(-1) if T else pos
-
-
 def _at_next_valid(x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``x`` at the next valid index (itself where valid), 0 after a row's last valid token."""
-    padded = torch.cat([x, x.new_zeros(x.shape[0], 1)], -1)
-    return padded.gather(-1, _next_valid(valid))
+    return gather_or_zero(x, next_valid(valid))
 
 
 def _number(name: str, value) -> float:
@@ -575,51 +569,32 @@ _OVERRIDES = {
 }
 
 
-class VerlRegistration:
+class VerlRegistration(Patch):
     """What :func:`register_with_verl` changed; :meth:`undo` restores verl (also on leaving a
-    ``with`` block)."""
+    ``with`` block): the registry entries, and verl's functions wherever a loaded ``verl`` module
+    holds a fastrlhf one (also in modules imported after the registration)."""
 
-    def __init__(self):
-        self.entries = []  # (registry dict, key, had key, old value)
-        self.swaps = []  # (verl's function, fastrlhf's function)
+    @property
+    def entries(self) -> list:
+        """``(registry, key, had key, old value)`` of each registry entry set."""
+        return [(c.target, c.key, c.had, c.old) for c in self.changes
+                if c.kind == "item" and c.target is not _VERL_ORIGINALS]
+
+    @property
+    def swaps(self) -> list:
+        """``(verl's function, fastrlhf's function, verl's name)`` of each function swapped."""
+        return [(c.old, c.new, c.key) for c in self.changes if c.kind == "rebind"]
 
     def set_entry(self, registry: dict, key: str, fn) -> None:
-        self.entries.append((registry, key, key in registry, registry.get(key)))
-        registry[key] = fn
+        """``registry[key] = fn``."""
+        self.set_item(registry, key, fn)
 
     def swap(self, old, new, name: str | None = None) -> None:
-        self.swaps.append((old, new, name))
+        """Bind ``new`` wherever a loaded ``verl`` module binds ``old``; under ``name``, ``old``
+        stays callable as verl's own (ragged groups run it) until :meth:`undo`."""
         if name is not None and name not in _VERL_ORIGINALS:
-            _VERL_ORIGINALS[name] = old
-        _rebind(old, new)
-
-    def undo(self) -> None:
-        for old, new, name in reversed(self.swaps):
-            _rebind(new, old)
-            if name is not None and _VERL_ORIGINALS.get(name) is old:
-                del _VERL_ORIGINALS[name]
-        for registry, key, had, old in reversed(self.entries):
-            if had:
-                registry[key] = old
-            else:
-                registry.pop(key, None)
-        self.entries, self.swaps = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.undo()
-
-
-def _rebind(old, new) -> None:
-    """Rebind every module-level name in loaded ``verl`` modules that is ``old`` to ``new``."""
-    for name, module in list(sys.modules.items()):
-        if module is None or not (name == "verl" or name.startswith("verl.")):
-            continue
-        for attr, value in list(vars(module).items()):
-            if value is old:
-                setattr(module, attr, new)
+            self.set_item(_VERL_ORIGINALS, name, old)
+        self.rebind(old, new, "verl", name)
 
 
 def register_with_verl(*, override: bool = False) -> VerlRegistration | None:
