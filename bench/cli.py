@@ -55,10 +55,10 @@ def parse_args(argv: list[str] | None):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser, args = parse_args(argv)
-    if args.smoke:
-        # Before anything imports triton: CPU tensors run the Triton kernels interpreted.
+    if "--smoke" in argv:
+        # Before anything imports triton (fastrlhf does): CPU tensors run the Triton kernels interpreted.
         os.environ["TRITON_INTERPRET"] = "1"
+    parser, args = parse_args(argv)
 
     import torch
 
