@@ -39,11 +39,11 @@ from fastrlhf.integrations.common import (
 )
 from fastrlhf.integrations.patching import Patch, PatchSlot, in_package
 from fastrlhf.ops.advantages import discounted_returns, gae
+from fastrlhf.ops.aggregation import aggregate
 from fastrlhf.ops.kl import kl_penalized_rewards
 from fastrlhf.ops.kl import kl_penalty as _kl_penalty
 from fastrlhf.ops.logprobs import token_logprobs
-from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss
-from fastrlhf.ops.ppo import aggregate, ppo_value_loss
+from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss, ppo_value_loss
 
 __all__ = ["KL_IS_WEIGHT_CLIP", "OpenRLHFPatch", "PolicyLoss", "ValueLoss", "aggregate_loss", "compute_approx_kl",
            "compute_entropy", "compute_reward", "get_advantages_and_returns", "get_cumulative_returns",

@@ -30,10 +30,10 @@ from fastrlhf._numerics import acc_dtype
 from fastrlhf.integrations.common import gather_or_zero, next_valid
 from fastrlhf.integrations.patching import Patch
 from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages
+from fastrlhf.ops.aggregation import aggregate
 from fastrlhf.ops.kl import kl_penalty as _kl_penalty
 from fastrlhf.ops.logprobs import token_logprobs
-from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss
-from fastrlhf.ops.ppo import aggregate, ppo_value_loss
+from fastrlhf.ops.policy_loss import RolloutCorrection, policy_loss, ppo_value_loss
 
 __all__ = ["ADV_ESTIMATORS", "AGG_MODES", "POLICY_LOSSES", "VerlRegistration", "agg_loss",
            "compute_gae_advantage_return", "compute_grpo_outcome_advantage",
