@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fastrlhf.eager import linear_logprobs as eager
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.reference import linear_logprobs as ref
 from tests.conftest import DEVICE, family_backends
@@ -83,8 +84,8 @@ def test_matches_reference(backend, case, dtype):
 def test_many_chunks_and_splits(backend, dtype, monkeypatch):
     """Tiny chunks: the torch backend's row/vocabulary blocks, and the Triton backward's
     vocabulary chunks (one tile each: the fp32 running sum of grad_hidden across chunks)."""
-    monkeypatch.setattr(ref, "ROW_CHUNK", 16)
-    monkeypatch.setattr(ref, "VOCAB_CHUNK", 96)
+    monkeypatch.setattr(eager, "ROW_CHUNK", 16)
+    monkeypatch.setattr(eager, "VOCAB_CHUNK", 96)
     if backend == "triton":
         from fastrlhf.triton import linear_logprobs as tri
 
@@ -268,8 +269,8 @@ def _largest_created(fn) -> int:
 
 def test_never_materializes_logits(backend, monkeypatch):
     """No tensor created during forward + backward has N * V elements or more."""
-    monkeypatch.setattr(ref, "ROW_CHUNK", 32)
-    monkeypatch.setattr(ref, "VOCAB_CHUNK", 256)
+    monkeypatch.setattr(eager, "ROW_CHUNK", 32)
+    monkeypatch.setattr(eager, "VOCAB_CHUNK", 256)
     if backend == "triton":
         from fastrlhf.triton import linear_logprobs as tri
 
@@ -468,7 +469,7 @@ def test_opcheck_torch_backend():
         torch.library.opcheck(ops.linear_logprobs_op,
                               (*leaves[:2], leaves[2], labels, 0.9, -100, with_entropy, "torch"))
     with torch.no_grad():
-        stats = ref.chunked_forward(hidden, weight, bias, labels, 0.9, -100, True)
+        stats = ops.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, "torch")
     torch.library.opcheck(ops.linear_logprobs_backward_op,
                           (torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE), hidden.detach(),
                            weight.detach(), bias.detach(), labels, stats[2], stats[1], 0.9, -100, True, True, True,
@@ -523,8 +524,8 @@ IMPLS = pytest.mark.parametrize("backend, design", [(b, d) for b in family_backe
 
 
 def _small_blocks(monkeypatch):
-    monkeypatch.setattr(ref, "ROW_CHUNK", 16)
-    monkeypatch.setattr(ref, "VOCAB_CHUNK", 128)
+    monkeypatch.setattr(eager, "ROW_CHUNK", 16)
+    monkeypatch.setattr(eager, "VOCAB_CHUNK", 128)
     if any(b != "torch" for b in family_backends(FAMILY)):
         from fastrlhf.triton import linear_logprobs as tri
 
@@ -847,8 +848,8 @@ def test_opcheck_with_every_option():
     torch.library.opcheck(ops.linear_logprobs_op, (*leaves[:2], leaves[2], labels, 0.9, -100, True, "torch"),
                           options)
     with torch.no_grad():
-        logp, ent, stats, lsq, mean, top1 = ref.chunked_forward(hidden, weight, bias, labels, 0.9, -100, True,
-                                                                **options)
+        logp, ent, stats, lsq, mean, top1 = ops.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True,
+                                                                   "torch", **options)
     g = [torch.randn(6, device=DEVICE) for _ in range(4)]
     torch.library.opcheck(ops.linear_logprobs_backward_op,
                           (g[0], g[1], hidden.detach(), weight.detach(), bias.detach(), labels, stats, ent,

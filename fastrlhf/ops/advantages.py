@@ -1,8 +1,8 @@
 """Advantages: GAE, discounted returns, masked whitening and group (GRPO/RLOO/Dr.GRPO) advantages.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with a fake
-registration → backend launcher (``fastrlhf.<backend>.advantages``) or the reference
-(``fastrlhf.reference.advantages``). Advantages and returns are targets, not functions to
+registration → backend launcher (``fastrlhf.<backend>.advantages``: ``eager``, ``triton``,
+``cuda``), which fills the outputs the op allocates. Advantages and returns are targets, not functions to
 differentiate: the ops read their inputs detached and their outputs carry no gradient
 (``masked_whiten`` is the exception: an autograd function around its two custom ops).
 
@@ -15,17 +15,14 @@ tokens.
 from __future__ import annotations
 
 import torch
-
 import torch.distributed as dist
 
 from fastrlhf import _checks
 from fastrlhf._numerics import STATS_DTYPE, acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
-from fastrlhf.reference import advantages as ref
-from fastrlhf.reference import packed
+from fastrlhf.reference.advantages import METHODS
 
 HOLES = ("skip", "zero")
-METHODS = ("grpo", "rloo", "dr_grpo")
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -36,26 +33,10 @@ def gae_outputs(rewards: torch.Tensor, values: torch.Tensor | None):
     return adv, (torch.empty_like(adv) if values is not None else adv.new_empty(0))
 
 
-def _gae_reference(rewards, values, mask, gamma, lam, holes, cu_seqlens):
-    """The torch backend: the reference, on padded rows for packed sequences."""
-    if cu_seqlens is not None:
-        r, m, *v = packed.pad(cu_seqlens, rewards, mask, *([] if values is None else [values]))
-        adv, ret = _gae_reference(r, v[0] if v else None, m, gamma, lam, holes, None)
-        adv, *ret = packed.unpad(cu_seqlens, adv, *([ret] if v else []))
-        return adv, (ret[0] if v else adv.new_empty(0))
-    if values is None:
-        out = ref.discounted_returns(rewards, mask, gamma, holes)
-        return out, out.new_empty(0)
-    return ref.gae(rewards, values, mask, gamma, lam, holes)
-
-
 @torch.library.custom_op("fastrlhf::gae", mutates_args=())
 def _gae_op(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float,
             lam: float, skip_holes: bool, cu_seqlens: torch.Tensor | None,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        adv, ret = _gae_reference(rewards, values, mask, gamma, lam, "skip" if skip_holes else "zero", cu_seqlens)
-        return adv.contiguous(), ret.to(adv.dtype).contiguous()
     adv, ret = gae_outputs(rewards, values)
     if adv.numel():
         launchers(backend, "advantages").gae_fwd(rewards, values, mask, gamma, lam, skip_holes, adv, ret,
@@ -75,8 +56,6 @@ def _group_output(scores):
 @torch.library.custom_op("fastrlhf::group_advantages", mutates_args=())
 def _group_advantages_op(scores: torch.Tensor, group_size: int, method: str, eps: float,
                          backend: str) -> torch.Tensor:
-    if backend == "torch":
-        return ref.group_advantages(scores, group_size, method, eps)
     out = _group_output(scores)
     if out.numel():
         launchers(backend, "advantages").group_advantages_fwd(scores, group_size, METHODS.index(method),
@@ -104,16 +83,8 @@ def _merge(parts: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastrlhf::whiten_stats", mutates_args=())
 def _whiten_stats_op(x: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
     """``[3]`` fp64: count, mean and sum of squared deviations from the mean of ``x`` where
-    ``mask != 0``; per block (one block on the torch backend), then :func:`_merge`."""
-    if backend == "torch":
-        valid = (mask != 0).reshape(-1)
-        x = torch.where(valid, x.reshape(-1).to(STATS_DTYPE), 0.0)
-        n = valid.sum().to(STATS_DTYPE)
-        n1 = n.clamp(min=1)
-        mean = x.sum() / n1
-        d = torch.where(valid, x - mean, 0.0)
-        s1 = d.sum()
-        return torch.stack([n, mean + s1 / n1, ((d * d).sum() - s1 * s1 / n1).clamp(min=0)])
+    ``mask != 0``; per block of the launchers' ``WHITEN_BLOCK`` elements (one block on the
+    torch backend), then :func:`_merge`."""
     if not x.numel():
         return x.new_zeros(3, dtype=STATS_DTYPE)
     kernels = launchers(backend, "advantages")
@@ -131,9 +102,6 @@ def _(x, mask, backend):
 def _whiten_apply_op(x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, backend: str) -> torch.Tensor:
     """``(x - mean) * scale + add`` where ``mask != 0``, else 0, in ``x``'s accumulation dtype;
     ``coef = (scale, hi, lo, add)``, fp64, ``hi + lo = mean`` with ``hi`` in that dtype."""
-    if backend == "torch":
-        y = ((x.to(STATS_DTYPE) - (coef[1] + coef[2])) * coef[0] + coef[3]).to(acc_dtype(x))
-        return torch.where(mask != 0, y, 0.0)
     out = torch.empty(x.shape, dtype=acc_dtype(x), device=x.device)
     if x.numel():
         launchers(backend, "advantages").whiten_apply(x, mask, coef, out)

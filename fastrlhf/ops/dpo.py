@@ -1,10 +1,10 @@
 """DPO-family preference losses and reward-model losses.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
-autograd registrations (backward is its own op) → backend launcher (``fastrlhf.<backend>.dpo``)
-or the reference (``fastrlhf.reference.dpo``). :func:`bradley_terry_loss` runs on the same op
-(it is the sigmoid loss with ``beta = 1`` on ``(r_c, r_r, margin, 0)``); :func:`choice_loss`
-is built on :func:`fastrlhf.ops.logprobs.token_logprobs`.
+autograd registrations (backward is its own op) → backend launcher (``fastrlhf.<backend>.dpo``:
+``eager``, ``triton``), which fills the outputs the op allocates. :func:`bradley_terry_loss`
+runs on the same op (it is the sigmoid loss with ``beta = 1`` on ``(r_c, r_r, margin, 0)``);
+:func:`choice_loss` is built on :func:`fastrlhf.ops.logprobs.token_logprobs`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.reference import dpo as ref
-from fastrlhf.reference.dpo import LOSS_TYPES
-
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+from fastrlhf.reference.dpo import LOSS_TYPES, METRICS
 
 
 def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
@@ -36,10 +34,6 @@ def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
 def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
             loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
     """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
-    if backend == "torch":
-        with torch.no_grad():
-            loss, metrics = ref.dpo_loss(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-        return torch.stack([loss, *(metrics[k] for k in METRICS)])
     out = torch.zeros(5, dtype=acc_dtype(pc, pr, rc, rr), device=pc.device)  # an empty batch: 0s
     if pc.numel():
         launchers(backend, "dpo").dpo_fwd(pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing), out)
@@ -56,11 +50,6 @@ def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
 def _dpo_bwd_op(grad: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
                 rr: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        da, db = ref.dpo_pair_grads(pc, pr, rc, rr, beta, loss_type, label_smoothing)
-        scale = grad / max(pc.numel(), 1)
-        da, db = da * scale, db * scale
-        return da.to(pc.dtype), db.to(pr.dtype), (-da).to(rc.dtype), (-db).to(rr.dtype)
     grads = _gradients(pc, pr, rc, rr)
     if pc.numel():
         launchers(backend, "dpo").dpo_bwd(grad, pc, pr, rc, rr, *_kernel_args(beta, loss_type, label_smoothing),

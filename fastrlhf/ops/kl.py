@@ -1,8 +1,8 @@
 """KL estimators, KL-penalized per-token rewards and the KL coefficient controllers.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
-autograd registrations → backend launcher (``fastrlhf.triton.kl``) or the reference
-(``fastrlhf.reference.kl``).
+autograd registrations → backend launcher (``fastrlhf.<backend>.kl``: ``eager``, ``triton``,
+``cuda``), which fills the outputs the op allocates.
 """
 
 from __future__ import annotations
@@ -15,20 +15,16 @@ from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
-from fastrlhf.reference import packed
 
 ESTIMATORS = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
 
-_KERNEL_ESTIMATOR = {"k1": 0, "abs": 1, "k2": 2, "k3": 3}
-"""The kernels' number of each estimator (``EST`` in fastrlhf/triton/kl.py, kernels/kl.cu)."""
-
-
 def _kernel_args(estimator: str, *bounds: float | None) -> tuple:
-    """``(estimator number, straight-through, *bounds)`` as the kernels take them: a ``None``
+    """``(estimator number, straight-through, *bounds)`` as the kernels take them (the number
+    ``reference.kl.CODES`` gives, ``EST`` in fastrlhf/triton/kl.py, kernels/kl.cu): a ``None``
     bound is ``inf``, which changes nothing (so no kernel specializes on it)."""
     name, straight = ref.parse_estimator(estimator)
-    return _KERNEL_ESTIMATOR[name], straight, *(math.inf if b is None else b for b in bounds)
+    return ref.CODES.index(name), straight, *(math.inf if b is None else b for b in bounds)
 
 
 def _per_token(logprobs, ref_logprobs):
@@ -40,12 +36,9 @@ def _per_token(logprobs, ref_logprobs):
 @torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
-    if backend == "torch":
-        with torch.no_grad():  # the value of a "+" estimator is the plain one's
-            return ref.kl_penalty(logprobs, ref_logprobs, estimator.removesuffix("+"), clamp,
-                                  log_ratio_clamp).contiguous()
     out = _per_token(logprobs, ref_logprobs)
     if out.numel():
+        # the value of a "+" estimator is the plain one's
         est, _, clamp, log_ratio_clamp = _kernel_args(estimator, clamp, log_ratio_clamp)
         launchers(backend, "kl").kl_penalty_fwd(logprobs, ref_logprobs, est, clamp, log_ratio_clamp, out)
     return out
@@ -60,10 +53,6 @@ def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
 def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        estimator: str, clamp: float | None, log_ratio_clamp: float | None,
                        want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        dlogp, dref = ref.kl_penalty_backward(grad, logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp)
-        return (dlogp.contiguous() if want_logp else logprobs.new_empty(0),
-                dref.contiguous() if want_ref else ref_logprobs.new_empty(0))
     dlogp, dref = _gradients(logprobs, ref_logprobs, want_logp, want_ref)
     if logprobs.numel() and (want_logp or want_ref):
         launchers(backend, "kl").kl_penalty_bwd(grad, logprobs, ref_logprobs,
@@ -105,15 +94,6 @@ def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: t
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,
                    cu_seqlens: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        coef = kl_coef if kl_coef_t is None else kl_coef_t
-        args = (logprobs, ref_logprobs, mask)
-        if cu_seqlens is not None:  # the reference on padded rows
-            args = packed.pad(cu_seqlens, *args)
-        rewards, kl = ref.kl_penalized_rewards(scores, *args, coef, estimator, kl_clamp, log_ratio_clamp, score_clip)
-        if cu_seqlens is not None:
-            rewards, kl = packed.unpad(cu_seqlens, rewards, kl)
-        return rewards.contiguous(), kl.contiguous()
     rewards, kl = _per_token(logprobs, ref_logprobs), _per_token(logprobs, ref_logprobs)
     if rewards.numel():
         est, _, *bounds = _kernel_args(estimator, kl_clamp, log_ratio_clamp, score_clip)

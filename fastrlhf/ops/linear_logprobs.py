@@ -7,25 +7,29 @@ chunk driver below, which allocates nothing the op returns (the op layer allocat
 outputs, :func:`_forward_outputs` / :func:`_backward_outputs`, shared with the fake
 registrations) and runs the GEMMs in the vendor BLAS (``torch.mm``) with the backend's
 epilogues between them: ``fastrlhf.triton.linear_logprobs`` (Triton, also under the
-interpreter on CPU) or ``fastrlhf.reference.linear_logprobs`` (PyTorch: the ``torch`` backend).
+interpreter on CPU) or ``fastrlhf.eager.linear_logprobs`` (PyTorch: the ``torch`` backend).
 """
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import torch
 
 from fastrlhf import _checks
 from fastrlhf.backend import launchers, resolve_backend
-from fastrlhf.reference import linear_logprobs as ref
 
 FAMILY = "linear_logprobs"
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
 """Per-token outputs besides the log-prob, each computed only when asked for (TRL's names)."""
 DESIGNS = ("blas", "fused")
+
+STATE_COLS = 8
+"""Running values per row between the vocabulary blocks of the ``blas`` forward (every
+backend's ``fold_``), relative to the running max ``m`` of ``z``: ``m``, ``s = sum e``,
+``t = sum e * (z - m)``, ``q = sum e**2`` (``e = exp(z - m)``), ``sum z``, ``z[label]``, the
+max of ``z`` left of the label, one pad."""
 
 FUSED_WINS: dict[tuple[int, int], int] = {}
 """CUDA compute capability -> the largest hidden size ``H`` at which ``python -m bench --ops
@@ -64,16 +68,6 @@ def _backward_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 # ------------------------------------------------------------------------- the chunk driver
-def _epilogues(backend):
-    return ref if backend == "torch" else launchers(backend, FAMILY)
-
-
-def _plan(backend, N, V):
-    if backend == "torch":
-        return max(1, min(N, ref.ROW_CHUNK)), max(1, min(V, ref.VOCAB_CHUNK))
-    return _epilogues(backend).plan(N, V)
-
-
 def _mm(out, a, b, accumulate=False):
     """``out (+)= a @ b`` with ``out``'s dtype as the accumulator: for 16-bit ``a, b`` and an
     fp32 ``out`` the product is never rounded to 16 bits (cuBLAS with ``out_dtype``; on the
@@ -108,10 +102,10 @@ def _forward_out(hidden, weight, bias, labels, p, outs, backend, design):
     if design == "fused":
         launchers(backend, FAMILY).fused_forward_out(hidden, weight, bias, labels, p, outs)
         return
-    epi = _epilogues(backend)
-    rows, cols = _plan(backend, N, V)
+    kernels = launchers(backend, FAMILY)
+    rows, cols = kernels.plan(N, V)
     tiles = hidden.new_empty(rows * cols, dtype=torch.float32)
-    state = hidden.new_empty((rows, ref.STATE_COLS), dtype=torch.float32)
+    state = hidden.new_empty((rows, STATE_COLS), dtype=torch.float32)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
         x = hidden[r0:r1]
@@ -125,7 +119,7 @@ def _forward_out(hidden, weight, bias, labels, p, outs, backend, design):
                 _mm(tile, x, weight[v0:v1].T)
             else:
                 tile.zero_()  # an empty sum: the logits are the bias
-            epi.fold_(tile, bias, labels[r0:r1], state[:r1 - r0], v0, V, v0 == 0, v1 == V, p, row_outs)
+            kernels.fold_(tile, bias, labels[r0:r1], state[:r1 - r0], v0, V, v0 == 0, v1 == V, p, row_outs)
 
 
 def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, backend, design):
@@ -147,7 +141,8 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
         gb.zero_()
         return
     fused = design == "fused"
-    rows, cols = _plan(backend, N, V)
+    kernels = launchers(backend, FAMILY)
+    rows, cols = kernels.plan(N, V)
     wide = hidden.dtype != torch.float32
     buf = hidden.new_empty(rows * cols, dtype=hidden.dtype if fused else torch.float32)
     gh_acc = gh
@@ -165,15 +160,15 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
             row_grads = [g if g is None else g[r0:r1] for g in grads]
             dz = buf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             if fused:
-                launchers(backend, FAMILY).fused_dlogits_out(
-                    dz, hidden[r0:r1], weight, bias, labels[r0:r1], stats[r0:r1], row_grads, v0, V, p)
+                kernels.fused_dlogits_out(dz, hidden[r0:r1], weight, bias, labels[r0:r1], stats[r0:r1],
+                                          row_grads, v0, V, p)
             else:
                 if H:
                     _mm(dz, x, w_c.T)
                 else:
                     dz.zero_()
-                dz = _epilogues(backend).dlogits_(dz, bias, labels[r0:r1], stats[r0:r1], row_grads,
-                                                  v0, V, p, hidden.dtype)
+                dz = kernels.dlogits_(dz, bias, labels[r0:r1], stats[r0:r1], row_grads, v0, V, p,
+                                      hidden.dtype)
             if need_b:
                 gb_acc[v0:v1] += dz.sum(0, dtype=torch.float32)
             if not H:
@@ -344,7 +339,7 @@ def check_outputs(outputs) -> tuple[str, ...]:
 def resolve_design(design: str, backend: str, device: torch.device, dtype: torch.dtype, H: int) -> str:
     """The concrete design (``blas`` or ``fused``) of a call on ``backend`` (see :data:`FUSED_WINS`)."""
     _checks.choice("design", design, DESIGNS + ("auto",))
-    if design == "fused" and backend == "torch":
+    if design == "fused" and backend != "triton":
         raise ValueError("design='fused' runs Triton kernels: it needs backend='triton'")
     if design != "auto":
         return design

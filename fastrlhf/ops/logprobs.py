@@ -1,8 +1,8 @@
 """Token log-probs, entropy and sequence log-probs from logits.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
-autograd registrations → backend launcher (``fastrlhf.triton.logprobs``, ``fastrlhf.cuda.logprobs``)
-or the reference (``fastrlhf.reference.logprobs``).
+autograd registrations → backend launcher (``fastrlhf.eager.logprobs``, ``fastrlhf.triton.logprobs``,
+``fastrlhf.cuda.logprobs``), which fills the outputs the op allocates.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import torch
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
-from fastrlhf.reference import logprobs as ref
 
 
 # --------------------------------------------------------------------------- forward op
@@ -28,11 +27,6 @@ def _forward_outputs(logits, labels, with_entropy):
 def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "torch":
-        with torch.no_grad():
-            out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
-            logp, ent = out if with_entropy else (out, logits.new_empty(0, dtype=acc_dtype(logits)))
-            return logp, ent, ref.row_stats(logits, temperature)
     out = _forward_outputs(logits, labels, with_entropy)
     if labels.numel():
         launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature, ignore_index,
@@ -49,10 +43,6 @@ def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward,
 def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature,
               ignore_index, backend, inplace):
     """``d loss / d logits`` in the logits' dtype: a new tensor, or ``logits`` overwritten."""
-    if backend == "torch":
-        dx = ref.token_logprobs_backward(grad_logp, grad_entropy, logits, labels, stats, entropy,
-                                         temperature, ignore_index)
-        return logits.copy_(dx) if inplace else dx
     dx = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     if labels.numel():
         launchers(backend, "logprobs").token_logprobs_bwd(grad_logp, grad_entropy, logits, labels, stats,

@@ -21,6 +21,10 @@ import torch
 
 from fastrlhf._numerics import STATS_DTYPE, acc_dtype
 
+METHODS = ("grpo", "rloo", "dr_grpo")
+"""The group-advantage methods of :func:`group_advantages`; ``METHODS.index(method)`` is the
+number the kernels take."""
+
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
         lam: float = 0.95, holes: str = "skip") -> tuple[torch.Tensor, torch.Tensor]:

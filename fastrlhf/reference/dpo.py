@@ -18,6 +18,10 @@ from fastrlhf._numerics import acc_dtype
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge", "robust", "exo_pair", "nca_pair", "sppo_hard",
               "apo_zero", "apo_down")
+"""The losses of :func:`dpo_losses`; ``LOSS_TYPES.index(loss_type)`` is the number the kernels take."""
+
+METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies")
+"""The metrics of :func:`dpo_loss`, in the order the ops return them after the loss."""
 
 
 def exo_smoothing(label_smoothing: float) -> float:
@@ -80,13 +84,8 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,
     """``(loss, metrics)``: the batch-mean loss and the mean-reward metrics (detached)."""
     losses, chosen, rejected = dpo_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                           beta, loss_type, label_smoothing)
-    metrics = {
-        "rewards/chosen": _mean(chosen),
-        "rewards/rejected": _mean(rejected),
-        "rewards/margins": _mean(chosen - rejected),
-        "rewards/accuracies": _mean((chosen > rejected).to(chosen.dtype)),
-    }
-    return _mean(losses), metrics
+    means = (chosen, rejected, chosen - rejected, (chosen > rejected).to(chosen.dtype))
+    return _mean(losses), {name: _mean(x) for name, x in zip(METRICS, means)}
 
 
 def dpo_pair_grads(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1,

@@ -13,6 +13,10 @@ from fastrlhf._numerics import acc_dtype
 ESTIMATORS = {"k1": "k1", "abs": "abs", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
 """Accepted names (``+`` may be appended to each) and the estimator they mean."""
 
+CODES = ("k1", "abs", "k2", "k3")
+"""The estimators that the names of ``ESTIMATORS`` mean; ``CODES.index(name)`` is the number
+the kernels take (``EST``)."""
+
 
 K3_SERIES = tuple(1 / math.factorial(k) for k in range(2, 24))
 """Taylor coefficients of ``e**y - 1 - y = y**2 (1/2! + y/3! + ... + y**21/23!)``: below

@@ -596,7 +596,7 @@ def _row_config(width: int) -> dict:
 
 def fold_(tile, bias, labels, state, v0, V, first, last, p, outs):
     """``_fold_kernel`` over the rows of the fp32 block ``tile [n, w]`` (see
-    ``fastrlhf.reference.linear_logprobs.fold_`` for the arguments)."""
+    ``fastrlhf.eager.linear_logprobs.fold_`` for the arguments)."""
     n, w = tile.shape
     logp, ent, stats, lsq, mean, top1 = outs
     c = _consts(p)
@@ -610,7 +610,7 @@ def fold_(tile, bias, labels, state, v0, V, first, last, p, outs):
 
 def dlogits_(tile, bias, labels, stats, grads, v0, V, p, out_dtype):
     """``_dlogits_kernel`` over the rows of ``tile``; returns ``dlogits`` as a view of its
-    storage in ``out_dtype`` (see ``fastrlhf.reference.linear_logprobs.dlogits_``)."""
+    storage in ``out_dtype`` (see ``fastrlhf.eager.linear_logprobs.dlogits_``)."""
     n, w = tile.shape
     dz = tile if out_dtype == tile.dtype else tile.view(out_dtype).view(n, 2 * w)[:, :w]
     g_logp, g_ent, ent, g_lsq, lsq, g_mean = grads
