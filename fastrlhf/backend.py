@@ -2,8 +2,8 @@
 
 Backends:
 
-* ``"torch"``  -- the naive PyTorch reference (``fastrlhf.reference``); runs anywhere and is
-  the CPU path.
+* ``"torch"``  -- eager PyTorch launchers (``fastrlhf.eager.<family>``) computing the naive
+  reference math (``fastrlhf.reference``); runs anywhere and is the CPU path.
 * ``"triton"`` -- fused Triton kernels; needs CUDA tensors, or the Triton interpreter
   (``TRITON_INTERPRET=1`` set before ``triton`` is imported) for CPU tensors.
 * ``"cuda"``   -- hand-written CUDA kernels from the compiled extension.

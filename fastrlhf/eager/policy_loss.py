@@ -1,7 +1,14 @@
-"""The torch backend's launchers of the policy-loss family's plain forms (the PPO policy and
-value losses on padded ``[B, T]`` inputs), with the arguments of ``fastrlhf.triton.policy_loss``:
-the forward fills one partial sum (``TOKENS_PER_PARTIAL`` covers any input), the backward the
-gradient in closed form, as the kernels compute it. The per-token surrogate is the reference's.
+"""The torch backend's launchers of the policy-loss family, with the names, arguments and
+outputs of ``fastrlhf.triton.policy_loss``; plain PyTorch on the reference's math.
+
+* Plain form (PPO's policy and value losses, padded): the forward fills one partial sum
+  (``TOKENS_PER_PARTIAL`` covers any input), the backward the gradient in closed form, as the
+  kernels compute it.
+* General op: the forward evaluates the reference's per-token terms
+  (``fastrlhf.reference.policy_loss.token_terms``, packed input padded first) into one partial
+  and the sequence table's count and filtered rows (the only rows the op reads); the backward
+  differentiates the same terms with autograd (GSPO's sequence-level gradient included, so the
+  per-sequence pass of the backward has nothing to sum).
 """
 
 from __future__ import annotations
@@ -10,10 +17,18 @@ import math
 
 import torch
 
+from fastrlhf.reference import policy_loss as ref
 from fastrlhf.reference.policy_loss import clipped_surrogate
 
 TOKENS_PER_PARTIAL = 1 << 62
 """Tokens one partial sums: one partial for any input."""
+SEQ_CHUNK = 1 << 30
+SEQ_SUMS = 1
+TABLE_ROWS = 5
+"""Rows of the sequence table (as the kernels'): count, two mode values (unused here),
+importance coefficient (unused here), filtered flag."""
+FWD_SUMS, FWD_COUNTS = 5, 4
+W_GRAD = 8
 
 
 def _row_weight(x: torch.Tensor, row_counts: torch.Tensor | None) -> torch.Tensor:
@@ -80,3 +95,83 @@ def ppo_value_bwd(grad, scale, values, old_values, returns, mask, row_counts, cl
     """Fill ``grad_values``: ``grad * scale * w * (v - R)`` unless the clipped term is larger (0)."""
     *_, d = _value_terms(values, old_values, returns, clip, scale.dtype)
     _grad(grad_values, grad, scale, mask, row_counts, d)
+
+
+# ----------------------------------------------------------------------------- general op
+def seq_work(spec) -> int:
+    """The forward per-sequence pass's work (none beyond the table's rows here)."""
+    return 0
+
+
+def seq_programs(N: int, S: int, T: int, packed: bool) -> int:
+    """One scratch column."""
+    return 1
+
+
+def token_programs(x: torch.Tensor) -> int:
+    """One partial (none for an empty input)."""
+    return 1 if x.numel() else 0
+
+
+def _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec):
+    """The reference's per-token terms of ``spec`` on padded ``[B, T]`` (packed input padded)."""
+    x = (logprobs, old_logprobs, advantages, mask, rollout, weights, selected)
+    if cu_seqlens is not None:
+        x = tuple(None if t is None else ref.pad(t, cu_seqlens) for t in x)
+    o = {**spec.options, "gradient": "sequence" if spec.mode == "gspo_seq" else "token"}
+    corr = None
+    if spec.is_level is not None:
+        corr = ref.Correction(spec.is_level, spec.is_mode, o["is_low"], o["is_high"], spec.is_stat,
+                              o["is_log_ratio_clamp"], spec.is_source, spec.is_apply)
+    mode = "gspo" if spec.mode == "gspo_seq" else spec.mode
+    return ref.token_terms(x[0], *x[1:4], mode, o, x[4], corr, x[5], x[6])
+
+
+def _weighted_loss(t, spec):
+    """The per-token loss weighted as the op's sum expects: ``1 / n_row`` for seq-mean-token-mean."""
+    if spec.agg == "seq-mean-token-mean":
+        return t.loss / t.valid.sum(-1, keepdim=True).clamp(min=1)
+    return t.loss
+
+
+def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, cu_seqlens, chunk_starts, spec,
+                    what, table, partials, pcounts, gseq=None):
+    """Forward: ``table``'s count row and filtered row (sequence-level corrections); the other rows
+    0. Backward (``gseq``): zeros (``policy_loss_bwd`` differentiates the whole sequence)."""
+    if gseq is not None:
+        gseq.zero_()
+        return
+    # the count and the correction's filtered flag do not depend on the mode: the cheapest one
+    t = _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, None, cu_seqlens, spec._replace(mode="gpg"))
+    table.zero_()
+    table[0] = t.valid.sum(-1).to(table.dtype)
+    if t.filtered is not None:
+        table[4] = t.filtered.to(table.dtype)
+
+
+def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, table,
+                    spec, sums, counts):
+    """Fill ``sums [5, 1]`` (loss, -log-ratio, |log-ratio|, coefficient, rollout KL) and ``counts
+    [4, 1]`` (valid, clipped, lower-clipped, filtered tokens), as the kernels' partials."""
+    with torch.no_grad():
+        t = _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec)
+        zero = torch.zeros_like(t.loss)
+        st = t.stats
+        rows = (_weighted_loss(t, spec), st.get("approx_kl", zero), st.get("abs_kl", zero),
+                st.get("is_weight_mean", zero), st.get("rollout_kl", zero))
+        flags = [st.get(k, zero).to(torch.bool) for k in ("clipfrac", "clipfrac_lower", "is_filtered_frac")]
+        _fill(sums, counts, t.valid, [r.to(sums.dtype) for r in rows], flags)
+
+
+def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens,
+                    table, gseq, spec, grad_logprobs):
+    """Fill ``grad_logprobs``: ``grad * scale * d (sum of the weighted per-token loss) / d logprobs``
+    by autograd through the reference's terms (stop-gradients as the reference states them)."""
+    def total(x):
+        t = _terms(x, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec)
+        return torch.where(t.valid, _weighted_loss(t, spec), 0.0).sum()
+
+    # torch.func, not the autograd graph: this runs inside a custom op, below autograd. The input in
+    # the accumulation dtype: one rounding, into grad_logprobs.
+    g = torch.func.grad(total)(logprobs.detach().to(scale.dtype))
+    grad_logprobs.copy_(g * (grad.to(g.dtype) * scale.to(g.dtype)))

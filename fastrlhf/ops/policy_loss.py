@@ -11,9 +11,9 @@ backend's launchers (``fastrlhf.registry``). Two ops:
   pass writing per-tile partial sums, an elementwise backward;
 * the general op (``fastrlhf::policy_loss``): every mode, packed input, rollout correction, on
   ``triton`` (a per-sequence pass when a sequence-level quantity is needed, a token pass writing
-  partial sums, an elementwise backward) or ``torch`` (the reference itself, differentiated by
-  autograd; ``torch.compile`` traces it). ``backend="cuda"`` raises ``BackendUnavailableError``
-  saying so before any kernel.
+  partial sums, an elementwise backward) or ``torch`` (the reference's per-token terms, their
+  gradient by autograd: ``fastrlhf.eager.policy_loss``). ``backend="cuda"`` raises
+  ``BackendUnavailableError`` saying so before any kernel.
 
 The ops add the partial sums in a fixed order (same input, same bits) and normalize.
 :func:`ppo_policy_loss` is ``policy_loss(mode="vanilla")``; :func:`ppo_value_loss` the value loss.
@@ -275,8 +275,7 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
                cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None, global_seqs: torch.Tensor | None,
                loss_scale_factor: torch.Tensor | None, mode: str, agg: str, correction: str, params: list[float],
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, stats [len(STATS)], scale, sequence table)``; the last two for backward. Kernel
-    backends only: the ``torch`` backend is the reference itself, differentiated by autograd."""
+    """``(loss, stats [len(STATS)], scale, sequence table)``; the last two for backward."""
     spec = decode(mode, agg, correction, params)
     counts = (global_tokens, global_seqs, loss_scale_factor)
     dtype = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
@@ -383,18 +382,7 @@ def _cuda_refused(backend: str, device: torch.device, what: str) -> str:
 
 def _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollout_logprobs, corr, is_weights,
          selected, cu_seqlens, name, source="rollout", apply=True):
-    """``(loss, stats vector)`` of the general op (kernel backends) or of the reference (``torch``)."""
-    if name == "torch":  # the naive reference, differentiable by autograd (and by torch.compile)
-        rcorr = None
-        if corr is not None:
-            rcorr = ref.Correction(corr.level, corr.mode, corr.low, corr.high, corr.stat, corr.log_ratio_clamp,
-                                   source, apply)
-        o = {**o, "gradient": "sequence" if kmode == "gspo_seq" else "token"}
-        loss, stats = ref.policy_loss(logprobs, old_logprobs, advantages, mask, "gspo" if kmode == "gspo_seq"
-                                      else kmode, agg, o, *counts, rollout_logprobs, rcorr, is_weights, selected,
-                                      cu_seqlens)
-        zero = torch.zeros((), dtype=loss.dtype, device=loss.device)
-        return loss, torch.stack([stats.get(k, zero) for k in ref.STATS])
+    """``(loss, stats vector)`` of the general op."""
     correction, params = encode(o, corr, source, apply)
     loss, stats, _, _ = _policy_op(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected,
                                    cu_seqlens, *counts, kmode, agg, correction, params, name)

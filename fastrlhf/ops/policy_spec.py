@@ -221,6 +221,7 @@ class LossSpec(NamedTuple):
     is_source: str  # "rollout" or "current"
     is_apply: bool
     kernel: KernelArgs
+    options: dict | None = None  # the float options by name (None where off), for the torch backend
 
 
 def _kernel_args(mode: str, o: dict) -> KernelArgs:
@@ -246,7 +247,7 @@ def decode(mode: str, agg: str, correction: str, params: list[float]) -> LossSpe
     if correction:
         level, is_mode, stat, source, flag = correction.split(",")
         apply = flag == "1"
-    return LossSpec(mode, agg, level, is_mode, stat, source, apply, _kernel_args(mode, o))
+    return LossSpec(mode, agg, level, is_mode, stat, source, apply, _kernel_args(mode, o), o)
 
 
 def needs_table(spec: LossSpec, global_seqs) -> bool:

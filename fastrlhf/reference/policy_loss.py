@@ -229,6 +229,57 @@ def correction(logp, old, rollout, valid, c: Correction):
 
 
 # ------------------------------------------------------------------------------ the loss
+class Terms(NamedTuple):
+    """A call's per-token quantities on padded ``[B, T]`` inputs (accumulation dtype)."""
+
+    loss: torch.Tensor  # the per-token loss, the coefficient applied; differentiable w.r.t. logprobs
+    stats: dict  # statistic name -> per-token values (means over the valid tokens are reported)
+    filtered: torch.Tensor | None  # a sequence-level correction's filtered flag per sequence, [B]
+    valid: torch.Tensor  # bool, mask != 0
+
+
+def token_terms(logprobs, old_logprobs, advantages, mask, mode="vanilla", options=None, rollout_logprobs=None,
+                correction_: Correction | None = None, is_weights=None, selected=None) -> Terms:
+    """The per-token loss and statistics of :func:`policy_loss` before aggregation (padded input;
+    ``mode="value"`` is the clipped value loss with ``options["clip"]``)."""
+    o = dict(options or {})
+    acc = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
+    valid = mask != 0
+    # invalid tokens enter as 0: nothing they hold reaches a value or a gradient (a NaN there would
+    # otherwise come back as 0 * NaN through the selections' derivatives)
+    logp, old, adv = (torch.where(valid, x.to(acc), 0.0) for x in (logprobs, old_logprobs, advantages))
+    if rollout_logprobs is not None:
+        rollout_logprobs = torch.where(valid, rollout_logprobs.to(acc), 0.0)
+    if is_weights is not None:
+        is_weights = torch.where(valid, is_weights.to(acc), 0.0)
+    if selected is not None:
+        selected = selected != 0
+    if mode == "value":
+        loss, clipped = value_terms(logp, old, adv, o["clip"])
+        return Terms(loss, {"clipfrac": clipped}, None, valid)
+    loss, stats = mode_loss(mode, logp, old, adv, valid, o, selected)
+    coef, filtered = None, None
+    if is_weights is not None:
+        coef = is_weights.detach()
+    if correction_ is not None:
+        coef, filt, stats["rollout_kl"] = correction(logp, old, rollout_logprobs, valid, correction_)
+        if correction_.level == "token":
+            stats["is_filtered_frac"] = filt
+        else:
+            filtered = filt & valid.any(-1)
+        if not correction_.apply:
+            stats["is_weight_mean"] = coef
+            coef = None
+    if coef is not None:
+        if mode == "geo_mean":  # verl: the geometric mean of the token weights of each sequence
+            n = valid.sum(-1, keepdim=True)
+            coef = torch.exp(torch.where(valid, torch.log(coef + 1e-10), 0.0).sum(-1, keepdim=True) / (n + EPS))
+            coef = coef.expand_as(logp)
+        stats["is_weight_mean"] = coef
+        loss = loss * coef
+    return Terms(loss, stats, filtered, valid)
+
+
 def policy_loss(logprobs, old_logprobs, advantages, mask, mode="vanilla", agg="token-mean", options=None,
                 global_tokens=None, global_seqs=None, loss_scale_factor=None, rollout_logprobs=None,
                 correction_: Correction | None = None, is_weights=None, selected=None, cu_seqlens=None):
@@ -243,48 +294,14 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, mode="vanilla", agg="t
                   (logprobs, old_logprobs, advantages, rollout_logprobs, is_weights, selected)]
         return policy_loss(*padded[:3], pad(mask, cu_seqlens), mode, agg, options, global_tokens, global_seqs,
                            loss_scale_factor, padded[3], correction_, padded[4], padded[5])
-    o = dict(options or {})
-    acc = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
-    valid = mask != 0
-    # invalid tokens enter as 0: nothing they hold reaches a value or a gradient (a NaN there would
-    # otherwise come back as 0 * NaN through the selections' derivatives)
-    logp, old, adv = (torch.where(valid, x.to(acc), 0.0) for x in (logprobs, old_logprobs, advantages))
-    if rollout_logprobs is not None:
-        rollout_logprobs = torch.where(valid, rollout_logprobs.to(acc), 0.0)
-    if is_weights is not None:
-        is_weights = torch.where(valid, is_weights.to(acc), 0.0)
-    if selected is not None:
-        selected = selected != 0
-    if mode == "value":
-        loss, stats = ppo_value_loss(logp, old, adv, mask, o["clip"], agg, global_tokens, global_seqs,
-                                     loss_scale_factor)
-        return loss, {"clipfrac": stats["vf_clipfrac"]}
-    loss, per_token = mode_loss(mode, logp, old, adv, valid, o, selected)
-    stats = {k: masked_mean(v.to(acc), mask) for k, v in per_token.items()}
-    coef = None
-    if is_weights is not None:
-        coef = is_weights.to(acc).detach()
-    if correction_ is not None:
-        roll = None if rollout_logprobs is None else rollout_logprobs.to(acc)
-        coef, filtered, rollout_kl = correction(logp, old, roll, valid, correction_)
-        stats["rollout_kl"] = masked_mean(rollout_kl, mask)
-        if correction_.level == "token":
-            stats["is_filtered_frac"] = masked_mean(filtered.to(acc), mask)
-        else:
-            has = valid.any(-1)
-            stats["is_filtered_frac"] = aggregate((filtered & has).to(acc).unsqueeze(0), has.unsqueeze(0),
-                                                  "token-mean")
-        if not correction_.apply:
-            stats["is_weight_mean"] = masked_mean(coef, mask)
-            coef = None
-    if coef is not None:
-        if mode == "geo_mean":  # verl: the geometric mean of the token weights of each sequence
-            n = valid.sum(-1, keepdim=True)
-            coef = torch.exp(torch.where(valid, torch.log(coef + 1e-10), 0.0).sum(-1, keepdim=True) / (n + EPS))
-            coef = coef.expand_as(logp)
-        stats["is_weight_mean"] = masked_mean(coef, mask)
-        loss = loss * coef
-    total = aggregate(loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
+    t = token_terms(logprobs, old_logprobs, advantages, mask, mode, options, rollout_logprobs, correction_,
+                    is_weights, selected)
+    acc = t.loss.dtype
+    stats = {k: masked_mean(v.to(acc), mask) for k, v in t.stats.items()}
+    if t.filtered is not None:
+        has = t.valid.any(-1)
+        stats["is_filtered_frac"] = aggregate(t.filtered.to(acc).unsqueeze(0), has.unsqueeze(0), "token-mean")
+    total = aggregate(t.loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
     return total, {k: v.detach() for k, v in stats.items()}
 
 
@@ -302,15 +319,18 @@ def ppo_value_loss(values, old_values, returns, mask, clip=None, agg="token-mean
                    global_tokens=None, global_seqs=None, loss_scale_factor=None):
     """``(0.5 * agg(max((v - R)**2, (clip(v, old +- clip) - R)**2)), {"vf_clipfrac": ...})``."""
     acc = acc_dtype(values, old_values, returns)
-    v, old, ret = values.to(acc), old_values.to(acc), returns.to(acc)
+    loss, clipped = value_terms(values.to(acc), old_values.to(acc), returns.to(acc), clip)
+    total = aggregate(loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
+    return total, {"vf_clipfrac": masked_mean(clipped.to(acc), mask).detach()}
+
+
+def value_terms(v, old, ret, clip):
+    """Per token: ``(0.5 * max((v - R)**2, (clip(v, old +- clip) - R)**2), clipped)`` (``clip`` None: off)."""
     loss1 = (v - ret).square()
     if clip is None:
-        loss, clipped = loss1, torch.zeros_like(loss1, dtype=torch.bool)
-    else:
-        loss2 = (torch.clamp(v, old - clip, old + clip) - ret).square()
-        loss, clipped = torch.maximum(loss1, loss2), loss2 > loss1
-    total = 0.5 * aggregate(loss, mask, agg, global_tokens, global_seqs, loss_scale_factor)
-    return total, {"vf_clipfrac": masked_mean(clipped.to(acc), mask).detach()}
+        return 0.5 * loss1, torch.zeros_like(loss1, dtype=torch.bool)
+    loss2 = (torch.clamp(v, old - clip, old + clip) - ret).square()
+    return 0.5 * torch.maximum(loss1, loss2), loss2 > loss1
 
 
 # ------------------------------------------------------------------- covariance selections
