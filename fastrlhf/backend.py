@@ -28,6 +28,7 @@ import torch
 
 from fastrlhf import _cuda, registry
 from fastrlhf.errors import BackendUnavailableError
+from fastrlhf.interpreter import triton_interpreter
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
            "has_kernels", "launchers", "resolve_backend", "triton_interpreter", "use_backend"]
@@ -41,11 +42,6 @@ def _check_name(name: str, what: str) -> str:
     if not isinstance(name, str) or name not in _CHOICES:
         raise ValueError(f"{what} must be one of {_CHOICES}, got {name!r}")
     return name
-
-
-def triton_interpreter() -> bool:
-    """Whether Triton kernels run under the interpreter (on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)

@@ -485,7 +485,7 @@ __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, 
     total = warp_reduce<SumOp<S>>(total);
     const S mean = many ? total / S(G) : S(0);
     S denom = S(1);
-    if (method == 0) {  // grpo: unbiased std, second pass
+    if (method == FASTRLHF_GRPO) {  // unbiased std, second pass
       S ss = S(0);
       for (int64_t i = lane; i < G; i += kWarpSize) {
         const S d = load_as<S>(scores, base + i) - mean;
@@ -497,9 +497,9 @@ __global__ void group_advantages_kernel(fastrlhf_rows scores, int64_t n_groups, 
     for (int64_t i = lane; i < G; i += kWarpSize) {
       const S x = load_as<S>(scores, base + i);
       S y;
-      if (method == 0) {
+      if (method == FASTRLHF_GRPO) {
         y = (x - mean) / denom;
-      } else if (method == 1) {  // rloo: minus the mean of the others
+      } else if (method == FASTRLHF_RLOO) {  // minus the mean of the others
         y = many ? x - (total - x) / S(G - 1) : x;
       } else {
         y = x - mean;

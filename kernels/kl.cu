@@ -20,9 +20,9 @@ constexpr int kThreads = 256;
 // The estimator of x, the log-ratio after its clamp.
 template <typename A> __device__ __forceinline__ A kl_value(A x, int estimator) {
   switch (estimator) {
-    case 0: return x;
-    case 1: return fabs(x);
-    case 2: return A(0.5) * x * x;
+    case FASTRLHF_K1: return x;
+    case FASTRLHF_ABS: return fabs(x);
+    case FASTRLHF_K2: return A(0.5) * x * x;
     default: return k3_value(x);
   }
 }
@@ -41,9 +41,9 @@ template <typename A> struct Estimator {
     const A x = clamp_abs(lr, log_ratio_clamp);
     A d;
     switch (estimator) {
-      case 0: d = A(1); break;
-      case 1: d = x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0)); break;
-      case 2: d = x; break;
+      case FASTRLHF_K1: d = A(1); break;
+      case FASTRLHF_ABS: d = x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0)); break;
+      case FASTRLHF_K2: d = x; break;
       default: d = k3_slope(x); break;
     }
     const bool active = fabs(lr) > log_ratio_clamp || fabs(kl_value(x, estimator)) > clamp;

@@ -123,16 +123,22 @@ typedef struct {
 
 cudaError_t fastrlhf_gae_fwd(const fastrlhf_gae_params* params, cudaStream_t stream);
 
-/* Advantages of scores [n_groups * group_size] within consecutive groups. method: 0 grpo
- * (s - mean) / (unbiased std + eps), 1 rloo (s - mean of the others), 2 dr_grpo (s - mean);
+/* Group advantage methods, numbered as fastrlhf.reference.advantages.METHODS (a test checks). */
+enum fastrlhf_group_method { FASTRLHF_GRPO = 0, FASTRLHF_RLOO = 1, FASTRLHF_DR_GRPO = 2 };
+
+/* Advantages of scores [n_groups * group_size] within consecutive groups. method: grpo
+ * (s - mean) / (unbiased std + eps), rloo (s - mean of the others), dr_grpo (s - mean);
  * a group of one: mean 0, std 1. out: contiguous, in `acc`. */
 cudaError_t fastrlhf_group_advantages_fwd(fastrlhf_rows scores, int64_t n_groups, int64_t group_size,
                                           int method, double eps, fastrlhf_dtype acc, void* out,
                                           cudaStream_t stream);
 
 /* ---------------------------------------------------------------------------------- kl */
+/* KL estimators, numbered as fastrlhf.reference.kl.CODES (a test checks). */
+enum fastrlhf_kl_code { FASTRLHF_K1 = 0, FASTRLHF_ABS = 1, FASTRLHF_K2 = 2, FASTRLHF_K3 = 3 };
+
 /* The estimate of x, the log-ratio logprobs - ref_logprobs clamped to +-log_ratio_clamp:
- * estimator 0 k1 (x), 1 abs (|x|), 2 k2 (x^2 / 2), 3 k3 (exp(-x) - 1 + x, kl_math.cuh), then clamped to
+ * estimator k1 (x), abs (|x|), k2 (x^2 / 2), k3 (exp(-x) - 1 + x, kl_math.cuh), then clamped to
  * +-clamp. inf: no clamp. */
 typedef struct {
   int estimator;

@@ -51,14 +51,14 @@ def fold_(tile, bias, labels, state, v0, V, first, last, p, outs):
              z.sum(1), torch.where(cols == lab[:, None], z, 0.0).sum(1),
              torch.where(cols < lab[:, None], z, -math.inf).amax(1)]
     if not first:
-        block = merge([state[:, k] for k in range(7)], block)
+        block = _merge([state[:, k] for k in range(7)], block)
     if not last:
         state[:, :7] = torch.stack(block, 1)
         return
-    finish_out(block, lab, V, p["ignore_index"], outs)
+    _finish_out(block, lab, V, p["ignore_index"], outs)
 
 
-def merge(a, b):
+def _merge(a, b):
     """Running values of the union of two column ranges, each ``[m, s, t, q, sum z, z[label],
     max left of the label]`` relative to its own max (see :data:`STATE_COLS`)."""
     m = torch.maximum(a[0], b[0])
@@ -73,7 +73,7 @@ def merge(a, b):
     return out + [a[4] + b[4], a[5] + b[5], torch.maximum(a[6], b[6])]
 
 
-def finish_out(vals, lab, V, ignore_index, outs):
+def _finish_out(vals, lab, V, ignore_index, outs):
     """Write the outputs of rows whose running values ``vals`` cover the whole vocabulary."""
     logp, ent, stats, lsq, mean, top1 = outs
     m, s, t, q, zsum, z_label, left = vals

@@ -28,7 +28,10 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.reference.advantages import METHODS
 from fastrlhf.triton._common import tl_acc
+
+_GRPO, _RLOO = (tl.constexpr(METHODS.index(name)) for name in ("grpo", "rloo"))  # else dr_grpo
 
 MAX_CHUNKS = 256
 TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
@@ -293,7 +296,7 @@ def _group_advantages_kernel(
     many = G > 1
     mean = tl.where(many, total / G, 0.0)  # a group of one: no baseline
     tile = tl.zeros([ROWS, BLOCK_G], tl.float64)
-    if method == 0:  # grpo: unbiased std, two-pass
+    if method == _GRPO:  # unbiased std, two-pass
         for start in range(0, G, BLOCK_G):
             c = start + cols
             ok = group_ok[:, None] & (c < G)[None, :]
@@ -306,9 +309,9 @@ def _group_advantages_kernel(
         c = start + cols
         ok = group_ok[:, None] & (c < G)[None, :]
         x = tl.load(s_ptr + base + c[None, :], mask=ok, other=0.0).to(tl.float64)
-        if method == 0:
+        if method == _GRPO:
             y = (x - mean[:, None]) / denom[:, None]
-        elif method == 1:  # rloo: minus the mean of the others
+        elif method == _RLOO:  # minus the mean of the others
             y = tl.where(many, x - (total[:, None] - x) / tl.maximum(G - 1, 1), x)
         else:
             y = x - mean[:, None]
@@ -316,7 +319,7 @@ def _group_advantages_kernel(
 
 
 def group_advantages_fwd(scores, group_size, method, eps, out):
-    """Fill ``out`` (contiguous ``[N]``, N > 0); ``method`` numbers ``fastrlhf.ops.advantages.METHODS``
+    """Fill ``out`` (contiguous ``[N]``, N > 0); ``method`` numbers ``fastrlhf.reference.advantages.METHODS``
     (0 grpo, 1 rloo, 2 dr_grpo). One program
     per block of groups."""
     n_groups = scores.numel() // group_size

@@ -2,7 +2,7 @@
 
 All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp comes as ``inf``, which leaves
 every value unchanged, so clamps are runtime arguments and never specialize a kernel.
-Estimators are ``EST`` = 0 k1, 1 abs, 2 k2, 3 k3 (``fastrlhf.ops.kl`` numbers them).
+Estimators are ``EST``, numbered as ``fastrlhf.reference.kl.CODES`` (k1, abs, k2, k3).
 """
 
 from __future__ import annotations
@@ -12,8 +12,11 @@ import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.backend import triton_interpreter
+from fastrlhf.interpreter import triton_interpreter
+from fastrlhf.reference.kl import CODES
 from fastrlhf.triton._common import narrow, tl_acc
+
+_K1, _ABS, _K2 = (tl.constexpr(CODES.index(name)) for name in ("k1", "abs", "k2"))  # else k3
 
 _BLOCK = 1024
 TARGET_PROGRAMS = 1024  # enough programs to fill a GPU before cutting rows into chunks
@@ -64,11 +67,11 @@ def _k3(x):
 @triton.jit
 def _kl_value(lr, log_ratio_clamp, EST: tl.constexpr):
     x = _clamp(lr, log_ratio_clamp)
-    if EST == 0:
+    if EST == _K1:
         v = x
-    elif EST == 1:
+    elif EST == _ABS:
         v = tl.abs(x)
-    elif EST == 2:
+    elif EST == _K2:
         v = 0.5 * x * x
     else:
         v, _ = _k3(x)
@@ -89,11 +92,11 @@ def _kl_derivative(lr, clamp, log_ratio_clamp, EST: tl.constexpr, STRAIGHT: tl.c
         d = lr
     else:
         x, v = _kl_value(lr, log_ratio_clamp, EST)
-        if EST == 0:
+        if EST == _K1:
             d = tl.full(x.shape, 1.0, x.dtype)
-        elif EST == 1:
+        elif EST == _ABS:
             d = tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-        elif EST == 2:
+        elif EST == _K2:
             d = x
         else:
             _, d = _k3(x)

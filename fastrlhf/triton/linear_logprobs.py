@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.backend import triton_interpreter
+from fastrlhf.interpreter import triton_interpreter
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(1.4426950408889634)

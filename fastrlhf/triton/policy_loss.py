@@ -52,8 +52,16 @@ FWD_SUMS, FWD_COUNTS = 5, 4
 """Token-pass partials: sums (loss, -log-ratio, |log-ratio|, coefficient, rollout KL) and counts
 (valid, clipped, lower-clipped, filtered)."""
 
-_MODES = {"vanilla": 0, "dppo_tv": 1, "dppo_kl": 2, "gspo": 3, "gspo_seq": 4, "sapo": 5, "gpg": 6,
-          "clip_cov": 7, "kl_cov": 8, "geo_mean": 9, "dro": 10, "cispo": 11, "value": 12}
+# The kernels' numbering of the spec's names (``fastrlhf.ops.policy_spec.LossSpec``), as constexprs
+# the kernels compare against, and the tables the launchers look the names up in.
+KERNEL_MODES = ("vanilla", "dppo_tv", "dppo_kl", "gspo", "gspo_seq", "sapo", "gpg", "clip_cov", "kl_cov",
+                "geo_mean", "dro", "cispo", "value")
+(_VANILLA, _DPPO_TV, _DPPO_KL, _GSPO, _GSPO_SEQ, _SAPO, _GPG, _CLIP_COV, _KL_COV, _GEO_MEAN, _DRO, _CISPO,
+ _VALUE) = (tl.constexpr(i) for i in range(len(KERNEL_MODES)))
+_NO_IS, _IS_TOKEN, _IS_SEQUENCE, _IS_SEQUENCE_MEAN = (tl.constexpr(i) for i in range(4))
+_TRUNCATE, _CLAMP, _MASK = (tl.constexpr(i) for i in range(3))
+_RATIO, _BINARY_KL, _TV = (tl.constexpr(i) for i in range(3))
+_MODES = {name: i for i, name in enumerate(KERNEL_MODES)}
 _LEVELS = {None: 0, "token": 1, "sequence": 2, "sequence-mean": 3}
 _IS_MODES = {"truncate": 0, "clamp": 1, "mask": 2}
 _STATS = {"ratio": 0, "binary_kl": 1, "tv": 2}
@@ -373,12 +381,12 @@ def _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED: tl.constexp
 def _gate_stat(rho, num, den, IS_STAT: tl.constexpr):
     """The gated statistic of a token: its ratio, or OpenRLHF's binary KL / total variation of
     the sampled token's probabilities (``p`` rollout, ``q`` trainer, clamped to ``[1e-6, 1-1e-6]``)."""
-    if IS_STAT == 0:
+    if IS_STAT == _RATIO:
         g = rho
     else:
         p = _clamp(tl.exp(den), 1e-6, 1.0 - 1e-6)
         q = _clamp(tl.exp(num), 1e-6, 1.0 - 1e-6)
-        if IS_STAT == 1:
+        if IS_STAT == _BINARY_KL:
             g = p * tl.log(p / q) + (1.0 - p) * tl.log((1.0 - p) / (1.0 - q))
             g = tl.maximum(g, 0.0, propagate_nan=tl.PropagateNan.ALL)  # rounded below 0 for p ~ q
         else:
@@ -390,10 +398,10 @@ def _gate_stat(rho, num, den, IS_STAT: tl.constexpr):
 def _is_apply(g, weight, is_low, is_high, IS_MODE: tl.constexpr):
     """``(coefficient, filtered)`` of a gated statistic ``g``: truncate (``min(g, high)``),
     clamp (``clamp(g, low, high)``) or mask (``weight`` inside ``[low, high]``, else 0)."""
-    if IS_MODE == 0:
+    if IS_MODE == _TRUNCATE:
         coef = tl.where(g > is_high, is_high, g)
         filt = g > is_high
-    elif IS_MODE == 1:
+    elif IS_MODE == _CLAMP:
         coef = _clamp(g, is_low, is_high)
         filt = (g < is_low) | (g > is_high)
     else:
@@ -430,16 +438,16 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
     ``seq_a``/``seq_b``: the sequence table's values (GSPO: ratio, gate; geo_mean: A * ratio)."""
     raw = logp - old
     never = tl.zeros_like(raw) > 1.0
-    if MODE == 0:  # vanilla
+    if MODE == _VANILLA:
         loss, clipped, lower, lr, d = _policy_terms(logp, old, adv, lo, hi, dual_clip, lrc)
         neg = -lr
-    elif MODE == 1 or MODE == 2:  # dppo_tv, dppo_kl
+    elif MODE == _DPPO_TV or MODE == _DPPO_KL:
         lr = _clamp(raw, -lrc, lrc)
         ratio = tl.exp(lr)
         truncated = tl.where(ratio > p0, p0, ratio)
         prob = tl.exp(logp)
         old_prob = tl.exp(old)
-        if MODE == 1:
+        if MODE == _DPPO_TV:
             pos = (prob - old_prob) <= hi
             negative = (prob - old_prob) >= -lo
         else:
@@ -453,11 +461,11 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
         clipped = keep == 0
         lower = (ratio > p0) & keep
         neg = -lr
-    elif MODE == 3 or MODE == 4:  # gspo (token gradient, sequence gradient)
+    elif MODE == _GSPO or MODE == _GSPO_SEQ:  # token gradient, sequence gradient
         loss, clipped, lower, dlog = _surrogate(seq_a, adv, lo, hi, dual_clip)
         d = dlog * seq_b
         neg = -raw
-    elif MODE == 5:  # sapo
+    elif MODE == _SAPO:
         lr = _clamp(raw, -lrc, lrc)
         ratio = tl.exp(lr)
         tau = tl.where(adv > 0, p0, p1)
@@ -467,13 +475,13 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
         clipped = never
         lower = never
         neg = -lr
-    elif MODE == 6:  # gpg (and bypass reinforce)
+    elif MODE == _GPG:  # (and bypass reinforce)
         loss = -logp * adv
         d = -adv
         clipped = never
         lower = never
         neg = -raw
-    elif MODE == 7:  # clip_cov (no dual clip: dual_clip = inf)
+    elif MODE == _CLIP_COV:  # no dual clip: dual_clip = inf
         loss, _, _, d = _surrogate(tl.exp(raw), adv, lo, hi, dual_clip)
         chosen = sel != 0
         loss = tl.where(chosen, 0.0, loss)
@@ -481,7 +489,7 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
         clipped = chosen
         lower = never
         neg = -raw
-    elif MODE == 8:  # kl_cov
+    elif MODE == _KL_COV:
         loss1 = -adv * tl.exp(raw)
         chosen = sel != 0
         sign = tl.where(raw > 0, 1.0, tl.where(raw < 0, -1.0, 0.0))
@@ -490,7 +498,7 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
         clipped = chosen
         lower = never
         neg = -raw
-    elif MODE == 9:  # geo_mean: the sequence loss -A_s * r_s, broadcast to its tokens
+    elif MODE == _GEO_MEAN:  # the sequence loss -A_s * r_s, broadcast to its tokens
         sign = tl.where(adv > 0, 1.0, tl.where(adv < 0, -1.0, 0.0))
         clamped = _clamp(raw, lo, hi)
         free = (adv != 0) & (sign * raw <= sign * clamped)
@@ -500,13 +508,13 @@ def _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc, 
         clipped = out & (adv > 0)
         lower = out & (adv < 0)
         neg = -raw
-    elif MODE == 10:  # dro
+    elif MODE == _DRO:
         loss = -(logp * adv - 0.5 * p0 * raw * raw)
         d = -(adv - p0 * raw)
         clipped = never
         lower = never
         neg = -raw
-    elif MODE == 11:  # cispo
+    elif MODE == _CISPO:
         lr = _clamp(raw, -lrc, lrc)
         ratio = tl.exp(lr)
         clipped_ratio = _clamp(ratio, lo, hi)
@@ -532,19 +540,19 @@ def _coefficients(logp, old, roll, w, seq, inb, table_ptr, S, is_low, is_high, i
     rkl = tl.zeros_like(logp)
     if HAS_W:
         coef = w
-    if IS_LEVEL == 1:
+    if IS_LEVEL == _IS_TOKEN:
         coef, filt, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
                                                    IS_SOURCE)
-    elif IS_LEVEL >= 2:
+    elif IS_LEVEL >= _IS_SEQUENCE:
         _c, _f, rho, rkl, _lr, _g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
                                           IS_SOURCE)
         t_is = _at(table_ptr + _ROW_IS * S, seq, inb, MASKED, 0.0)
         filt = _at(table_ptr + _ROW_ISF * S, seq, inb, MASKED, 0.0) != 0
-        if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+        if IS_MODE == _MASK and (IS_STAT != _RATIO or IS_LEVEL == _IS_SEQUENCE_MEAN):
             coef = tl.where(t_is != 0, rho, 0.0)  # the sequence is a gate; the token keeps its ratio
         else:
             coef = t_is
-    if MODE == 9 and (HAS_W or IS_LEVEL != 0):  # geo_mean: the geometric mean over the sequence
+    if MODE == _GEO_MEAN and (HAS_W or IS_LEVEL != _NO_IS):  # geo_mean: the geometric mean over the sequence
         coef = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 1.0)
     if IS_APPLY:
         applied = coef
@@ -568,7 +576,7 @@ def _token(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, 
     old = _ld(old_ptr, offs, inb, MASKED).to(ACC)
     adv = _ld(adv_ptr, offs, inb, MASKED).to(ACC)
     roll = logp
-    if IS_LEVEL != 0 and IS_SOURCE == 0:
+    if IS_LEVEL != _NO_IS and IS_SOURCE == 0:
         roll = _ld(roll_ptr, offs, inb, MASKED).to(ACC)
     w = logp
     if HAS_W:
@@ -583,7 +591,7 @@ def _token(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, 
     if NEED_SEQ:
         seq = _seq_of(offs, cu_ptr, S, T, steps, row_magic, row_shift, PACKED, FAST_ROWS)
         n_s = _at(table_ptr + _ROW_N * S, seq, inb, MASKED, 1.0)
-        if MODE == 3 or MODE == 4 or MODE == 9:
+        if MODE == _GSPO or MODE == _GSPO_SEQ or MODE == _GEO_MEAN:
             seq_a = _at(table_ptr + _ROW_A * S, seq, inb, MASKED, 0.0)
             seq_b = _at(table_ptr + _ROW_B * S, seq, inb, MASKED, 0.0)
     loss, d, clipped, lower, neg = _mode_terms(logp, old, adv, sel, seq_a, seq_b, n_s, lo, hi, dual_clip, lrc,
@@ -655,7 +663,7 @@ def _bwd_tile(pid, grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, adv_ptr, ma
         pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, N, T, S, steps,
         row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high, is_clamp, MODE, IS_LEVEL, IS_MODE,
         IS_STAT, IS_SOURCE, IS_APPLY, HAS_W, HAS_SEL, PER_SEQ, NEED_SEQ, PACKED, FAST_ROWS, MASKED, ACC, BLOCK)
-    if MODE == 4:  # GSPO, gradient through the sequence mean: G_s * gate / n_s on every valid token
+    if MODE == _GSPO_SEQ:  # GSPO, gradient through the sequence mean: G_s * gate / n_s on every valid token
         d = _at(gseq_ptr, seq, inb, MASKED, 0.0) * gate / n_s
     else:
         d = weight * d
@@ -737,16 +745,16 @@ def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, 
         if (WHAT & 2) != 0 or (WHAT & 8) != 0 or (WHAT & 4) != 0:
             adv = tl.load(adv_ptr + offs, mask=inb, other=0.0).to(ACC)
             roll = logp
-            if IS_LEVEL != 0 and IS_SOURCE == 0:
+            if IS_LEVEL != _NO_IS and IS_SOURCE == 0:
                 roll = tl.load(roll_ptr + offs, mask=inb, other=0.0).to(ACC)
             coef = tl.full([BLOCK], 1.0, ACC)
             if HAS_W:
                 coef = tl.load(w_ptr + offs, mask=inb, other=1.0).to(ACC)
-            if IS_LEVEL != 0:
+            if IS_LEVEL != _NO_IS:
                 coef, _f, rho, _k, lr, g = _is_token(logp, old, roll, is_low, is_high, is_clamp, IS_MODE, IS_STAT,
                                                      IS_SOURCE)
             if (WHAT & 4) != 0:
-                if IS_STAT == 0:
+                if IS_STAT == _RATIO:
                     q3 += tl.where(valid, lr, 0.0)
                 else:
                     q3 += tl.where(valid, g, 0.0)
@@ -758,8 +766,8 @@ def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, 
                 q1 += tl.where(valid, adv, 0.0)
                 q2 += tl.where(valid, tl.log(coef + 1e-10), 0.0)
             if (WHAT & 8) != 0:
-                if IS_LEVEL >= 2:
-                    if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+                if IS_LEVEL >= _IS_SEQUENCE:
+                    if IS_MODE == _MASK and (IS_STAT != _RATIO or IS_LEVEL == _IS_SEQUENCE_MEAN):
                         coef = tl.where(t_is != 0, rho, 0.0)
                     else:
                         coef = tl.full([BLOCK], 1.0, ACC) * t_is
@@ -829,14 +837,14 @@ def _policy_seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_
             else:
                 tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
         if (WHAT & 4) != 0:  # sequence-level correction
-            if IS_STAT == 0:
-                if IS_LEVEL == 2:
+            if IS_STAT == _RATIO:
+                if IS_LEVEL == _IS_SEQUENCE:
                     g = tl.exp(_clamp(q3, -is_clamp, is_clamp))
                 else:
                     g = tl.exp(_clamp(q3 / tl.maximum(n, 1.0), -is_clamp, is_clamp))
             else:
                 g = q3 / tl.maximum(n, 1.0)
-            if IS_MODE == 2 and (IS_STAT != 0 or IS_LEVEL == 3):
+            if IS_MODE == _MASK and (IS_STAT != _RATIO or IS_LEVEL == _IS_SEQUENCE_MEAN):
                 keep = (g >= is_low) & (g <= is_high)
                 coef = keep.to(ACC)
                 filt = keep == 0
