@@ -1,9 +1,10 @@
 """The op registry: every op family, its public ops and the launcher module of each backend.
 
 This table is the one list of families. The dispatcher (``fastrlhf.backend``) finds launchers
-here, the CUDA dispatch table, the benchmark suite (``bench/families/<family>.py``), the static
-report and the tests read their family lists from it. Adding a family, or a backend to one, is
-one entry here (see ``docs/adding-an-op.md``).
+here, the CUDA dispatch table, the benchmark suite (``bench/families/<family>.py``) and the
+tests read their family lists from it. Adding a family, or a backend to one, is one entry here;
+adding an op to a family is not (its ops are what ``fastrlhf`` exports from the family's ops
+modules; see ``docs/adding-an-op.md``).
 
 A launcher module exposes the same functions with the same signatures on every backend that
 has it: the ops allocate the outputs, a launcher fills those it is given.
@@ -12,6 +13,7 @@ has it: the ops allocate the outputs, a launcher fills those it is given.
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass, field
 
 __all__ = ["FAMILIES", "Family", "family", "family_names", "launcher_module"]
@@ -19,14 +21,23 @@ __all__ = ["FAMILIES", "Family", "family", "family_names", "launcher_module"]
 
 @dataclass(frozen=True)
 class Family:
-    """One op family: ``ops`` (names in ``fastrlhf``), ``backends`` (backend -> launcher module)
-    and ``cuda_features``: what the ``cuda`` launchers cover beyond the family's plain form
+    """One op family: ``backends`` (backend -> launcher module), ``op_modules`` (the modules under
+    ``fastrlhf.ops`` defining its public ops; default: ``fastrlhf.ops.<name>``) and
+    ``cuda_features``: what the ``cuda`` launchers cover beyond the family's plain form
     (``fastrlhf.backend.has_kernels``; the torch and triton launchers cover every feature)."""
 
     name: str
-    ops: tuple[str, ...]
     backends: dict[str, str]
+    op_modules: tuple[str, ...] = field(default=())
     cuda_features: tuple[str, ...] = field(default=())
+
+    @property
+    def ops(self) -> tuple[str, ...]:
+        """The family's public ops: the functions ``fastrlhf`` exports from its ops modules."""
+        api = importlib.import_module("fastrlhf")  # by name, at call time: the package imports this module
+        modules = {f"fastrlhf.ops.{m}" for m in self.op_modules or (self.name,)}
+        return tuple(n for n in api.__all__
+                     if inspect.isfunction(fn := getattr(api, n)) and fn.__module__ in modules)
 
 
 def _three(name: str, cuda: bool = True) -> dict[str, str]:
@@ -38,12 +49,12 @@ def _three(name: str, cuda: bool = True) -> dict[str, str]:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("logprobs", ("token_logprobs", "sequence_logprobs"), _three("logprobs")),
-    Family("linear_logprobs", ("linear_token_logprobs",), _three("linear_logprobs", cuda=False)),
-    Family("kl", ("kl_penalty", "kl_penalized_rewards"), _three("kl")),
-    Family("advantages", ("gae", "discounted_returns", "group_advantages", "masked_whiten"), _three("advantages")),
-    Family("policy_loss", ("policy_loss", "ppo_policy_loss", "ppo_value_loss", "aggregate"), _three("policy_loss")),
-    Family("dpo", ("dpo_loss", "bradley_terry_loss", "choice_loss"), _three("dpo", cuda=False)),
+    Family("logprobs", _three("logprobs")),
+    Family("linear_logprobs", _three("linear_logprobs", cuda=False)),
+    Family("kl", _three("kl")),
+    Family("advantages", _three("advantages")),
+    Family("policy_loss", _three("policy_loss"), op_modules=("policy_loss", "aggregation")),
+    Family("dpo", _three("dpo", cuda=False)),
 )
 """Every family, in the order the benchmark runs and reports them."""
 
