@@ -1,41 +1,33 @@
-"""fastrlhf: fused kernels for the hot paths of RLHF."""
+"""fastrlhf: fused kernels for the hot paths of RLHF.
+
+The public API: the backend controls below and, per op module, its ``__all__`` (an op a family's
+ops module lists is exported here; ``fastrlhf.registry`` says which family it belongs to).
+"""
 
 from fastrlhf.backend import available_backends, use_backend
 from fastrlhf.errors import BackendUnavailableError
-from fastrlhf.ops.advantages import discounted_returns, gae, group_advantages, masked_whiten
-from fastrlhf.ops.dpo import bradley_terry_loss, choice_loss, dpo_loss
-from fastrlhf.ops.kl import AdaptiveKLController, FixedKLController, kl_penalized_rewards, kl_penalty
-from fastrlhf.ops.linear_logprobs import linear_token_logprobs
-from fastrlhf.ops.logprobs import sequence_logprobs, token_logprobs
-from fastrlhf.ops.aggregation import aggregate
-from fastrlhf.ops.policy_loss import (POLICY_LOSS_MODES, RolloutCorrection, policy_loss, policy_loss_options,
-                                      ppo_policy_loss, ppo_value_loss)
+from fastrlhf.ops import advantages as _advantages
+from fastrlhf.ops import aggregation as _aggregation
+from fastrlhf.ops import dpo as _dpo
+from fastrlhf.ops import kl as _kl
+from fastrlhf.ops import linear_logprobs as _linear_logprobs
+from fastrlhf.ops import logprobs as _logprobs
+from fastrlhf.ops import policy_loss as _policy_loss
+from fastrlhf.ops.advantages import *  # noqa: F403
+from fastrlhf.ops.aggregation import *  # noqa: F403
+from fastrlhf.ops.dpo import *  # noqa: F403
+from fastrlhf.ops.kl import *  # noqa: F403
+from fastrlhf.ops.linear_logprobs import *  # noqa: F403
+from fastrlhf.ops.logprobs import *  # noqa: F403
+from fastrlhf.ops.policy_loss import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaptiveKLController",
-    "BackendUnavailableError",
-    "FixedKLController",
-    "POLICY_LOSS_MODES",
-    "RolloutCorrection",
-    "aggregate",
-    "available_backends",
-    "bradley_terry_loss",
-    "choice_loss",
-    "discounted_returns",
-    "dpo_loss",
-    "gae",
-    "group_advantages",
-    "kl_penalized_rewards",
-    "kl_penalty",
-    "linear_token_logprobs",
-    "masked_whiten",
-    "policy_loss",
-    "policy_loss_options",
-    "ppo_policy_loss",
-    "ppo_value_loss",
-    "sequence_logprobs",
-    "token_logprobs",
-    "use_backend",
-]
+__all__ = ["BackendUnavailableError", "available_backends", "use_backend"]
+__all__ += _logprobs.__all__
+__all__ += _linear_logprobs.__all__
+__all__ += _kl.__all__
+__all__ += _advantages.__all__
+__all__ += _policy_loss.__all__
+__all__ += _aggregation.__all__
+__all__ += _dpo.__all__

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fastrlhf
+from fastrlhf import registry
 from fastrlhf.backend import has_kernels
 from tests.conftest import BACKENDS, DEVICE
 
@@ -111,6 +112,11 @@ CASES = {
                                                  bias=_f(V)), {}),
     "kl_penalty": ("kl", lambda b, lp, ref: fastrlhf.kl_penalty(lp, ref, estimator="k3", backend=b),
                    lambda: dict(lp=_logp(B, T), ref=_logp(B, T)), {}),
+    "aggregate": ("policy_loss", lambda b, x, mask: fastrlhf.aggregate(x, mask, "seq-mean-token-mean"),
+                  lambda: dict(x=_f(B, T), mask=_mask(B, T)), {}),
+    "importance_weights": ("kl:importance_weights",
+                           lambda b, lp, old: fastrlhf.importance_weights(lp, old, low=0.8, high=1.2, backend=b),
+                           lambda: dict(lp=_logp(B, T), old=_logp(B, T)), {}),
     "kl_penalized_rewards": ("kl",
                              lambda b, scores, lp, ref, mask: fastrlhf.kl_penalized_rewards(
                                  scores, lp, ref, mask, kl_coef=0.1, estimator="k3", backend=b),
@@ -163,6 +169,10 @@ CASES = {
     "choice_loss": ("dpo", lambda b, r, i: fastrlhf.choice_loss(r, i, backend=b),
                     lambda: dict(r=_f(B, G), i=torch.randint(0, G, (B,), device=DEVICE)), {"r": UNIT_LAST}),
 }
+
+
+def test_every_public_op_has_a_case():
+    assert {op for f in registry.FAMILIES for op in f.ops} <= {name.split("-")[0] for name in CASES}
 
 
 def _has_kernels(backend, family):

@@ -1,14 +1,17 @@
-"""KL penalties per token and KL-penalized rewards, at 1M-16M tokens (``[B, 2048]``, fp32).
+"""KL penalties per token, KL-penalized rewards and clipped importance weights, at 1M-16M tokens
+(``[B, 2048]``, fp32).
 
 Settings: the k3 ("low_var_kl") estimator with verl's clamps (log-ratio to +-20, estimate
-to +-10); rewards with ``kl_coef = 0.05`` and the score clipped to +-10.
+to +-10); rewards with ``kl_coef = 0.05`` and the score clipped to +-10; importance weights with
+verl's token-level truncation (log-ratio to +-20, weight at most 2) and a lower bound of 0.5.
 
 Minimum bytes (``N`` tokens, fp32 log-probs, bool mask):
 
 * kl_penalty fwd: read both log-probs ``8N``, write the estimate ``4N``;
   bwd: read both log-probs and the upstream gradient ``12N``, write ``d/d logprobs`` ``4N``;
 * kl_penalized_rewards (forward only, no gradient): read both log-probs and the mask ``9N``
-  and the scores ``4B``, write rewards and kl ``8N``.
+  and the scores ``4B``, write rewards and kl ``8N``;
+* importance_weights: as kl_penalty.
 """
 
 from __future__ import annotations
@@ -17,12 +20,13 @@ import torch
 
 from bench.core import Case, Config, Op
 from bench.families import _inputs as rnd
-from fastrlhf.ops.kl import kl_penalized_rewards, kl_penalty
+from fastrlhf.ops.kl import importance_weights, kl_penalized_rewards, kl_penalty
 from fastrlhf.reference import kl as ref
 
 KL_ARGS = {"estimator": "k3", "clamp": 10.0, "log_ratio_clamp": 20.0}
 REWARD_ARGS = {"kl_coef": 0.05, "estimator": "k3", "kl_clamp": 10.0, "log_ratio_clamp": 20.0,
                "score_clip": 10.0}
+WEIGHT_ARGS = {"low": 0.5, "high": 2.0, "log_ratio_clamp": 20.0}
 
 
 def _penalty_inputs(shape, device):
@@ -53,8 +57,17 @@ REWARDS = Op(
     x_label="tokens B·T", rtol=1e-4)
 
 
+WEIGHTS = Op(
+    name="importance_weights", family="kl", feature="importance_weights",
+    reference=lambda logprobs, ref_logprobs: ref.importance_weights(logprobs, ref_logprobs, **WEIGHT_ARGS),
+    fastrlhf=lambda logprobs, ref_logprobs, backend: importance_weights(logprobs, ref_logprobs, backend=backend,
+                                                                        **WEIGHT_ARGS),
+    probe=lambda device: _penalty_inputs(rnd.PROBE_SHAPE, device),
+    grad_inputs=("logprobs",), x_label="tokens B·T", rtol=1e-4)
+
+
 def ops() -> list[Op]:
-    return [PENALTY, REWARDS]
+    return [PENALTY, REWARDS, WEIGHTS]
 
 
 def cases(cfg: Config) -> list[Case]:
@@ -63,6 +76,9 @@ def cases(cfg: Config) -> list[Case]:
         N = B * T
         params = {"B": B, "T": T, "dtype": "fp32"}
         out.append(Case(PENALTY, f"B{B}-T{T}", params, N,
+                        lambda device, s=(B, T): _penalty_inputs(s, device),
+                        {"fwd": 12 * N, "bwd": 16 * N, "fwd+bwd": 28 * N}))
+        out.append(Case(WEIGHTS, f"B{B}-T{T}", params, N,
                         lambda device, s=(B, T): _penalty_inputs(s, device),
                         {"fwd": 12 * N, "bwd": 16 * N, "fwd+bwd": 28 * N}))
         out.append(Case(REWARDS, f"B{B}-T{T}", params, N,

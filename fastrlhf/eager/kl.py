@@ -1,11 +1,14 @@
 """The torch backend's KL launchers (``fastrlhf.triton.kl``' entry points): the reference's
-estimators and rewards (``fastrlhf.reference.kl``), packed sequences on padded rows.
+estimators, rewards and importance weights (``fastrlhf.reference.kl``), packed sequences on padded
+rows.
 
 Arguments come as the kernels take them: the estimator's number (``reference.kl.CODES``) and
 ``inf`` for a bound that is not set (a clamp to ``+-inf`` changes no value).
 """
 
 from __future__ import annotations
+
+import torch
 
 from fastrlhf.reference import kl as ref
 from fastrlhf.reference import packed
@@ -40,3 +43,19 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
         out = packed.unpad(cu_seqlens, *out)
     rewards.copy_(out[0])
     kl.copy_(out[1])
+
+
+def importance_weights_fwd(logprobs, old_logprobs, low, high, log_ratio_clamp, out):
+    """Fill ``out`` (the inputs' shape) with the clipped weights."""
+    out.copy_(ref.importance_weights(logprobs, old_logprobs, low, high, log_ratio_clamp))
+
+
+def importance_weights_bwd(grad, logprobs, old_logprobs, low, high, log_ratio_clamp, grad_logprobs,
+                           grad_old_logprobs):
+    """Fill the gradients (the inputs' dtypes; an empty one is not wanted): the reference's, by
+    ``torch.func`` (this runs inside a custom op, below autograd)."""
+    _, vjp = torch.func.vjp(lambda a, b: ref.importance_weights(a, b, low, high, log_ratio_clamp),
+                            logprobs.detach(), old_logprobs.detach())
+    for out, g in zip((grad_logprobs, grad_old_logprobs), vjp(grad)):
+        if out.numel():
+            out.copy_(g)

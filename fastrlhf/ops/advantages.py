@@ -22,6 +22,8 @@ from fastrlhf._numerics import STATS_DTYPE, acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference.advantages import METHODS
 
+__all__ = ["discounted_returns", "gae", "group_advantages", "masked_whiten"]
+
 HOLES = ("skip", "zero")
 
 

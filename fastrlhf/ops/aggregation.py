@@ -36,7 +36,7 @@ from fastrlhf import _checks
 from fastrlhf.reference import aggregation as ref
 from fastrlhf.reference.aggregation import AGG_MODES
 
-__all__ = ["AGG_MODES", "aggregate", "check_layout", "normalizer_counts", "scale"]
+__all__ = ["aggregate"]
 
 
 def scale(agg: str, counts: tuple, dtype: torch.dtype, device: torch.device, n_tokens, n_seqs, T) -> torch.Tensor:

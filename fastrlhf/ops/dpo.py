@@ -20,6 +20,8 @@ from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.reference import dpo as ref
 from fastrlhf.reference.dpo import LOSS_TYPES, METRICS
 
+__all__ = ["bradley_terry_loss", "choice_loss", "dpo_loss"]
+
 
 def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
     """``(loss number, beta, eps, log(1 - eps), log(eps))`` as the kernels take them, ``eps``

@@ -1,4 +1,5 @@
-"""KL estimators, KL-penalized per-token rewards and the KL coefficient controllers.
+"""KL estimators, KL-penalized per-token rewards, clipped importance weights and the KL
+coefficient controllers.
 
 Chain: public function (checks, backend choice) → ``torch.library`` custom op with fake and
 autograd registrations → backend launcher (``fastrlhf.<backend>.kl``: ``eager``, ``triton``,
@@ -15,6 +16,9 @@ from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.reference import kl as ref
+
+__all__ = ["AdaptiveKLController", "FixedKLController", "importance_weights", "kl_penalized_rewards",
+           "kl_penalty"]
 
 ESTIMATORS = tuple(n + s for n in ref.ESTIMATORS for s in ("", "+"))
 
@@ -88,6 +92,59 @@ def _autograd_backward(ctx, grad):
 _kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
+# ---------------------------------------------------------------- importance_weights op
+def _bounds(*bounds: float | None) -> tuple[float, ...]:
+    """The kernels' form of optional bounds: ``low`` None is ``-inf``, the others ``inf``."""
+    low, *rest = bounds
+    return (-math.inf if low is None else low, *(math.inf if b is None else b for b in rest))
+
+
+@torch.library.custom_op("fastrlhf::importance_weights", mutates_args=())
+def _weights_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: float | None, high: float | None,
+                log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
+    out = _per_token(logprobs, old_logprobs)
+    if out.numel():
+        launchers(backend, "kl").importance_weights_fwd(logprobs, old_logprobs, *_bounds(low, high, log_ratio_clamp),
+                                                        out)
+    return out
+
+
+@_weights_op.register_fake
+def _(logprobs, old_logprobs, low, high, log_ratio_clamp, backend):
+    return _per_token(logprobs, old_logprobs)
+
+
+@torch.library.custom_op("fastrlhf::importance_weights_backward", mutates_args=())
+def _weights_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: float | None,
+                    high: float | None, log_ratio_clamp: float | None, want_logp: bool, want_old: bool,
+                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    dlogp, dold = _gradients(logprobs, old_logprobs, want_logp, want_old)
+    if logprobs.numel() and (want_logp or want_old):
+        launchers(backend, "kl").importance_weights_bwd(grad, logprobs, old_logprobs,
+                                                        *_bounds(low, high, log_ratio_clamp), dlogp, dold)
+    return dlogp, dold
+
+
+@_weights_bwd_op.register_fake
+def _(grad, logprobs, old_logprobs, low, high, log_ratio_clamp, want_logp, want_old, backend):
+    return _gradients(logprobs, old_logprobs, want_logp, want_old)
+
+
+def _weights_backward(ctx, grad):
+    want_logp, want_old = ctx.needs_input_grad[:2]
+    dlogp, dold = _weights_bwd_op(grad, *ctx.saved_tensors, *ctx.args, want_logp, want_old, ctx.backend)
+    return (dlogp if want_logp else None), (dold if want_old else None), None, None, None, None
+
+
+def _weights_setup_context(ctx, inputs, output):
+    logprobs, old_logprobs, *args, ctx.backend = inputs
+    ctx.args = args
+    ctx.save_for_backward(logprobs, old_logprobs)
+
+
+_weights_op.register_autograd(_weights_backward, setup_context=_weights_setup_context)
+
+
 # ---------------------------------------------------------------- kl_penalized_rewards op
 @torch.library.custom_op("fastrlhf::kl_penalized_rewards", mutates_args=())
 def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
@@ -150,6 +207,43 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     name = resolve_backend(backend, logprobs.device, "kl")
     return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
+
+
+def importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, *, low: float | None = None,
+                       high: float | None = 2.0, log_ratio_clamp: float | None = 20.0,
+                       backend: str = "auto") -> torch.Tensor:
+    """Per-token clipped importance weights ``clamp(exp(clamp(lr, +-log_ratio_clamp)), low, high)`` of
+    the log-ratio ``lr = logprobs - old_logprobs``.
+
+    The defaults are verl's token-level truncated importance sampling against the rollout engine
+    (``rollout_is="token"``, ``rollout_is_threshold=2``: ``importance_weights(old_logprobs,
+    rollout_logprobs)``, detached, is its ``rollout_is_weights``); ``low`` adds a lower bound (a
+    band, e.g. ``(0.5, 5.0)``). Weights a trainer multiplies into a loss are detached; the op
+    also differentiates (``d weight / d lr = weight`` where no clamp is active, else 0), for
+    losses that use the clipped ratio itself.
+
+    Args:
+        logprobs, old_logprobs: float tensors of one shape (any; bf16/fp16/fp32/fp64, dtypes may
+            differ), on one device. Both get gradients.
+        low, high: ``None`` (no bound) or a float; ``0 <= low <= high``, ``high > 0``.
+        log_ratio_clamp: ``None`` or a float ``c > 0``: ``lr`` is clamped to ``[-c, c]`` before
+            ``exp`` (verl's 20: no overflow).
+        backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``fastrlhf.backend``).
+
+    Returns:
+        The weights, fp32 (fp64 when an input is fp64), of ``logprobs.shape``; never negative.
+        Memory (triton): the output; backward allocates only the gradients asked for.
+
+    >>> w = fastrlhf.importance_weights(old_logp, rollout_logp, high=2.0).detach()
+    """
+    _checks.matching(("logprobs", "old_logprobs"), (logprobs, old_logprobs))
+    low = None if low is None else _checks.non_negative("low", low)
+    high = _checks.optional_positive("high", high)
+    if low is not None and high is not None and low > high:
+        raise ValueError(f"low must be <= high, got low={low} and high={high}")
+    log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
+    name = resolve_backend(backend, logprobs.device, "kl", "importance_weights")
+    return _weights_op(logprobs, old_logprobs, low, high, log_ratio_clamp, name)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

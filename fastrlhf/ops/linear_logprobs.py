@@ -19,6 +19,8 @@ import torch
 from fastrlhf import _checks
 from fastrlhf.backend import launchers, resolve_backend
 
+__all__ = ["linear_token_logprobs"]
+
 FAMILY = "linear_logprobs"
 COMPUTE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 OPTIONAL_OUTPUTS = ("entropy", "log_sum_sq_probs", "mean_logits", "is_top1")

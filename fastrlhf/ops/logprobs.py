@@ -13,6 +13,8 @@ from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
 
+__all__ = ["sequence_logprobs", "token_logprobs"]
+
 
 # --------------------------------------------------------------------------- forward op
 def _forward_outputs(logits, labels, with_entropy):

@@ -33,9 +33,9 @@ from fastrlhf.ops import aggregation as agg_ops
 from fastrlhf.ops.policy_spec import (POLICY_LOSS_MODES, REQUIRED, RolloutCorrection, decode, encode, kernel_mode,
                                       needs_table, policy_loss_options, resolve_options, stats_of)
 from fastrlhf.reference import policy_loss as ref
-from fastrlhf.reference.aggregation import AGG_MODES, safe_div
+from fastrlhf.reference.aggregation import safe_div
 
-__all__ = ["AGG_MODES", "POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options",
+__all__ = ["POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options",
            "ppo_policy_loss", "ppo_value_loss"]
 
 FAMILY = "policy_loss"

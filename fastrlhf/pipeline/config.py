@@ -23,7 +23,7 @@ import fastrlhf
 from fastrlhf.ops.advantages import METHODS as ADVANTAGE_METHODS
 from fastrlhf.ops.dpo import LOSS_TYPES
 from fastrlhf.ops.kl import ESTIMATORS
-from fastrlhf.ops.policy_loss import AGG_MODES
+from fastrlhf.ops.aggregation import AGG_MODES
 from fastrlhf.pipeline.errors import ConfigError
 
 

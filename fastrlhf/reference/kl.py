@@ -1,5 +1,5 @@
-"""Naive PyTorch KL estimators and KL-penalized per-token rewards, written the way trainers
-write them. The oracle of the tests, the baseline of the benchmarks and the ``torch`` backend.
+"""Naive PyTorch KL estimators, KL-penalized per-token rewards and clipped importance weights,
+written the way trainers write them. The oracle of the tests, the baseline of the benchmarks and the ``torch`` backend.
 """
 
 from __future__ import annotations
@@ -104,6 +104,17 @@ def kl_penalty_backward(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs
         d = torch.where(active, 0.0, d)
     d = grad.to(acc) * d
     return d.to(logprobs.dtype), (-d).to(ref_logprobs.dtype)
+
+
+def importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: float | None = None,
+                       high: float | None = None, log_ratio_clamp: float | None = None) -> torch.Tensor:
+    """Per-token ``clamp(exp(clamp(lr, +-log_ratio_clamp)), low, high)`` of ``lr = logprobs -
+    old_logprobs``, differentiable (0 where a clamp is active)."""
+    acc = acc_dtype(logprobs, old_logprobs)
+    lr = logprobs.to(acc) - old_logprobs.to(acc)
+    if log_ratio_clamp is not None:
+        lr = lr.clamp(-log_ratio_clamp, log_ratio_clamp)
+    return lr.exp().clamp(low, high)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,

@@ -1,4 +1,5 @@
-"""Triton kernels for KL estimators and KL-penalized per-token rewards.
+"""Triton kernels for KL estimators, KL-penalized per-token rewards and clipped importance
+weights.
 
 All math in fp32 (fp64 for fp64 inputs). A ``None`` clamp comes as ``inf``, which leaves
 every value unchanged, so clamps are runtime arguments and never specialize a kernel.
@@ -136,6 +137,36 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, l
 
 
 @triton.jit
+def _weight(lr, low, high, log_ratio_clamp):
+    """``(clamp(exp(clamp(lr)), low, high), d weight / d lr)``: 0 where a clamp is active."""
+    r = tl.exp(_clamp(lr, log_ratio_clamp))
+    w = tl.where(r < low, low, tl.where(r > high, high, r))
+    return w, tl.where((tl.abs(lr) > log_ratio_clamp) | (r < low) | (r > high), 0.0, r)
+
+
+@triton.jit
+def _weights_fwd_kernel(logp_ptr, old_ptr, w_ptr, N, low, high, log_ratio_clamp, ACC: tl.constexpr,
+                        BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    w, _ = _weight(_log_ratio(logp_ptr, old_ptr, offs, inb, ACC), low, high, log_ratio_clamp)
+    tl.store(w_ptr + offs, w, mask=inb)
+
+
+@triton.jit
+def _weights_bwd_kernel(grad_ptr, logp_ptr, old_ptr, dlogp_ptr, dold_ptr, N, low, high, log_ratio_clamp,
+                        WANT_LOGP: tl.constexpr, WANT_OLD: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < N
+    _, d = _weight(_log_ratio(logp_ptr, old_ptr, offs, inb, ACC), low, high, log_ratio_clamp)
+    d *= tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC)
+    if WANT_LOGP:
+        tl.store(dlogp_ptr + offs, narrow(d, dlogp_ptr), mask=inb)
+    if WANT_OLD:
+        tl.store(dold_ptr + offs, narrow(-d, dold_ptr), mask=inb)
+
+
+@triton.jit
 def _rewards_tile(lp_row, rf_row, m_row, rewards_ptr, kl_ptr, out, cols, hi, coef, clamp, log_ratio_clamp,
                   last, MASKED: tl.constexpr, EST: tl.constexpr, ACC: tl.constexpr):
     """Write one tile's rewards and KL; return the last valid column so far."""
@@ -217,23 +248,42 @@ def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, ou
         EST=estimator, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
-def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log_ratio_clamp,
-                   grad_logprobs, grad_ref_logprobs):
-    """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
-    n = logprobs.numel()
-    want_logp, want_ref = grad_logprobs.numel() > 0, grad_ref_logprobs.numel() > 0
-    outs = (grad_logprobs, grad_ref_logprobs)
+def _pair_backward(kernel, grad, a, b, args, grad_a, grad_b, **constexprs):
+    """Launch an elementwise backward ``kernel`` of two log-prob inputs into their gradients
+    (contiguous, the inputs' dtypes; an empty one is not wanted)."""
+    outs = (grad_a, grad_b)
     if triton_interpreter():
         # The interpreter casts fp32 to bf16 by truncation (GPUs round to nearest): under it the
         # kernel writes fp32 and torch rounds, so the tests see the GPU's rounding.
         outs = tuple(g.new_empty(g.shape, dtype=torch.float32) if g.dtype == torch.bfloat16 else g for g in outs)
-    _kl_bwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        _flat(grad), _flat(logprobs), _flat(ref_logprobs), outs[0], outs[1], n,
-        clamp, log_ratio_clamp, EST=estimator, STRAIGHT=straight, WANT_LOGP=want_logp,
-        WANT_REF=want_ref, ACC=tl_acc(acc_dtype(logprobs, ref_logprobs)), BLOCK=_BLOCK)
-    for out, buf in zip((grad_logprobs, grad_ref_logprobs), outs):
+    n = a.numel()
+    kernel[(triton.cdiv(n, _BLOCK),)](_flat(grad), _flat(a), _flat(b), outs[0], outs[1], n, *args, **constexprs,
+                                      ACC=tl_acc(acc_dtype(a, b)), BLOCK=_BLOCK)
+    for out, buf in zip((grad_a, grad_b), outs):
         if buf is not out:
             out.copy_(buf)
+
+
+def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log_ratio_clamp,
+                   grad_logprobs, grad_ref_logprobs):
+    """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
+    _pair_backward(_kl_bwd_kernel, grad, logprobs, ref_logprobs, (clamp, log_ratio_clamp), grad_logprobs,
+                   grad_ref_logprobs, EST=estimator, STRAIGHT=straight, WANT_LOGP=grad_logprobs.numel() > 0,
+                   WANT_REF=grad_ref_logprobs.numel() > 0)
+
+
+def importance_weights_fwd(logprobs, old_logprobs, low, high, log_ratio_clamp, out):
+    """Fill ``out`` (contiguous, the inputs' shape) with the clipped weights; an unset bound is ``inf``."""
+    n = out.numel()
+    _weights_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+        _flat(logprobs), _flat(old_logprobs), out, n, low, high, log_ratio_clamp, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
+
+
+def importance_weights_bwd(grad, logprobs, old_logprobs, low, high, log_ratio_clamp, grad_logprobs,
+                           grad_old_logprobs):
+    """Fill the gradients (contiguous, the inputs' dtypes); an empty one is not wanted."""
+    _pair_backward(_weights_bwd_kernel, grad, logprobs, old_logprobs, (low, high, log_ratio_clamp), grad_logprobs,
+                   grad_old_logprobs, WANT_LOGP=grad_logprobs.numel() > 0, WANT_OLD=grad_old_logprobs.numel() > 0)
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
