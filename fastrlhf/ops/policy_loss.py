@@ -114,25 +114,32 @@ def _none_but_first(ctx, grad):
     return (grad, *[None] * (len(ctx.needs_input_grad) - 1))
 
 
-# ------------------------------------------------- the plain form: PPO policy loss op (+ CUDA)
-@torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
-def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
-               mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
-               log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
-               global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, [clipfrac, clipfrac_lower, approx_kl], scale, row_counts)``; the last two for backward."""
-    counts = (global_tokens, global_seqs, loss_scale_factor)
-    dtype = acc_dtype(logprobs, old_logprobs, advantages)
+def _plain_forward(launcher: str, inputs: tuple, mask, agg, counts, n_sums: int, n_counts: int, backend: str,
+                   *args) -> tuple:
+    """``(loss, stats, scale, row_counts)`` of a plain form: ``launcher`` fills ``n_sums`` partial
+    sums and ``n_counts`` counts per tile, added here in a fixed order and normalized."""
+    dtype = acc_dtype(*inputs)
     row_counts = _row_counts(mask, agg)
     kernels = launchers(backend, FAMILY)
-    sums, parts = _partials(logprobs, 2, 3, dtype, kernels)
-    if logprobs.numel():
-        kernels.ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts,
-                               *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp), sums, parts)
+    sums, parts = _partials(inputs[0], n_sums, n_counts, dtype, kernels)
+    if inputs[0].numel():
+        getattr(kernels, launcher)(*inputs, mask, row_counts, *args, sums, parts)
     total, n_tokens, stats = _reduce(sums, parts)
     scale = _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts)
     return total * scale, stats, scale, _or_empty(row_counts, mask)
+
+
+# ------------------------------------------------- the plain form: PPO policy loss op (+ CUDA)
+@torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
+def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                   mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
+                   log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
+                   global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, [clipfrac, clipfrac_lower, approx_kl], scale, row_counts)``; the last two for backward."""
+    return _plain_forward("ppo_policy_fwd", (logprobs, old_logprobs, advantages), mask, agg,
+                          (global_tokens, global_seqs, loss_scale_factor), 2, 3, backend,
+                          *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp))
 
 
 @_ppo_policy_op.register_fake
@@ -144,10 +151,10 @@ def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, 
 
 @torch.library.custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
 def _ppo_policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, logprobs: torch.Tensor,
-                   old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                   row_counts: torch.Tensor, clip_low: float, clip_high: float,
-                   dual_clip: float | None, log_ratio_clamp: float | None, agg: str,
-                   backend: str) -> torch.Tensor:
+                       old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                       row_counts: torch.Tensor, clip_low: float, clip_high: float,
+                       dual_clip: float | None, log_ratio_clamp: float | None, agg: str,
+                       backend: str) -> torch.Tensor:
     rows = row_counts if agg == "seq-mean-token-mean" else None
     dx = torch.empty(logprobs.shape, dtype=logprobs.dtype, device=logprobs.device)
     if dx.numel():
@@ -176,7 +183,7 @@ def _policy_backward(ctx, grad, *_):
     if grad is None:
         grad = torch.zeros_like(scale)
     return _none_but_first(ctx, _ppo_policy_bwd_op(grad, scale, logprobs, old_logprobs, advantages, mask, rows,
-                                               *ctx.args))
+                                                   *ctx.args))
 
 
 _ppo_policy_op.register_autograd(_policy_backward, setup_context=_policy_setup_context)
@@ -189,16 +196,10 @@ def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Ten
               global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, vf_clipfrac, scale, row_counts)``; the last two for backward."""
-    counts = (global_tokens, global_seqs, loss_scale_factor)
-    dtype = acc_dtype(values, old_values, returns)
-    row_counts = _row_counts(mask, agg)
-    kernels = launchers(backend, FAMILY)
-    sums, parts = _partials(values, 1, 2, dtype, kernels)
-    if values.numel():
-        kernels.ppo_value_fwd(values, old_values, returns, mask, row_counts, _inf(clip), sums, parts)
-    total, n_tokens, clipfrac = _reduce(sums, parts)
-    scale = _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts)
-    return total * scale, clipfrac.reshape(()), scale, _or_empty(row_counts, mask)
+    loss, clipfrac, scale, rows = _plain_forward("ppo_value_fwd", (values, old_values, returns), mask, agg,
+                                                 (global_tokens, global_seqs, loss_scale_factor), 1, 2, backend,
+                                                 _inf(clip))
+    return loss, clipfrac.reshape(()), scale, rows
 
 
 @_value_op.register_fake

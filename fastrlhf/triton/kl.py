@@ -113,6 +113,15 @@ def _log_ratio(logp_ptr, ref_ptr, offs, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def _store_pair(d, da_ptr, db_ptr, offs, inb, WANT_A: tl.constexpr, WANT_B: tl.constexpr):
+    """The gradients of a difference ``a - b`` of two inputs: ``d`` and ``-d``, each if wanted."""
+    if WANT_A:
+        tl.store(da_ptr + offs, narrow(d, da_ptr), mask=inb)
+    if WANT_B:
+        tl.store(db_ptr + offs, narrow(-d, db_ptr), mask=inb)
+
+
+@triton.jit
 def _kl_fwd_kernel(logp_ptr, ref_ptr, kl_ptr, N, clamp, log_ratio_clamp,
                    EST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
@@ -129,11 +138,8 @@ def _kl_bwd_kernel(grad_ptr, logp_ptr, ref_ptr, dlogp_ptr, dref_ptr, N, clamp, l
     inb = offs < N
     lr = _log_ratio(logp_ptr, ref_ptr, offs, inb, ACC)
     d = _kl_derivative(lr, clamp, log_ratio_clamp, EST, STRAIGHT)
-    d *= tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC)
-    if WANT_LOGP:
-        tl.store(dlogp_ptr + offs, narrow(d, dlogp_ptr), mask=inb)
-    if WANT_REF:
-        tl.store(dref_ptr + offs, narrow(-d, dref_ptr), mask=inb)
+    _store_pair(d * tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC), dlogp_ptr, dref_ptr, offs, inb,
+                WANT_LOGP, WANT_REF)
 
 
 @triton.jit
@@ -159,11 +165,8 @@ def _weights_bwd_kernel(grad_ptr, logp_ptr, old_ptr, dlogp_ptr, dold_ptr, N, low
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inb = offs < N
     _, d = _weight(_log_ratio(logp_ptr, old_ptr, offs, inb, ACC), low, high, log_ratio_clamp)
-    d *= tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC)
-    if WANT_LOGP:
-        tl.store(dlogp_ptr + offs, narrow(d, dlogp_ptr), mask=inb)
-    if WANT_OLD:
-        tl.store(dold_ptr + offs, narrow(-d, dold_ptr), mask=inb)
+    _store_pair(d * tl.load(grad_ptr + offs, mask=inb, other=0.0).to(ACC), dlogp_ptr, dold_ptr, offs, inb,
+                WANT_LOGP, WANT_OLD)
 
 
 @triton.jit
