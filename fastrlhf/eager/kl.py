@@ -52,10 +52,11 @@ def importance_weights_fwd(logprobs, old_logprobs, low, high, log_ratio_clamp, o
 
 def importance_weights_bwd(grad, logprobs, old_logprobs, low, high, log_ratio_clamp, grad_logprobs,
                            grad_old_logprobs):
-    """Fill the gradients (the inputs' dtypes; an empty one is not wanted): the reference's, by
-    ``torch.func`` (this runs inside a custom op, below autograd)."""
-    _, vjp = torch.func.vjp(lambda a, b: ref.importance_weights(a, b, low, high, log_ratio_clamp),
-                            logprobs.detach(), old_logprobs.detach())
-    for out, g in zip((grad_logprobs, grad_old_logprobs), vjp(grad)):
+    """Fill the gradients (the inputs' dtypes; an empty one is not wanted): ``grad * ratio`` where
+    no clamp is active (strictly beyond its bound), else 0; minus that for ``old_logprobs``."""
+    lr = logprobs.to(grad.dtype) - old_logprobs.to(grad.dtype)
+    ratio = lr.clamp(-log_ratio_clamp, log_ratio_clamp).exp()
+    d = grad * torch.where((lr.abs() > log_ratio_clamp) | (ratio < low) | (ratio > high), 0.0, ratio)
+    for out, g in zip((grad_logprobs, grad_old_logprobs), (d, -d)):
         if out.numel():
             out.copy_(g)

@@ -114,7 +114,7 @@ def importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: 
     lr = logprobs.to(acc) - old_logprobs.to(acc)
     if log_ratio_clamp is not None:
         lr = lr.clamp(-log_ratio_clamp, log_ratio_clamp)
-    return lr.exp().clamp(low, high)
+    return lr.exp() if low is None and high is None else lr.exp().clamp(low, high)
 
 
 def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
