@@ -647,45 +647,43 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``gae.*``, ``group_advantages.*`` and ``masked_whiten.*`` cases
+    (fp32): GAE with bf16, fp16, fp32 and fp64 rewards (fp64 accumulates in fp64), bool, int64
+    and fp32 masks, rows 2**31 elements apart (i64 strides), holes skipped or zeroed, with and
+    without values, rows cut into chunks (a carry between them) or not, packed sequences, and
+    rows of one token (ints equal to 1 become constexpr 1). Group advantages: bf16 groups of
+    256, fp32 and fp64 groups of 16 and 128 (aligned counts), fp64 groups of one (rloo:
+    ``method`` 1, constexpr like the group size)."""
+    from bench.static.cases import t
+    from fastrlhf._numerics import acc_dtype
+    from fastrlhf.triton import advantages as launchers
+
+    def gae(r, v, mask, skip, cu=None):
+        acc = acc_dtype(r, v)
+        launchers.gae_fwd(r, v, mask, 0.99, 0.95, skip, t(*r.shape, dtype=acc),
+                          t(*r.shape, dtype=acc) if v is not None else t(0, dtype=acc), cu)
+
+    def far(B, T, dtype):  # rows 2**31 + 16 elements apart
+        return t(B, 2**31 + 16, dtype=dtype)[:, :T]
+
+    B, T = 16, 32768  # few long rows: 64 chunks each
+    bf16, fp16, fp64 = torch.bfloat16, torch.float16, torch.float64
+    gae(far(B, T, bf16), far(B, T, bf16), far(B, T, torch.bool), True)
+    gae(t(B, T), t(B, T, dtype=bf16), t(B, T), False)
+    gae(far(8192, 2048, fp16), None, far(8192, 2048, torch.int64), True)  # one chunk per row
+    gae(t(B, T, dtype=fp64), t(B, T, dtype=fp64), t(B, T, dtype=torch.bool), True)
+    gae(t(B * T), t(B * T), t(B * T, dtype=torch.bool), True, cu=t(B + 1, dtype=torch.int32))
+    gae(t(8192 * 2048, dtype=bf16), t(8192 * 2048, dtype=bf16), t(8192 * 2048, dtype=torch.bool), False,
+        cu=t(8192 + 1, dtype=torch.int32))
+    gae(t(8192, 1), t(8192, 1), t(8192, 1, dtype=torch.bool), True)
+    for dtype, out, G, method in ((bf16, torch.float32, 256, 0), (torch.float32, torch.float32, 16, 0),
+                                  (torch.float32, torch.float32, 128, 2), (fp64, fp64, 16, 0),
+                                  (fp64, fp64, 128, 0), (fp64, fp64, 1, 1)):
+        launchers.group_advantages_fwd(t(G * 4096, dtype=dtype), G, method, 1e-6, t(G * 4096, dtype=out))
+
+
 def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.advantages"
-    cases = []
-    # Row strides: i64 past 2**31 elements, i32 below; fp64 inputs accumulate in fp64; packed
-    # sequences (int32 offsets); holes skipped or zeroed; with and without values.
-    for r, m, summary, carry, has_values, strides, packed, skip in [
-            ("bf16", "u8", True, True, True, "i64", False, True), ("fp32", "fp32", False, True, True, "i32", False, False),
-            ("fp16", "i64", False, False, False, "i64", False, True), ("fp64", "u8", False, True, True, "i32", False, True),
-            ("fp32", "u8", True, True, True, "i32", True, True), ("bf16", "u8", False, False, True, "i32", True, False)]:
-        acc = "fp64" if r == "fp64" else "fp32"
-        const = {"SKIP": skip, "HAS_VALUES": has_values, "SUMMARY": summary, "HAS_CARRY": carry, "PACKED": packed,
-                 "ACC": f"tl.float{acc[2:]}", "R": 64, "NCP": 64}
-        sig = {"r_ptr": f"*{r}", "v_ptr": "*bf16", "m_ptr": f"*{m}", "adv_ptr": f"*{acc}",
-               "ret_ptr": f"*{acc}", "agg_ptr": f"*{acc}", "cu_ptr": "*i32", "T": "i32", "NC": "i32", "CHUNK": "i32",
-               **dict.fromkeys(("sr", "sv", "sm"), strides), "gamma": "fp32", "gl": "fp32",
-               **dict.fromkeys(const, "constexpr")}
-        cases.append((mod, "_gae_kernel", sig, const, 2))
-    # Groups of 256 (8 per program) and groups of one in fp64 (a [64, 1] tile).
-    for s_dtype, acc, rows, block_g in (("bf16", "fp32", 8, 256), ("fp64", "fp64", 64, 1)):
-        const = {"ROWS": rows, "BLOCK_G": block_g}
-        sig = {"s_ptr": f"*{s_dtype}", "out_ptr": f"*{acc}", "n_groups": "i32", "G": "i32", "eps": "fp32",
-               "method": "i32", **dict.fromkeys(const, "constexpr")}
-        cases.append((mod, "_group_advantages_kernel", sig, const, 4))
-    # Aligned pointers and counts, fp32 and fp64 (Triton 3.6's thread-locality pass once crashed
-    # on sums inside the loops: on an H200, fp64 groups of 2 and 70)
-    for dt in ("fp32", "fp64"):
-        for rows, block_g in ((64, 16), (16, 128)):
-            cases.append((mod, "_group_advantages_kernel", {**sig, "s_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
-                          {"ROWS": rows, "BLOCK_G": block_g}, 4, ["s_ptr", "out_ptr", "n_groups", "G"]))
-    # Ints equal to 1 are specialized to constexpr 1: groups of one (rloo: method 1), and
-    # rows of one token (T, row strides) in one chunk (NC) with holes skipped (skip).
-    one = {**const, "G": 1, "method": 1}
-    cases.append((mod, "_group_advantages_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
-    one = {"SKIP": True, "HAS_VALUES": True, "SUMMARY": False, "HAS_CARRY": False, "PACKED": False,
-           "ACC": "tl.float32", "R": 2, "NCP": 1, **dict.fromkeys(("T", "NC", "sr", "sv", "sm"), 1)}
-    sig = {"r_ptr": "*fp32", "v_ptr": "*fp32", "m_ptr": "*u8", "adv_ptr": "*fp32", "ret_ptr": "*fp32",
-           "agg_ptr": "*fp32", "cu_ptr": "*fp32", "T": "i32", "NC": "i32", "CHUNK": "i32", "sr": "i32", "sv": "i32",
-           "sm": "i32", "gamma": "fp32", "gl": "fp32"}
-    cases.append((mod, "_gae_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 2))
-    compile_for_gpus(cases)
+    compile_for_gpus(("gae.*", "group_advantages.*", "masked_whiten.*"), _aot_launches)

@@ -408,26 +408,23 @@ def test_torch_compile_fullgraph():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``dpo.*`` cases (fp32, sigmoid): every loss type with bf16
+    policy and fp32 reference log-probs over many blocks (summed by ``_sum_blocks_kernel``), and
+    ipo in fp64 on one pair (N = 1 becomes constexpr 1; one block writes the means)."""
+    from bench.static.cases import SIGMOID, t
+    from fastrlhf.triton import dpo as launchers
+
+    n, args = 1 << 20, SIGMOID[1:]  # beta, eps, log(1 - eps), log(eps)
+    for code in range(len(LOSS_TYPES)):
+        pairs = (t(n, dtype=torch.bfloat16), t(n, dtype=torch.bfloat16), t(n), t(n))
+        launchers.dpo_fwd(*pairs, code, *args, t(5))
+        launchers.dpo_bwd(t(), *pairs, code, *args, [t(n, dtype=p.dtype) for p in pairs])
+    pair = [t(1, dtype=torch.float64) for _ in range(4)]
+    launchers.dpo_fwd(*pair, LOSS_TYPES.index("ipo"), *args, t(5, dtype=torch.float64))
+
+
 def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.dpo"
-    scalars = {"N": "i32", "beta": "fp32", "eps": "fp32", "c_pos": "fp32", "c_neg": "fp32"}
-    ins = {"pc_ptr": "*bf16", "pr_ptr": "*bf16", "rc_ptr": "*fp32", "rr_ptr": "*fp32"}
-    grads = {"g_ptr": "*fp32", "dpc_ptr": "*bf16", "dpr_ptr": "*bf16", "drc_ptr": "*fp32", "drr_ptr": "*fp32"}
-    bwd = {"ACC": "tl.float32", "BLOCK": 1024}
-    # every loss type (a constexpr); fp64, one pair (N = 1 is specialized to constexpr 1; one block
-    # writes the means), ipo (loss 1)
-    fwd64 = {"LOSS": 1, "ACC": "tl.float64", "FINAL": True, "BLOCK": 1024, "N": 1}
-    ins64 = dict.fromkeys(ins, "*fp64")
-    cases = [
-        *[(mod, "_dpo_fwd_kernel", {**ins, "out_ptr": "*fp32", **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
-          for const in ({"LOSS": i, "ACC": "tl.float32", "FINAL": False, "BLOCK": 1024} for i in range(len(LOSS_TYPES)))],
-        *[(mod, "_dpo_bwd_kernel", {**ins, **grads, **scalars, **dict.fromkeys(const, "constexpr")}, const, 4)
-          for const in ({"LOSS": i, **bwd} for i in range(len(LOSS_TYPES)))],
-        (mod, "_dpo_fwd_kernel", {**ins64, "out_ptr": "*fp64", **scalars, **dict.fromkeys(fwd64, "constexpr")},
-         fwd64, 4),
-        (mod, "_sum_blocks_kernel", {"part_ptr": "*fp32", "out_ptr": "*fp32", "n_blocks": "i32", "N": "i32",
-                                     **dict.fromkeys(bwd, "constexpr")}, bwd, 4),
-    ]
-    compile_for_gpus(cases)
+    compile_for_gpus("dpo.*", _aot_launches)

@@ -549,40 +549,49 @@ def test_torch_compile_fullgraph_no_recompile_for_new_coef():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``kl_*`` cases (fp32, k3): every estimator with bf16 and fp32
+    log-probs (fp32 reference), k3 with fp64 (fp64 accumulation), forward past 2**31 elements
+    (i64 count), backward straight-through or not; the importance weights in bf16, fp32 and fp64,
+    with the gradients of both inputs or of the log-probs only. Rewards with bool, int64 and
+    fp32 masks, rows 2**31 elements apart (i64 strides), a tensor coefficient, fp64 log-probs,
+    packed sequences, and rows of one token (T, chunks and strides equal to 1 become constexpr 1)."""
+    from bench.static.cases import t
+    from fastrlhf._numerics import acc_dtype
+    from fastrlhf.triton import kl as launchers
+
+    n, B, T = 2**31 + 1024, 8192, 2048
+    for dtype, estimators in ((torch.bfloat16, range(4)), (torch.float32, range(4)), (torch.float64, (3,))):
+        acc = acc_dtype(t(0, dtype=dtype))
+        for est in estimators:
+            launchers.kl_penalty_fwd(t(n, dtype=dtype), t(n, dtype=acc), est, 10.0, 20.0, t(n, dtype=acc))
+            for straight in (False, True):
+                launchers.kl_penalty_bwd(t(B, T, dtype=acc), t(B, T, dtype=dtype), t(B, T, dtype=acc), est, straight,
+                                         10.0, 20.0, t(B, T, dtype=dtype), t(0) if straight else t(B, T, dtype=acc))
+        launchers.importance_weights_fwd(t(n, dtype=dtype), t(n, dtype=dtype), 0.5, 2.0, 20.0, t(n, dtype=acc))
+        for both in (False, True):
+            launchers.importance_weights_bwd(t(B, T, dtype=acc), t(B, T, dtype=dtype), t(B, T, dtype=dtype), 0.5, 2.0,
+                                             20.0, t(B, T, dtype=dtype), t(B, T, dtype=dtype) if both else t(0))
+
+    def rewards(lp, ref, mask, est, coef_tensor, cu=None):
+        acc = acc_dtype(lp)
+        rows = cu.numel() - 1 if cu is not None else lp.shape[0]
+        launchers.kl_penalized_rewards_fwd(t(rows), lp, ref, mask, 0.05, t() if coef_tensor else None, est, 10.0, 20.0,
+                                           float("inf"), t(*lp.shape, dtype=acc), t(*lp.shape, dtype=acc), cu)
+
+    B, T = 4, 65536  # few long rows: each cut into chunks
+
+    def far(dtype=torch.float32):  # rows 2**31 + 16 elements apart
+        return t(B, 2**31 + 16, dtype=dtype)[:, :T]
+
+    rewards(far(torch.bfloat16), far(), far(torch.bool), 3, True)
+    rewards(t(B, T, dtype=torch.bfloat16), t(B, T), t(B, T, dtype=torch.int64), 0, False)
+    rewards(t(B, T, dtype=torch.float64), t(B, T), t(B, T), 1, True)
+    rewards(t(B * T), t(B * T), t(B * T, dtype=torch.bool), 3, False, cu=t(B + 1, dtype=torch.int32))
+    rewards(t(8192, 1), t(8192, 1), t(8192, 1, dtype=torch.bool), 3, False)
+
+
 def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.kl"
-    scalars = {"clamp": "fp32", "log_ratio_clamp": "fp32"}
-    cases = []
-    for dtype, ests in (("bf16", range(4)), ("fp32", range(4)), ("fp64", [3])):
-        acc = "fp64" if dtype == "fp64" else "fp32"
-        for est in ests:
-            const = {"EST": est, "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
-            fwd = {"logp_ptr": f"*{dtype}", "ref_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "N": "i64", **scalars,
-                   **dict.fromkeys(const, "constexpr")}
-            cases.append((mod, "_kl_fwd_kernel", fwd, const, 4))
-            for straight in (False, True):
-                bconst = {**const, "STRAIGHT": straight, "WANT_LOGP": True, "WANT_REF": not straight}
-                bwd = {"grad_ptr": f"*{acc}", "logp_ptr": f"*{dtype}", "ref_ptr": f"*{acc}",
-                       "dlogp_ptr": f"*{dtype}", "dref_ptr": f"*{acc}", "N": "i32", **scalars,
-                       **dict.fromkeys(bconst, "constexpr")}
-                cases.append((mod, "_kl_bwd_kernel", bwd, bconst, 4))
-    # Row strides: i64 past 2**31 elements, i32 below (every realistic batch); fp64 log-probs;
-    # packed sequences (int32 offsets).
-    for mask_dtype, est, coef_tensor, strides, dtype, packed in (("u8", 3, True, "i64", "bf16", False),
-                                                                 ("i64", 0, False, "i32", "bf16", False),
-                                                                 ("fp32", 1, True, "i32", "fp64", False),
-                                                                 ("u8", 3, False, "i32", "fp32", True)):
-        acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"EST": est, "COEF_TENSOR": coef_tensor, "PACKED": packed, "ACC": f"tl.float{acc[2:]}",
-                 "BLOCK_T": 2048}
-        sig = {"scores_ptr": "*fp32", "logp_ptr": f"*{dtype}", "ref_ptr": "*fp32", "mask_ptr": f"*{mask_dtype}",
-               "rewards_ptr": f"*{acc}", "kl_ptr": f"*{acc}", "coef_ptr": "*fp32", "cu_ptr": "*i32", "T": "i32",
-               "NC": "i32", "CHUNK": "i32", **dict.fromkeys(("s_logp", "s_ref", "s_mask"), strides),
-               "kl_coef": "fp32", **scalars, "score_clip": "fp32", **dict.fromkeys(const, "constexpr")}
-        cases.append((mod, "_kl_rewards_kernel", sig, const, 8))
-    # T = 1: ints equal to 1 (T, NC, row strides) are specialized to constexpr 1.
-    one = {**const, "PACKED": False, "BLOCK_T": 16, **dict.fromkeys(("T", "NC", "s_logp", "s_ref", "s_mask"), 1)}
-    cases.append((mod, "_kl_rewards_kernel", {**sig, **dict.fromkeys(one, "constexpr")}, one, 4))
-    compile_for_gpus(cases)
+    compile_for_gpus("kl_*", _aot_launches)

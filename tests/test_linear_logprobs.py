@@ -888,69 +888,62 @@ def test_bench_peers_agree_on_the_probe():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``linear_logprobs.*`` cases (bf16 at N=8192, H=4096, V=151936):
+    bf16 and fp32 (TF32 where the matmul precision allows it), each with two complementary sets
+    of options and outputs, at the headline sizes (every size divisible by 16: vectorized,
+    pipelined loads) and at odd ones, int32 labels with fp32. The row kernels also on 128-column
+    blocks (4 warps) and one column (ints equal to 1 become constexpr 1); the fused design also
+    with one row and one vocabulary tile (N, splits, tiles per split, step constexpr 1)."""
+    from unittest import mock
+
+    from bench.static.cases import t
+    from bench.static.hardware import SM_COUNT
+    from fastrlhf.triton import linear_logprobs as launchers
+
+    def options(cap):
+        return {"temperature": 1.0, "logit_scale": 1.0, "softcap": 30.0 if cap else None, "ignore_index": -100}
+
+    def outs(n, ent, lsq, mean, top1):
+        return (t(n), t(n if ent else 0), t(n, 2), t(n if lsq else 0), t(n if mean else 0),
+                t(n if top1 else 0, dtype=torch.bool))
+
+    def grads(n, ent, lsq, mean):  # (g_logp, g_ent, ent, g_lsq, lsq, g_mean)
+        return (t(n), *[t(n) if on else None for on in (ent, ent, lsq, lsq, mean)])
+
+    def fused(dtype, N, H, V, labels_dtype, fwd, bwd=None, tf32=False):
+        """fwd: (bias, softcap, entropy, lsq, mean, top1); bwd: (bias, softcap, entropy, lsq, mean)."""
+        x, w, b, labels = t(N, H, dtype=dtype), t(V, H, dtype=dtype), t(V, dtype=dtype), t(N, dtype=labels_dtype)
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        with mock.patch.object(launchers, "_sm_count", lambda device: SM_COUNT):  # meta tensors have none
+            launchers.fused_forward_out(x, w, b if fwd[0] else None, labels, options(fwd[1]), outs(N, *fwd[2:]))
+            if bwd:
+                rows, cols = launchers.plan(N, V)
+                launchers.fused_dlogits_out(t(rows, cols, dtype=dtype), x[:rows], w, b if bwd[0] else None,
+                                            labels[:rows], t(rows, 2), grads(rows, *bwd[2:]), 0, V, options(bwd[1]))
+        torch.set_float32_matmul_precision("highest")
+
+    for dtype, flag, aligned in ((torch.bfloat16, True, False), (torch.float32, False, False),
+                                 (torch.bfloat16, False, True), (torch.float32, True, True)):
+        labels_dtype = torch.int32 if dtype == torch.float32 else torch.int64
+        V = 151936 if aligned else 150001
+        for w in (7296, 128) if aligned else (1501, 101, 1):
+            n = 64
+            tile, bias, labels = t(n, w), t(V, dtype=dtype), t(n, dtype=labels_dtype)
+            v0 = 0 if flag else V - w
+            launchers.fold_(tile, bias if flag else None, labels, t(n, 8), v0, V, flag, not flag,
+                            options(not flag), outs(n, flag, not flag, flag, not flag))
+            launchers.dlogits_(tile, None if flag else bias, labels, t(n, 2), grads(n, flag, flag, not flag), v0,
+                               V, options(flag), dtype)
+        fused(dtype, *((8192, 4096, 151936) if aligned else (3001, 2001, 150001)), labels_dtype,
+              (flag, not flag, flag, not flag, flag, not flag), (not flag, flag, not flag, flag, flag), tf32=aligned)
+    # entropy, log-sum-square and top-1 but no mean; one row and one vocabulary tile
+    every_but_mean = (False, False, True, True, False, True)
+    fused(torch.bfloat16, 8192, 4096, 151936, torch.int64, every_but_mean)
+    fused(torch.float32, 1, 4096, 128, torch.int64, every_but_mean, (False, True, False, True, True), tf32=True)
+
+
 def test_kernels_compile_for_gpus():
-    """Every kernel with the launch configurations a GPU run uses, bf16 and fp32 inputs.
-    Unit inner strides are constexpr 1, as Triton specializes them for contiguous inputs.
-    Each dtype also with every pointer and size divisible by 16, as a launch at N=8192,
-    H=4096, V=151936 specializes them (blocks of 7296 columns): only then are the loads
-    vectorized and pipelined. The row kernels also with a one-column block (V = 1: ints
-    equal to 1 become constexpr) and their small-block configuration (128 columns, 4 warps)."""
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.linear_logprobs"
-    cases = []
-    outs = {"logp_ptr": "*fp32", "ent_ptr": "*fp32", "stats_ptr": "*fp32", "lsq_ptr": "*fp32",
-            "mean_ptr": "*fp32", "top1_ptr": "*i1"}
-    grads = {k: "*fp32" for k in ("glogp_ptr", "gent_ptr", "ent_ptr", "glsq_ptr", "lsq_ptr", "gmean_ptr")}
-    consts = dict.fromkeys(("k_z", "k_cap", "k_in"), "fp32")
-    for dt, bk, flag, aligned in (("bf16", 64, True, False), ("fp32", 32, False, False),
-                                  ("bf16", 64, False, True), ("fp32", 32, True, True)):
-        precision = "tf32" if dt == "fp32" and aligned else "ieee"
-        for block, warps in ((2048, 8), (128, 4)):
-            fold_c = {"HAS_BIAS": flag, "HAS_CAP": not flag, "FIRST": flag, "LAST": not flag,
-                      "WITH_ENTROPY": flag, "WITH_LSQ": not flag, "WITH_MEAN": flag,
-                      "WITH_TOP1": not flag, "BLOCK": block, "VEC": 4}
-            fold = {"tile_ptr": "*fp32", "ld": "i32", "bias_ptr": f"*{dt}", "labels_ptr": "*i64",
-                    "state_ptr": "*fp32", **outs, **dict.fromkeys(("w", "v0", "V"), "i32"), **consts,
-                    "ignore_index": "i32", **dict.fromkeys(fold_c, "constexpr")}
-            dl_c = {"HAS_BIAS": not flag, "HAS_CAP": flag, "WITH_ENTROPY": flag, "WITH_LSQ": flag,
-                    "WITH_MEAN": not flag, "BLOCK": block}
-            dl = {"tile_ptr": "*fp32", "dz_ptr": f"*{dt}", "ld": "i32", "ld_dz": "i32",
-                  "bias_ptr": f"*{dt}", "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads,
-                  "w": "i32", "v0": "i32", "inv_V": "fp32", **consts, "k_grad": "fp32",
-                  **dict.fromkeys(dl_c, "constexpr")}
-            for name, sig, const in (("_fold_kernel", fold, fold_c), ("_dlogits_kernel", dl, dl_c)):
-                divisible = [k for k, t in sig.items() if t[0] in "*i" and k != "ignore_index"]
-                cases.append((mod, name, sig, const, warps, divisible if aligned else []))
-                if block == 128 and not aligned:  # one column (V = 1): w, ld (and ld_dz = 1 for fp32) are 1
-                    ones = {k: 1 for k in ("w", "ld") + (("ld_dz",) if dt == "fp32" else ()) if k in sig}
-                    cases.append((mod, name, {**sig, **dict.fromkeys(ones, "constexpr")}, {**const, **ones}, warps))
-        common = {"INTERPRET": False, "PRECISION": precision, "sxk": 1, "swk": 1}
-        tiles = {"BLOCK_N": 128, "BLOCK_V": 128, "BLOCK_K": bk}
-        gemm_in = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": f"*{dt}"}
-        fwd_c = {**common, "HAS_BIAS": flag, "HAS_CAP": not flag, "WITH_ENTROPY": flag,
-                 "WITH_LSQ": not flag, "WITH_MEAN": flag, "WITH_TOP1": not flag, **tiles}
-        fwd = {**gemm_in, "labels_ptr": "*i64", "part_ptr": "*fp32",
-               **dict.fromkeys(("N", "V", "H", "sxn", "swv"), "i32"), **consts,
-               **dict.fromkeys(("splits", "tiles_per_split", "step"), "i32"),
-               **dict.fromkeys(fwd_c, "constexpr")}
-        fdl_c = {**common, "HAS_BIAS": not flag, "HAS_CAP": flag, "WITH_ENTROPY": not flag,
-                 "WITH_LSQ": flag, "WITH_MEAN": flag, "GROUP": 8, **tiles}
-        fdl = {**gemm_in, "labels_ptr": "*i32", "stats_ptr": "*fp32", **grads, "dz_ptr": f"*{dt}",
-               **dict.fromkeys(("N", "H", "v0", "width", "sxn", "swv"), "i32"), "inv_V": "fp32",
-               **consts, "k_grad": "fp32", **dict.fromkeys(fdl_c, "constexpr")}
-        fused = [("_fused_fwd_kernel", fwd, fwd_c), ("_fused_dlogits_kernel", fdl, fdl_c)]
-        for name, sig, const in fused:
-            divisible = [k for k, t in sig.items() if t[0] in "*i"]
-            cases.append((mod, name, sig, const, 8, divisible if aligned else []))
-    comb_c = {"WITH_ENTROPY": True, "WITH_LSQ": True, "WITH_MEAN": False, "WITH_TOP1": True,
-              "BLOCK_R": 64, "BLOCK_S": 16}
-    comb = {"part_ptr": "*fp32", "labels_ptr": "*i64", **outs,
-            **dict.fromkeys(("N", "V", "splits", "step", "ignore_index"), "i32"), "k2": "fp32",
-            **dict.fromkeys(comb_c, "constexpr")}
-    cases.append((mod, "_combine_kernel", comb, comb_c, 4))
-    # One row (fp32, TF32): ints equal to 1 (N, splits, tiles_per_split, step) become constexpr 1.
-    for name, sig, const in [fused[0], fused[1], ("_combine_kernel", comb, comb_c)]:
-        one = {**const, **{k: 1 for k in ("N", "splits", "tiles_per_split", "step") if k in sig}}
-        cases.append((mod, name, {**sig, **dict.fromkeys(one, "constexpr")}, one, 4 if sig is comb else 8))
-    compile_for_gpus(cases)
+    compile_for_gpus("linear_logprobs.*", _aot_launches)

@@ -341,43 +341,49 @@ def test_mismatched_devices():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``token_logprobs.*`` cases, as on a GPU (``FAST`` exp2): each
+    dtype with and without entropy past 2**31 logits (64-bit row offsets; int32 labels with
+    fp32); bf16 ``[16384, 151936]`` (every int i32 and divisible by 16), more than 2**31 rows,
+    rows 2**31 apart (backward in place); one logit per row (``V = 1``: ints equal to 1 become
+    constexpr 1); and a tensor whose storage does not start at a 16-byte boundary (``ALIGNED``
+    off)."""
+    import numpy as np
+
+    from bench.static.capture import on_cuda
+    from bench.static.cases import t
+    from fastrlhf._numerics import acc_dtype
+    from fastrlhf.triton import logprobs as launchers
+
+    def run(x, labels, entropy, inplace=False):
+        x, n = on_cuda(x), labels.shape
+        acc = acc_dtype(x)
+        ent = t(*n, dtype=acc) if entropy else t(0, dtype=acc)
+        launchers.token_logprobs_fwd(x, labels, 1.0, -100, entropy, t(*n, dtype=acc), ent, t(*n, 2, dtype=acc))
+        launchers.token_logprobs_bwd(t(*n, dtype=acc), t(*n, dtype=acc) if entropy else None, x, labels,
+                                     t(*n, 2, dtype=acc), ent, 1.0, -100, x if inplace else t(*x.shape, dtype=x.dtype))
+
+    V = 151936
+    for dtype, entropies in ((torch.bfloat16, (False, True)), (torch.float16, (False, True)),
+                             (torch.float32, (False, True)), (torch.float64, (True,))):
+        for entropy in entropies:
+            labels = t(2, 16384, dtype=torch.int32 if dtype == torch.float32 else torch.int64)
+            run(t(2, 16385, V, dtype=dtype)[:, :-1], labels, entropy)
+    run(t(16384, V, dtype=torch.bfloat16), t(16384, dtype=torch.int64), True)
+    run(t(2**31, V, dtype=torch.bfloat16), t(2**31, dtype=torch.int64), False)
+    run(t(4, 2**31 + 8, dtype=torch.bfloat16)[:, :V], t(4, dtype=torch.int64), True, inplace=True)
+    run(t(4, 1), t(4, dtype=torch.int64), True)
+    # a CPU tensor (no meta tensor can do this): its storage starts 2 bytes past a 16-byte boundary
+    raw = np.empty(2 * 4 * 16384 + 16, np.uint8)
+    start = (2 - raw.ctypes.data) % 16
+    unaligned = torch.frombuffer(raw[start:start + 2 * 4 * 16384], dtype=torch.bfloat16).view(4, 16384)
+    run(unaligned, t(4, dtype=torch.int64), False)
+
+
 def test_kernels_compile_for_gpus():
-    """Each dtype with and without entropy, strides i64 (a batch past 2**31 elements); also
-    bf16 with every int scalar i32 and divisible by 16, as ``[16384, 151936]`` logits launch
-    (N * V > 2**31: the 64-bit offsets come from the kernel's own int64 row index), fp64, and
-    a tensor whose storage does not start at a 16-byte boundary (``ALIGNED`` off)."""
     from tests.triton_aot import compile_for_gpus
 
-    cases = []
-    variants = [(dt, ent, "i64", True) for dt in ("bf16", "fp16", "fp32") for ent in (False, True)]
-    for dtype, with_entropy, ints, aligned in variants + [("bf16", True, "i32", True), ("fp64", True, "i64", True),
-                                                          ("bf16", False, "i64", False)]:
-        acc = "fp64" if dtype == "fp64" else "fp32"
-        vec = {"fp64": 2, "fp32": 4}.get(dtype, 8)
-        const = {"WITH_ENTROPY": with_entropy, "ACC": f"tl.float{acc[2:]}", "VEC": vec, "BLOCK_V": 1024 * vec,
-                 "R": 256, "ALIGNED": aligned, "FAST": dtype != "fp64"}
-        scalars = {"V": "i32", "lead": "i32", "c": "fp32", "ignore_index": "i32"}
-        fwd = {"x_ptr": f"*{dtype}", "labels_ptr": "*i64", "logp_ptr": f"*{acc}",
-               "ent_ptr": f"*{acc}", "stats_ptr": f"*{acc}", "D1": ints, "sx0": ints,
-               "sx1": ints, **scalars, **dict.fromkeys(const, "constexpr")}
-        bwd = {"x_ptr": f"*{dtype}", "dx_ptr": f"*{dtype}", "labels_ptr": "*i32",
-               "stats_ptr": f"*{acc}", "ent_ptr": f"*{acc}", "glogp_ptr": f"*{acc}",
-               "gent_ptr": f"*{acc}", **dict.fromkeys(("D1", "sx0", "sx1", "sd0", "sd1"), ints),
-               "V": "i32", "lead": "i32", "dlead": "i32", "c": "fp32", "inv_temp": "fp32", "ignore_index": "i32",
-               **dict.fromkeys(const, "constexpr")}
-        aligned_args = [k for k in bwd if (k.endswith("_ptr") and aligned) or k.startswith("s")]
-        aligned_args += ["D1", "V"] if ints == "i32" else []
-        cases += [("fastrlhf.triton.logprobs", "_token_logprobs_fwd_kernel", {**fwd, "PREFETCH": "constexpr"},
-                   {**const, "PREFETCH": with_entropy}, 8, [k for k in aligned_args if k in fwd]),
-                  ("fastrlhf.triton.logprobs", "_token_logprobs_bwd_kernel", bwd, const, 8, aligned_args)]
-        if dtype == "fp32" and with_entropy:  # V = 1: ints equal to 1 are specialized to constexpr 1
-            one = {"V": 1, "sx1": 1, "sd1": 1, **const, "VEC": 4, "BLOCK_V": 16, "R": 4}
-            for name, sig in (("_token_logprobs_fwd_kernel", {**fwd, "PREFETCH": "constexpr"}),
-                              ("_token_logprobs_bwd_kernel", bwd)):
-                sig = {**sig, **{k: "constexpr" for k in {**one, "PREFETCH": False} if k in sig}}
-                cases.append(("fastrlhf.triton.logprobs", name, sig,
-                              {k: v for k, v in {**one, "PREFETCH": False}.items() if k in sig}, 4))
-    compile_for_gpus(cases)
+    compile_for_gpus("token_logprobs.*", _aot_launches)
 
 
 def test_int32_labels_with_an_ignore_index_outside_int32(backend):

@@ -902,68 +902,85 @@ def test_exported_and_documented():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``policy_loss.*`` cases (fp32, bool mask, 16 M tokens): every
+    kernel mode once, each correction level, gate and statistic, from rollout or current
+    log-probs, applied or only measured; bf16, fp16, fp32 and fp64 inputs, bool, int64 and fp32
+    masks, weights, clip_cov / kl_cov selections, padded (2**31 tokens: i64 count, ``FAST_ROWS``
+    off) and packed. The per-sequence pass for GSPO's sums, geo_mean with weights or a
+    token-level correction, the correction's sums and GSPO's sequence-level gradient, padded (rows
+    of several chunks) and packed."""
+    from bench.static.cases import t
+    from fastrlhf._numerics import acc_dtype
+    from fastrlhf.ops.policy_spec import KernelArgs, LossSpec
+    from fastrlhf.triton import policy_loss as launchers
+
+    bf16, fp16, fp32, fp64, boolean = torch.bfloat16, torch.float16, torch.float32, torch.float64, torch.bool
+    inf, B, T = float("inf"), 8192, 2048
+
+    def tensors(dtype, mask_dtype, B, packed, level, weights, T=T):
+        shape = (B * T,) if packed else (B, T)
+        return ([t(*shape, dtype=dtype) for _ in range(3)] + [t(*shape, dtype=mask_dtype)]
+                + [t(*shape, dtype=dtype) if on else None for on in (level, weights)]), shape
+
+    def token(mode, dtype, mask_dtype, level=None, is_mode="truncate", stat="ratio", source="rollout", apply=True,
+              weights=False, selected=False, agg="token-mean", table=False, packed=False, B=B):
+        spec = LossSpec(mode, agg, level, is_mode, stat, source, apply,
+                        KernelArgs(0.8, 1.28, inf, 20.0, 20.0, 1.05, 0.5, 2.0, 20.0))
+        (x, old, adv, mask, roll, w), shape = tensors(dtype, mask_dtype, B, packed, level, weights)
+        acc = acc_dtype(x)
+        sel = t(*shape, dtype=torch.bool) if selected else None
+        cu = t(B + 1, dtype=torch.int32) if packed else None
+        tab = t(launchers.TABLE_ROWS, B, dtype=acc) if table else None
+        P = launchers.token_programs(x)
+        launchers.policy_loss_fwd(x, old, adv, mask, roll, w, sel, cu, tab, spec, t(launchers.FWD_SUMS, P, dtype=acc),
+                                  t(launchers.FWD_COUNTS, P, dtype=torch.int32))
+        launchers.policy_loss_bwd(t(dtype=acc), t(dtype=acc), x, old, adv, mask, roll, w, sel, cu, tab,
+                                  t(B, dtype=acc) if mode == "gspo_seq" else None, spec, t(*shape, dtype=dtype))
+
+    seq_mean, many = "seq-mean-token-mean", 2**20  # 2**20 rows of 2048: 2**31 tokens
+    token("vanilla", bf16, boolean, level="token")
+    token("dppo_tv", fp32, boolean, weights=True, agg=seq_mean, table=True, B=many)
+    token("dppo_kl", bf16, boolean, level="sequence", is_mode="mask", table=True, packed=True)
+    token("gspo", bf16, fp32, level="sequence-mean", is_mode="mask", stat="binary_kl", agg=seq_mean, table=True,
+          packed=True)
+    token("gspo_seq", fp32, boolean, level="sequence-mean", is_mode="mask", stat="tv", agg=seq_mean, table=True, B=many)
+    token("sapo", fp16, boolean, level="token", is_mode="clamp")
+    token("gpg", bf16, boolean, level="token", is_mode="mask", source="current", agg=seq_mean, table=True, packed=True)
+    token("clip_cov", fp32, boolean, selected=True)
+    token("kl_cov", bf16, torch.int64, weights=True, selected=True, agg=seq_mean, table=True, packed=True)
+    token("geo_mean", fp64, boolean, level="token", agg=seq_mean, table=True)
+    token("dro", bf16, boolean, packed=True)
+    token("cispo", fp32, boolean, level="sequence", table=True)
+    token("value", bf16, boolean, agg=seq_mean, table=True, B=many)
+    token("vanilla", fp32, boolean, level="token", is_mode="mask", source="current", apply=False)
+
+    def seq(mode, dtype, level=None, is_mode="truncate", stat="ratio", source="rollout", apply=True, weights=False,
+            packed=False, grad=False):
+        spec = LossSpec(mode, seq_mean, level, is_mode, stat, source, apply,
+                        KernelArgs(0.8, 1.28, inf, 10.0, inf, 0.0, 0.5, 2.0, 20.0))
+        B, T = 1024, 16384  # rows of 4 chunks
+        (x, old, adv, mask, roll, w), _ = tensors(dtype, boolean, B, packed, level, weights, T)
+        acc = acc_dtype(x)
+        n = launchers.seq_programs(B * T, B, 0 if packed else T, packed)
+        cu, starts = (t(B + 1, dtype=torch.int32), t(B + 1, dtype=torch.int32)) if packed else (None, None)
+        launchers.policy_seq_pass(x, old, adv, mask, roll, w, cu, starts, spec,
+                                  launchers.W_GRAD if grad else launchers.seq_work(spec),
+                                  t(launchers.TABLE_ROWS, B, dtype=acc), t(launchers.SEQ_SUMS, n, dtype=acc),
+                                  t(n, dtype=torch.int32), t(B, dtype=acc) if grad else None)
+
+    seq("gspo", bf16, packed=True)
+    seq("geo_mean", fp32, level="token", is_mode="clamp", weights=True)
+    seq("gspo_seq", fp32, level="sequence-mean", is_mode="mask", stat="binary_kl", packed=True)
+    seq("geo_mean", fp64, level="token", source="current", apply=False)
+    seq("gspo_seq", bf16, level="sequence", source="current", weights=True, grad=True)
+    seq("gspo_seq", fp32, level="sequence-mean", is_mode="mask", stat="tv", packed=True, grad=True)
+
+
 def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.policy_loss"
-    floats = ["lo", "hi", "dual_clip", "lrc", "p0", "p1", "is_low", "is_high", "is_clamp"]
-    cases = []
-    # Token kernels: every mode once, each correction level / mode / statistic, bf16 / fp32 / fp64,
-    # padded (row divider, i32 and i64 sizes) and packed (binary search).
-    #   mode, dtype, mask, N, level, is_mode, stat, source, apply, weights, selection, per-seq, table, packed
-    token_cases = [(0, "bf16", "u8", "i32", 1, 0, 0, 0, 1, 0, 0, 0, 0, 0),
-                   (1, "fp32", "i1", "i64", 0, 0, 0, 0, 1, 1, 0, 1, 1, 0),
-                   (2, "bf16", "u8", "i32", 2, 2, 0, 0, 1, 0, 0, 0, 1, 1),
-                   (3, "bf16", "fp32", "i32", 3, 2, 1, 0, 1, 0, 0, 1, 1, 1),
-                   (4, "fp32", "u8", "i64", 3, 2, 2, 0, 1, 0, 0, 1, 1, 0),
-                   (5, "fp16", "u8", "i32", 1, 1, 0, 0, 1, 0, 0, 0, 0, 0),
-                   (6, "bf16", "u8", "i32", 1, 2, 0, 1, 1, 0, 0, 1, 1, 1),
-                   (7, "fp32", "u8", "i32", 0, 0, 0, 0, 1, 0, 1, 0, 0, 0),
-                   (8, "bf16", "i64", "i32", 0, 0, 0, 0, 1, 1, 1, 1, 1, 1),
-                   (9, "fp64", "u8", "i32", 1, 0, 0, 0, 1, 0, 0, 1, 1, 0),
-                   (10, "bf16", "u8", "i32", 0, 0, 0, 0, 1, 0, 0, 0, 0, 1),
-                   (11, "fp32", "u8", "i32", 2, 0, 0, 0, 1, 0, 0, 0, 1, 0),
-                   (12, "bf16", "u8", "i64", 0, 0, 0, 0, 1, 0, 0, 1, 1, 0),
-                   (0, "fp32", "u8", "i32", 1, 2, 0, 1, 0, 0, 0, 0, 0, 0)]
-    for mode, dt, mdt, n, level, is_mode, stat, source, apply, w, sel, per_seq, table, packed in token_cases:
-        acc = "fp64" if dt == "fp64" else "fp32"
-        const = dict(MODE=mode, IS_LEVEL=level, IS_MODE=is_mode, IS_STAT=stat, IS_SOURCE=source,
-                     IS_APPLY=bool(apply), HAS_W=bool(w), HAS_SEL=bool(sel), PER_SEQ=bool(per_seq),
-                     NEED_SEQ=bool(table), PACKED=bool(packed), FAST_ROWS=n == "i32", ACC=f"tl.float{acc[2:]}",
-                     BLOCK=1024)
-        ins = {"logp_ptr": f"*{dt}", "old_ptr": f"*{dt}", "adv_ptr": f"*{dt}", "mask_ptr": f"*{mdt}",
-               "roll_ptr": f"*{dt}", "w_ptr": f"*{dt}", "sel_ptr": "*u8", "table_ptr": f"*{acc}", "cu_ptr": "*i32"}
-        rows = {"steps": "i32", "row_magic": "i64", "row_shift": "i32", **dict.fromkeys(floats, "fp32"),
-                **dict.fromkeys(const, "constexpr")}
-        fwd = {**ins, "sums_ptr": f"*{acc}", "counts_ptr": "*i32", "N": n, "T": "i32", "S": "i32", "P": "i32", **rows}
-        bwd = {"grad_ptr": f"*{acc}", "scale_ptr": f"*{acc}", "gseq_ptr": f"*{acc}", **ins, "dx_ptr": f"*{dt}", "N": n,
-               "T": "i32", "S": "i32", **rows}
-        aligned = [k for k in ins if k not in ("table_ptr", "cu_ptr")]
-        cases += [(mod, "_policy_loss_fwd_kernel", fwd, const, 4, aligned),
-                  (mod, "_policy_loss_bwd_kernel", bwd, const, 4, aligned)]
-    # The per-sequence pass: GSPO's sums, geo_mean with sequence-level weights, the correction's
-    # sums, GSPO's sequence-level gradient (backward), padded and packed.
-    for dt, what, mode, level, is_mode, stat, source, apply, w, packed in [
-            ("bf16", 1, 3, 0, 0, 0, 0, 1, 0, 1), ("fp32", 2, 9, 1, 1, 0, 0, 1, 1, 0),
-            ("fp32", 4 | 1, 4, 3, 2, 1, 0, 1, 0, 1), ("fp64", 2, 9, 1, 0, 0, 1, 0, 0, 0),
-            ("bf16", 8, 4, 2, 0, 0, 1, 1, 1, 0), ("fp32", 8, 4, 3, 2, 2, 0, 1, 0, 1)]:
-        acc = "fp64" if dt == "fp64" else "fp32"
-        c1 = dict(WHAT=what, MODE=mode, IS_LEVEL=level, IS_MODE=is_mode, IS_STAT=stat, IS_SOURCE=source,
-                  IS_APPLY=bool(apply), HAS_W=bool(w), PACKED=bool(packed), ACC=f"tl.float{acc[2:]}", BLOCK=1024,
-                  CHUNK=4096)
-        sig1 = {"logp_ptr": f"*{dt}", "old_ptr": f"*{dt}", "adv_ptr": f"*{dt}", "mask_ptr": "*u8",
-                "roll_ptr": f"*{dt}", "w_ptr": f"*{dt}", "table_ptr": f"*{acc}", "cu_ptr": "*i32", "cstart_ptr": "*i32",
-                "part_ptr": f"*{acc}", "pcount_ptr": "*i32", "T": "i32", "S": "i32", "NC": "i32", "cpr": "i32",
-                "cstart_steps": "i32", **dict.fromkeys(["lo", "hi", "dual_clip", "lrc", "is_low", "is_high",
-                                                         "is_clamp"], "fp32"), **dict.fromkeys(c1, "constexpr")}
-        c2 = dict(WHAT=what, IS_LEVEL=level, IS_MODE=is_mode, IS_STAT=stat, GEO_W=bool(w), PER_SEQ=True,
-                  PACKED=bool(packed), ACC=f"tl.float{acc[2:]}", BLOCK_C=32)
-        sig2 = {"part_ptr": f"*{acc}", "pcount_ptr": "*i32", "cstart_ptr": "*i32", "table_ptr": f"*{acc}",
-                "gseq_ptr": f"*{acc}", "S": "i32", "NC": "i32", "cpr": "i32",
-                **dict.fromkeys(["lrc", "is_low", "is_high", "is_clamp"], "fp32"), **dict.fromkeys(c2, "constexpr")}
-        cases += [(mod, "_policy_seq_partials_kernel", sig1, c1, 4),
-                  (mod, "_policy_seq_finish_kernel", sig2, c2, 1)]
-    compile_for_gpus(cases)
+    compile_for_gpus("policy_loss.*", _aot_launches)
 
 
 def test_policy_loss_options_lists_what_each_mode_takes():

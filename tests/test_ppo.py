@@ -431,32 +431,38 @@ def test_torch_compile_fullgraph_no_recompile_for_new_counts():
 
 
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
+def _aot_launches():
+    """Launches besides the report's ``ppo_*`` cases (fp32, bool mask, 16 M tokens): bf16, fp32 and
+    fp64 inputs (fp64 accumulates in fp64), bool, int64 and fp32 masks, with and without row
+    counts (``seq-mean-token-mean``), 2**31 tokens (i64 count: ``FAST_ROWS`` off) and rows of one
+    token (T = 1 becomes constexpr 1)."""
+    from bench.static.cases import t
+    from fastrlhf._numerics import acc_dtype
+    from fastrlhf.triton import policy_loss as launchers
+
+    def run(value, dtype, mask_dtype, per_row, B, T):
+        x, old = t(B, T, dtype=dtype), t(B, T, dtype=dtype)
+        acc = acc_dtype(x)
+        y, mask = t(B, T, dtype=acc), t(B, T, dtype=mask_dtype)
+        rows = t(B, dtype=torch.int64) if per_row else None
+        P = launchers.token_programs(x)
+        sums, counts = t(1 if value else 2, P, dtype=acc), t(2 if value else 3, P, dtype=torch.int32)
+        if value:
+            launchers.ppo_value_fwd(x, old, y, mask, rows, 0.2, sums, counts)
+            launchers.ppo_value_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, rows, 0.2, t(B, T, dtype=dtype))
+        else:
+            clips = (0.8, 1.28, 3.0, 20.0)
+            launchers.ppo_policy_fwd(x, old, y, mask, rows, *clips, sums, counts)
+            launchers.ppo_policy_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, rows, *clips, t(B, T, dtype=dtype))
+
+    run(False, torch.bfloat16, torch.bool, False, 2**20, 2048)
+    run(False, torch.float32, torch.int64, True, 8192, 2048)
+    run(True, torch.bfloat16, torch.float32, True, 2**20, 2048)
+    run(True, torch.float64, torch.bool, True, 8192, 2048)
+    run(True, torch.float64, torch.bool, True, 8192, 1)
+
+
 def test_kernels_compile_for_gpus():
     from tests.triton_aot import compile_for_gpus
 
-    mod = "fastrlhf.triton.policy_loss"
-    clips = {"policy": {"ratio_low": "fp32", "ratio_high": "fp32", "dual_clip": "fp32", "log_ratio_clamp": "fp32"},
-             "value": {"clip": "fp32"}}
-    cases = []
-    # N: i64 past 2**31 tokens (FAST_ROWS off), i32 below; fp64 inputs accumulate in fp64; a
-    # 32-bit row magic (i64) and one that fits in i32.
-    for dtype, mask_dtype, loss, per_row, n, magic in [("bf16", "u8", "policy", False, "i64", "i64"),
-                                                       ("fp32", "i64", "policy", True, "i32", "i64"),
-                                                       ("bf16", "fp32", "value", True, "i64", "i32"),
-                                                       ("fp64", "u8", "value", True, "i32", "i64")]:
-        acc = "fp64" if dtype == "fp64" else "fp32"
-        const = {"PER_ROW": per_row, "FAST_ROWS": n == "i32", "ACC": f"tl.float{acc[2:]}", "BLOCK": 1024}
-        names = ("logp_ptr", "old_ptr", "adv_ptr") if loss == "policy" else ("v_ptr", "old_ptr", "ret_ptr")
-        inputs = {**dict(zip(names, (f"*{dtype}", f"*{dtype}", f"*{acc}"))), "mask_ptr": f"*{mask_dtype}",
-                  "rowcnt_ptr": "*i64"}
-        rows = {"row_magic": magic, "row_shift": "i32", **dict.fromkeys(const, "constexpr")}
-        fwd = {**inputs, "sums_ptr": f"*{acc}", "counts_ptr": "*i32", "N": n, "T": "i32", "P": "i32",
-               **clips[loss], **rows}
-        bwd = {"grad_ptr": f"*{acc}", "scale_ptr": f"*{acc}", **inputs, "dx_ptr": f"*{dtype}", "N": n, "T": "i32",
-               **clips[loss], **rows}
-        cases += [(mod, f"_{loss}_fwd_kernel", fwd, const, 4), (mod, f"_{loss}_bwd_kernel", bwd, const, 4)]
-    # One token per row: T = 1 is specialized to constexpr 1.
-    one = {**const, "T": 1}
-    cases += [(mod, name, {**sig, "T": "constexpr"}, one, 4) for name, sig in (("_value_fwd_kernel", fwd),
-                                                                               ("_value_bwd_kernel", bwd))]
-    compile_for_gpus(cases)
+    compile_for_gpus("ppo_*", _aot_launches)

@@ -10,7 +10,9 @@ options that ``triton.compile`` takes.
 
 A meta tensor reports ``data_ptr() == storage_offset * element_size`` (base address 0), so
 Triton treats its pointer as 16-byte aligned exactly when a tensor at that offset into a
-fresh CUDA allocation (256-byte aligned) would be; :func:`capture` checks this holds.
+fresh CUDA allocation (256-byte aligned) would be; :func:`capture` checks this holds. A meta
+tensor's device is ``meta``: a launcher that picks code by device (the ``FAST`` exp2 of
+``fastrlhf.triton.logprobs``) takes the CPU path unless the tensor goes through :func:`on_cuda`.
 """
 
 from __future__ import annotations
@@ -78,6 +80,18 @@ def capture():
         JITFunction.run = run
 
 
+class _OnCuda(torch.Tensor):
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda")
+
+
+def on_cuda(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (its data, shape and strides), whose ``.device`` says ``cuda`` to a launcher;
+    what it computes from ``x`` stays on ``x``'s own device."""
+    return x.as_subclass(_OnCuda)
+
+
 def specialize(launch: Launch, arch: int) -> Specialization:
     """The runtime's specialization of ``launch`` for ``sm_<arch>``."""
     backend = make_backend(GPUTarget("cuda", arch, 32))
@@ -86,3 +100,13 @@ def specialize(launch: Launch, arch: int) -> Specialization:
     options, signature, constexprs, attrs = launch.fn._pack_args(backend, launch.kwargs, bound,
                                                                  spec, options)
     return Specialization(signature, constexprs, attrs, options.__dict__)
+
+
+def compile_launch(launch: Launch, arch: int):
+    """``triton.compile`` of ``launch`` for ``sm_<arch>``, specialized as the runtime would."""
+    import triton
+    from triton.compiler import ASTSource
+
+    spec = specialize(launch, arch)
+    return triton.compile(ASTSource(launch.fn, spec.signature, spec.constexprs, spec.attrs),
+                          target=GPUTarget("cuda", arch, 32), options=spec.options)
