@@ -1,4 +1,5 @@
-"""kl_penalty / kl_penalized_rewards / KL controllers: every backend against the naive reference."""
+"""kl_penalty / kl_penalized_rewards / importance_weights / KL controllers: every backend against the naive
+reference."""
 
 import math
 import re
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fastrlhf.ops.kl import (AdaptiveKLController, FixedKLController, kl_penalized_rewards,
+from fastrlhf.ops.kl import (AdaptiveKLController, FixedKLController, importance_weights, kl_penalized_rewards,
                              kl_penalty)
 from fastrlhf.reference import kl as ref
 from tests.conftest import DEVICE
@@ -504,6 +505,130 @@ BAD_INPUTS = {
 def test_bad_input(call, exc, words):
     with pytest.raises(exc, match=re.escape(words)):
         call()
+
+
+# ---------------------------------------------------------------- importance_weights
+# (low, high, log_ratio_clamp): verl's token-level TIS; a band active on both sides; no bound at all
+# (the plain ratio); a log-ratio clamp active on random inputs (scale 1: |lr| > 0.7 is common).
+WEIGHTS = {"tis2": (None, 2.0, 20.0), "band0.8-1.2": (0.8, 1.2, 20.0), "ratio": (None, None, None),
+           "lrclamp0.7": (0.5, 3.0, 0.7)}
+
+
+def _weights_run(lp, rp, grad, backend, **kw):
+    """Value and both gradients of ``sum(grad * importance_weights)``."""
+    a = lp.detach().clone().requires_grad_(True)
+    b = rp.detach().clone().requires_grad_(True)
+    if backend == "reference":
+        out = ref.importance_weights(a, b, kw.get("low"), kw.get("high", 2.0), kw.get("log_ratio_clamp", 20.0))
+    else:
+        out = importance_weights(a, b, backend=backend, **kw)
+    (out * grad).sum().backward()
+    return out.detach(), a.grad, b.grad
+
+
+@pytest.mark.parametrize("bounds", WEIGHTS.values(), ids=WEIGHTS.keys())
+def test_importance_weights_match_reference(backend, bounds):
+    low, high, lrc = bounds
+    lp, rp = _pair((5, 37))
+    grad = torch.randn(5, 37, device=DEVICE)
+    kw = dict(low=low, high=high, log_ratio_clamp=lrc)
+    got = _weights_run(lp, rp, grad, backend, **kw)
+    want = _weights_run(lp.double(), rp.double(), grad.double(), "reference", **kw)
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == torch.float32
+    for g, w in zip(got, want):
+        assert max_error(g, w) <= 1e-6 * max(w.abs().max().item(), 1.0)
+    assert (got[0] >= (low or 0.0)).all() and (high is None or (got[0] <= high).all())
+    clipped = (got[0] == low) | (got[0] == high) if low is not None else got[0] == high
+    assert (got[1][clipped] == 0).all() and torch.equal(got[1], -got[2])
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=_dtype_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"B{s[0]}-T{s[1]}")
+def test_importance_weights_shapes_and_dtypes(backend, shape, dtype):
+    lp, rp = _pair(shape, dtype, scale=0.5)
+    grad = torch.randn(shape, device=DEVICE)
+    kw = dict(low=0.5, high=1.5)
+    truth = _weights_run(lp.double(), rp.double(), grad.double(), "reference", **kw)
+    got = _weights_run(lp, rp, grad, backend, **kw)
+    assert got[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert got[1].dtype == got[2].dtype == dtype
+    assert_same_dtype_close(got, _weights_run(lp, rp, grad, "reference", **kw), truth, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's numpy
+def test_importance_weights_extreme_log_ratios(backend):
+    """|lr| = 1e4 (and an old log-prob of -inf): the clamps give exact bounds and zero gradients,
+    never NaN; without a log-ratio clamp the plain ratio overflows to inf / underflows to 0."""
+    lp = torch.tensor([[0.0, -1e4, -3.0, 0.0]], device=DEVICE)
+    rp = torch.tensor([[-1e4, 0.0, -3.0, -math.inf]], device=DEVICE)
+    grad = torch.ones_like(lp)
+    w, da, db = _weights_run(lp, rp, grad, backend, low=0.5, high=2.0)
+    assert w.tolist() == [[2.0, 0.5, 1.0, 2.0]]
+    assert da.tolist() == [[0.0, 0.0, 1.0, 0.0]] and db.tolist() == [[-0.0, -0.0, -1.0, -0.0]]
+    w, *_ = _weights_run(lp[:, :3], rp[:, :3], grad[:, :3], backend, high=None, log_ratio_clamp=None)
+    assert w.tolist() == [[math.inf, 0.0, 1.0]]
+
+
+def test_importance_weights_empty_one_input_grad_and_strides(backend):
+    e = torch.empty(0, 3, device=DEVICE)
+    assert importance_weights(e, e, backend=backend).shape == (0, 3)
+    lp, rp = _pair((4, 6))
+    a = lp.clone().requires_grad_(True)
+    importance_weights(a, rp, backend=backend).sum().backward()
+    want = ref.importance_weights(lp.double().requires_grad_(True), rp.double(), None, 2.0, 20.0)
+    base = _weights_run(lp, rp, torch.ones_like(lp), backend)
+    torch.testing.assert_close(a.grad, base[1])
+    torch.testing.assert_close(importance_weights(lp.t(), rp.t(), backend=backend), base[0].t())
+    torch.testing.assert_close(importance_weights(lp, rp[:1].expand(4, 6), backend=backend),
+                               ref.importance_weights(lp, rp[:1].expand(4, 6), None, 2.0, 20.0))
+    assert want.shape == (4, 6)
+
+
+def test_importance_weights_gradcheck_fp64(backend):
+    lp, rp = _pair((3, 5), torch.float64, scale=0.3)
+    for kw in (dict(low=None, high=None), dict(low=0.2, high=5.0, log_ratio_clamp=3.0)):
+        torch.autograd.gradcheck(lambda a, b, kw=kw: importance_weights(a, b, backend=backend, **kw),
+                                 (lp.clone().requires_grad_(True), rp.clone().requires_grad_(True)))
+
+
+def test_importance_weights_cuda_backend_is_refused_or_absent():
+    from fastrlhf.backend import BackendUnavailableError
+
+    lp, rp = _pair((2, 3))
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        importance_weights(lp, rp, backend="cuda")
+
+
+def test_importance_weights_opcheck_and_compile():
+    lp, rp = (t.cpu() for t in _pair((3, 5)))
+    for args in [(lp.clone().requires_grad_(), rp.clone().requires_grad_(), 0.5, 2.0, 20.0, "torch"),
+                 (lp, rp, None, None, None, "torch")]:
+        torch.library.opcheck(torch.ops.fastrlhf.importance_weights.default, args)
+    torch.library.opcheck(torch.ops.fastrlhf.importance_weights_backward.default,
+                          (torch.randn(3, 5), lp, rp, None, 2.0, 20.0, True, False, "torch"))
+    compiled = torch.compile(lambda a, b: importance_weights(a, b, low=0.5, backend="torch").sum(), fullgraph=True,
+                             backend="aot_eager")
+    a = lp.clone().requires_grad_(True)
+    compiled(a, rp).backward()
+    torch.testing.assert_close(a.grad, _weights_run(lp, rp, torch.ones_like(lp), "torch", low=0.5)[1])
+
+
+_w = torch.zeros(2, 3)
+BAD_WEIGHTS = {
+    "low-above-high": (dict(low=3.0, high=2.0), (_w, _w), ValueError, "low must be <= high, got low=3.0 and high=2.0"),
+    "low-negative": (dict(low=-0.1), (_w, _w), ValueError, "low must be a finite number >= 0, got -0.1"),
+    "low-nan": (dict(low=math.nan), (_w, _w), ValueError, "low must be finite, got nan"),
+    "high-zero": (dict(high=0), (_w, _w), ValueError, "high must be a finite number > 0, got 0"),
+    "clamp-negative": (dict(log_ratio_clamp=-1), (_w, _w), ValueError, "log_ratio_clamp must be a finite number > 0"),
+    "shapes": ({}, (_w, torch.zeros(2, 4)), ValueError, "old_logprobs must have shape (2, 3)"),
+    "int-logprobs": ({}, (_w.long(), _w), TypeError, "logprobs must have dtype"),
+}
+
+
+@pytest.mark.parametrize("kw, args, exc, words", BAD_WEIGHTS.values(), ids=BAD_WEIGHTS.keys())
+def test_importance_weights_bad_input(kw, args, exc, words):
+    with pytest.raises(exc, match=re.escape(words)):
+        importance_weights(*args, **kw)
 
 
 # -------------------------------------------------------- torch.library / torch.compile

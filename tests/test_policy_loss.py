@@ -15,6 +15,7 @@ import fastrlhf
 from fastrlhf import RolloutCorrection, policy_loss
 from fastrlhf.ops import policy_loss as ops
 from fastrlhf.ops import policy_spec as spec
+from fastrlhf.ops.aggregation import AGG_MODES
 from fastrlhf.reference import policy_loss as ref
 from tests.conftest import DEVICE
 from tests.test_ppo import _mask  # holes everywhere, a fully masked row, a padded row
@@ -147,9 +148,9 @@ _OPTION_CASES = [("gspo", {"dual_clip": 2.0}), ("gspo", {"gradient": "sequence"}
 
 
 @pytest.mark.parametrize("mode, options, agg", [(m, o, a) for i, (m, o) in enumerate(_OPTION_CASES)
-                                               for a in (ops.AGG_MODES[i], ops.AGG_MODES[(i + 2) % 5])],
+                                               for a in (AGG_MODES[i], AGG_MODES[(i + 2) % 5])],
                          ids=[f"{m}-{'-'.join(o)}-{a}" for i, (m, o) in enumerate(_OPTION_CASES)
-                              for a in (ops.AGG_MODES[i], ops.AGG_MODES[(i + 2) % 5])])
+                              for a in (AGG_MODES[i], AGG_MODES[(i + 2) % 5])])
 def test_aggregations_and_options(backend, mode, options, agg):
     logp, old, adv, mask, roll = _case(4, 29, spread=0.8)
     # sequence-level advantages as GRPO makes them, and one row with token-level ones
@@ -246,7 +247,7 @@ def test_empty_and_fully_masked_give_zero_not_nan(backend, mode):
         logp, old, adv, mask, roll = _case(B, T)
         if zero_mask:
             mask = torch.zeros_like(mask)
-        for agg in ops.AGG_MODES if zero_mask else ("seq-mean-token-mean",):
+        for agg in AGG_MODES if zero_mask else ("seq-mean-token-mean",):
             kw = dict(agg=agg, **OPTIONS.get(mode, {}))
             kw.update(_correction_args(mode, "tis-token", roll) if mode != "geo_mean" else {"is_weights": roll.exp()})
             loss, stats, grad = _run(backend, logp, mode, old, adv, mask, **kw)
@@ -308,7 +309,7 @@ def test_global_counts_split_like_data_parallel_ranks(backend):
 # the binary KL of p ~ q rounded below 0 in fp32, and the gate's lower bound 0 dropped the token
 @example(B=1, T=24, mode="vanilla", agg="token-mean", p=1.0, spread=0.01, correction="binary-kl-token", seed=0)
 @given(B=st.integers(0, 4), T=st.integers(1, 70), mode=st.sampled_from(MODES),
-       agg=st.sampled_from(ops.AGG_MODES), p=st.sampled_from([0.0, 0.3, 1.0]),
+       agg=st.sampled_from(AGG_MODES), p=st.sampled_from([0.0, 0.3, 1.0]),
        spread=st.sampled_from([0.01, 0.5, 3.0]), correction=st.sampled_from(list(CORRECTIONS)),
        seed=st.integers(0, 2**16))
 def test_property_against_reference(B, T, mode, agg, p, spread, correction, seed):

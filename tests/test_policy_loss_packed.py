@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 import fastrlhf
 from fastrlhf import RolloutCorrection, aggregate, policy_loss, ppo_policy_loss, ppo_value_loss
 from fastrlhf.ops import policy_loss as ops
+from fastrlhf.ops.aggregation import AGG_MODES
 from fastrlhf.reference.policy_loss import pad
 from tests.conftest import DEVICE
 
@@ -148,7 +149,7 @@ def test_long_sequences_span_chunks(backend):
         _same(got[0], want, atol=1e-5)
 
 
-@pytest.mark.parametrize("agg", ops.AGG_MODES)
+@pytest.mark.parametrize("agg", AGG_MODES)
 def test_ppo_losses_packed_equal_padded(backend, agg):
     cu, logp, old, adv, mask, _ = _packed_case(LENGTHS["mixed"], spread=1.0)
     kw = dict(agg=agg, loss_scale_factor=torch.tensor(100.0, device=DEVICE))
@@ -158,7 +159,7 @@ def test_ppo_losses_packed_equal_padded(backend, agg):
         _same(*_both(ppo_policy_loss, backend, cu, logp, old, adv, mask, agg=agg, global_seqs=11))
 
 
-@pytest.mark.parametrize("mode", ops.AGG_MODES)
+@pytest.mark.parametrize("mode", AGG_MODES)
 def test_aggregate_packed_equals_padded(mode):
     cu, x, _, _, mask, _ = _packed_case(LENGTHS["mixed"])
     x = x.clone()
@@ -178,7 +179,7 @@ def test_aggregate_packed_equals_padded(mode):
 
 @settings(max_examples=6, deadline=None)
 @given(lengths=st.lists(st.integers(0, 40), min_size=0, max_size=6), p=st.sampled_from([0.0, 0.4, 1.0]),
-       mode=st.sampled_from(ops.POLICY_LOSS_MODES), agg=st.sampled_from(ops.AGG_MODES),
+       mode=st.sampled_from(ops.POLICY_LOSS_MODES), agg=st.sampled_from(AGG_MODES),
        seq_correction=st.booleans(), seed=st.integers(0, 2**16))
 def test_property_packed_equals_padded(lengths, p, mode, agg, seq_correction, seed):
     torch.manual_seed(seed)

@@ -88,6 +88,9 @@ BUDGETS: list[Budget] = [
     Budget("kl_*", "_kl_*", "prediction.copy_share", ">=", 0.8,
            "KL ops are elementwise over 12-17 B per token: predicted memory-bound, >= 80 % of "
            "copy bandwidth"),
+    Budget("importance_weights.*", "_weights_*", "prediction.copy_share", ">=", 0.8,
+           "importance weights are elementwise over 12-16 B per token: predicted memory-bound, >= 80 % "
+           "of copy bandwidth"),
     Budget("ppo_*", "_*_*_kernel", "prediction.copy_share", ">=", 0.8,
            "PPO losses are elementwise over 13-17 B per token: predicted memory-bound, >= 80 % "
            "of copy bandwidth"),
