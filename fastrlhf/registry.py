@@ -40,21 +40,17 @@ class Family:
                      if inspect.isfunction(fn := getattr(api, n)) and fn.__module__ in modules)
 
 
-def _three(name: str, cuda: bool = True) -> dict[str, str]:
-    """``torch`` / ``triton`` (/ ``cuda``) launcher modules of family ``name``."""
-    out = {"torch": f"fastrlhf.eager.{name}", "triton": f"fastrlhf.triton.{name}"}
-    if cuda:
-        out["cuda"] = f"fastrlhf.cuda.{name}"
-    return out
-
-
 FAMILIES: tuple[Family, ...] = (
-    Family("logprobs", _three("logprobs")),
-    Family("linear_logprobs", _three("linear_logprobs", cuda=False)),
-    Family("kl", _three("kl")),
-    Family("advantages", _three("advantages")),
-    Family("policy_loss", _three("policy_loss"), op_modules=("policy_loss", "aggregation")),
-    Family("dpo", _three("dpo", cuda=False)),
+    Family("logprobs", {"torch": "fastrlhf.eager.logprobs", "triton": "fastrlhf.triton.logprobs",
+                        "cuda": "fastrlhf.cuda.logprobs"}),
+    Family("linear_logprobs", {"torch": "fastrlhf.eager.linear_logprobs",
+                               "triton": "fastrlhf.triton.linear_logprobs"}),
+    Family("kl", {"torch": "fastrlhf.eager.kl", "triton": "fastrlhf.triton.kl", "cuda": "fastrlhf.cuda.kl"}),
+    Family("advantages", {"torch": "fastrlhf.eager.advantages", "triton": "fastrlhf.triton.advantages",
+                          "cuda": "fastrlhf.cuda.advantages"}),
+    Family("policy_loss", {"torch": "fastrlhf.eager.policy_loss", "triton": "fastrlhf.triton.policy_loss",
+                           "cuda": "fastrlhf.cuda.policy_loss"}, op_modules=("policy_loss", "aggregation")),
+    Family("dpo", {"torch": "fastrlhf.eager.dpo", "triton": "fastrlhf.triton.dpo"}),
 )
 """Every family, in the order the benchmark runs and reports them."""
 
