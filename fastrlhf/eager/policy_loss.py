@@ -7,8 +7,8 @@ outputs of ``fastrlhf.triton.policy_loss``; plain PyTorch on the reference's mat
 * General op: the forward evaluates the reference's per-token terms
   (``fastrlhf.reference.policy_loss.token_terms``, packed input padded first) into one partial
   and the sequence table's count and filtered rows (the only rows the op reads); the backward
-  differentiates the same terms with autograd (GSPO's sequence-level gradient included, so the
-  per-sequence pass of the backward has nothing to sum).
+  differentiates the same terms with ``torch.func`` (GSPO's sequence-level gradient included, so
+  the per-sequence pass of the backward has nothing to sum).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ TOKENS_PER_PARTIAL = 1 << 62
 """Tokens one partial sums: one partial for any input."""
 SEQ_CHUNK = 1 << 30
 SEQ_SUMS = 1
+"""The per-sequence pass's scratch: one chunk of any sequence, one sum (unused here)."""
 TABLE_ROWS = 5
 """Rows of the sequence table (as the kernels'): count, two mode values (unused here),
 importance coefficient (unused here), filtered flag."""

@@ -101,13 +101,10 @@ def _aux_fake(x, agg, dtype):
                                                       dtype=torch.int64)
 
 
-POLICY_STATS = ("clipfrac", "clipfrac_lower", "approx_kl")
-
-
-def policy_result(outputs) -> tuple[torch.Tensor, dict]:
+def _plain_result(outputs) -> tuple[torch.Tensor, dict]:
     """``(loss, stats)`` of ``_ppo_policy_op``'s outputs, the statistics by name (detached)."""
     loss, stats, _, _ = outputs
-    return loss, dict(zip(POLICY_STATS, stats.detach().unbind()))
+    return loss, dict(zip(stats_of("vanilla", None, False), stats.detach().unbind()))
 
 
 def _none_but_first(ctx, grad):
@@ -523,7 +520,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     kmode, source, apply = kernel_mode(mode, o)
     if kmode == "vanilla" and cu_seqlens is None and rollout_correction is None and is_weights is None:
         name = resolve_backend(backend, device, FAMILY)  # the plain form, with its CUDA kernels
-        return policy_result(_ppo_policy_op(logprobs, old_logprobs, advantages, mask, o["clip_low"], o["clip_high"],
+        return _plain_result(_ppo_policy_op(logprobs, old_logprobs, advantages, mask, o["clip_low"], o["clip_high"],
                                             o["dual_clip"], o["log_ratio_clamp"], agg, *counts, name))
     what = (f"loss mode {mode!r}" if kmode not in ("vanilla",) else
             "packed sequences (cu_seqlens)" if cu_seqlens is not None else "rollout correction")
