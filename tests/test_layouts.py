@@ -114,9 +114,6 @@ CASES = {
                    lambda: dict(lp=_logp(B, T), ref=_logp(B, T)), {}),
     "aggregate": ("policy_loss", lambda b, x, mask: fastrlhf.aggregate(x, mask, "seq-mean-token-mean"),
                   lambda: dict(x=_f(B, T), mask=_mask(B, T)), {}),
-    "importance_weights": ("kl:importance_weights",
-                           lambda b, lp, old: fastrlhf.importance_weights(lp, old, low=0.8, high=1.2, backend=b),
-                           lambda: dict(lp=_logp(B, T), old=_logp(B, T)), {}),
     "kl_penalized_rewards": ("kl",
                              lambda b, scores, lp, ref, mask: fastrlhf.kl_penalized_rewards(
                                  scores, lp, ref, mask, kl_coef=0.1, estimator="k3", backend=b),
@@ -169,6 +166,27 @@ CASES = {
     "choice_loss": ("dpo", lambda b, r, i: fastrlhf.choice_loss(r, i, backend=b),
                     lambda: dict(r=_f(B, G), i=torch.randint(0, G, (B,), device=DEVICE)), {"r": UNIT_LAST}),
 }
+
+
+def _benchmark_cases() -> dict:
+    """Cases of the public ops without one above, from their benchmark entries (the probe's inputs,
+    the fastrlhf call): an op a family adds is covered once the benchmark has it."""
+    from bench.core import load_family
+
+    public = {op for f in registry.FAMILIES for op in f.ops}
+    covered = {name.split("-")[0] for name in CASES}
+    out = {}
+    for family in registry.family_names():
+        module, _ = load_family(family)
+        for op in module.ops() if module else ():
+            if op.name in public and op.name not in covered:
+                out[op.name] = (op.family + (f":{op.feature}" if op.feature else ""),
+                                lambda b, _op=op, **inputs: _op.fastrlhf(backend=b, **inputs),
+                                lambda _op=op: _op.probe(DEVICE), {})
+    return out
+
+
+CASES.update(_benchmark_cases())
 
 
 def test_every_public_op_has_a_case():
