@@ -116,7 +116,7 @@ def has_kernels(backend: str, family: str, feature: str | None = None) -> bool:
     """Whether ``backend`` has launchers for op ``family`` (``fastrlhf.registry``) and, when
     given, for ``feature`` of it (e.g. ``"packed"`` sequences): the torch and triton backends
     cover every feature, cuda those its registry entry lists."""
-    fam = registry.family(family) if family in registry.family_names() else None
+    fam = registry.find(family)
     if fam is None or backend not in fam.backends:
         return False
     return feature is None or backend != "cuda" or feature in fam.cuda_features

@@ -16,7 +16,7 @@ import importlib
 import inspect
 from dataclasses import dataclass, field
 
-__all__ = ["FAMILIES", "Family", "family", "family_names", "launcher_module"]
+__all__ = ["FAMILIES", "Family", "family", "family_names", "find", "launcher_module"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,11 @@ _BY_NAME = {f.name: f for f in FAMILIES}
 def family_names(backend: str | None = None) -> tuple[str, ...]:
     """The families' names; with ``backend``, those with launchers on it."""
     return tuple(f.name for f in FAMILIES if backend is None or backend in f.backends)
+
+
+def find(name: str) -> Family | None:
+    """The family called ``name``, or None (one dict lookup: the dispatcher asks on every call)."""
+    return _BY_NAME.get(name)
 
 
 def family(name: str) -> Family:

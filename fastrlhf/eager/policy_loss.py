@@ -18,6 +18,7 @@ import math
 import torch
 
 from fastrlhf.reference import policy_loss as ref
+from fastrlhf.reference.aggregation import packed_row_counts
 from fastrlhf.reference.policy_loss import clipped_surrogate
 
 TOKENS_PER_PARTIAL = 1 << 62
@@ -142,11 +143,13 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     if gseq is not None:
         gseq.zero_()
         return
-    # the count and the correction's filtered flag do not depend on the mode: the cheapest one
-    t = _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, None, cu_seqlens, spec._replace(mode="gpg"))
+    valid = mask != 0
     table.zero_()
-    table[0] = t.valid.sum(-1).to(table.dtype)
-    if t.filtered is not None:
+    table[0] = (valid.sum(-1) if cu_seqlens is None else packed_row_counts(valid, cu_seqlens)).to(table.dtype)
+    if spec.is_level in ("sequence", "sequence-mean"):
+        # the correction's filtered flag does not depend on the mode: the terms of the cheapest one
+        t = _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, None, cu_seqlens,
+                   spec._replace(mode="gpg"))
         table[4] = t.filtered.to(table.dtype)
 
 
