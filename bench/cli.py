@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None):
                            "the suite runs; claims no numbers")
     tier.add_argument("--quick", action="store_true",
                       help="fewer shapes, for a time-limited GPU session")
+    tier.add_argument("--host", action="store_true",
+                      help="the host cost (µs and aten calls per call, CPU, Triton launches stubbed) of "
+                           "the loss, KL and advantage ops against their eager reference (bench/host.py); "
+                           "default --out bench/results/host-cpu/")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="results folder ('{gpu}' in it becomes the GPU's name, e.g. nvidia-h100-80gb-hbm3); "
                         "default bench/results/{gpu}/ (smoke: a new temporary folder)")
@@ -53,12 +57,33 @@ def parse_args(argv: list[str] | None):
     return p, args
 
 
+def _host(args, argv: list[str]) -> int:
+    import json
+
+    from bench import host
+
+    rows = host.main(args.ops, verbose=True)
+    out = args.out or RESULTS / "host-cpu"
+    out.mkdir(parents=True, exist_ok=True)
+    command = shlex.join(["python", "-m", "bench", *argv])
+    meta = {"command": command, "machine": host.machine(), "calls": host.CALLS, "repeats": host.REPEATS}
+    (out / "host.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    text = (f"# Host cost per call (CPU, Triton launches stubbed)\n\n`{command}` on {meta['machine']}: "
+            f"median of {host.REPEATS} timings of {host.CALLS} calls; aten calls counted at the top "
+            f"level with torch.profiler (bench/host.py).\n\n{host.table(rows)}\n")
+    (out / "host.md").write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if "--smoke" in argv:
+    if "--smoke" in argv or "--host" in argv:
         # Before anything imports triton (fastrlhf does): CPU tensors run the Triton kernels interpreted.
         os.environ["TRITON_INTERPRET"] = "1"
     parser, args = parse_args(argv)
+    if args.host:
+        return _host(args, argv)
 
     import torch
 

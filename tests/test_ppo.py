@@ -262,6 +262,29 @@ def test_deterministic(backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="patches the launch configuration (interpreter)")
+@pytest.mark.parametrize("agg", AGG_MODES)
+def test_triton_last_program_adds_many_partials(monkeypatch, agg):
+    """The one-launch forward with 16-token tiles and 4 partials per reduction step: 132 programs
+    (a partial last tile), the last one adds the partials in 33 steps, and counts 7 rows."""
+    pytest.importorskip("triton")
+    from fastrlhf.triton import policy_loss as launchers
+
+    monkeypatch.setattr(launchers, "TOKENS_PER_PARTIAL", 16)
+    monkeypatch.setattr(launchers, "REDUCE_BLOCK", 4)
+    logp, old, adv, mask = _policy_case(7, 300)
+    counts = {"loss_scale_factor": 256.0} if agg == "seq-mean-token-sum-norm" else {}
+    got = _policy_run("triton", logp, old, adv, mask, agg=agg, dual_clip=3.0, **counts)
+    want = _policy_run("reference", logp.double(), old.double(), adv.double(), mask, agg=agg, dual_clip=3.0,
+                       **counts)
+    for a, b in zip((got[0], *got[1].values(), got[2]), (want[0], *want[1].values(), want[2])):
+        assert_close_fp64(a, b)
+    got = _value_run("triton", logp, old, adv, mask, agg=agg, clip=0.2, **counts)
+    want = _value_run("reference", logp.double(), old.double(), adv.double(), mask, agg=agg, clip=0.2, **counts)
+    for a, b in zip((got[0], got[1]["vf_clipfrac"], got[2]), (want[0], want[1]["vf_clipfrac"], want[2])):
+        assert_close_fp64(a, b)
+
+
 def test_input_layouts_and_mask_dtypes(backend):
     """Sliced, transposed and expanded inputs; bool, int and float masks (values are not weights)."""
     base = torch.randn(4, 21, device=DEVICE)
@@ -434,32 +457,37 @@ def test_torch_compile_fullgraph_no_recompile_for_new_counts():
 def _aot_launches():
     """Launches besides the report's ``ppo_*`` cases (fp32, bool mask, 16 M tokens): bf16, fp32 and
     fp64 inputs (fp64 accumulates in fp64), bool, int64 and fp32 masks, with and without row
-    counts (``seq-mean-token-mean``), 2**31 tokens (i64 count: ``FAST_ROWS`` off) and rows of one
-    token (T = 1 becomes constexpr 1)."""
+    counts (``seq-mean-token-mean``), every aggregation and global count (the last program's
+    normalizer), 2**31 tokens (i64 count: ``FAST_ROWS`` off) and rows of one token (T = 1 becomes
+    constexpr 1)."""
     from bench.static.cases import t
     from fastrlhf._numerics import acc_dtype
     from fastrlhf.triton import policy_loss as launchers
 
-    def run(value, dtype, mask_dtype, per_row, B, T):
+    def run(value, dtype, mask_dtype, agg, B, T, counts=(None, None, None)):
         x, old = t(B, T, dtype=dtype), t(B, T, dtype=dtype)
         acc = acc_dtype(x)
         y, mask = t(B, T, dtype=acc), t(B, T, dtype=mask_dtype)
-        rows = t(B, dtype=torch.int64) if per_row else None
-        P = launchers.token_programs(x)
-        sums, counts = t(1 if value else 2, P, dtype=acc), t(2 if value else 3, P, dtype=torch.int32)
+        rows = t(B, dtype=torch.int64) if agg.startswith("seq-") else None
+        per_row = rows if agg == "seq-mean-token-mean" else None
+        outs = (t(dtype=acc), t(dtype=acc) if value else t(3, dtype=acc), t(dtype=acc))
         if value:
-            launchers.ppo_value_fwd(x, old, y, mask, rows, 0.2, sums, counts)
-            launchers.ppo_value_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, rows, 0.2, t(B, T, dtype=dtype))
+            launchers.ppo_value_fwd(x, old, y, mask, rows, 0.2, agg, counts, *outs)
+            launchers.ppo_value_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, per_row, 0.2,
+                                    t(B, T, dtype=dtype))
         else:
             clips = (0.8, 1.28, 3.0, 20.0)
-            launchers.ppo_policy_fwd(x, old, y, mask, rows, *clips, sums, counts)
-            launchers.ppo_policy_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, rows, *clips, t(B, T, dtype=dtype))
+            launchers.ppo_policy_fwd(x, old, y, mask, rows, *clips, agg, counts, *outs)
+            launchers.ppo_policy_bwd(t(dtype=acc), t(dtype=acc), x, old, y, mask, per_row, *clips,
+                                     t(B, T, dtype=dtype))
 
-    run(False, torch.bfloat16, torch.bool, False, 2**20, 2048)
-    run(False, torch.float32, torch.int64, True, 8192, 2048)
-    run(True, torch.bfloat16, torch.float32, True, 2**20, 2048)
-    run(True, torch.float64, torch.bool, True, 8192, 2048)
-    run(True, torch.float64, torch.bool, True, 8192, 1)
+    f64 = t(dtype=torch.float64)
+    run(False, torch.bfloat16, torch.bool, "token-mean", 2**20, 2048)
+    run(False, torch.float32, torch.int64, "seq-mean-token-mean", 8192, 2048)
+    run(False, torch.float32, torch.bool, "token-sum", 8192, 2048, (f64, None, None))
+    run(True, torch.bfloat16, torch.float32, "seq-mean-token-mean", 2**20, 2048)
+    run(True, torch.float64, torch.bool, "seq-mean-token-sum-norm", 8192, 2048, (None, f64, f64))
+    run(True, torch.float64, torch.bool, "seq-mean-token-sum", 8192, 1)
 
 
 def test_kernels_compile_for_gpus():

@@ -216,11 +216,10 @@ def _ppo(direction, value, agg):
     x, old, y, mask = t(B, T), t(B, T), t(B, T), t(B, T, dtype=torch.bool)
     rows = t(B, dtype=I64) if agg == "seq-mean-token-mean" else None
     clip = (0.2,) if value else (0.8, 1.28, 3.0, float("inf"))
-    P = -(-B * T // policy_loss.TOKENS_PER_PARTIAL)
     if direction == "fwd":
-        partials = (t(1 if value else 2, P), t(2 if value else 3, P, dtype=torch.int32))
+        outs = (t(), t() if value else t(3), t())
         launch = policy_loss.ppo_value_fwd if value else policy_loss.ppo_policy_fwd
-        return lambda: launch(x, old, y, mask, rows, *clip, *partials)
+        return lambda: launch(x, old, y, mask, rows, *clip, agg, (None, None, None), *outs)
     launch = policy_loss.ppo_value_bwd if value else policy_loss.ppo_policy_bwd
     return lambda: launch(t(), t(), x, old, y, mask, rows, *clip, t(B, T))
 

@@ -1,9 +1,9 @@
 """The torch backend's launchers of the policy-loss family, with the names, arguments and
 outputs of ``fastrlhf.triton.policy_loss``; plain PyTorch on the reference's math.
 
-* Plain form (PPO's policy and value losses, padded): the forward fills one partial sum
-  (``TOKENS_PER_PARTIAL`` covers any input), the backward the gradient in closed form, as the
-  kernels compute it.
+* Plain form (PPO's policy and value losses, padded): the forward sums the per-token terms and
+  normalizes them (``fastrlhf.reference.aggregation.finish_partials``), the backward the gradient in
+  closed form, as the kernels compute it.
 * General op: the forward evaluates the reference's per-token terms
   (``fastrlhf.reference.policy_loss.token_terms``, packed input padded first) into one partial
   and the sequence table's count and filtered rows (the only rows the op reads); the backward
@@ -18,7 +18,7 @@ import math
 import torch
 
 from fastrlhf.reference import policy_loss as ref
-from fastrlhf.reference.aggregation import packed_row_counts
+from fastrlhf.reference.aggregation import finish_partials, packed_row_counts
 from fastrlhf.reference.policy_loss import clipped_surrogate
 
 TOKENS_PER_PARTIAL = 1 << 62
@@ -64,19 +64,28 @@ def _fill(sums, counts, valid, sum_rows, count_rows):
     counts[:, 0] = torch.stack([(valid & c).sum() for c in (valid, *count_rows)]).to(counts.dtype)
 
 
+def _plain_fwd(mask, row_counts, agg, norm, sum_rows, count_rows, loss, stats, scale):
+    """One partial of each sum and count, then :func:`finish`."""
+    sums = torch.empty((len(sum_rows), 1), dtype=loss.dtype, device=loss.device)
+    counts = torch.empty((1 + len(count_rows), 1), dtype=torch.int64, device=loss.device)
+    weighted = _row_weight(sum_rows[0], row_counts if agg == "seq-mean-token-mean" else None)
+    _fill(sums, counts, mask != 0, (weighted, *sum_rows[1:]), count_rows)
+    finish_partials(sums, counts, row_counts, agg, norm, mask.shape[-1], loss, stats, scale)
+
+
 def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts, ratio_low, ratio_high, dual_clip,
-                   log_ratio_clamp, sums, counts):
-    """Fill ``sums [2, 1]`` (weighted loss, minus log-ratio) and ``counts [3, 1]`` (valid, clipped,
-    dual-clipped); ``row_counts``: int64 ``[B]`` (``seq-mean-token-mean``) or None."""
-    loss, clipped, lower, lr, _ = _policy_terms(logprobs, old_logprobs, advantages, ratio_low, ratio_high,
-                                                dual_clip, log_ratio_clamp, sums.dtype)
-    _fill(sums, counts, mask != 0, (_row_weight(loss, row_counts), -lr), (clipped, lower))
+                   log_ratio_clamp, agg, counts, loss, stats, scale):
+    """Fill ``loss``, ``stats [3]`` (clipfrac, clipfrac_lower, approx_kl) and ``scale``; arguments as
+    ``fastrlhf.triton.policy_loss.ppo_policy_fwd``."""
+    terms, clipped, lower, lr, _ = _policy_terms(logprobs, old_logprobs, advantages, ratio_low, ratio_high,
+                                                 dual_clip, log_ratio_clamp, loss.dtype)
+    _plain_fwd(mask, row_counts, agg, counts, (terms, -lr), (clipped, lower), loss, stats, scale)
 
 
-def ppo_value_fwd(values, old_values, returns, mask, row_counts, clip, sums, counts):
-    """Fill ``sums [1, 1]`` (weighted loss) and ``counts [2, 1]`` (valid, clipped)."""
-    loss, clipped, _ = _value_terms(values, old_values, returns, clip, sums.dtype)
-    _fill(sums, counts, mask != 0, (_row_weight(loss, row_counts),), (clipped,))
+def ppo_value_fwd(values, old_values, returns, mask, row_counts, clip, agg, counts, loss, stats, scale):
+    """Fill ``loss``, ``stats`` (vf_clipfrac, 0-dim) and ``scale``."""
+    terms, clipped, _ = _value_terms(values, old_values, returns, clip, loss.dtype)
+    _plain_fwd(mask, row_counts, agg, counts, (terms,), (clipped,), loss, stats, scale)
 
 
 def _grad(out, grad, scale, mask, row_counts, d):

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from fastrlhf import _checks
 from fastrlhf._numerics import STATS_DTYPE, acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.reference.advantages import METHODS
 
 __all__ = ["discounted_returns", "gae", "group_advantages", "masked_whiten"]
@@ -35,7 +36,7 @@ def gae_outputs(rewards: torch.Tensor, values: torch.Tensor | None):
     return adv, (torch.empty_like(adv) if values is not None else adv.new_empty(0))
 
 
-@torch.library.custom_op("fastrlhf::gae", mutates_args=())
+@custom_op("fastrlhf::gae", mutates_args=())
 def _gae_op(rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor, gamma: float,
             lam: float, skip_holes: bool, cu_seqlens: torch.Tensor | None,
             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +56,7 @@ def _group_output(scores):
     return torch.empty(scores.shape, dtype=acc_dtype(scores), device=scores.device)
 
 
-@torch.library.custom_op("fastrlhf::group_advantages", mutates_args=())
+@custom_op("fastrlhf::group_advantages", mutates_args=())
 def _group_advantages_op(scores: torch.Tensor, group_size: int, method: str, eps: float,
                          backend: str) -> torch.Tensor:
     out = _group_output(scores)
@@ -82,7 +83,7 @@ def _merge(parts: torch.Tensor) -> torch.Tensor:
     return torch.stack([total, merged, m2.sum() + (n * (mean - merged).square()).sum()])
 
 
-@torch.library.custom_op("fastrlhf::whiten_stats", mutates_args=())
+@custom_op("fastrlhf::whiten_stats", mutates_args=())
 def _whiten_stats_op(x: torch.Tensor, mask: torch.Tensor, backend: str) -> torch.Tensor:
     """``[3]`` fp64: count, mean and sum of squared deviations from the mean of ``x`` where
     ``mask != 0``; per block of the launchers' ``WHITEN_BLOCK`` elements (one block on the
@@ -100,7 +101,7 @@ def _(x, mask, backend):
     return x.new_empty(3, dtype=STATS_DTYPE)
 
 
-@torch.library.custom_op("fastrlhf::whiten_apply", mutates_args=())
+@custom_op("fastrlhf::whiten_apply", mutates_args=())
 def _whiten_apply_op(x: torch.Tensor, mask: torch.Tensor, coef: torch.Tensor, backend: str) -> torch.Tensor:
     """``(x - mean) * scale + add`` where ``mask != 0``, else 0, in ``x``'s accumulation dtype;
     ``coef = (scale, hi, lo, add)``, fp64, ``hi + lo = mean`` with ``hi`` in that dtype."""

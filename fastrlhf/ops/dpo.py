@@ -16,6 +16,7 @@ import torch
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.ops.logprobs import token_logprobs
 from fastrlhf.reference import dpo as ref
 from fastrlhf.reference.dpo import LOSS_TYPES, METRICS
@@ -32,7 +33,7 @@ def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
 
 
 # --------------------------------------------------------------------------- forward op
-@torch.library.custom_op("fastrlhf::dpo_loss", mutates_args=())
+@custom_op("fastrlhf::dpo_loss", mutates_args=())
 def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
             loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
     """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
@@ -48,7 +49,7 @@ def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
 
 
 # -------------------------------------------------------------------------- backward op
-@torch.library.custom_op("fastrlhf::dpo_loss_backward", mutates_args=())
+@custom_op("fastrlhf::dpo_loss_backward", mutates_args=())
 def _dpo_bwd_op(grad: torch.Tensor, pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor,
                 rr: torch.Tensor, beta: float, loss_type: str, label_smoothing: float,
                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -141,8 +142,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
                          f"[0, {high}{']' if closed else ')'}, got {label_smoothing}")
     name = resolve_backend(backend, policy_chosen.device, "dpo")
     out = _dpo_op(*xs, beta, loss_type, float(label_smoothing), name)
-    metrics = out.detach()
-    return out[0], {k: metrics[i + 1] for i, k in enumerate(METRICS)}
+    return out[0], dict(zip(METRICS, out.detach().unbind()[1:]))
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, *,

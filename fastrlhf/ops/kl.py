@@ -15,6 +15,7 @@ import torch
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.reference import kl as ref
 
 __all__ = ["AdaptiveKLController", "FixedKLController", "importance_weights", "kl_penalized_rewards",
@@ -37,7 +38,7 @@ def _per_token(logprobs, ref_logprobs):
 
 
 # ------------------------------------------------------------------------- kl_penalty op
-@torch.library.custom_op("fastrlhf::kl_penalty", mutates_args=())
+@custom_op("fastrlhf::kl_penalty", mutates_args=())
 def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
     out = _per_token(logprobs, ref_logprobs)
@@ -53,7 +54,7 @@ def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
     return _per_token(logprobs, ref_logprobs)
 
 
-@torch.library.custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
+@custom_op("fastrlhf::kl_penalty_backward", mutates_args=())
 def _kl_penalty_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                        estimator: str, clamp: float | None, log_ratio_clamp: float | None,
                        want_logp: bool, want_ref: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,7 +100,7 @@ def _bounds(*bounds: float | None) -> tuple[float, ...]:
     return (-math.inf if low is None else low, *(math.inf if b is None else b for b in rest))
 
 
-@torch.library.custom_op("fastrlhf::importance_weights", mutates_args=())
+@custom_op("fastrlhf::importance_weights", mutates_args=())
 def _weights_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: float | None, high: float | None,
                 log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
     out = _per_token(logprobs, old_logprobs)
@@ -114,7 +115,7 @@ def _(logprobs, old_logprobs, low, high, log_ratio_clamp, backend):
     return _per_token(logprobs, old_logprobs)
 
 
-@torch.library.custom_op("fastrlhf::importance_weights_backward", mutates_args=())
+@custom_op("fastrlhf::importance_weights_backward", mutates_args=())
 def _weights_bwd_op(grad: torch.Tensor, logprobs: torch.Tensor, old_logprobs: torch.Tensor, low: float | None,
                     high: float | None, log_ratio_clamp: float | None, want_logp: bool, want_old: bool,
                     backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,7 +147,7 @@ _weights_op.register_autograd(_weights_backward, setup_context=_weights_setup_co
 
 
 # ---------------------------------------------------------------- kl_penalized_rewards op
-@torch.library.custom_op("fastrlhf::kl_penalized_rewards", mutates_args=())
+@custom_op("fastrlhf::kl_penalized_rewards", mutates_args=())
 def _kl_rewards_op(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
                    mask: torch.Tensor, kl_coef: float, kl_coef_t: torch.Tensor | None, estimator: str,
                    kl_clamp: float | None, log_ratio_clamp: float | None, score_clip: float | None,

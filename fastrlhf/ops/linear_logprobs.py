@@ -18,6 +18,7 @@ import torch
 
 from fastrlhf import _checks
 from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.custom_op import custom_op
 
 __all__ = ["linear_token_logprobs"]
 
@@ -198,7 +199,7 @@ def _contiguous(bias):
 
 
 # --------------------------------------------------------------------------- forward op
-@torch.library.custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
+@custom_op("fastrlhf::linear_token_logprobs", mutates_args=())
 def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         labels: torch.Tensor, temperature: float, ignore_index: int,
                         with_entropy: bool, backend: str, logit_scale: float = 1.0,
@@ -220,7 +221,7 @@ def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, bac
 
 
 # --------------------------------------------------------------------------- backward op
-@torch.library.custom_op("fastrlhf::linear_token_logprobs_backward", mutates_args=())
+@custom_op("fastrlhf::linear_token_logprobs_backward", mutates_args=())
 def linear_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                             hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                             labels: torch.Tensor, stats: torch.Tensor, entropy: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import launchers, resolve_backend
+from fastrlhf.ops.custom_op import custom_op
 
 __all__ = ["sequence_logprobs", "token_logprobs"]
 
@@ -25,7 +26,7 @@ def _forward_outputs(logits, labels, with_entropy):
     return logp, entropy, logp.new_empty((*labels.shape, 2))
 
 
-@torch.library.custom_op("fastrlhf::token_logprobs", mutates_args=())
+@custom_op("fastrlhf::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
                        backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -52,7 +53,7 @@ def _backward(grad_logp, grad_entropy, logits, labels, stats, entropy, temperatu
     return dx
 
 
-@torch.library.custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
+@custom_op("fastrlhf::token_logprobs_backward", mutates_args=())
 def token_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                            logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                            entropy: torch.Tensor, temperature: float, ignore_index: int,
@@ -66,7 +67,7 @@ def _(grad_logp, grad_entropy, logits, labels, stats, entropy, temperature, igno
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
-@torch.library.custom_op("fastrlhf::token_logprobs_backward_", mutates_args=("logits",))
+@custom_op("fastrlhf::token_logprobs_backward_", mutates_args=("logits",))
 def _token_logprobs_bwd_inplace_op(grad_logp: torch.Tensor, grad_entropy: torch.Tensor | None,
                                    logits: torch.Tensor, labels: torch.Tensor, stats: torch.Tensor,
                                    entropy: torch.Tensor, temperature: float, ignore_index: int,

@@ -7,15 +7,16 @@ backend choice) → ``torch.library`` custom op with fake and autograd registrat
 backend's launchers (``fastrlhf.registry``). Two ops:
 
 * the plain form (``fastrlhf::ppo_policy_loss`` / ``fastrlhf::ppo_value_loss``): PPO's policy and
-  value losses on padded input without correction, on every backend (CUDA included): one token
-  pass writing per-tile partial sums, an elementwise backward;
+  value losses on padded input without correction, on every backend (CUDA included): the
+  launcher writes the loss, its statistics and the normalizing scale (on Triton one launch: a
+  token pass whose last program adds the partial sums in a fixed order), an elementwise backward;
 * the general op (``fastrlhf::policy_loss``): every mode, packed input, rollout correction, on
   ``triton`` (a per-sequence pass when a sequence-level quantity is needed, a token pass writing
   partial sums, an elementwise backward) or ``torch`` (the reference's per-token terms, their
   gradient by autograd: ``fastrlhf.eager.policy_loss``). ``backend="cuda"`` raises
   ``BackendUnavailableError`` saying so before any kernel.
 
-The ops add the partial sums in a fixed order (same input, same bits) and normalize.
+Partial sums are added in a fixed order (same input, same bits) and normalized.
 :func:`ppo_policy_loss` is ``policy_loss(mode="vanilla")``; :func:`ppo_value_loss` the value loss.
 """
 
@@ -30,6 +31,7 @@ from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.backend import BackendUnavailableError, launchers, resolve_backend
 from fastrlhf.ops import aggregation as agg_ops
+from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.ops.policy_spec import (POLICY_LOSS_MODES, REQUIRED, RolloutCorrection, decode, encode, kernel_mode,
                                       needs_table, policy_loss_options, resolve_options, stats_of)
 from fastrlhf.reference import policy_loss as ref
@@ -63,41 +65,14 @@ def _inf(x: float | None) -> float:
     return math.inf if x is None else x
 
 
-def _row_counts(mask: torch.Tensor, agg: str) -> torch.Tensor | None:
-    """Valid tokens per row (int64 ``[B]``), by which ``seq-mean-token-mean`` weighs each token."""
-    return (mask != 0).sum(-1) if agg == "seq-mean-token-mean" else None
+def _needs_rows(agg: str, global_seqs) -> bool:
+    """Whether a plain form needs the rows' valid tokens: ``seq-mean-token-mean`` weighs each token
+    by them, and a ``seq-mean-*`` mode without ``global_seqs`` counts the rows with one."""
+    return agg == "seq-mean-token-mean" or (agg.startswith("seq-") and global_seqs is None)
 
 
-def _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts) -> torch.Tensor:
-    """The plain ops' ``scale``: the sequences with a valid token are counted only for a
-    ``seq-mean-*`` mode without ``global_seqs``."""
-    n_seqs = None
-    if agg.startswith("seq-") and counts[1] is None:
-        n_seqs = ((mask != 0).sum(-1) if row_counts is None else row_counts).gt(0).sum()
-    return agg_ops.scale(agg, counts, dtype, mask.device, n_tokens, n_seqs, mask.shape[-1])
-
-
-def _partials(x, n_sums, n_counts, dtype, kernels):
-    """Empty partial sums ``[n_sums, P]`` and counts ``[n_counts, P]`` for the forward kernels."""
-    P = -(-x.numel() // kernels.TOKENS_PER_PARTIAL)
-    return (torch.empty((n_sums, P), dtype=dtype, device=x.device),
-            torch.empty((n_counts, P), dtype=torch.int32, device=x.device))
-
-
-def _reduce(sums, counts):
-    """``(total, valid tokens, stats)`` from the partials, summed in a fixed order (same input,
-    same bits): ``stats`` (1-D) are the clipped fractions (counts[1:] / valid) and, for the
-    policy, the mean minus log-ratio (sums[1] / valid)."""
-    s, c = sums.sum(1), counts.sum(1)
-    return s[0], c[0], safe_div(torch.cat([c[1:].to(s.dtype), s[1:]]), c[0])
-
-
-def _or_empty(row_counts, mask):
-    return row_counts if row_counts is not None else torch.empty(0, dtype=torch.int64, device=mask.device)
-
-
-def _aux_fake(x, agg, dtype):
-    return x.new_empty((), dtype=dtype), x.new_empty(x.shape[0] if agg == "seq-mean-token-mean" else 0,
+def _aux_fake(x, agg, global_seqs, dtype):
+    return x.new_empty((), dtype=dtype), x.new_empty(x.shape[0] if _needs_rows(agg, global_seqs) else 0,
                                                       dtype=torch.int64)
 
 
@@ -111,23 +86,22 @@ def _none_but_first(ctx, grad):
     return (grad, *[None] * (len(ctx.needs_input_grad) - 1))
 
 
-def _plain_forward(launcher: str, inputs: tuple, mask, agg, counts, n_sums: int, n_counts: int, backend: str,
+def _plain_forward(launcher: str, inputs: tuple, mask, agg, counts, stats_shape: tuple, backend: str,
                    *args) -> tuple:
-    """``(loss, stats, scale, row_counts)`` of a plain form: ``launcher`` fills ``n_sums`` partial
-    sums and ``n_counts`` counts per tile, added here in a fixed order and normalized."""
+    """``(loss, stats, scale, row_counts)`` of a plain form: one launcher call fills the first three
+    (``fastrlhf.triton.policy_loss.ppo_policy_fwd``); the row counts (int64 ``[B]``, or empty where
+    not needed: :func:`_needs_rows`) are for the backward's weights."""
     dtype = acc_dtype(*inputs)
-    row_counts = _row_counts(mask, agg)
-    kernels = launchers(backend, FAMILY)
-    sums, parts = _partials(inputs[0], n_sums, n_counts, dtype, kernels)
-    if inputs[0].numel():
-        getattr(kernels, launcher)(*inputs, mask, row_counts, *args, sums, parts)
-    total, n_tokens, stats = _reduce(sums, parts)
-    scale = _plain_scale(mask, agg, counts, dtype, n_tokens, row_counts)
-    return total * scale, stats, scale, _or_empty(row_counts, mask)
+    rows = _needs_rows(agg, counts[1])
+    row_counts = (mask != 0).sum(-1) if rows else torch.empty(0, dtype=torch.int64, device=mask.device)
+    loss, stats, scale = (torch.empty(shape, dtype=dtype, device=mask.device) for shape in ((), stats_shape, ()))
+    getattr(launchers(backend, FAMILY), launcher)(*inputs, mask, row_counts if rows else None, *args, agg, counts,
+                                                  loss, stats, scale)
+    return loss, stats, scale, row_counts
 
 
 # ------------------------------------------------- the plain form: PPO policy loss op (+ CUDA)
-@torch.library.custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
+@custom_op("fastrlhf::ppo_policy_loss", mutates_args=())
 def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
                    mask: torch.Tensor, clip_low: float, clip_high: float, dual_clip: float | None,
                    log_ratio_clamp: float | None, agg: str, global_tokens: torch.Tensor | None,
@@ -135,7 +109,7 @@ def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, [clipfrac, clipfrac_lower, approx_kl], scale, row_counts)``; the last two for backward."""
     return _plain_forward("ppo_policy_fwd", (logprobs, old_logprobs, advantages), mask, agg,
-                          (global_tokens, global_seqs, loss_scale_factor), 2, 3, backend,
+                          (global_tokens, global_seqs, loss_scale_factor), (3,), backend,
                           *PolicyClip.of(clip_low, clip_high, dual_clip, log_ratio_clamp))
 
 
@@ -143,10 +117,10 @@ def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
       agg, global_tokens, global_seqs, loss_scale_factor, backend):
     dtype = acc_dtype(logprobs, old_logprobs, advantages)
-    return logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype), *_aux_fake(logprobs, agg, dtype)
+    return logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype), *_aux_fake(logprobs, agg, global_seqs, dtype)
 
 
-@torch.library.custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
+@custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
 def _ppo_policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, logprobs: torch.Tensor,
                        old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                        row_counts: torch.Tensor, clip_low: float, clip_high: float,
@@ -187,26 +161,24 @@ _ppo_policy_op.register_autograd(_policy_backward, setup_context=_policy_setup_c
 
 
 # ------------------------------------------------------------ the plain form: value loss op (+ CUDA)
-@torch.library.custom_op("fastrlhf::ppo_value_loss", mutates_args=())
+@custom_op("fastrlhf::ppo_value_loss", mutates_args=())
 def _value_op(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
               mask: torch.Tensor, clip: float | None, agg: str, global_tokens: torch.Tensor | None,
               global_seqs: torch.Tensor | None, loss_scale_factor: torch.Tensor | None, backend: str
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, vf_clipfrac, scale, row_counts)``; the last two for backward."""
-    loss, clipfrac, scale, rows = _plain_forward("ppo_value_fwd", (values, old_values, returns), mask, agg,
-                                                 (global_tokens, global_seqs, loss_scale_factor), 1, 2, backend,
-                                                 _inf(clip))
-    return loss, clipfrac.reshape(()), scale, rows
+    return _plain_forward("ppo_value_fwd", (values, old_values, returns), mask, agg,
+                          (global_tokens, global_seqs, loss_scale_factor), (), backend, _inf(clip))
 
 
 @_value_op.register_fake
 def _(values, old_values, returns, mask, clip, agg, global_tokens, global_seqs, loss_scale_factor, backend):
     dtype = acc_dtype(values, old_values, returns)
     loss = values.new_empty((), dtype=dtype)
-    return loss, torch.empty_like(loss), *_aux_fake(values, agg, dtype)
+    return loss, torch.empty_like(loss), *_aux_fake(values, agg, global_seqs, dtype)
 
 
-@torch.library.custom_op("fastrlhf::ppo_value_loss_backward", mutates_args=())
+@custom_op("fastrlhf::ppo_value_loss_backward", mutates_args=())
 def _value_bwd_op(grad: torch.Tensor, scale: torch.Tensor, values: torch.Tensor,
                   old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
                   row_counts: torch.Tensor, clip: float | None, agg: str, backend: str) -> torch.Tensor:
@@ -267,7 +239,7 @@ def _seq_pass(kernels, x, cu_seqlens, spec, what, table, gseq=None):
 _N_STATS = len(ref.STATS)
 
 
-@torch.library.custom_op("fastrlhf::policy_loss", mutates_args=())
+@custom_op("fastrlhf::policy_loss", mutates_args=())
 def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                rollout_logprobs: torch.Tensor | None, is_weights: torch.Tensor | None, selected: torch.Tensor | None,
                cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None, global_seqs: torch.Tensor | None,
@@ -319,7 +291,7 @@ def _(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, se
             logprobs.new_empty((rows, seqs), dtype=dtype))
 
 
-@torch.library.custom_op("fastrlhf::policy_loss_backward", mutates_args=())
+@custom_op("fastrlhf::policy_loss_backward", mutates_args=())
 def _policy_bwd_op(grad: torch.Tensor, scale: torch.Tensor, table: torch.Tensor, logprobs: torch.Tensor,
                    old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                    rollout_logprobs: torch.Tensor | None, is_weights: torch.Tensor | None,

@@ -7,6 +7,14 @@ import triton
 import triton.language as tl
 
 
+def flat(x: torch.Tensor) -> torch.Tensor:
+    """``x`` for a kernel that indexes its elements flat, in memory order: ``x`` itself when
+    contiguous (no aten call), else a contiguous copy; a bool tensor as a uint8 view."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return x.view(torch.uint8) if x.dtype == torch.bool else x
+
+
 def tl_acc(dtype: torch.dtype):
     """The Triton accumulation type of an accumulation dtype (``fastrlhf._numerics.acc_dtype``)."""
     return tl.float64 if dtype == torch.float64 else tl.float32

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf.reference.advantages import METHODS
-from fastrlhf.triton._common import tl_acc
+from fastrlhf.triton._common import flat, tl_acc
 
 _GRPO, _RLOO = (tl.constexpr(METHODS.index(name)) for name in ("grpo", "rloo"))  # else dr_grpo
 
@@ -374,7 +374,7 @@ def whiten_stats(x, mask, partials):
     """Fill ``partials [3, cdiv(n, WHITEN_BLOCK)]`` (fp64 count, mean, squared deviations) of
     ``n = x.numel() > 0`` elements."""
     n = x.numel()
-    _whiten_stats_kernel[(partials.shape[1],)](_flat(x), _flat(mask), partials, n, partials.shape[1],
+    _whiten_stats_kernel[(partials.shape[1],)](flat(x), flat(mask), partials, n, partials.shape[1],
                                                BLOCK=WHITEN_BLOCK, num_warps=8)
 
 
@@ -382,10 +382,5 @@ def whiten_apply(x, mask, coef, out):
     """Fill ``out`` (contiguous, ``x``'s shape) with ``(x - coef[1] - coef[2]) * coef[0] + coef[3]``
     where valid, else 0."""
     n = x.numel()
-    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](_flat(x), _flat(mask), coef, out, n,
+    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](flat(x), flat(mask), coef, out, n,
                                                           ACC=tl_acc(out.dtype), BLOCK=WHITEN_BLOCK, num_warps=8)
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    x = x.reshape(-1).contiguous()
-    return x.view(torch.uint8) if x.dtype == torch.bool else x

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.triton._common import narrow, tl_acc
+from fastrlhf.triton._common import flat, narrow, tl_acc
 
 BLOCK = 1024
 
@@ -163,7 +163,7 @@ def dpo_fwd(pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, out):
     accuracy, for ``N > 0`` pairs (kernel arguments from ``fastrlhf.ops.dpo``). Allocates
     ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
     N = pc.numel()
-    xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
+    xs = [flat(x) for x in (pc, pr, rc, rr)]
     n_blocks = triton.cdiv(N, BLOCK)
     part = out if n_blocks == 1 else out.new_empty((n_blocks, 5))
     _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, beta, eps, c_pos, c_neg, loss_code, ACC=tl_acc(out.dtype),
@@ -176,7 +176,7 @@ def dpo_bwd(grad, pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, grads):
     """Fill ``grads``, four contiguous tensors shaped and typed like the inputs, for upstream
     gradient ``grad`` (a 0-dim tensor of the mean loss), ``N > 0`` pairs."""
     N = pc.numel()
-    xs = [x.reshape(-1).contiguous() for x in (pc, pr, rc, rr)]
+    xs = [flat(x) for x in (pc, pr, rc, rr)]
     _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
-        *xs, grad.reshape(1), *grads, N, beta, eps, c_pos, c_neg, loss_code,
+        *xs, grad, *grads, N, beta, eps, c_pos, c_neg, loss_code,
         ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)

@@ -15,7 +15,7 @@ import triton.language as tl
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.interpreter import triton_interpreter
 from fastrlhf.reference.kl import CODES
-from fastrlhf.triton._common import narrow, tl_acc
+from fastrlhf.triton._common import flat, narrow, tl_acc
 
 _K1, _ABS, _K2 = (tl.constexpr(CODES.index(name)) for name in ("k1", "abs", "k2"))  # else k3
 
@@ -238,16 +238,11 @@ def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_
         tl.store(at, tl.load(at) + score)
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous 1-D view (a copy only for a non-contiguous or expanded input)."""
-    return x.reshape(-1).contiguous()
-
-
 def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, out):
     """Fill ``out`` (contiguous, the inputs' shape) with the clamped estimate."""
     n = out.numel()
     _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        _flat(logprobs), _flat(ref_logprobs), out, n, clamp, log_ratio_clamp,
+        flat(logprobs), flat(ref_logprobs), out, n, clamp, log_ratio_clamp,
         EST=estimator, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
@@ -260,7 +255,7 @@ def _pair_backward(kernel, grad, a, b, args, grad_a, grad_b, **constexprs):
         # kernel writes fp32 and torch rounds, so the tests see the GPU's rounding.
         outs = tuple(g.new_empty(g.shape, dtype=torch.float32) if g.dtype == torch.bfloat16 else g for g in outs)
     n = a.numel()
-    kernel[(triton.cdiv(n, _BLOCK),)](_flat(grad), _flat(a), _flat(b), outs[0], outs[1], n, *args, **constexprs,
+    kernel[(triton.cdiv(n, _BLOCK),)](flat(grad), flat(a), flat(b), outs[0], outs[1], n, *args, **constexprs,
                                       ACC=tl_acc(acc_dtype(a, b)), BLOCK=_BLOCK)
     for out, buf in zip((grad_a, grad_b), outs):
         if buf is not out:
@@ -279,7 +274,7 @@ def importance_weights_fwd(logprobs, old_logprobs, low, high, log_ratio_clamp, o
     """Fill ``out`` (contiguous, the inputs' shape) with the clipped weights; an unset bound is ``inf``."""
     n = out.numel()
     _weights_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
-        _flat(logprobs), _flat(old_logprobs), out, n, low, high, log_ratio_clamp, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
+        flat(logprobs), flat(old_logprobs), out, n, low, high, log_ratio_clamp, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
 def importance_weights_bwd(grad, logprobs, old_logprobs, low, high, log_ratio_clamp, grad_logprobs,

@@ -1,9 +1,13 @@
 """Triton kernels of the policy-loss family (``fastrlhf.ops.policy_loss``).
 
 **Plain form** (PPO's policy and value losses, padded, no correction: the ``ppo_*`` launchers).
-Forward: one program per ``TOKENS_PER_PARTIAL`` tokens of the flattened ``[B, T]`` computes the
-per-token loss and statistics and writes its partial sums (``sums``: loss [, minus log-ratio],
-in the accumulation dtype) and counts (``counts``: valid, clipped [, dual-clipped], int32).
+Forward: one launch. One program per ``TOKENS_PER_PARTIAL`` tokens of the flattened ``[B, T]``
+computes the per-token loss and statistics and writes its partial sums (loss [, minus log-ratio],
+in the accumulation dtype) and counts (valid, clipped [, dual-clipped], int32); then takes a
+ticket (an integer atomic, acquire-release). The program that takes the last ticket adds every
+program's partials in a fixed order (same input, same bits: no float atomics), counts the rows
+with a valid token where the normalizer needs them, and writes the loss, the statistics and the
+``scale`` (``1 / denominator`` of the aggregation) the backward uses.
 Backward: one elementwise kernel writing ``grad * scale * w * d loss_token / d x``, ``w = 1 /
 n_row`` for ``seq-mean-token-mean`` (``PER_ROW``, the row counts given) and 1 otherwise. The row
 of a flat offset is ``(offset * row_magic) >> row_shift``, exact below 2**31 tokens
@@ -37,7 +41,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastrlhf.triton._common import narrow, tl_acc
+from fastrlhf.reference.aggregation import AGG_MODES
+from fastrlhf.triton._common import flat, narrow, tl_acc
 
 TOKENS_PER_PARTIAL = 1024
 """Tokens of one token-pass program (both forms): the forward writes ``cdiv(N, TOKENS_PER_PARTIAL)``
@@ -62,6 +67,12 @@ _NO_IS, _IS_TOKEN, _IS_SEQUENCE, _IS_SEQUENCE_MEAN = (tl.constexpr(i) for i in r
 _TRUNCATE, _CLAMP, _MASK = (tl.constexpr(i) for i in range(3))
 _RATIO, _BINARY_KL, _TV = (tl.constexpr(i) for i in range(3))
 _MODES = {name: i for i, name in enumerate(KERNEL_MODES)}
+# the aggregation modes, numbered as ``fastrlhf.reference.aggregation.AGG_MODES`` lists them
+_TOKEN_MEAN, _TOKEN_SUM, _SEQ_MEAN_TOKEN_SUM, _SEQ_MEAN_TOKEN_MEAN, _SEQ_MEAN_TOKEN_SUM_NORM = (
+    tl.constexpr(AGG_MODES.index(m)) for m in ("token-mean", "token-sum", "seq-mean-token-sum",
+                                               "seq-mean-token-mean", "seq-mean-token-sum-norm"))
+REDUCE_BLOCK = 1024
+"""Partials the last program adds per step."""
 _LEVELS = {None: 0, "token": 1, "sequence": 2, "sequence-mean": 3}
 _IS_MODES = {"truncate": 0, "clamp": 1, "mask": 2}
 _STATS = {"ratio": 0, "binary_kl": 1, "tv": 2}
@@ -171,12 +182,76 @@ def _policy_partials(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr,
 
 
 @triton.jit
-def _policy_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, N, T, P,
-                       ratio_low, ratio_high, dual_clip, log_ratio_clamp, row_magic, row_shift,
-                       PER_ROW: tl.constexpr, FAST_ROWS: tl.constexpr, ACC: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _total(ptr, n, DT: tl.constexpr, RBLOCK: tl.constexpr):
+    """The sum of ``ptr[0:n]`` in ``DT``, in a fixed order; read from L2 (``.cg``: written by other
+    programs of this launch)."""
+    acc = tl.zeros([RBLOCK], DT)
+    for start in range(0, n, RBLOCK):
+        offs = start + tl.arange(0, RBLOCK)
+        acc += tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg").to(DT)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ratio(num, den):
+    """``num / den``, 0 where ``den <= 0`` (``fastrlhf.reference.aggregation.safe_div``)."""
+    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit(noinline=True)
+def _last(sums_ptr, counts_ptr, rowcnt_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr, scale_ptr, B, T, P,
+          N_SUMS: tl.constexpr, N_COUNTS: tl.constexpr, AGG: tl.constexpr, HAS_GTOK: tl.constexpr,
+          HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr, ACC: tl.constexpr, RBLOCK: tl.constexpr):
+    """Once every program's partials are in: take a ticket; the last program to take one adds the
+    partials and writes ``loss = sums[0] * scale``, ``stats = (counts[1:], sums[1:]) / valid`` and
+    ``scale = 1 / denominator`` (0 where it is ``<= 0``). The ticket is ``counts[N_COUNTS * P]``
+    (zeroed by the launcher); the barrier and the release order the program's stores before it.
+    Not inlined: a subroutine that one program runs once per launch adds no registers to the
+    token pass and no instructions to its per-token path (the static report's count)."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(counts_ptr + N_COUNTS * P, 1, sem="acq_rel", scope="gpu")
+    if ticket == P - 1:
+        n_valid = _total(counts_ptr, P, tl.int64, RBLOCK)
+        n_tok = n_valid.to(ACC)
+        for i in tl.static_range(1, N_COUNTS):
+            tl.store(stats_ptr + i - 1, _ratio(_total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n_tok))
+        for i in tl.static_range(1, N_SUMS):
+            tl.store(stats_ptr + N_COUNTS - 2 + i, _ratio(_total(sums_ptr + i * P, P, ACC, RBLOCK), n_tok))
+        if AGG == _TOKEN_SUM:
+            den = tl.full([], 1.0, tl.float64)
+        elif AGG == _TOKEN_MEAN:
+            if HAS_GTOK:
+                den = tl.load(gtok_ptr).to(tl.float64)
+            else:
+                den = n_valid.to(tl.float64)
+        else:
+            if HAS_GSEQ:
+                den = tl.load(gseq_ptr).to(tl.float64)
+            else:
+                acc = tl.zeros([RBLOCK], tl.int64)
+                for start in range(0, B, RBLOCK):
+                    offs = start + tl.arange(0, RBLOCK)
+                    acc += (tl.load(rowcnt_ptr + offs, mask=offs < B, other=0) > 0).to(tl.int64)
+                den = tl.sum(acc, axis=0).to(tl.float64)
+            if AGG == _SEQ_MEAN_TOKEN_SUM_NORM:
+                if HAS_LSF:
+                    den = den * tl.load(lsf_ptr).to(tl.float64)
+                else:
+                    den = den * T
+        scale = _ratio(tl.full([], 1.0, ACC), den.to(ACC))
+        tl.store(scale_ptr, scale)
+        tl.store(loss_ptr, _total(sums_ptr, P, ACC, RBLOCK) * scale)
+
+
+@triton.jit
+def _policy_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, gtok_ptr, gseq_ptr,
+                       lsf_ptr, loss_ptr, stats_ptr, scale_ptr, N, B, T, P, ratio_low, ratio_high, dual_clip,
+                       log_ratio_clamp, row_magic, row_shift, AGG: tl.constexpr, HAS_GTOK: tl.constexpr,
+                       HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr, PER_ROW: tl.constexpr,
+                       FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     """Partials of program ``pid``: ``sums[:, pid]`` = (weighted loss, -log-ratio), ``counts[:, pid]``
-    = (valid, clipped, dual-clipped)."""
+    = (valid, clipped, dual-clipped); the last program: loss, stats (clipfrac, clipfrac_lower,
+    approx_kl) and scale."""
     pid = tl.program_id(0)
     args = (logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, pid, N, T, P,
             ratio_low, ratio_high, dual_clip, log_ratio_clamp, row_magic, row_shift)
@@ -184,6 +259,8 @@ def _policy_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_pt
         _policy_partials(*args, False, PER_ROW, FAST_ROWS, ACC, BLOCK)
     else:
         _policy_partials(*args, True, PER_ROW, FAST_ROWS, ACC, BLOCK)
+    _last(sums_ptr, counts_ptr, rowcnt_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr, scale_ptr, B, T, P,
+          2, 3, AGG, HAS_GTOK, HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
 
 
 @triton.jit
@@ -200,10 +277,13 @@ def _value_partials(v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, cou
 
 
 @triton.jit
-def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, N, T, P,
-                      clip, row_magic, row_shift, PER_ROW: tl.constexpr, FAST_ROWS: tl.constexpr,
-                      ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """Partials of program ``pid``: ``sums[0, pid]`` = weighted loss, ``counts[:, pid]`` = (valid, clipped)."""
+def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, gtok_ptr, gseq_ptr,
+                      lsf_ptr, loss_ptr, stats_ptr, scale_ptr, N, B, T, P, clip, row_magic, row_shift,
+                      AGG: tl.constexpr, HAS_GTOK: tl.constexpr, HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr,
+                      PER_ROW: tl.constexpr, FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                      RBLOCK: tl.constexpr):
+    """Partials of program ``pid``: ``sums[0, pid]`` = weighted loss, ``counts[:, pid]`` = (valid,
+    clipped); the last program: loss, stats (vf_clipfrac) and scale."""
     pid = tl.program_id(0)
     args = (v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, counts_ptr, pid, N, T, P, clip,
             row_magic, row_shift)
@@ -211,6 +291,8 @@ def _value_fwd_kernel(v_ptr, old_ptr, ret_ptr, mask_ptr, rowcnt_ptr, sums_ptr, c
         _value_partials(*args, False, PER_ROW, FAST_ROWS, ACC, BLOCK)
     else:
         _value_partials(*args, True, PER_ROW, FAST_ROWS, ACC, BLOCK)
+    _last(sums_ptr, counts_ptr, rowcnt_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr, scale_ptr, B, T, P,
+          1, 2, AGG, HAS_GTOK, HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
 
 
 @triton.jit
@@ -283,34 +365,39 @@ def row_divider(T: int) -> tuple[int, int]:
     return -(-(1 << shift) // T), shift
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    """A contiguous 1-D view (a copy only for a non-contiguous or expanded input)."""
-    x = x.reshape(-1).contiguous()
-    return x.view(torch.uint8) if x.dtype == torch.bool else x
+def _plain_fwd(kernel, n_sums, n_counts, inputs, mask, row_counts, args, agg, counts, loss, stats, scale):
+    """One launch of a plain forward ``kernel``: partials, the last program's reduction (its
+    scratch: ``sums [n_sums, P]`` in the accumulation dtype and ``counts [n_counts * P + 1]``
+    int32 with the ticket, zeroed: two allocations)."""
+    n, (B, T) = inputs[0].numel(), inputs[0].shape
+    P = max(1, triton.cdiv(n, TOKENS_PER_PARTIAL))
+    sums = torch.empty(n_sums * P, dtype=loss.dtype, device=loss.device)
+    parts = torch.zeros(n_counts * P + 1, dtype=torch.int32, device=loss.device)
+    magic, shift = row_divider(max(T, 1))
+    gtok, gseq, lsf = counts
+    kernel[(P,)](
+        *(flat(x) for x in inputs), flat(mask), parts if row_counts is None else row_counts, sums, parts,
+        *(loss if c is None else c for c in counts), loss, stats, scale, n, B, T, P, *args, magic, shift,
+        AGG=AGG_MODES.index(agg), HAS_GTOK=gtok is not None, HAS_GSEQ=gseq is not None, HAS_LSF=lsf is not None,
+        PER_ROW=agg == "seq-mean-token-mean", FAST_ROWS=n < 2**31, ACC=tl_acc(loss.dtype), BLOCK=TOKENS_PER_PARTIAL,
+        RBLOCK=REDUCE_BLOCK)
 
 
 def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts, ratio_low, ratio_high, dual_clip,
-                   log_ratio_clamp, sums, counts):
-    """Fill the partials ``sums [2, P]`` (accumulation dtype) and ``counts [3, P]`` (int32) of
-    ``[B, T]`` inputs, ``P = cdiv(B * T, TOKENS_PER_PARTIAL)``; ``row_counts``: int64 ``[B]``
-    (``seq-mean-token-mean``) or None."""
-    n, T = logprobs.numel(), logprobs.shape[1]
-    magic, shift = row_divider(T)
-    _policy_fwd_kernel[(sums.shape[1],)](
-        _flat(logprobs), _flat(old_logprobs), _flat(advantages), _flat(mask),
-        row_counts if row_counts is not None else counts, sums, counts, n, T, sums.shape[1],
-        ratio_low, ratio_high, dual_clip, log_ratio_clamp, magic, shift,
-        PER_ROW=row_counts is not None, FAST_ROWS=n < 2**31, ACC=tl_acc(sums.dtype), BLOCK=TOKENS_PER_PARTIAL)
+                   log_ratio_clamp, agg, counts, loss, stats, scale):
+    """Fill ``loss`` (0-dim), ``stats [3]`` (clipfrac, clipfrac_lower, approx_kl) and ``scale`` (0-dim),
+    all in the accumulation dtype, of ``[B, T]`` inputs aggregated by ``agg``. ``row_counts``: int64
+    ``[B]``, the rows' valid tokens, given for ``seq-mean-token-mean`` (the tokens' weights) and
+    for a ``seq-mean-*`` mode without ``global_seqs``; ``counts``: (global_tokens, global_seqs,
+    loss_scale_factor), 0-dim tensors or None."""
+    _plain_fwd(_policy_fwd_kernel, 2, 3, (logprobs, old_logprobs, advantages), mask, row_counts,
+               (ratio_low, ratio_high, dual_clip, log_ratio_clamp), agg, counts, loss, stats, scale)
 
 
-def ppo_value_fwd(values, old_values, returns, mask, row_counts, clip, sums, counts):
-    """Fill the partials ``sums [1, P]`` and ``counts [2, P]`` (see :func:`ppo_policy_fwd`)."""
-    n, T = values.numel(), values.shape[1]
-    magic, shift = row_divider(T)
-    _value_fwd_kernel[(sums.shape[1],)](
-        _flat(values), _flat(old_values), _flat(returns), _flat(mask),
-        row_counts if row_counts is not None else counts, sums, counts, n, T, sums.shape[1], clip, magic, shift,
-        PER_ROW=row_counts is not None, FAST_ROWS=n < 2**31, ACC=tl_acc(sums.dtype), BLOCK=TOKENS_PER_PARTIAL)
+def ppo_value_fwd(values, old_values, returns, mask, row_counts, clip, agg, counts, loss, stats, scale):
+    """Fill ``loss``, ``stats [1]`` (vf_clipfrac) and ``scale`` (see :func:`ppo_policy_fwd`)."""
+    _plain_fwd(_value_fwd_kernel, 1, 2, (values, old_values, returns), mask, row_counts, (clip,), agg, counts,
+               loss, stats, scale)
 
 
 def ppo_policy_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, row_counts, ratio_low, ratio_high,
@@ -319,7 +406,7 @@ def ppo_policy_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, row_co
     n, T = logprobs.numel(), logprobs.shape[1]
     magic, shift = row_divider(T)
     _policy_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
-        grad, scale, _flat(logprobs), _flat(old_logprobs), _flat(advantages), _flat(mask),
+        grad, scale, flat(logprobs), flat(old_logprobs), flat(advantages), flat(mask),
         row_counts if row_counts is not None else scale, grad_logprobs, n, T,
         ratio_low, ratio_high, dual_clip, log_ratio_clamp, magic, shift,
         PER_ROW=row_counts is not None, FAST_ROWS=n < 2**31, ACC=tl_acc(scale.dtype), BLOCK=TOKENS_PER_PARTIAL)
@@ -330,7 +417,7 @@ def ppo_value_bwd(grad, scale, values, old_values, returns, mask, row_counts, cl
     n, T = values.numel(), values.shape[1]
     magic, shift = row_divider(T)
     _value_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
-        grad, scale, _flat(values), _flat(old_values), _flat(returns), _flat(mask),
+        grad, scale, flat(values), flat(old_values), flat(returns), flat(mask),
         row_counts if row_counts is not None else scale, grad_values, n, T, clip, magic, shift,
         PER_ROW=row_counts is not None, FAST_ROWS=n < 2**31, ACC=tl_acc(scale.dtype), BLOCK=TOKENS_PER_PARTIAL)
 
@@ -861,7 +948,7 @@ def _steps(n: int) -> int:
 
 
 def _opt(x, like):
-    return _flat(x) if x is not None else like
+    return flat(x) if x is not None else like
 
 
 def _constexprs(spec, *, rollout, weights, selected, packed, n, dtype):
@@ -900,7 +987,7 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     T = 0 if packed else logprobs.shape[-1]
     NC = partials.shape[1]
     cpr = 0 if packed else triton.cdiv(T, SEQ_CHUNK)
-    x = _flat(logprobs)
+    x = flat(logprobs)
     cex = _constexprs(spec, rollout=rollout, weights=weights, selected=None, packed=packed, n=N, dtype=table.dtype)
     cex.pop("HAS_SEL")
     k = spec.kernel
@@ -908,7 +995,7 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     cs = chunk_starts if packed else pcounts
     if N and NC:
         _policy_seq_partials_kernel[(NC,)](
-            x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x), table, cu, cs,
+            x, flat(old_logprobs), flat(advantages), flat(mask), _opt(rollout, x), _opt(weights, x), table, cu, cs,
             partials, pcounts, T, S, NC, max(cpr, 1), _steps(S + 1), k.lo, k.hi, k.dual_clip, k.lrc, k.is_low,
             k.is_high, k.is_clamp, WHAT=what, **cex, BLOCK=1024, CHUNK=SEQ_CHUNK)
     elif NC:
@@ -936,10 +1023,10 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     [FWD_COUNTS, P]`` (int32), ``P = cdiv(N, TOKENS_PER_PARTIAL)``; ``table``: the sequence
     table, or None when ``spec`` needs none."""
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
-    x = _flat(logprobs)
+    x = flat(logprobs)
     k = spec.kernel
     _policy_loss_fwd_kernel[(sums.shape[1],)](
-        x, _flat(old_logprobs), _flat(advantages), _flat(mask), _opt(rollout, x), _opt(weights, x),
+        x, flat(old_logprobs), flat(advantages), flat(mask), _opt(rollout, x), _opt(weights, x),
         _opt(selected, x), table if table is not None else sums, cu_seqlens.contiguous() if packed else counts, sums, counts,
         n, T, max(S, 1), sums.shape[1], steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
         k.is_high, k.is_clamp,
@@ -954,10 +1041,10 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
     """Fill ``grad_logprobs`` (contiguous, the log-probs' dtype); ``grad``, ``scale``: 0-dim;
     ``gseq``: ``[S]`` sums of GSPO's sequence-level gradient (``spec.mode == "gspo_seq"``)."""
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
-    x = _flat(logprobs)
+    x = flat(logprobs)
     k = spec.kernel
     _policy_loss_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
-        grad, scale, gseq if gseq is not None else scale, x, _flat(old_logprobs), _flat(advantages), _flat(mask),
+        grad, scale, gseq if gseq is not None else scale, x, flat(old_logprobs), flat(advantages), flat(mask),
         _opt(rollout, x), _opt(weights, x), _opt(selected, x), table if table is not None else scale,
         cu_seqlens.contiguous() if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
         k.dual_clip, k.lrc, k.p0, k.p1, k.is_low, k.is_high, k.is_clamp,
