@@ -100,8 +100,9 @@ def _grpo(scores, group=16, eps=1e-6):
 def _dpo(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta=0.1):
     logits = (policy_chosen - policy_rejected) - (ref_chosen - ref_rejected)
     losses = -torch.nn.functional.logsigmoid(beta * logits)
-    return (losses.mean(), beta * (policy_chosen - ref_chosen).detach(),
-            beta * (policy_rejected - ref_rejected).detach())
+    chosen = beta * (policy_chosen - ref_chosen).detach()
+    rejected = beta * (policy_rejected - ref_rejected).detach()
+    return losses.mean(), chosen.mean(), rejected.mean(), (chosen - rejected).mean(), (chosen > rejected).float().mean()
 
 
 TRAINER_FORMS: dict[str, Callable] = {
@@ -109,7 +110,7 @@ TRAINER_FORMS: dict[str, Callable] = {
     "kl_penalty": _k3, "importance_weights": _weights, "group_advantages": _grpo, "dpo_loss": _dpo}
 """The short eager forms (verl's ``compute_policy_loss_vanilla`` / ``_gspo``, ``compute_value_loss``,
 ``kl_penalty("low_var_kl")``, token-level truncated importance sampling, GRPO advantages; TRL's
-sigmoid DPO loss), with the settings of the ops' benchmark entries."""
+sigmoid DPO loss and the means it logs), with the settings of the ops' benchmark entries."""
 
 
 class _NoLaunch:

@@ -933,9 +933,10 @@ def _aot_launches():
         sel = t(*shape, dtype=torch.bool) if selected else None
         cu = t(B + 1, dtype=torch.int32) if packed else None
         tab = t(launchers.TABLE_ROWS, B, dtype=acc) if table else None
-        P = launchers.token_programs(x)
-        launchers.policy_loss_fwd(x, old, adv, mask, roll, w, sel, cu, tab, spec, t(launchers.FWD_SUMS, P, dtype=acc),
-                                  t(launchers.FWD_COUNTS, P, dtype=torch.int32))
+        f64 = t(dtype=torch.float64)
+        counts = (f64, None, None) if agg == "token-mean" else (None, None, f64)  # global_tokens, loss_scale_factor
+        launchers.policy_loss_fwd(x, old, adv, mask, roll, w, sel, cu, tab, spec, counts, t(dtype=acc), t(7, dtype=acc),
+                                  t(dtype=acc))
         launchers.policy_loss_bwd(t(dtype=acc), t(dtype=acc), x, old, adv, mask, roll, w, sel, cu, tab,
                                   t(B, dtype=acc) if mode == "gspo_seq" else None, spec, t(*shape, dtype=dtype))
 

@@ -288,9 +288,8 @@ def _policy_loss(direction, mode, agg="token-mean", level=None, packed=False):
         return lambda: pl.policy_seq_pass(x, old, adv, mask, rollout, None, cu, starts, spec, pl.seq_work(spec),
                                           table, t(pl.SEQ_SUMS, n), t(n, dtype=torch.int32))
     if direction == "fwd":
-        P = pl.token_programs(x)
         return lambda: pl.policy_loss_fwd(x, old, adv, mask, rollout, None, None, cu, table, spec,
-                                          t(pl.FWD_SUMS, P), t(pl.FWD_COUNTS, P, dtype=torch.int32))
+                                          (None, None, None), t(), t(7), t())
     return lambda: pl.policy_loss_bwd(t(), t(), x, old, adv, mask, rollout, None, None, cu, table, None, spec,
                                       t(*shape))
 

@@ -18,7 +18,7 @@ import math
 import torch
 
 from fastrlhf.reference import policy_loss as ref
-from fastrlhf.reference.aggregation import finish_partials, packed_row_counts
+from fastrlhf.reference.aggregation import finish_partials, normalized, packed_row_counts, safe_div
 from fastrlhf.reference.policy_loss import clipped_surrogate
 
 TOKENS_PER_PARTIAL = 1 << 62
@@ -29,7 +29,6 @@ SEQ_SUMS = 1
 TABLE_ROWS = 5
 """Rows of the sequence table (as the kernels'): count, two mode values (unused here),
 importance coefficient (unused here), filtered flag."""
-FWD_SUMS, FWD_COUNTS = 5, 4
 W_GRAD = 8
 
 
@@ -119,11 +118,6 @@ def seq_programs(N: int, S: int, T: int, packed: bool) -> int:
     return 1
 
 
-def token_programs(x: torch.Tensor) -> int:
-    """One partial (none for an empty input)."""
-    return 1 if x.numel() else 0
-
-
 def _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec):
     """The reference's per-token terms of ``spec`` on padded ``[B, T]`` (packed input padded)."""
     x = (logprobs, old_logprobs, advantages, mask, rollout, weights, selected)
@@ -163,9 +157,9 @@ def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, 
 
 
 def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, table,
-                    spec, sums, counts):
-    """Fill ``sums [5, 1]`` (loss, -log-ratio, |log-ratio|, coefficient, rollout KL) and ``counts
-    [4, 1]`` (valid, clipped, lower-clipped, filtered tokens), as the kernels' partials."""
+                    spec, counts, loss, stats, scale):
+    """Fill ``loss``, ``stats [len(STATS)]`` and ``scale``; arguments as
+    ``fastrlhf.triton.policy_loss.policy_loss_fwd``."""
     with torch.no_grad():
         t = _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec)
         zero = torch.zeros_like(t.loss)
@@ -173,7 +167,21 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
         rows = (_weighted_loss(t, spec), st.get("approx_kl", zero), st.get("abs_kl", zero),
                 st.get("is_weight_mean", zero), st.get("rollout_kl", zero))
         flags = [st.get(k, zero).to(torch.bool) for k in ("clipfrac", "clipfrac_lower", "is_filtered_frac")]
-        _fill(sums, counts, t.valid, [r.to(sums.dtype) for r in rows], flags)
+        sums = torch.stack([torch.where(t.valid, r.to(loss.dtype), 0.0).sum() for r in rows])
+        c = torch.stack([(t.valid & f).sum() for f in (t.valid, *flags)])
+        n = c[0]
+        # per valid token: counts 1 and 2, sums 1 to 3, count 3, sum 4 (the order of STATS)
+        vec = safe_div(torch.cat([c[1:3].to(loss.dtype), sums[1:4], c[3:4].to(loss.dtype), sums[4:5]]), n)
+        n_seqs = None
+        if table is not None:
+            has = table[0] > 0
+            n_seqs = has.sum()
+            if spec.is_level in ("sequence", "sequence-mean"):  # the filtered fraction per sequence
+                vec[5] = safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
+        stats.copy_(vec)
+        T = logprobs.shape[-1] if cu_seqlens is None else None
+        for out, value in zip((loss, scale), normalized(sums[0], n, n_seqs, spec.agg, counts, T)):
+            out.copy_(value)
 
 
 def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens,

@@ -39,16 +39,6 @@ from fastrlhf.reference.aggregation import AGG_MODES
 __all__ = ["aggregate"]
 
 
-def scale(agg: str, counts: tuple, dtype: torch.dtype, device: torch.device, n_tokens, n_seqs, T) -> torch.Tensor:
-    """0-dim ``1 / denominator`` of mode ``agg`` (1 for ``token-sum``; 0 when the denominator is
-    ``<= 0``): ``loss = scale * sum(w * loss_t)``. ``counts`` = (global_tokens, global_seqs,
-    loss_scale_factor) as :func:`normalizer_counts` gives them; ``n_tokens`` / ``n_seqs`` the local
-    valid tokens and sequences with one; ``T`` the padded length (None when packed)."""
-    one = torch.ones((), dtype=dtype, device=device)
-    den = ref.denominator(agg, n_tokens, n_seqs, T, *counts)
-    return one if den is None else ref.safe_div(one, den)
-
-
 def _count(name: str, value, device: torch.device):
     """``None``, a finite Python number ``>= 0`` (filled in on ``device``: no host-device copy) or a
     0-dim real tensor on ``device`` (or on the CPU, like a scalar of a torch op: copied)."""

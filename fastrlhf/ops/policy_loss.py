@@ -35,7 +35,6 @@ from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.ops.policy_spec import (POLICY_LOSS_MODES, REQUIRED, RolloutCorrection, decode, encode, kernel_mode,
                                       needs_table, policy_loss_options, resolve_options, stats_of)
 from fastrlhf.reference import policy_loss as ref
-from fastrlhf.reference.aggregation import safe_div
 
 __all__ = ["POLICY_LOSS_MODES", "REQUIRED", "RolloutCorrection", "policy_loss", "policy_loss_options",
            "ppo_policy_loss", "ppo_value_loss"]
@@ -256,27 +255,9 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     if needs_table(spec, global_seqs):
         table = torch.empty((kernels.TABLE_ROWS, _n_seqs(logprobs, cu_seqlens)), dtype=dtype, device=dev)
         _seq_pass(kernels, x, cu_seqlens, spec, kernels.seq_work(spec), table)
-    P = kernels.token_programs(logprobs)
-    sums = torch.empty((kernels.FWD_SUMS, P), dtype=dtype, device=dev)
-    parts = torch.empty((kernels.FWD_COUNTS, P), dtype=torch.int32, device=dev)
-    if logprobs.numel():
-        kernels.policy_loss_fwd(*x, selected, cu_seqlens, table, spec, sums, parts)
-    s, c = sums.sum(1), parts.sum(1)
-    n = c[0]
-    # per valid token: counts 1 and 2, sums 1 to 3, count 3, sum 4 (the order of ref.STATS)
-    stats = safe_div(torch.cat([c[1:3].to(dtype), s[1:4], c[3:4].to(dtype), s[4:5]]), n)
-    if table is not None:
-        has = table[0] > 0
-        n_seqs = has.sum()
-        if spec.is_level in ("sequence", "sequence-mean"):  # stat 5 per sequence instead
-            per_seq = safe_div(torch.where(has, table[4], 0.0).sum(), n_seqs)
-            stats = torch.cat([stats[:5], per_seq[None], stats[6:]])
-    else:
-        n_seqs = (mask != 0).sum(-1).gt(0).sum()
-    T = logprobs.shape[-1] if cu_seqlens is None else None
-    scale = agg_ops.scale(agg, counts, dtype, dev, n, n_seqs, T)
-    empty = torch.empty((0, 0), dtype=dtype, device=dev)
-    return s[0] * scale, stats, scale, table if table is not None else empty
+    loss, stats, scale = (torch.empty(shape, dtype=dtype, device=dev) for shape in ((), _N_STATS, ()))
+    kernels.policy_loss_fwd(*x, selected, cu_seqlens, table, spec, counts, loss, stats, scale)
+    return loss, stats, scale, table if table is not None else torch.empty((0, 0), dtype=dtype, device=dev)
 
 
 @_policy_op.register_fake

@@ -37,22 +37,28 @@ def denominator(agg: str, n_tokens, n_seqs, T, global_tokens=None, global_seqs=N
     return seqs
 
 
+def normalized(total: torch.Tensor, n_valid, n_seqs, agg: str, norm: tuple, T) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, scale)`` of a (row-weighted) sum ``total``: ``scale = 1 / denominator`` (1 for
+    ``token-sum``, 0 where the denominator is ``<= 0``; :func:`denominator` of ``n_valid`` tokens,
+    ``n_seqs`` sequences with one, padded length ``T``, ``norm = (global_tokens, global_seqs,
+    loss_scale_factor)``) in ``total``'s dtype, and ``loss = total * scale``."""
+    one = torch.ones_like(total)
+    den = denominator(agg, n_valid, n_seqs, T, *norm)
+    scale = one if den is None else safe_div(one, den)
+    return total * scale, scale
+
+
 def finish_partials(sums, counts, row_counts, agg, norm, T, loss, stats, scale) -> None:
     """Fill a plain forward's ``loss``, ``stats`` and ``scale`` from its partials ``sums
     [n_sums, P]`` (loss [, minus log-ratio]) and ``counts [n_counts, P]`` (valid, clipped
-    [, dual-clipped]), added in a fixed order: ``scale = 1 / denominator``
-    (:func:`denominator` of the padded length ``T``; 0 where it is ``<= 0``), ``loss = sums[0] *
-    scale``, ``stats = (counts[1:], sums[1:]) / valid``. ``row_counts`` (int64 ``[B]`` or None)
-    count the rows with a valid token; ``norm``: (global_tokens, global_seqs, loss_scale_factor)."""
+    [, dual-clipped]), added in a fixed order: ``stats = (counts[1:], sums[1:]) / valid``, then
+    :func:`normalized`, the sequences with a valid token counted from ``row_counts`` (int64
+    ``[B]``, or None where no denominator needs them)."""
     s, c = sums.sum(1), counts.sum(1)
     stats.copy_(safe_div(torch.cat([c[1:].to(s.dtype), s[1:]]), c[0]).reshape(stats.shape))
     n_seqs = None if row_counts is None else row_counts.gt(0).sum()
-    den = denominator(agg, c[0], n_seqs, T, *norm)
-    if den is None:
-        scale.fill_(1.0)
-    else:
-        scale.copy_(safe_div(torch.ones_like(scale), den))
-    loss.copy_(s[0] * scale)
+    for out, value in zip((loss, scale), normalized(s[0], c[0], n_seqs, agg, norm, T)):
+        out.copy_(value)
 
 
 def packed_row_counts(valid: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:

@@ -25,9 +25,10 @@ of a flat offset is ``(offset * row_magic) >> row_shift``, exact below 2**31 tok
    of any length spread over many programs; packed sequences find their chunks through
    ``chunk_starts`` (int32 ``[S + 1]``, the exclusive prefix sum of each sequence's chunk count).
 2. **Token pass**: one program per ``TOKENS_PER_PARTIAL`` tokens of the flattened input computes
-   the per-token loss and statistics and writes partial sums; the op layer adds them in a fixed
-   order and normalizes. Backward: one elementwise kernel, after (GSPO with the sequence-level
-   gradient only) one more per-sequence pass that sums each sequence's loss derivatives.
+   the per-token loss and statistics and writes partial sums; the program with the last ticket
+   adds them in a fixed order and normalizes (as the plain form's). Backward: one elementwise
+   kernel, after (GSPO with the sequence-level gradient only) one more per-sequence pass that
+   sums each sequence's loss derivatives.
 
 A token finds its sequence by ``row_divider`` (padded) or by a binary search of ``cu_seqlens``
 (packed, ``ceil(log2 S)`` cached loads). Full tiles load unmasked (vector loads), only the last
@@ -198,49 +199,113 @@ def _ratio(num, den):
     return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
 
 
+@triton.jit
+def _count_positive(ptr, n, RBLOCK: tl.constexpr):
+    """How many of ``ptr[0:n]`` are ``> 0`` (int64)."""
+    acc = tl.zeros([RBLOCK], tl.int64)
+    for start in range(0, n, RBLOCK):
+        offs = start + tl.arange(0, RBLOCK)
+        acc += (tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg") > 0).to(tl.int64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _is_last(counts_ptr, at, P):
+    """Take this program's ticket ``counts[at]`` (zeroed by the launcher): whether it is the last
+    of the ``P`` programs. The barrier and the release order the program's stores before it."""
+    tl.debug_barrier()
+    return tl.atomic_add(counts_ptr + at, 1, sem="acq_rel", scope="gpu") == P - 1
+
+
+@triton.jit
+def _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P,
+               AGG: tl.constexpr, HAS_GTOK: tl.constexpr, HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr,
+               ACC: tl.constexpr, RBLOCK: tl.constexpr):
+    """Write ``scale = 1 / denominator`` of mode ``AGG`` (0 where it is ``<= 0``;
+    ``fastrlhf.reference.aggregation.denominator``) and ``loss = sum(sums[0]) * scale``."""
+    if AGG == _TOKEN_SUM:
+        den = tl.full([], 1.0, tl.float64)
+    elif AGG == _TOKEN_MEAN:
+        if HAS_GTOK:
+            den = tl.load(gtok_ptr).to(tl.float64)
+        else:
+            den = n_valid.to(tl.float64)
+    else:
+        if HAS_GSEQ:
+            den = tl.load(gseq_ptr).to(tl.float64)
+        else:
+            den = n_seqs.to(tl.float64)
+        if AGG == _SEQ_MEAN_TOKEN_SUM_NORM:
+            if HAS_LSF:
+                den = den * tl.load(lsf_ptr).to(tl.float64)
+            else:
+                den = den * T
+    scale = _ratio(tl.full([], 1.0, ACC), den.to(ACC))
+    tl.store(scale_ptr, scale)
+    tl.store(loss_ptr, _total(sums_ptr, P, ACC, RBLOCK) * scale)
+
+
 @triton.jit(noinline=True)
 def _last(sums_ptr, counts_ptr, rowcnt_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr, scale_ptr, B, T, P,
           N_SUMS: tl.constexpr, N_COUNTS: tl.constexpr, AGG: tl.constexpr, HAS_GTOK: tl.constexpr,
           HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr, ACC: tl.constexpr, RBLOCK: tl.constexpr):
-    """Once every program's partials are in: take a ticket; the last program to take one adds the
-    partials and writes ``loss = sums[0] * scale``, ``stats = (counts[1:], sums[1:]) / valid`` and
-    ``scale = 1 / denominator`` (0 where it is ``<= 0``). The ticket is ``counts[N_COUNTS * P]``
-    (zeroed by the launcher); the barrier and the release order the program's stores before it.
+    """Once every program's partials are in, the program with the last ticket (``counts[N_COUNTS *
+    P]``) adds them and writes ``stats = (counts[1:], sums[1:]) / valid``, ``scale`` and ``loss``
+    (:func:`_normalize`), counting the rows with a valid token (``row_counts > 0``) for a
+    ``seq-mean-*`` mode without ``global_seqs``.
     Not inlined: a subroutine that one program runs once per launch adds no registers to the
     token pass and no instructions to its per-token path (the static report's count)."""
-    tl.debug_barrier()
-    ticket = tl.atomic_add(counts_ptr + N_COUNTS * P, 1, sem="acq_rel", scope="gpu")
-    if ticket == P - 1:
+    if _is_last(counts_ptr, N_COUNTS * P, P):
         n_valid = _total(counts_ptr, P, tl.int64, RBLOCK)
         n_tok = n_valid.to(ACC)
         for i in tl.static_range(1, N_COUNTS):
             tl.store(stats_ptr + i - 1, _ratio(_total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n_tok))
         for i in tl.static_range(1, N_SUMS):
             tl.store(stats_ptr + N_COUNTS - 2 + i, _ratio(_total(sums_ptr + i * P, P, ACC, RBLOCK), n_tok))
-        if AGG == _TOKEN_SUM:
-            den = tl.full([], 1.0, tl.float64)
-        elif AGG == _TOKEN_MEAN:
-            if HAS_GTOK:
-                den = tl.load(gtok_ptr).to(tl.float64)
-            else:
-                den = n_valid.to(tl.float64)
+        if AGG == _TOKEN_MEAN or AGG == _TOKEN_SUM or HAS_GSEQ:
+            n_seqs = tl.full([], 0, tl.int64)
         else:
-            if HAS_GSEQ:
-                den = tl.load(gseq_ptr).to(tl.float64)
-            else:
-                acc = tl.zeros([RBLOCK], tl.int64)
-                for start in range(0, B, RBLOCK):
-                    offs = start + tl.arange(0, RBLOCK)
-                    acc += (tl.load(rowcnt_ptr + offs, mask=offs < B, other=0) > 0).to(tl.int64)
-                den = tl.sum(acc, axis=0).to(tl.float64)
-            if AGG == _SEQ_MEAN_TOKEN_SUM_NORM:
-                if HAS_LSF:
-                    den = den * tl.load(lsf_ptr).to(tl.float64)
-                else:
-                    den = den * T
-        scale = _ratio(tl.full([], 1.0, ACC), den.to(ACC))
-        tl.store(scale_ptr, scale)
-        tl.store(loss_ptr, _total(sums_ptr, P, ACC, RBLOCK) * scale)
+            n_seqs = _count_positive(rowcnt_ptr, B, RBLOCK)
+        _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P, AGG, HAS_GTOK,
+                   HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
+
+
+@triton.jit(noinline=True)
+def _last_general(sums_ptr, counts_ptr, table_ptr, n_table, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr,
+                  scale_ptr, T, P, AGG: tl.constexpr, HAS_GTOK: tl.constexpr, HAS_GSEQ: tl.constexpr,
+                  HAS_LSF: tl.constexpr, HAS_TABLE: tl.constexpr, SEQ_FILTER: tl.constexpr, ACC: tl.constexpr,
+                  RBLOCK: tl.constexpr):
+    """The general token pass's :func:`_last`: the program with the last ticket (``counts[4 * P]``)
+    writes the statistics in the order of ``fastrlhf.reference.policy_loss.STATS`` (clipped and
+    lower-clipped fractions, mean minus log-ratio, mean |log-ratio|, mean coefficient, filtered
+    fraction, rollout KL, each per valid token; the filtered fraction per sequence with a valid
+    token for a sequence-level correction, ``SEQ_FILTER``), ``scale`` and ``loss``; the sequences
+    with a valid token are the sequence table's (``n_table`` columns) with a count ``> 0``."""
+    if _is_last(counts_ptr, 4 * P, P):
+        n_valid = _total(counts_ptr, P, tl.int64, RBLOCK)
+        n = n_valid.to(ACC)
+        for i in tl.static_range(1, 3):
+            tl.store(stats_ptr + i - 1, _ratio(_total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n))
+        for i in tl.static_range(1, 4):
+            tl.store(stats_ptr + i + 1, _ratio(_total(sums_ptr + i * P, P, ACC, RBLOCK), n))
+        if HAS_TABLE:
+            n_seqs = _count_positive(table_ptr + _ROW_N * n_table, n_table, RBLOCK)
+        else:
+            n_seqs = tl.full([], 0, tl.int64)
+        if SEQ_FILTER:
+            acc = tl.zeros([RBLOCK], ACC)
+            for start in range(0, n_table, RBLOCK):
+                offs = start + tl.arange(0, RBLOCK)
+                has = tl.load(table_ptr + _ROW_N * n_table + offs, mask=offs < n_table, other=0,
+                              cache_modifier=".cg") > 0
+                flag = tl.load(table_ptr + _ROW_ISF * n_table + offs, mask=has, other=0, cache_modifier=".cg")
+                acc += tl.where(has, flag.to(ACC), 0.0)
+            tl.store(stats_ptr + 5, _ratio(tl.sum(acc, axis=0), n_seqs.to(ACC)))
+        else:
+            tl.store(stats_ptr + 5, _ratio(_total(counts_ptr + 3 * P, P, tl.int64, RBLOCK).to(ACC), n))
+        tl.store(stats_ptr + 6, _ratio(_total(sums_ptr + 4 * P, P, ACC, RBLOCK), n))
+        _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P, AGG, HAS_GTOK,
+                   HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
 
 
 @triton.jit
@@ -718,14 +783,18 @@ def _fwd_tile(pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_pt
 
 @triton.jit
 def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr,
-                            sums_ptr, counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc,
-                            p0, p1, is_low, is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr,
-                            IS_MODE: tl.constexpr, IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr,
-                            IS_APPLY: tl.constexpr, HAS_W: tl.constexpr, HAS_SEL: tl.constexpr,
-                            PER_SEQ: tl.constexpr, NEED_SEQ: tl.constexpr, PACKED: tl.constexpr,
-                            FAST_ROWS: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                            sums_ptr, counts_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr, scale_ptr,
+                            N, T, S, n_table, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low,
+                            is_high, is_clamp, MODE: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
+                            IS_STAT: tl.constexpr, IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr,
+                            HAS_W: tl.constexpr, HAS_SEL: tl.constexpr, PER_SEQ: tl.constexpr,
+                            NEED_SEQ: tl.constexpr, PACKED: tl.constexpr, FAST_ROWS: tl.constexpr,
+                            AGG: tl.constexpr, HAS_GTOK: tl.constexpr, HAS_GSEQ: tl.constexpr,
+                            HAS_LSF: tl.constexpr, SEQ_FILTER: tl.constexpr, ACC: tl.constexpr,
+                            BLOCK: tl.constexpr, RBLOCK: tl.constexpr):
     """Partials of program ``pid``: ``sums[:, pid]`` (weighted loss, -log-ratio, |log-ratio|,
-    coefficient, rollout KL), ``counts[:, pid]`` (valid, clipped, lower, filtered)."""
+    coefficient, rollout KL), ``counts[:, pid]`` (valid, clipped, lower, filtered); the last
+    program: loss, statistics and scale (:func:`_last_general`)."""
     pid = tl.program_id(0)
     args = (pid, logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, sel_ptr, table_ptr, cu_ptr, sums_ptr,
             counts_ptr, N, T, S, P, steps, row_magic, row_shift, lo, hi, dual_clip, lrc, p0, p1, is_low, is_high,
@@ -736,6 +805,8 @@ def _policy_loss_fwd_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_pt
         _fwd_tile(*args, *flags, False, ACC, BLOCK)
     else:
         _fwd_tile(*args, *flags, True, ACC, BLOCK)
+    _last_general(sums_ptr, counts_ptr, table_ptr, n_table, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, stats_ptr,
+                  scale_ptr, T, P, AGG, HAS_GTOK, HAS_GSEQ, HAS_LSF, NEED_SEQ, SEQ_FILTER, ACC, RBLOCK)
 
 
 @triton.jit
@@ -1018,22 +1089,31 @@ def _token_args(logprobs, cu_seqlens, table):
 
 
 def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, table,
-                    spec, sums, counts):
-    """Fill the token-pass partials ``sums [FWD_SUMS, P]`` (accumulation dtype) and ``counts
-    [FWD_COUNTS, P]`` (int32), ``P = cdiv(N, TOKENS_PER_PARTIAL)``; ``table``: the sequence
-    table, or None when ``spec`` needs none."""
+                    spec, counts, loss, stats, scale):
+    """Fill ``loss`` (0-dim), ``stats [len(STATS)]`` and ``scale`` (0-dim), in the accumulation
+    dtype, in one launch; ``table``: the sequence table, or None when ``spec`` needs none;
+    ``counts``: (global_tokens, global_seqs, loss_scale_factor), 0-dim tensors or None. Scratch:
+    ``FWD_SUMS * P`` sums and ``FWD_COUNTS * P + 1`` int32 counts with the ticket, ``P =
+    cdiv(N, TOKENS_PER_PARTIAL)``."""
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
+    P = max(1, triton.cdiv(n, TOKENS_PER_PARTIAL))
+    sums = torch.empty(FWD_SUMS * P, dtype=loss.dtype, device=loss.device)
+    parts = torch.zeros(FWD_COUNTS * P + 1, dtype=torch.int32, device=loss.device)
     x = flat(logprobs)
     k = spec.kernel
-    _policy_loss_fwd_kernel[(sums.shape[1],)](
+    gtok, gseq, lsf = counts
+    _policy_loss_fwd_kernel[(P,)](
         x, flat(old_logprobs), flat(advantages), flat(mask), _opt(rollout, x), _opt(weights, x),
-        _opt(selected, x), table if table is not None else sums, cu_seqlens.contiguous() if packed else counts, sums, counts,
-        n, T, max(S, 1), sums.shape[1], steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
+        _opt(selected, x), table if table is not None else sums, cu_seqlens.contiguous() if packed else parts,
+        sums, parts,
+        *(loss if c is None else c for c in counts), loss, stats, scale,
+        n, T, max(S, 1), S, P, steps, magic, shift, k.lo, k.hi, k.dual_clip, k.lrc, k.p0, k.p1, k.is_low,
         k.is_high, k.is_clamp,
         **_constexprs(spec, rollout=rollout, weights=weights, selected=selected, packed=packed, n=n,
-                      dtype=sums.dtype),
+                      dtype=loss.dtype),
         PER_SEQ=spec.agg == "seq-mean-token-mean", NEED_SEQ=table is not None, FAST_ROWS=n < 2**31,
-        BLOCK=TOKENS_PER_PARTIAL)
+        AGG=AGG_MODES.index(spec.agg), HAS_GTOK=gtok is not None, HAS_GSEQ=gseq is not None, HAS_LSF=lsf is not None,
+        SEQ_FILTER=spec.is_level in ("sequence", "sequence-mean"), BLOCK=TOKENS_PER_PARTIAL, RBLOCK=REDUCE_BLOCK)
 
 
 def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens,
@@ -1052,8 +1132,3 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
                       dtype=scale.dtype),
         PER_SEQ=spec.agg == "seq-mean-token-mean", NEED_SEQ=table is not None, FAST_ROWS=n < 2**31,
         BLOCK=TOKENS_PER_PARTIAL)
-
-
-def token_programs(x: torch.Tensor) -> int:
-    """``P``, the token-pass programs (columns of the forward partials) for ``x``."""
-    return triton.cdiv(x.numel(), TOKENS_PER_PARTIAL)
