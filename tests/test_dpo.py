@@ -410,7 +410,7 @@ def test_torch_compile_fullgraph():
 # ------------------------------------------------------- compiled for real GPUs (no GPU)
 def _aot_launches():
     """Launches besides the report's ``dpo.*`` cases (fp32, sigmoid): every loss type with bf16
-    policy and fp32 reference log-probs over many blocks (summed by ``_sum_blocks_kernel``), and
+    policy and fp32 reference log-probs over many blocks (summed by the last block), and
     ipo in fp64 on one pair (N = 1 becomes constexpr 1; one block writes the means)."""
     from bench.static.cases import SIGMOID, t
     from fastrlhf.triton import dpo as launchers

@@ -466,11 +466,11 @@ def test_opcheck_torch_backend():
     hidden, weight, bias, labels = _case(6, 16, 40, torch.float32)
     leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
     for with_entropy in (False, True):
-        torch.library.opcheck(ops.linear_logprobs_op,
+        torch.library.opcheck(ops.linear_logprobs_op.op,
                               (*leaves[:2], leaves[2], labels, 0.9, -100, with_entropy, "torch"))
     with torch.no_grad():
         stats = ops.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True, "torch")
-    torch.library.opcheck(ops.linear_logprobs_backward_op,
+    torch.library.opcheck(ops.linear_logprobs_backward_op.op,
                           (torch.randn(6, device=DEVICE), torch.randn(6, device=DEVICE), hidden.detach(),
                            weight.detach(), bias.detach(), labels, stats[2], stats[1], 0.9, -100, True, True, True,
                            "torch"))
@@ -845,13 +845,13 @@ def test_opcheck_with_every_option():
     leaves = [t.requires_grad_(True) for t in (hidden, weight, bias)]
     options = {"logit_scale": 1.5, "softcap": 4.0, "with_log_sum_sq": True, "with_mean": True,
                "with_top1": True}
-    torch.library.opcheck(ops.linear_logprobs_op, (*leaves[:2], leaves[2], labels, 0.9, -100, True, "torch"),
+    torch.library.opcheck(ops.linear_logprobs_op.op, (*leaves[:2], leaves[2], labels, 0.9, -100, True, "torch"),
                           options)
     with torch.no_grad():
         logp, ent, stats, lsq, mean, top1 = ops.linear_logprobs_op(hidden, weight, bias, labels, 0.9, -100, True,
                                                                    "torch", **options)
     g = [torch.randn(6, device=DEVICE) for _ in range(4)]
-    torch.library.opcheck(ops.linear_logprobs_backward_op,
+    torch.library.opcheck(ops.linear_logprobs_backward_op.op,
                           (g[0], g[1], hidden.detach(), weight.detach(), bias.detach(), labels, stats, ent,
                            0.9, -100, True, True, True, "torch"),
                           {"logit_scale": 1.5, "softcap": 4.0, "grad_log_sum_sq": g[2], "log_sum_sq": lsq,

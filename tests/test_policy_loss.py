@@ -964,12 +964,10 @@ def _aot_launches():
         B, T = 1024, 16384  # rows of 4 chunks
         (x, old, adv, mask, roll, w), _ = tensors(dtype, boolean, B, packed, level, weights, T)
         acc = acc_dtype(x)
-        n = launchers.seq_programs(B * T, B, 0 if packed else T, packed)
         cu, starts = (t(B + 1, dtype=torch.int32), t(B + 1, dtype=torch.int32)) if packed else (None, None)
         launchers.policy_seq_pass(x, old, adv, mask, roll, w, cu, starts, spec,
                                   launchers.W_GRAD if grad else launchers.seq_work(spec),
-                                  t(launchers.TABLE_ROWS, B, dtype=acc), t(launchers.SEQ_SUMS, n, dtype=acc),
-                                  t(n, dtype=torch.int32), t(B, dtype=acc) if grad else None)
+                                  t(launchers.TABLE_ROWS, B, dtype=acc), t(B, dtype=acc) if grad else None)
 
     seq("gspo", bf16, packed=True)
     seq("geo_mean", fp32, level="token", is_mode="clamp", weights=True)
@@ -997,3 +995,54 @@ def test_policy_loss_options_lists_what_each_mode_takes():
     assert fastrlhf.policy_loss_options("dro") == {"dro_beta": fastrlhf.ops.policy_loss.REQUIRED}
     with pytest.raises(ValueError, match="mode must be one of"):
         fastrlhf.policy_loss_options("ppo")
+
+
+# ------------------------------------------------------------------- CUDA graphs (GPU)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("backend,mode", [("triton", "vanilla"), ("triton", "gspo"), ("cuda", "vanilla")])
+def test_cuda_graph_capture_of_a_grpo_step(backend, mode):
+    """A GRPO loss step (group advantages, the policy loss, a k3 KL term and their gradient)
+    captured once and replayed on new data: the same bits as the eager step (no host sync, no
+    host-side value in the step)."""
+    if not fastrlhf.backend.backend_status(backend, "cuda")[0]:
+        pytest.skip(f"backend {backend} unavailable")
+    G, B, T = 4, 16, 300
+    dev = torch.device("cuda")
+    scores, logp = torch.empty(B, device=dev), torch.empty(B, T, device=dev, requires_grad=True)
+    old, ref_logp, mask = torch.empty(B, T, device=dev), torch.empty(B, T, device=dev), torch.empty(B, T, device=dev)
+
+    def fill(seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        with torch.no_grad():
+            scores.copy_(torch.randn(B, device=dev, generator=g))
+            logp.copy_(-torch.rand(B, T, device=dev, generator=g) * 3)
+            old.copy_(logp + 0.2 * torch.randn(B, T, device=dev, generator=g))
+            ref_logp.copy_(logp + 0.1 * torch.randn(B, T, device=dev, generator=g))
+            mask.copy_((torch.rand(B, T, device=dev, generator=g) < 0.8).float())
+
+    def step():
+        adv = fastrlhf.group_advantages(scores, G, backend="triton" if backend == "triton" else "auto")
+        loss, stats = policy_loss(logp, old, adv[:, None].expand(B, T), mask, mode=mode, agg="seq-mean-token-mean",
+                                  backend=backend)
+        kl = fastrlhf.aggregate(fastrlhf.kl_penalty(logp, ref_logp, estimator="k3", backend=backend), mask,
+                                "seq-mean-token-mean")
+        total = loss + 0.01 * kl
+        (grad,) = torch.autograd.grad(total, logp)
+        return total.detach(), stats["clipfrac"], grad
+
+    fill(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for seed in (1, 2):
+        fill(seed)
+        graph.replay()
+        eager = step()
+        for a, b in zip(captured, eager):
+            assert torch.equal(a, b)

@@ -149,6 +149,25 @@ def test_long_sequences_span_chunks(backend):
         _same(got[0], want, atol=1e-5)
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="patches the chunk size (interpreter)")
+def test_many_chunks_per_sequence_last_chunk_adds_them(monkeypatch):
+    """With 16-token chunks: sequences of many chunks (some a multiple of 16: an empty last chunk),
+    empty ones, padded rows of 3 chunks; the last chunk of each sequence to finish writes its
+    column, forward and GSPO's sequence-level backward."""
+    pytest.importorskip("triton")
+    from fastrlhf.triton import policy_loss as launchers
+
+    monkeypatch.setattr(launchers, "SEQ_CHUNK", 16)
+    cu, logp, old, adv, mask, roll = _packed_case([0, 16, 17, 48, 5, 0, 33], spread=0.05)
+    cases = [("gspo", {}), ("geo_mean", {"is_weights": (roll - old).exp()}), ("gspo", {"gradient": "sequence"}),
+             ("vanilla", {"rollout_logprobs": roll, "rollout_correction": RolloutCorrection.verl("sequence", 2.0)})]
+    for mode, kw in cases:
+        got = _both(policy_loss, "triton", cu, logp, old, adv, mask, mode=mode, agg="seq-mean-token-mean", **kw)
+        _same(*got)
+        want = _both(policy_loss, "torch", cu, logp, old, adv, mask, mode=mode, agg="seq-mean-token-mean", **kw)
+        _same(got[0], want[0], atol=1e-5)
+
+
 @pytest.mark.parametrize("agg", AGG_MODES)
 def test_ppo_losses_packed_equal_padded(backend, agg):
     cu, logp, old, adv, mask, _ = _packed_case(LENGTHS["mixed"], spread=1.0)

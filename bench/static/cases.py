@@ -84,11 +84,9 @@ KERNELS = {
     "_value_bwd_kernel": Counting("straight", ("BLOCK",)),
     "_dpo_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_dpo_bwd_kernel": Counting("straight", ("BLOCK",)),
-    "_sum_blocks_kernel": Counting("loop", ("BLOCK",)),
     "_policy_loss_fwd_kernel": Counting("straight", ("BLOCK",)),
     "_policy_loss_bwd_kernel": Counting("straight", ("BLOCK",)),
-    "_policy_seq_partials_kernel": Counting("loop", ("BLOCK",)),
-    "_policy_seq_finish_kernel": Counting("loop", ("BLOCK_C",)),
+    "_policy_seq_kernel": Counting("loop", ("BLOCK",)),
 }
 
 
@@ -283,10 +281,9 @@ def _policy_loss(direction, mode, agg="token-mean", level=None, packed=False):
     per_sequence = mode in ("gspo", "geo_mean") or level in ("sequence", "sequence-mean") or agg != "token-mean"
     table = t(pl.TABLE_ROWS, B) if per_sequence else None
     if direction == "seq":
-        n = pl.seq_programs(B * T, B, 0 if packed else T, packed)
         starts = t(B + 1, dtype=torch.int32) if packed else None
         return lambda: pl.policy_seq_pass(x, old, adv, mask, rollout, None, cu, starts, spec, pl.seq_work(spec),
-                                          table, t(pl.SEQ_SUMS, n), t(n, dtype=torch.int32))
+                                          table)
     if direction == "fwd":
         return lambda: pl.policy_loss_fwd(x, old, adv, mask, rollout, None, None, cu, table, spec,
                                           (None, None, None), t(), t(7), t())
@@ -307,7 +304,7 @@ def _policy_loss_cases() -> list[TritonCase]:
         TritonCase("policy_loss.cispo.fwd.B8192-T2048", _policy_loss("fwd", "cispo"),
                    {"_policy_loss_fwd_kernel": 13}, "token"),
         TritonCase("policy_loss.gspo.seq.B8192-T2048", _policy_loss("seq", "gspo", seq_mean),
-                   {"_policy_seq_partials_kernel": 9}, "token"),
+                   {"_policy_seq_kernel": 9}, "token"),
         TritonCase("policy_loss.gspo.fwd.B8192-T2048", _policy_loss("fwd", "gspo", seq_mean),
                    {"_policy_loss_fwd_kernel": 13}, "token"),
         TritonCase("policy_loss.gspo.bwd.B8192-T2048", _policy_loss("bwd", "gspo", seq_mean),
@@ -315,7 +312,7 @@ def _policy_loss_cases() -> list[TritonCase]:
         TritonCase("policy_loss.gspo.fwd.packed-N16M", _policy_loss("fwd", "gspo", seq_mean, packed=True),
                    {"_policy_loss_fwd_kernel": 13}, "token"),
         TritonCase("policy_loss.gspo.seq.packed-N16M", _policy_loss("seq", "gspo", seq_mean, packed=True),
-                   {"_policy_seq_partials_kernel": 9}, "token"),
+                   {"_policy_seq_kernel": 9}, "token"),
     ]
 
 

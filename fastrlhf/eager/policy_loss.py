@@ -24,8 +24,7 @@ from fastrlhf.reference.policy_loss import clipped_surrogate
 TOKENS_PER_PARTIAL = 1 << 62
 """Tokens one partial sums: one partial for any input."""
 SEQ_CHUNK = 1 << 30
-SEQ_SUMS = 1
-"""The per-sequence pass's scratch: one chunk of any sequence, one sum (unused here)."""
+"""One chunk of any sequence (the op's ``chunk_starts``, unused here)."""
 TABLE_ROWS = 5
 """Rows of the sequence table (as the kernels'): count, two mode values (unused here),
 importance coefficient (unused here), filtered flag."""
@@ -113,11 +112,6 @@ def seq_work(spec) -> int:
     return 0
 
 
-def seq_programs(N: int, S: int, T: int, packed: bool) -> int:
-    """One scratch column."""
-    return 1
-
-
 def _terms(logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens, spec):
     """The reference's per-token terms of ``spec`` on padded ``[B, T]`` (packed input padded)."""
     x = (logprobs, old_logprobs, advantages, mask, rollout, weights, selected)
@@ -140,7 +134,7 @@ def _weighted_loss(t, spec):
 
 
 def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, cu_seqlens, chunk_starts, spec,
-                    what, table, partials, pcounts, gseq=None):
+                    what, table, gseq=None):
     """Forward: ``table``'s count row and filtered row (sequence-level corrections); the other rows
     0. Backward (``gseq``): zeros (``policy_loss_bwd`` differentiates the whole sequence)."""
     if gseq is not None:

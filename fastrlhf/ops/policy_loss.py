@@ -213,26 +213,19 @@ _value_op.register_autograd(_value_backward, setup_context=_value_setup_context)
 
 # ------------------------------------------------------------- the general op (forward / backward)
 def _chunk_starts(cu_seqlens: torch.Tensor, chunk: int) -> torch.Tensor:
-    lengths = cu_seqlens[1:] - cu_seqlens[:-1]
+    """int32 ``[S + 1]``: the first chunk of each packed sequence, ``len // chunk + 1`` chunks each
+    (one more than needed when ``chunk`` divides ``len``: an empty sequence still has a chunk)."""
     starts = torch.zeros(cu_seqlens.shape, dtype=torch.int32, device=cu_seqlens.device)
-    torch.cumsum((lengths + chunk - 1) // chunk, 0, out=starts[1:])
+    torch.cumsum(cu_seqlens.diff() // chunk + 1, 0, out=starts[1:])
     return starts
 
 
 def _seq_pass(kernels, x, cu_seqlens, spec, what, table, gseq=None):
-    """Run the per-sequence pass of the launchers (allocates its scratch: ``SEQ_SUMS + 1`` numbers
-    per ``SEQ_CHUNK`` tokens, and ``chunk_starts`` for packed input)."""
-    logp, old, adv, mask, roll, weights = x
-    S = table.shape[1]
-    if S == 0:
+    """Run the per-sequence pass of the launchers (``chunk_starts`` computed here for packed input)."""
+    if table.shape[1] == 0:
         return
-    packed = cu_seqlens is not None
-    nc = max(kernels.seq_programs(logp.numel(), S, 0 if packed else logp.shape[-1], packed), 1)
-    partials = torch.empty((kernels.SEQ_SUMS, nc), dtype=table.dtype, device=logp.device)
-    pcounts = torch.empty(nc, dtype=torch.int32, device=logp.device)
-    starts = _chunk_starts(cu_seqlens, kernels.SEQ_CHUNK) if packed else None
-    kernels.policy_seq_pass(logp, old, adv, mask, roll, weights, cu_seqlens, starts, spec, what, table, partials,
-                            pcounts, gseq)
+    starts = _chunk_starts(cu_seqlens, kernels.SEQ_CHUNK) if cu_seqlens is not None else None
+    kernels.policy_seq_pass(*x, cu_seqlens, starts, spec, what, table, gseq)
 
 
 _N_STATS = len(ref.STATS)
@@ -302,6 +295,7 @@ def _(grad, scale, table, logprobs, *_):
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[:11], output[2], output[3])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients of the statistics
     ctx.args = inputs[11:]
 
 
@@ -341,7 +335,8 @@ def _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollou
 
 
 def _stat_dict(keys, vec) -> dict:
-    return {k: vec[ref.STATS.index(k)] for k in keys}
+    stats = vec.unbind()
+    return {k: stats[ref.STATS.index(k)] for k in keys}
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,

@@ -7,6 +7,11 @@ import triton
 import triton.language as tl
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` costs microseconds per call on the host)."""
+    return -(-a // b)
+
+
 def flat(x: torch.Tensor) -> torch.Tensor:
     """``x`` for a kernel that indexes its elements flat, in memory order: ``x`` itself when
     contiguous (no aten call), else a contiguous copy; a bool tensor as a uint8 view."""
@@ -31,3 +36,40 @@ def narrow(x, ptr):
     if ty.primitive_bitwidth < 32:
         return x.to(tl.float32).to(ty)
     return x.to(ty)
+
+
+# ----------------------------------------------- one launch: the last program reduces
+@triton.jit
+def total(ptr, n, DT: tl.constexpr, RBLOCK: tl.constexpr):
+    """The sum of ``ptr[0:n]`` in ``DT``, in a fixed order; read from L2 (``.cg``: written by other
+    programs of this launch)."""
+    acc = tl.zeros([RBLOCK], DT)
+    for start in range(0, n, RBLOCK):
+        offs = start + tl.arange(0, RBLOCK)
+        acc += tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg").to(DT)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def safe_div(num, den):
+    """``num / den``, 0 where ``den <= 0`` (``fastrlhf.reference.aggregation.safe_div``)."""
+    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
+
+
+@triton.jit
+def count_positive(ptr, n, RBLOCK: tl.constexpr):
+    """How many of ``ptr[0:n]`` are ``> 0`` (int64)."""
+    acc = tl.zeros([RBLOCK], tl.int64)
+    for start in range(0, n, RBLOCK):
+        offs = start + tl.arange(0, RBLOCK)
+        acc += (tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg") > 0).to(tl.int64)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def is_last(ticket_ptr, P):
+    """Take this program's ticket (an int32 the launcher zeroed): whether it is the last of the
+    ``P`` programs of the launch, which then may read what the others wrote (with ``.cg`` loads:
+    :func:`total`). The barrier and the release order the program's stores before the ticket."""
+    tl.debug_barrier()
+    return tl.atomic_add(ticket_ptr, 1, sem="acq_rel", scope="gpu") == P - 1

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf.reference.advantages import METHODS
-from fastrlhf.triton._common import flat, tl_acc
+from fastrlhf.triton._common import cdiv, flat, tl_acc
 
 _GRPO, _RLOO = (tl.constexpr(METHODS.index(name)) for name in ("grpo", "rloo"))  # else dr_grpo
 
@@ -232,13 +232,13 @@ def plan(B: int, T: int, block: int | None = None, tiles_per_chunk: int | None =
     programs; ``block`` / ``tiles_per_chunk`` override the choice (tests use small tiles).
     """
     BLOCK = block or min(512, max(16, triton.next_power_of_2(T)))
-    n_tiles = max(triton.cdiv(T, BLOCK), 1)
+    n_tiles = max(cdiv(T, BLOCK), 1)
     if tiles_per_chunk is None:
-        nc = min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(B, 1)), MAX_CHUNKS)
-        tiles_per_chunk = triton.cdiv(n_tiles, nc)
-    tiles_per_chunk = max(tiles_per_chunk, triton.cdiv(n_tiles, MAX_CHUNKS))
+        nc = min(n_tiles, cdiv(TARGET_PROGRAMS, max(B, 1)), MAX_CHUNKS)
+        tiles_per_chunk = cdiv(n_tiles, nc)
+    tiles_per_chunk = max(tiles_per_chunk, cdiv(n_tiles, MAX_CHUNKS))
     CHUNK = tiles_per_chunk * BLOCK
-    return BLOCK, CHUNK, triton.cdiv(n_tiles, tiles_per_chunk)
+    return BLOCK, CHUNK, cdiv(n_tiles, tiles_per_chunk)
 
 
 def _unit_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -325,7 +325,7 @@ def group_advantages_fwd(scores, group_size, method, eps, out):
     n_groups = scores.numel() // group_size
     BLOCK_G = min(max(triton.next_power_of_2(group_size), 16), 1024)
     ROWS = max(1, min(64, 2048 // BLOCK_G))
-    _group_advantages_kernel[(triton.cdiv(n_groups, ROWS),)](
+    _group_advantages_kernel[(cdiv(n_groups, ROWS),)](
         scores.contiguous(), out, n_groups, group_size, float(eps), method,
         ROWS=ROWS, BLOCK_G=BLOCK_G, num_warps=4)
 
@@ -382,5 +382,5 @@ def whiten_apply(x, mask, coef, out):
     """Fill ``out`` (contiguous, ``x``'s shape) with ``(x - coef[1] - coef[2]) * coef[0] + coef[3]``
     where valid, else 0."""
     n = x.numel()
-    _whiten_apply_kernel[(triton.cdiv(n, WHITEN_BLOCK),)](flat(x), flat(mask), coef, out, n,
+    _whiten_apply_kernel[(cdiv(n, WHITEN_BLOCK),)](flat(x), flat(mask), coef, out, n,
                                                           ACC=tl_acc(out.dtype), BLOCK=WHITEN_BLOCK, num_warps=8)

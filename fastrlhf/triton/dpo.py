@@ -14,11 +14,12 @@ adds the block sums in a fixed order. Backward: ``d pi_c = g/N * dL/da``,
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from fastrlhf._numerics import acc_dtype
-from fastrlhf.triton._common import flat, narrow, tl_acc
+from fastrlhf.triton._common import cdiv, flat, is_last, narrow, tl_acc
 
 BLOCK = 1024
 
@@ -111,9 +112,11 @@ def _pairs(pc_ptr, pr_ptr, rc_ptr, rr_ptr, offs, ok, beta, eps, c_pos, c_neg, LO
 
 @triton.jit
 def _dpo_fwd_kernel(
-    pc_ptr, pr_ptr, rc_ptr, rr_ptr, out_ptr, N, beta, eps, c_pos, c_neg, LOSS: tl.constexpr,
-    ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
+    pc_ptr, pr_ptr, rc_ptr, rr_ptr, part_ptr, ticket_ptr, out_ptr, N, n_blocks, beta, eps, c_pos, c_neg,
+    LOSS: tl.constexpr, ACC: tl.constexpr, FINAL: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    """Block ``pid``'s sums of (loss, chosen, rejected, margin, accuracy) into ``part[pid]``; one
+    block (``FINAL``) writes the means into ``out`` directly, else the last block adds them."""
     pid = tl.program_id(0)
     offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -121,25 +124,29 @@ def _dpo_fwd_kernel(
                                 LOSS, ACC)
     chosen = beta * a
     rejected = beta * b
-    out = out_ptr + pid * 5
+    out = (out_ptr if FINAL else part_ptr) + pid * 5
     n = N if FINAL else 1  # one block: write the means directly
     tl.store(out, tl.sum(tl.where(ok, loss, 0.0), axis=0) / n)
     tl.store(out + 1, tl.sum(tl.where(ok, chosen, 0.0), axis=0) / n)
     tl.store(out + 2, tl.sum(tl.where(ok, rejected, 0.0), axis=0) / n)
     tl.store(out + 3, tl.sum(tl.where(ok, chosen - rejected, 0.0), axis=0) / n)
     tl.store(out + 4, tl.sum(tl.where(ok & (chosen > rejected), 1.0, 0.0).to(ACC), axis=0) / n)
+    if not FINAL:
+        _mean_of_blocks(part_ptr, ticket_ptr, out_ptr, n_blocks, N, ACC, BLOCK)
 
 
-@triton.jit
-def _sum_blocks_kernel(part_ptr, out_ptr, n_blocks, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
-    """``out[i] = sum_k part[k, i] / N`` for the 5 columns, in a fixed order."""
-    rows = tl.arange(0, BLOCK)
-    for i in tl.static_range(5):
-        acc = tl.zeros([BLOCK], ACC)
-        for start in range(0, n_blocks, BLOCK):
-            k = start + rows
-            acc += tl.load(part_ptr + k * 5 + i, mask=k < n_blocks, other=0.0)
-        tl.store(out_ptr + i, tl.sum(acc, axis=0) / N)
+@triton.jit(noinline=True)
+def _mean_of_blocks(part_ptr, ticket_ptr, out_ptr, n_blocks, N, ACC: tl.constexpr, BLOCK: tl.constexpr):
+    """The last block to finish: ``out[i] = sum_k part[k, i] / N`` for the 5 columns, in a fixed
+    order (not inlined: once per launch)."""
+    if is_last(ticket_ptr, n_blocks):
+        rows = tl.arange(0, BLOCK)
+        for i in tl.static_range(5):
+            acc = tl.zeros([BLOCK], ACC)
+            for start in range(0, n_blocks, BLOCK):
+                k = start + rows
+                acc += tl.load(part_ptr + k * 5 + i, mask=k < n_blocks, other=0.0, cache_modifier=".cg")
+            tl.store(out_ptr + i, tl.sum(acc, axis=0) / N)
 
 
 @triton.jit
@@ -160,16 +167,17 @@ def _dpo_bwd_kernel(
 
 def dpo_fwd(pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, out):
     """Fill ``out`` (``[5]``): mean loss, mean chosen reward, mean rejected reward, mean margin,
-    accuracy, for ``N > 0`` pairs (kernel arguments from ``fastrlhf.ops.dpo``). Allocates
-    ``5 * cdiv(N, 1024)`` floats of block sums when ``N > 1024``."""
+    accuracy, for ``N > 0`` pairs (kernel arguments from ``fastrlhf.ops.dpo``), in one launch.
+    Allocates ``5 * cdiv(N, 1024)`` floats of block sums and a zeroed int32 ticket when
+    ``N > 1024``."""
     N = pc.numel()
     xs = [flat(x) for x in (pc, pr, rc, rr)]
-    n_blocks = triton.cdiv(N, BLOCK)
-    part = out if n_blocks == 1 else out.new_empty((n_blocks, 5))
-    _dpo_fwd_kernel[(n_blocks,)](*xs, part, N, beta, eps, c_pos, c_neg, loss_code, ACC=tl_acc(out.dtype),
-                                 FINAL=n_blocks == 1, BLOCK=BLOCK, num_warps=4)
-    if n_blocks > 1:
-        _sum_blocks_kernel[(1,)](part, out, n_blocks, N, ACC=tl_acc(out.dtype), BLOCK=BLOCK, num_warps=4)
+    n_blocks = cdiv(N, BLOCK)
+    final = n_blocks == 1
+    part = out if final else out.new_empty((n_blocks, 5))
+    ticket = out if final else torch.zeros(1, dtype=torch.int32, device=out.device)
+    _dpo_fwd_kernel[(n_blocks,)](*xs, part, ticket, out, N, n_blocks, beta, eps, c_pos, c_neg, loss_code,
+                                 ACC=tl_acc(out.dtype), FINAL=final, BLOCK=BLOCK, num_warps=4)
 
 
 def dpo_bwd(grad, pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, grads):
@@ -177,6 +185,6 @@ def dpo_bwd(grad, pc, pr, rc, rr, loss_code, beta, eps, c_pos, c_neg, grads):
     gradient ``grad`` (a 0-dim tensor of the mean loss), ``N > 0`` pairs."""
     N = pc.numel()
     xs = [flat(x) for x in (pc, pr, rc, rr)]
-    _dpo_bwd_kernel[(triton.cdiv(N, BLOCK),)](
+    _dpo_bwd_kernel[(cdiv(N, BLOCK),)](
         *xs, grad, *grads, N, beta, eps, c_pos, c_neg, loss_code,
         ACC=tl_acc(acc_dtype(*xs)), BLOCK=BLOCK, num_warps=4)

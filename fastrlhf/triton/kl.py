@@ -15,7 +15,7 @@ import triton.language as tl
 from fastrlhf._numerics import acc_dtype
 from fastrlhf.interpreter import triton_interpreter
 from fastrlhf.reference.kl import CODES
-from fastrlhf.triton._common import flat, narrow, tl_acc
+from fastrlhf.triton._common import cdiv, flat, narrow, tl_acc
 
 _K1, _ABS, _K2 = (tl.constexpr(CODES.index(name)) for name in ("k1", "abs", "k2"))  # else k3
 
@@ -241,7 +241,7 @@ def _kl_rewards_kernel(scores_ptr, logp_ptr, ref_ptr, mask_ptr, rewards_ptr, kl_
 def kl_penalty_fwd(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, out):
     """Fill ``out`` (contiguous, the inputs' shape) with the clamped estimate."""
     n = out.numel()
-    _kl_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+    _kl_fwd_kernel[(cdiv(n, _BLOCK),)](
         flat(logprobs), flat(ref_logprobs), out, n, clamp, log_ratio_clamp,
         EST=estimator, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
@@ -255,7 +255,7 @@ def _pair_backward(kernel, grad, a, b, args, grad_a, grad_b, **constexprs):
         # kernel writes fp32 and torch rounds, so the tests see the GPU's rounding.
         outs = tuple(g.new_empty(g.shape, dtype=torch.float32) if g.dtype == torch.bfloat16 else g for g in outs)
     n = a.numel()
-    kernel[(triton.cdiv(n, _BLOCK),)](flat(grad), flat(a), flat(b), outs[0], outs[1], n, *args, **constexprs,
+    kernel[(cdiv(n, _BLOCK),)](flat(grad), flat(a), flat(b), outs[0], outs[1], n, *args, **constexprs,
                                       ACC=tl_acc(acc_dtype(a, b)), BLOCK=_BLOCK)
     for out, buf in zip((grad_a, grad_b), outs):
         if buf is not out:
@@ -273,7 +273,7 @@ def kl_penalty_bwd(grad, logprobs, ref_logprobs, estimator, straight, clamp, log
 def importance_weights_fwd(logprobs, old_logprobs, low, high, log_ratio_clamp, out):
     """Fill ``out`` (contiguous, the inputs' shape) with the clipped weights; an unset bound is ``inf``."""
     n = out.numel()
-    _weights_fwd_kernel[(triton.cdiv(n, _BLOCK),)](
+    _weights_fwd_kernel[(cdiv(n, _BLOCK),)](
         flat(logprobs), flat(old_logprobs), out, n, low, high, log_ratio_clamp, ACC=tl_acc(out.dtype), BLOCK=_BLOCK)
 
 
@@ -302,12 +302,12 @@ def kl_penalized_rewards_fwd(scores, logprobs, ref_logprobs, mask, kl_coef, kl_c
     packed = cu_seqlens is not None
     B, T = (cu_seqlens.numel() - 1, logprobs.numel()) if packed else logprobs.shape
     block = min(max(triton.next_power_of_2(T), 16), 2048)  # >= 16: tiny tiles crash some Triton versions
-    n_tiles = triton.cdiv(T, block)
-    nc = min(n_tiles, triton.cdiv(TARGET_PROGRAMS, max(B, 1)))  # long rows of few: chunks in parallel
-    chunk = triton.cdiv(n_tiles, nc) * block
+    n_tiles = cdiv(T, block)
+    nc = min(n_tiles, cdiv(TARGET_PROGRAMS, max(B, 1)))  # long rows of few: chunks in parallel
+    chunk = cdiv(n_tiles, nc) * block
     (lp, s_lp), (rf, s_rf), (m, s_m) = _rows(logprobs), _rows(ref_logprobs), _rows(mask)
-    _kl_rewards_kernel[(B * triton.cdiv(T, chunk),)](
+    _kl_rewards_kernel[(B * cdiv(T, chunk),)](
         scores.contiguous(), lp, rf, m, rewards, kl, kl_coef_t if kl_coef_t is not None else scores,
-        cu_seqlens.contiguous() if packed else scores, T, triton.cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
+        cu_seqlens.contiguous() if packed else scores, T, cdiv(T, chunk), chunk, s_lp, s_rf, s_m, float(kl_coef),
         kl_clamp, log_ratio_clamp, score_clip, EST=estimator, COEF_TENSOR=kl_coef_t is not None, PACKED=packed,
         ACC=tl_acc(rewards.dtype), BLOCK_T=block, num_warps=8 if block >= 2048 else 4)

@@ -58,6 +58,7 @@ import triton
 import triton.language as tl
 
 from fastrlhf.interpreter import triton_interpreter
+from fastrlhf.triton._common import cdiv
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _LOG2E = tl.constexpr(1.4426950408889634)
@@ -86,7 +87,7 @@ def plan(N: int, V: int) -> tuple[int, int]:
     """
     budget = max(math.ceil(WORKSPACE_FRACTION * N * V), WORKSPACE_ELEMS)
     widest = max(COL_ALIGN, budget // max(N, 1) // COL_ALIGN * COL_ALIGN)
-    cols = V if widest >= V else triton.cdiv(triton.cdiv(V, triton.cdiv(V, widest)), COL_ALIGN) * COL_ALIGN
+    cols = V if widest >= V else cdiv(cdiv(V, cdiv(V, widest)), COL_ALIGN) * COL_ALIGN
     return max(1, min(N, max(MIN_ROWS, budget // cols))), cols
 
 
@@ -663,11 +664,11 @@ def fused_forward_out(hidden, weight, bias, labels, p, outs):
     logp, ent, stats, lsq, mean, top1 = outs
     c = _consts(p)
     cfg = _config(hidden.dtype, c["HAS_CAP"] and (lsq.numel() > 0 or mean.numel() > 0))
-    row_tiles = triton.cdiv(N, cfg["BLOCK_N"])
-    v_tiles = triton.cdiv(V, cfg["BLOCK_V"])
-    splits = min(v_tiles, max(8, triton.cdiv(2 * _sm_count(hidden.device), row_tiles)))
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # no empty split
+    row_tiles = cdiv(N, cfg["BLOCK_N"])
+    v_tiles = cdiv(V, cfg["BLOCK_V"])
+    splits = min(v_tiles, max(8, cdiv(2 * _sm_count(hidden.device), row_tiles)))
+    tiles_per_split = cdiv(v_tiles, splits)
+    splits = cdiv(v_tiles, tiles_per_split)  # no empty split
     part = hidden.new_empty((8, splits, N), dtype=torch.float32)
     flags = {"WITH_ENTROPY": ent.numel() > 0, "WITH_LSQ": lsq.numel() > 0,
              "WITH_MEAN": mean.numel() > 0, "WITH_TOP1": top1.numel() > 0}
@@ -676,7 +677,7 @@ def fused_forward_out(hidden, weight, bias, labels, p, outs):
         N, V, H, *hidden.stride(), *weight.stride(), c["k_z"], c["k_cap"], c["k_in"], splits,
         tiles_per_split, splits * N, HAS_BIAS=bias is not None, HAS_CAP=c["HAS_CAP"], **flags,
         **_common(hidden.dtype), **cfg)
-    _combine_kernel[(triton.cdiv(N, 64),)](
+    _combine_kernel[(cdiv(N, 64),)](
         part, labels, logp, ent, stats, lsq, mean, top1, N, V, splits, splits * N,
         p["ignore_index"], c["k_cap"] if c["HAS_CAP"] else c["k_z"], **flags, BLOCK_R=64, BLOCK_S=16)
 
@@ -689,7 +690,7 @@ def fused_dlogits_out(dz, hidden, weight, bias, labels, stats, grads, v0, V, p):
     g_logp, g_ent, ent, g_lsq, lsq, g_mean = grads
     c = _consts(p)
     cfg = _config(hidden.dtype, c["HAS_CAP"] and (g_lsq is not None or g_mean is not None))
-    grid = (triton.cdiv(n, cfg["BLOCK_N"]) * triton.cdiv(w, cfg["BLOCK_V"]),)
+    grid = (cdiv(n, cfg["BLOCK_N"]) * cdiv(w, cfg["BLOCK_V"]),)
     _fused_dlogits_kernel[grid](
         hidden, weight, bias if bias is not None else hidden, labels, stats, g_logp,
         _or(g_ent, g_logp), _or(ent, g_logp), _or(g_lsq, g_logp), _or(lsq, g_logp),

@@ -14,16 +14,18 @@ of a flat offset is ``(offset * row_magic) >> row_shift``, exact below 2**31 tok
 (:func:`row_divider`); beyond, a plain 64-bit division.
 
 **General op** (every mode, rollout correction, padded ``[B, T]`` and packed ``[total]`` +
-``cu_seqlens`` layouts). Two passes, both deterministic (fixed-order sums, no atomics):
+``cu_seqlens`` layouts). Two passes of one launch each, both deterministic (fixed-order sums,
+no float atomics: integer tickets say which program adds the others' partials):
 
 1. **Per-sequence pass** (only when a sequence-level quantity is needed: GSPO's ratio, the
    geometric mean of ``geo_mean``, sequence-level importance weights, the token count of a
-   sequence for the ``seq-mean-*`` aggregations). Stage 1: one program per ``SEQ_CHUNK`` tokens
-   of one sequence writes ``SEQ_SUMS`` partial sums and a count; stage 2: one program per
-   sequence adds its chunks in order and writes the derived values into the sequence table
+   sequence for the ``seq-mean-*`` aggregations). One program per ``SEQ_CHUNK`` tokens of one
+   sequence writes ``SEQ_SUMS`` partial sums and a count; the last of a sequence's chunks to
+   finish adds them in order and writes the derived values into the sequence table
    ``[TABLE_ROWS, S]`` (count, mode values, importance coefficient, filtered flag). Sequences
    of any length spread over many programs; packed sequences find their chunks through
-   ``chunk_starts`` (int32 ``[S + 1]``, the exclusive prefix sum of each sequence's chunk count).
+   ``chunk_starts`` (int32 ``[S + 1]``, the exclusive prefix sum of each sequence's chunk count,
+   ``len // SEQ_CHUNK + 1``: an empty sequence has one empty chunk).
 2. **Token pass**: one program per ``TOKENS_PER_PARTIAL`` tokens of the flattened input computes
    the per-token loss and statistics and writes partial sums; the program with the last ticket
    adds them in a fixed order and normalizes (as the plain form's). Backward: one elementwise
@@ -43,15 +45,15 @@ import triton
 import triton.language as tl
 
 from fastrlhf.reference.aggregation import AGG_MODES
-from fastrlhf.triton._common import flat, narrow, tl_acc
+from fastrlhf.triton._common import cdiv, count_positive, flat, is_last, narrow, safe_div, tl_acc, total
 
 TOKENS_PER_PARTIAL = 1024
 """Tokens of one token-pass program (both forms): the forward writes ``cdiv(N, TOKENS_PER_PARTIAL)``
 partials."""
 SEQ_CHUNK = 4096
-"""Tokens of one program of the per-sequence pass (stage 1)."""
+"""Tokens of one program of the per-sequence pass."""
 SEQ_SUMS = 4
-"""Partial sums per stage-1 program."""
+"""Partial sums per program of the per-sequence pass."""
 TABLE_ROWS = 5
 """Rows of the sequence table: count, two mode values, importance coefficient, filtered flag."""
 FWD_SUMS, FWD_COUNTS = 5, 4
@@ -84,7 +86,7 @@ _ROW_A = tl.constexpr(1)
 _ROW_B = tl.constexpr(2)
 _ROW_IS = tl.constexpr(3)
 _ROW_ISF = tl.constexpr(4)
-# stage-1 work: what the per-sequence pass sums
+# what the per-sequence pass sums
 W_LR, W_GEO, W_IS, W_GRAD = 1, 2, 4, 8
 
 
@@ -183,41 +185,6 @@ def _policy_partials(logp_ptr, old_ptr, adv_ptr, mask_ptr, rowcnt_ptr, sums_ptr,
 
 
 @triton.jit
-def _total(ptr, n, DT: tl.constexpr, RBLOCK: tl.constexpr):
-    """The sum of ``ptr[0:n]`` in ``DT``, in a fixed order; read from L2 (``.cg``: written by other
-    programs of this launch)."""
-    acc = tl.zeros([RBLOCK], DT)
-    for start in range(0, n, RBLOCK):
-        offs = start + tl.arange(0, RBLOCK)
-        acc += tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg").to(DT)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _ratio(num, den):
-    """``num / den``, 0 where ``den <= 0`` (``fastrlhf.reference.aggregation.safe_div``)."""
-    return tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
-
-
-@triton.jit
-def _count_positive(ptr, n, RBLOCK: tl.constexpr):
-    """How many of ``ptr[0:n]`` are ``> 0`` (int64)."""
-    acc = tl.zeros([RBLOCK], tl.int64)
-    for start in range(0, n, RBLOCK):
-        offs = start + tl.arange(0, RBLOCK)
-        acc += (tl.load(ptr + offs, mask=offs < n, other=0, cache_modifier=".cg") > 0).to(tl.int64)
-    return tl.sum(acc, axis=0)
-
-
-@triton.jit
-def _is_last(counts_ptr, at, P):
-    """Take this program's ticket ``counts[at]`` (zeroed by the launcher): whether it is the last
-    of the ``P`` programs. The barrier and the release order the program's stores before it."""
-    tl.debug_barrier()
-    return tl.atomic_add(counts_ptr + at, 1, sem="acq_rel", scope="gpu") == P - 1
-
-
-@triton.jit
 def _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P,
                AGG: tl.constexpr, HAS_GTOK: tl.constexpr, HAS_GSEQ: tl.constexpr, HAS_LSF: tl.constexpr,
                ACC: tl.constexpr, RBLOCK: tl.constexpr):
@@ -240,9 +207,9 @@ def _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr,
                 den = den * tl.load(lsf_ptr).to(tl.float64)
             else:
                 den = den * T
-    scale = _ratio(tl.full([], 1.0, ACC), den.to(ACC))
+    scale = safe_div(tl.full([], 1.0, ACC), den.to(ACC))
     tl.store(scale_ptr, scale)
-    tl.store(loss_ptr, _total(sums_ptr, P, ACC, RBLOCK) * scale)
+    tl.store(loss_ptr, total(sums_ptr, P, ACC, RBLOCK) * scale)
 
 
 @triton.jit(noinline=True)
@@ -255,17 +222,17 @@ def _last(sums_ptr, counts_ptr, rowcnt_ptr, gtok_ptr, gseq_ptr, lsf_ptr, loss_pt
     ``seq-mean-*`` mode without ``global_seqs``.
     Not inlined: a subroutine that one program runs once per launch adds no registers to the
     token pass and no instructions to its per-token path (the static report's count)."""
-    if _is_last(counts_ptr, N_COUNTS * P, P):
-        n_valid = _total(counts_ptr, P, tl.int64, RBLOCK)
+    if is_last(counts_ptr + N_COUNTS * P, P):
+        n_valid = total(counts_ptr, P, tl.int64, RBLOCK)
         n_tok = n_valid.to(ACC)
         for i in tl.static_range(1, N_COUNTS):
-            tl.store(stats_ptr + i - 1, _ratio(_total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n_tok))
+            tl.store(stats_ptr + i - 1, safe_div(total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n_tok))
         for i in tl.static_range(1, N_SUMS):
-            tl.store(stats_ptr + N_COUNTS - 2 + i, _ratio(_total(sums_ptr + i * P, P, ACC, RBLOCK), n_tok))
+            tl.store(stats_ptr + N_COUNTS - 2 + i, safe_div(total(sums_ptr + i * P, P, ACC, RBLOCK), n_tok))
         if AGG == _TOKEN_MEAN or AGG == _TOKEN_SUM or HAS_GSEQ:
             n_seqs = tl.full([], 0, tl.int64)
         else:
-            n_seqs = _count_positive(rowcnt_ptr, B, RBLOCK)
+            n_seqs = count_positive(rowcnt_ptr, B, RBLOCK)
         _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P, AGG, HAS_GTOK,
                    HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
 
@@ -281,15 +248,15 @@ def _last_general(sums_ptr, counts_ptr, table_ptr, n_table, gtok_ptr, gseq_ptr, 
     fraction, rollout KL, each per valid token; the filtered fraction per sequence with a valid
     token for a sequence-level correction, ``SEQ_FILTER``), ``scale`` and ``loss``; the sequences
     with a valid token are the sequence table's (``n_table`` columns) with a count ``> 0``."""
-    if _is_last(counts_ptr, 4 * P, P):
-        n_valid = _total(counts_ptr, P, tl.int64, RBLOCK)
+    if is_last(counts_ptr + 4 * P, P):
+        n_valid = total(counts_ptr, P, tl.int64, RBLOCK)
         n = n_valid.to(ACC)
         for i in tl.static_range(1, 3):
-            tl.store(stats_ptr + i - 1, _ratio(_total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n))
+            tl.store(stats_ptr + i - 1, safe_div(total(counts_ptr + i * P, P, tl.int64, RBLOCK).to(ACC), n))
         for i in tl.static_range(1, 4):
-            tl.store(stats_ptr + i + 1, _ratio(_total(sums_ptr + i * P, P, ACC, RBLOCK), n))
+            tl.store(stats_ptr + i + 1, safe_div(total(sums_ptr + i * P, P, ACC, RBLOCK), n))
         if HAS_TABLE:
-            n_seqs = _count_positive(table_ptr + _ROW_N * n_table, n_table, RBLOCK)
+            n_seqs = count_positive(table_ptr + _ROW_N * n_table, n_table, RBLOCK)
         else:
             n_seqs = tl.full([], 0, tl.int64)
         if SEQ_FILTER:
@@ -300,10 +267,10 @@ def _last_general(sums_ptr, counts_ptr, table_ptr, n_table, gtok_ptr, gseq_ptr, 
                               cache_modifier=".cg") > 0
                 flag = tl.load(table_ptr + _ROW_ISF * n_table + offs, mask=has, other=0, cache_modifier=".cg")
                 acc += tl.where(has, flag.to(ACC), 0.0)
-            tl.store(stats_ptr + 5, _ratio(tl.sum(acc, axis=0), n_seqs.to(ACC)))
+            tl.store(stats_ptr + 5, safe_div(tl.sum(acc, axis=0), n_seqs.to(ACC)))
         else:
-            tl.store(stats_ptr + 5, _ratio(_total(counts_ptr + 3 * P, P, tl.int64, RBLOCK).to(ACC), n))
-        tl.store(stats_ptr + 6, _ratio(_total(sums_ptr + 4 * P, P, ACC, RBLOCK), n))
+            tl.store(stats_ptr + 5, safe_div(total(counts_ptr + 3 * P, P, tl.int64, RBLOCK).to(ACC), n))
+        tl.store(stats_ptr + 6, safe_div(total(sums_ptr + 4 * P, P, ACC, RBLOCK), n))
         _normalize(sums_ptr, n_valid, n_seqs, gtok_ptr, gseq_ptr, lsf_ptr, loss_ptr, scale_ptr, T, P, AGG, HAS_GTOK,
                    HAS_GSEQ, HAS_LSF, ACC, RBLOCK)
 
@@ -435,7 +402,7 @@ def _plain_fwd(kernel, n_sums, n_counts, inputs, mask, row_counts, args, agg, co
     scratch: ``sums [n_sums, P]`` in the accumulation dtype and ``counts [n_counts * P + 1]``
     int32 with the ticket, zeroed: two allocations)."""
     n, (B, T) = inputs[0].numel(), inputs[0].shape
-    P = max(1, triton.cdiv(n, TOKENS_PER_PARTIAL))
+    P = max(1, cdiv(n, TOKENS_PER_PARTIAL))
     sums = torch.empty(n_sums * P, dtype=loss.dtype, device=loss.device)
     parts = torch.zeros(n_counts * P + 1, dtype=torch.int32, device=loss.device)
     magic, shift = row_divider(max(T, 1))
@@ -470,7 +437,7 @@ def ppo_policy_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, row_co
     """Fill ``grad_logprobs`` (contiguous, the log-probs' dtype); ``grad``, ``scale``: 0-dim."""
     n, T = logprobs.numel(), logprobs.shape[1]
     magic, shift = row_divider(T)
-    _policy_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
+    _policy_bwd_kernel[(cdiv(n, TOKENS_PER_PARTIAL),)](
         grad, scale, flat(logprobs), flat(old_logprobs), flat(advantages), flat(mask),
         row_counts if row_counts is not None else scale, grad_logprobs, n, T,
         ratio_low, ratio_high, dual_clip, log_ratio_clamp, magic, shift,
@@ -481,7 +448,7 @@ def ppo_value_bwd(grad, scale, values, old_values, returns, mask, row_counts, cl
     """Fill ``grad_values`` (contiguous, the values' dtype); ``grad``, ``scale``: 0-dim."""
     n, T = values.numel(), values.shape[1]
     magic, shift = row_divider(T)
-    _value_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
+    _value_bwd_kernel[(cdiv(n, TOKENS_PER_PARTIAL),)](
         grad, scale, flat(values), flat(old_values), flat(returns), flat(mask),
         row_counts if row_counts is not None else scale, grad_values, n, T, clip, magic, shift,
         PER_ROW=row_counts is not None, FAST_ROWS=n < 2**31, ACC=tl_acc(scale.dtype), BLOCK=TOKENS_PER_PARTIAL)
@@ -852,13 +819,15 @@ def _policy_loss_bwd_kernel(grad_ptr, scale_ptr, gseq_ptr, logp_ptr, old_ptr, ad
 
 # ------------------------------------------------------------------------ sequence pass
 @triton.jit
-def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, table_ptr, cu_ptr,
-                                cstart_ptr, part_ptr, pcount_ptr, T, S, NC, cpr, cstart_steps, lo, hi, dual_clip,
-                                lrc, is_low, is_high, is_clamp, WHAT: tl.constexpr, MODE: tl.constexpr,
-                                IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
-                                IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
-                                PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
-    """Stage 1: the sums of one chunk of one sequence into ``part[:, p]``, ``pcount[p]``.
+def _policy_seq_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, w_ptr, table_ptr, gseq_ptr, cu_ptr,
+                       cstart_ptr, part_ptr, pcount_ptr, T, S, NC, cpr, cstart_steps, lo, hi, dual_clip,
+                       lrc, is_low, is_high, is_clamp, WHAT: tl.constexpr, MODE: tl.constexpr,
+                       IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+                       IS_SOURCE: tl.constexpr, IS_APPLY: tl.constexpr, HAS_W: tl.constexpr,
+                       GEO_W: tl.constexpr, PER_SEQ: tl.constexpr, PACKED: tl.constexpr, ACC: tl.constexpr,
+                       BLOCK: tl.constexpr, CHUNK: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The sums of one chunk of one sequence into ``part[:, p]``, ``pcount[p]``; the last chunk of
+    a sequence to finish then writes the sequence's table column or ``gseq[s]`` (:func:`_seq_last`).
 
     ``WHAT`` (bits): ``W_LR`` sum of log-ratios (GSPO); ``W_GEO`` sums of geo_mean's clipped
     log-ratios, advantages and ``log(coefficient + 1e-10)``; ``W_IS`` sum of the correction's
@@ -938,22 +907,26 @@ def _policy_seq_partials_kernel(logp_ptr, old_ptr, adv_ptr, mask_ptr, roll_ptr, 
     tl.store(part_ptr + 2 * NC + p, tl.sum(q2, axis=0))
     tl.store(part_ptr + 3 * NC + p, tl.sum(q3, axis=0))
     tl.store(pcount_ptr + p, tl.sum(n, axis=0))
-
-
-@triton.jit
-def _policy_seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_ptr, S, NC, cpr, lrc, is_low,
-                              is_high, is_clamp, WHAT: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
-                              IS_STAT: tl.constexpr, GEO_W: tl.constexpr, PER_SEQ: tl.constexpr,
-                              PACKED: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Stage 2: sequence ``s`` adds its chunks' partials in order and writes its table column
-    (forward) or ``gseq[s]`` (``W_GRAD``, backward)."""
-    s = tl.program_id(0)
     if PACKED:
         c0 = tl.load(cstart_ptr + s)
         c1 = tl.load(cstart_ptr + s + 1)
     else:
         c0 = s * cpr
         c1 = c0 + cpr
+    if p < c1:  # a program past the last chunk (packed) holds no ticket
+        _seq_last(part_ptr, pcount_ptr, pcount_ptr + NC + s, table_ptr, gseq_ptr, s, S, NC, c0, c1, lrc, is_low,
+                  is_high, is_clamp, WHAT, IS_LEVEL, IS_MODE, IS_STAT, GEO_W, PER_SEQ, ACC, BLOCK_C)
+
+
+@triton.jit(noinline=True)
+def _seq_last(part_ptr, pcount_ptr, ticket_ptr, table_ptr, gseq_ptr, s, S, NC, c0, c1, lrc, is_low, is_high,
+              is_clamp, WHAT: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_STAT: tl.constexpr,
+              GEO_W: tl.constexpr, PER_SEQ: tl.constexpr, ACC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Once sequence ``s``'s chunks ``[c0, c1)`` are all in, the last of them (ticket
+    ``ticket_ptr``) adds their partials in order and writes the sequence's table column (forward)
+    or ``gseq[s]`` (``W_GRAD``, backward). Not inlined: once per sequence."""
+    if not is_last(ticket_ptr, c1 - c0):
+        return
     a0 = tl.zeros([BLOCK_C], ACC)
     a1 = tl.zeros([BLOCK_C], ACC)
     a2 = tl.zeros([BLOCK_C], ACC)
@@ -962,11 +935,11 @@ def _policy_seq_finish_kernel(part_ptr, pcount_ptr, cstart_ptr, table_ptr, gseq_
     for c in range(c0, c1, BLOCK_C):
         idx = c + tl.arange(0, BLOCK_C)
         m = idx < c1
-        a0 += tl.load(part_ptr + idx, mask=m, other=0.0)
-        a1 += tl.load(part_ptr + NC + idx, mask=m, other=0.0)
-        a2 += tl.load(part_ptr + 2 * NC + idx, mask=m, other=0.0)
-        a3 += tl.load(part_ptr + 3 * NC + idx, mask=m, other=0.0)
-        an += tl.load(pcount_ptr + idx, mask=m, other=0)
+        a0 += tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg")
+        a1 += tl.load(part_ptr + NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+        a2 += tl.load(part_ptr + 2 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+        a3 += tl.load(part_ptr + 3 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+        an += tl.load(pcount_ptr + idx, mask=m, other=0, cache_modifier=".cg")
     q0 = tl.sum(a0, axis=0)
     q1 = tl.sum(a1, axis=0)
     q2 = tl.sum(a2, axis=0)
@@ -1041,42 +1014,39 @@ def seq_work(spec) -> int:
 
 
 def seq_programs(N: int, S: int, T: int, packed: bool) -> int:
-    """Stage-1 programs (columns of the partials): ``S * cdiv(T, SEQ_CHUNK)`` padded, at most
-    ``cdiv(N, SEQ_CHUNK) + S`` packed."""
-    return triton.cdiv(N, SEQ_CHUNK) + S if packed else S * triton.cdiv(T, SEQ_CHUNK)
+    """Programs of the per-sequence pass: ``S * max(1, cdiv(T, SEQ_CHUNK))`` padded, at most
+    ``cdiv(N, SEQ_CHUNK) + S`` packed (every sequence has ``len // SEQ_CHUNK + 1`` chunks)."""
+    return cdiv(N, SEQ_CHUNK) + S if packed else S * max(1, cdiv(T, SEQ_CHUNK))
 
 
 def policy_seq_pass(logprobs, old_logprobs, advantages, mask, rollout, weights, cu_seqlens, chunk_starts, spec,
-                    what, table, partials, pcounts, gseq=None):
+                    what, table, gseq=None):
     """Fill ``table [TABLE_ROWS, S]`` (forward, ``what = seq_work(spec)``) or ``gseq [S]``
     (``what = W_GRAD``, reading ``table``) for padded ``[B, T]`` or packed ``[total]`` inputs
-    (``cu_seqlens`` and ``chunk_starts`` int32 ``[S + 1]``); ``partials [SEQ_SUMS, NC]`` and
-    ``pcounts [NC]`` (int32), ``NC = seq_programs(...)``, are scratch."""
+    (``cu_seqlens`` and ``chunk_starts`` int32 ``[S + 1]``, the first chunk of each sequence), in
+    one launch. Scratch: ``SEQ_SUMS * NC`` sums and ``NC + S`` zeroed int32 (chunk counts, one
+    ticket per sequence), ``NC = seq_programs(...)``."""
     packed = cu_seqlens is not None
     S = table.shape[1]
     N = logprobs.numel()
     T = 0 if packed else logprobs.shape[-1]
-    NC = partials.shape[1]
-    cpr = 0 if packed else triton.cdiv(T, SEQ_CHUNK)
+    NC = seq_programs(N, S, T, packed)
+    if NC == 0:
+        return
+    partials = torch.empty(SEQ_SUMS * NC, dtype=table.dtype, device=table.device)
+    pcounts = torch.zeros(NC + S, dtype=torch.int32, device=table.device)
     x = flat(logprobs)
     cex = _constexprs(spec, rollout=rollout, weights=weights, selected=None, packed=packed, n=N, dtype=table.dtype)
     cex.pop("HAS_SEL")
     k = spec.kernel
     cu = cu_seqlens.contiguous() if packed else pcounts
     cs = chunk_starts if packed else pcounts
-    if N and NC:
-        _policy_seq_partials_kernel[(NC,)](
-            x, flat(old_logprobs), flat(advantages), flat(mask), _opt(rollout, x), _opt(weights, x), table, cu, cs,
-            partials, pcounts, T, S, NC, max(cpr, 1), _steps(S + 1), k.lo, k.hi, k.dual_clip, k.lrc, k.is_low,
-            k.is_high, k.is_clamp, WHAT=what, **cex, BLOCK=1024, CHUNK=SEQ_CHUNK)
-    elif NC:
-        pcounts.zero_()
-        partials.zero_()
-    _policy_seq_finish_kernel[(S,)](
-        partials, pcounts, cs, table, gseq if gseq is not None else table, S, NC, cpr, k.lrc, k.is_low, k.is_high,
-        k.is_clamp, WHAT=what, IS_LEVEL=cex["IS_LEVEL"], IS_MODE=cex["IS_MODE"], IS_STAT=cex["IS_STAT"],
+    _policy_seq_kernel[(NC,)](
+        x, flat(old_logprobs), flat(advantages), flat(mask), _opt(rollout, x), _opt(weights, x), table,
+        gseq if gseq is not None else table, cu, cs, partials, pcounts, T, S, NC, max(1, cdiv(T, SEQ_CHUNK)),
+        _steps(S + 1), k.lo, k.hi, k.dual_clip, k.lrc, k.is_low, k.is_high, k.is_clamp, WHAT=what, **cex,
         GEO_W=weights is not None or spec.is_level is not None, PER_SEQ=spec.agg == "seq-mean-token-mean",
-        PACKED=packed, ACC=cex["ACC"], BLOCK_C=32)
+        BLOCK=1024, CHUNK=SEQ_CHUNK, BLOCK_C=32)
 
 
 def _token_args(logprobs, cu_seqlens, table):
@@ -1096,7 +1066,7 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
     ``FWD_SUMS * P`` sums and ``FWD_COUNTS * P + 1`` int32 counts with the ticket, ``P =
     cdiv(N, TOKENS_PER_PARTIAL)``."""
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
-    P = max(1, triton.cdiv(n, TOKENS_PER_PARTIAL))
+    P = max(1, cdiv(n, TOKENS_PER_PARTIAL))
     sums = torch.empty(FWD_SUMS * P, dtype=loss.dtype, device=loss.device)
     parts = torch.zeros(FWD_COUNTS * P + 1, dtype=torch.int32, device=loss.device)
     x = flat(logprobs)
@@ -1123,7 +1093,7 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
     n, T, S, steps, magic, shift, packed = _token_args(logprobs, cu_seqlens, table)
     x = flat(logprobs)
     k = spec.kernel
-    _policy_loss_bwd_kernel[(triton.cdiv(n, TOKENS_PER_PARTIAL),)](
+    _policy_loss_bwd_kernel[(cdiv(n, TOKENS_PER_PARTIAL),)](
         grad, scale, gseq if gseq is not None else scale, x, flat(old_logprobs), flat(advantages), flat(mask),
         _opt(rollout, x), _opt(weights, x), _opt(selected, x), table if table is not None else scale,
         cu_seqlens.contiguous() if packed else scale, grad_logprobs, n, T, max(S, 1), steps, magic, shift, k.lo, k.hi,
