@@ -69,8 +69,9 @@ def _host(args, argv: list[str]) -> int:
     meta = {"command": command, "machine": host.machine(), "calls": host.CALLS, "repeats": host.REPEATS}
     (out / "host.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
     text = (f"# Host cost per call (CPU, Triton launches stubbed)\n\n`{command}` on {meta['machine']}: "
-            f"median of {host.REPEATS} timings of {host.CALLS} calls; aten calls counted at the top "
-            f"level with torch.profiler (bench/host.py).\n\n{host.table(rows)}\n")
+            f"the fastest of {host.REPEATS} timings of {host.CALLS} calls (the times vary by 10-20 % between "
+            f"runs on a shared CPU; the counts are exact); aten calls counted at the top level with "
+            f"torch.profiler, Triton launches by the stubs (bench/host.py).\n\n{host.table(rows)}\n")
     (out / "host.md").write_text(text)
     print(text)
     return 0
