@@ -15,9 +15,10 @@ op without gradients):
   tensors: the bar the op's host cost must stay under.
 
 Per op: microseconds per call (the fastest of ``REPEATS`` timings of ``CALLS`` calls each, after
-a warm-up: noise on a shared machine only adds time) and the aten calls one call makes, counted with ``torch.profiler`` at the top level
-(an aten op called by another aten op is not counted again). The counts are exact and
-machine-independent; the times are of this CPU and printed with its description.
+a warm-up: noise on a shared machine only adds time) and the aten calls one call makes, counted
+with ``torch.profiler`` at the top level (an aten op called by another aten op is not counted
+again), and the Triton kernels it launches. The counts are exact and machine-independent; the times are of this CPU and printed with
+its description.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         f, e = r["fastrlhf"], r["eager"]
         lines.append(f"| {r['op']} | {'fwd+bwd' if r['grad'] else 'fwd'} | {f['us']:.0f} | {e['us']:.0f} | "
-                     f"{f['us'] / e['us']:.2f}× | {f['aten']} ({aten_ceiling(r['op'])}) | {e['aten']} | {f['launches']} |")
+                     f"{f['us'] / e['us']:.2f}× | {f['aten']} ({aten_ceiling(r['op'])}) | {e['aten']} | "
+                     f"{f['launches']} |")
     lines += ["", f"Ceilings above {ATEN_BUDGET} aten calls:", ""]
     lines += [f"- {name}: {n}, {why}" for name, (n, why) in ATEN_CEILINGS.items()]
     return "\n".join(lines)

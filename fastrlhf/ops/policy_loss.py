@@ -116,7 +116,8 @@ def _ppo_policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantage
 def _(logprobs, old_logprobs, advantages, mask, clip_low, clip_high, dual_clip, log_ratio_clamp,
       agg, global_tokens, global_seqs, loss_scale_factor, backend):
     dtype = acc_dtype(logprobs, old_logprobs, advantages)
-    return logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype), *_aux_fake(logprobs, agg, global_seqs, dtype)
+    return (logprobs.new_empty((), dtype=dtype), logprobs.new_empty(3, dtype=dtype),
+            *_aux_fake(logprobs, agg, global_seqs, dtype))
 
 
 @custom_op("fastrlhf::ppo_policy_loss_backward", mutates_args=())
