@@ -14,10 +14,9 @@ def cdiv(a: int, b: int) -> int:
 
 def flat(x: torch.Tensor) -> torch.Tensor:
     """``x`` for a kernel that indexes its elements flat, in memory order: ``x`` itself when
-    contiguous (no aten call), else a contiguous copy; a bool tensor as a uint8 view."""
-    if not x.is_contiguous():
-        x = x.contiguous()
-    return x.view(torch.uint8) if x.dtype == torch.bool else x
+    contiguous (no aten call), else a contiguous copy. (A bool tensor goes as it is: Triton
+    loads its bytes as int8.)"""
+    return x if x.is_contiguous() else x.contiguous()
 
 
 def tl_acc(dtype: torch.dtype):
