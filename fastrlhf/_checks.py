@@ -73,13 +73,14 @@ def cu_seqlens(name: str, offsets, total: int, device: torch.device) -> int:
     non-decreasing (empty sequences allowed), ending at ``total`` (the packed length).
 
     The values are read on the host (one device sync for CUDA offsets) in eager mode; under
-    ``torch.compile`` only dtype, shape and device are checked (reading would break the graph).
+    ``torch.compile`` and while a CUDA graph is being captured only dtype, shape and device are
+    checked (reading would break the graph, or the capture).
     """
     tensor(name, offsets, (torch.int32,), dim=1)
     same_device(name, offsets, device)
     if offsets.numel() < 1:
         raise ValueError(f"{name} must hold at least one offset (0), got shape {tuple(offsets.shape)}")
-    if not torch.compiler.is_compiling():
+    if not (torch.compiler.is_compiling() or capturing(offsets)):
         values = offsets.tolist()
         if values[0] != 0:
             raise ValueError(f"{name} must start at 0, got {values[0]}")
@@ -90,6 +91,12 @@ def cu_seqlens(name: str, offsets, total: int, device: torch.device) -> int:
             raise ValueError(f"{name} must be non-decreasing, got {values[steps[0][0]]} then "
                              f"{values[steps[0][0] + 1]} at index {steps[0][0]}")
     return offsets.numel() - 1
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a CUDA tensor and its device's current stream is capturing a CUDA graph
+    (reading a value on the host would end the capture)."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def same_shape(name: str, x: torch.Tensor, shape: Sequence[int], expected: str = "") -> None:

@@ -301,7 +301,7 @@ def group_advantages(scores: torch.Tensor, group_size: int, *, method: str = "gr
         return adv
     _checks.tensor("cu_seqlens", cu_seqlens, (torch.int32,), dim=1)
     _checks.same_shape("cu_seqlens", cu_seqlens, (scores.shape[0] + 1,), "one offset per score, and the end")
-    total = None if torch.compiler.is_compiling() else int(cu_seqlens[-1])
+    total = None if torch.compiler.is_compiling() or _checks.capturing(cu_seqlens) else int(cu_seqlens[-1])
     if total is not None:
         _checks.cu_seqlens("cu_seqlens", cu_seqlens, total, scores.device)
     return torch.repeat_interleave(adv, (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=total)
