@@ -67,7 +67,8 @@ def _host(args, argv: list[str]) -> int:
     out.mkdir(parents=True, exist_ok=True)
     command = shlex.join(["python", "-m", "bench", *argv])
     meta = {"command": command, "machine": host.machine(), "calls": host.CALLS, "repeats": host.REPEATS}
-    (out / "host.json").write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
+    stored = [{**r, "eager": {k: v for k, v in r["eager"].items() if k != "calls"}} for r in rows]
+    (out / "host.json").write_text(json.dumps({**meta, "rows": stored}, indent=1) + "\n")
     text = (f"# Host cost per call (CPU, Triton launches stubbed)\n\n`{command}` on {meta['machine']}: "
             f"the fastest of {host.REPEATS} timings of {host.CALLS} calls (the times vary by 10-20 % between "
             f"runs on a shared CPU; the counts are exact); aten calls counted at the top level with "
