@@ -171,9 +171,13 @@ def test_shapes_and_determinism(backend):
     loss, m = dpo_loss(*xs, loss_type="ipo", backend=backend)
     flat, m_flat = dpo_loss(*(x.reshape(-1) for x in xs), loss_type="ipo", backend=backend)
     assert torch.equal(loss, flat) and all(torch.equal(m[k], m_flat[k]) for k in METRICS)
-    big = _pairs(3000)
-    first = dpo_loss(*big, backend=backend)[0]
+    big = _pairs(3000)  # 3 blocks: the last to finish adds them
+    first, stats = dpo_loss(*big, backend=backend)
     assert torch.equal(first, dpo_loss(*big, backend=backend)[0])
+    want, want_stats = dpo_loss(*(x.double() for x in big), backend="torch")
+    torch.testing.assert_close(first.double(), want, rtol=1e-5, atol=1e-6)
+    for k in METRICS:
+        torch.testing.assert_close(stats[k].double(), want_stats[k], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)

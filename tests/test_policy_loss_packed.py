@@ -149,7 +149,6 @@ def test_long_sequences_span_chunks(backend):
         _same(got[0], want, atol=1e-5)
 
 
-@pytest.mark.skipif(DEVICE.type != "cpu", reason="patches the chunk size (interpreter)")
 def test_many_chunks_per_sequence_last_chunk_adds_them(monkeypatch):
     """With 16-token chunks: sequences of many chunks (some a multiple of 16: an empty last chunk),
     empty ones, padded rows of 3 chunks; the last chunk of each sequence to finish writes its
