@@ -925,64 +925,63 @@ def _seq_last(part_ptr, pcount_ptr, ticket_ptr, table_ptr, gseq_ptr, s, S, NC, c
     """Once sequence ``s``'s chunks ``[c0, c1)`` are all in, the last of them (ticket
     ``ticket_ptr``) adds their partials in order and writes the sequence's table column (forward)
     or ``gseq[s]`` (``W_GRAD``, backward). Not inlined: once per sequence."""
-    if not is_last(ticket_ptr, c1 - c0):
-        return
-    a0 = tl.zeros([BLOCK_C], ACC)
-    a1 = tl.zeros([BLOCK_C], ACC)
-    a2 = tl.zeros([BLOCK_C], ACC)
-    a3 = tl.zeros([BLOCK_C], ACC)
-    an = tl.zeros([BLOCK_C], tl.int32)
-    for c in range(c0, c1, BLOCK_C):
-        idx = c + tl.arange(0, BLOCK_C)
-        m = idx < c1
-        a0 += tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg")
-        a1 += tl.load(part_ptr + NC + idx, mask=m, other=0.0, cache_modifier=".cg")
-        a2 += tl.load(part_ptr + 2 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
-        a3 += tl.load(part_ptr + 3 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
-        an += tl.load(pcount_ptr + idx, mask=m, other=0, cache_modifier=".cg")
-    q0 = tl.sum(a0, axis=0)
-    q1 = tl.sum(a1, axis=0)
-    q2 = tl.sum(a2, axis=0)
-    q3 = tl.sum(a3, axis=0)
-    n = tl.sum(an, axis=0).to(ACC)
-    if (WHAT & 8) != 0:
-        if PER_SEQ:
-            q0 = q0 / tl.maximum(n, 1.0)
-        tl.store(gseq_ptr + s, q0)
-    else:  # every row is written (rows a mode does not use hold 0 / 1 / 1 / 0)
-        tl.store(table_ptr + _ROW_N * S + s, n)
-        if (WHAT & 3) == 0:
-            tl.store(table_ptr + _ROW_A * S + s, n * 0.0)
-            tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
-        if (WHAT & 4) == 0:
-            tl.store(table_ptr + _ROW_IS * S + s, n * 0.0 + 1.0)
-            tl.store(table_ptr + _ROW_ISF * S + s, n * 0.0)
-        if (WHAT & 1) != 0:  # GSPO: ratio exp(min(mean, lrc)), gate (mean <= lrc)
-            mean = q0 / tl.maximum(n, 1.0)
-            tl.store(table_ptr + _ROW_A * S + s, tl.exp(tl.where(mean > lrc, lrc, mean)))
-            tl.store(table_ptr + _ROW_B * S + s, (mean <= lrc).to(ACC))
-        if (WHAT & 2) != 0:  # geo_mean: A_s * r_s and the geometric mean of the coefficients
-            tl.store(table_ptr + _ROW_A * S + s, (q1 / (n + 1e-8)) * tl.exp(q0 / (n + 1e-8)))
-            if GEO_W:
-                tl.store(table_ptr + _ROW_B * S + s, tl.exp(q2 / (n + 1e-8)))
-            else:
+    if is_last(ticket_ptr, c1 - c0):
+        a0 = tl.zeros([BLOCK_C], ACC)
+        a1 = tl.zeros([BLOCK_C], ACC)
+        a2 = tl.zeros([BLOCK_C], ACC)
+        a3 = tl.zeros([BLOCK_C], ACC)
+        an = tl.zeros([BLOCK_C], tl.int32)
+        for c in range(c0, c1, BLOCK_C):
+            idx = c + tl.arange(0, BLOCK_C)
+            m = idx < c1
+            a0 += tl.load(part_ptr + idx, mask=m, other=0.0, cache_modifier=".cg")
+            a1 += tl.load(part_ptr + NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+            a2 += tl.load(part_ptr + 2 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+            a3 += tl.load(part_ptr + 3 * NC + idx, mask=m, other=0.0, cache_modifier=".cg")
+            an += tl.load(pcount_ptr + idx, mask=m, other=0, cache_modifier=".cg")
+        q0 = tl.sum(a0, axis=0)
+        q1 = tl.sum(a1, axis=0)
+        q2 = tl.sum(a2, axis=0)
+        q3 = tl.sum(a3, axis=0)
+        n = tl.sum(an, axis=0).to(ACC)
+        if (WHAT & 8) != 0:
+            if PER_SEQ:
+                q0 = q0 / tl.maximum(n, 1.0)
+            tl.store(gseq_ptr + s, q0)
+        else:  # every row is written (rows a mode does not use hold 0 / 1 / 1 / 0)
+            tl.store(table_ptr + _ROW_N * S + s, n)
+            if (WHAT & 3) == 0:
+                tl.store(table_ptr + _ROW_A * S + s, n * 0.0)
                 tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
-        if (WHAT & 4) != 0:  # sequence-level correction
-            if IS_STAT == _RATIO:
-                if IS_LEVEL == _IS_SEQUENCE:
-                    g = tl.exp(_clamp(q3, -is_clamp, is_clamp))
+            if (WHAT & 4) == 0:
+                tl.store(table_ptr + _ROW_IS * S + s, n * 0.0 + 1.0)
+                tl.store(table_ptr + _ROW_ISF * S + s, n * 0.0)
+            if (WHAT & 1) != 0:  # GSPO: ratio exp(min(mean, lrc)), gate (mean <= lrc)
+                mean = q0 / tl.maximum(n, 1.0)
+                tl.store(table_ptr + _ROW_A * S + s, tl.exp(tl.where(mean > lrc, lrc, mean)))
+                tl.store(table_ptr + _ROW_B * S + s, (mean <= lrc).to(ACC))
+            if (WHAT & 2) != 0:  # geo_mean: A_s * r_s and the geometric mean of the coefficients
+                tl.store(table_ptr + _ROW_A * S + s, (q1 / (n + 1e-8)) * tl.exp(q0 / (n + 1e-8)))
+                if GEO_W:
+                    tl.store(table_ptr + _ROW_B * S + s, tl.exp(q2 / (n + 1e-8)))
                 else:
-                    g = tl.exp(_clamp(q3 / tl.maximum(n, 1.0), -is_clamp, is_clamp))
-            else:
-                g = q3 / tl.maximum(n, 1.0)
-            if IS_MODE == _MASK and (IS_STAT != _RATIO or IS_LEVEL == _IS_SEQUENCE_MEAN):
-                keep = (g >= is_low) & (g <= is_high)
-                coef = keep.to(ACC)
-                filt = keep == 0
-            else:
-                coef, filt = _is_apply(g, g, is_low, is_high, IS_MODE)
-            tl.store(table_ptr + _ROW_IS * S + s, coef)
-            tl.store(table_ptr + _ROW_ISF * S + s, filt.to(ACC))
+                    tl.store(table_ptr + _ROW_B * S + s, n * 0.0 + 1.0)
+            if (WHAT & 4) != 0:  # sequence-level correction
+                if IS_STAT == _RATIO:
+                    if IS_LEVEL == _IS_SEQUENCE:
+                        g = tl.exp(_clamp(q3, -is_clamp, is_clamp))
+                    else:
+                        g = tl.exp(_clamp(q3 / tl.maximum(n, 1.0), -is_clamp, is_clamp))
+                else:
+                    g = q3 / tl.maximum(n, 1.0)
+                if IS_MODE == _MASK and (IS_STAT != _RATIO or IS_LEVEL == _IS_SEQUENCE_MEAN):
+                    keep = (g >= is_low) & (g <= is_high)
+                    coef = keep.to(ACC)
+                    filt = keep == 0
+                else:
+                    coef, filt = _is_apply(g, g, is_low, is_high, IS_MODE)
+                tl.store(table_ptr + _ROW_IS * S + s, coef)
+                tl.store(table_ptr + _ROW_ISF * S + s, filt.to(ACC))
 
 
 # ---------------------------------------------------------------------------- launchers
