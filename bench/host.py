@@ -17,8 +17,8 @@ op without gradients):
 Per op: microseconds per call (the fastest of ``REPEATS`` timings of ``CALLS`` calls each, after
 a warm-up: noise on a shared machine only adds time) and the aten calls one call makes, counted
 with ``torch.profiler`` at the top level (an aten op called by another aten op is not counted
-again), and the Triton kernels it launches. The counts are exact and machine-independent; the times are of this CPU and printed with
-its description.
+again), and the Triton kernels it launches. The counts are exact and machine-independent; the
+times are of this CPU and printed with its description.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 the extension's ops (kernels/ppo.cu via csrc/ppo.cpp), with the arguments of
 :mod:`fastrlhf.triton.policy_loss`. Forward: block ``p`` writes
 the partial sums of its contiguous share of the tokens (``cdiv(B * T, P)`` rounded up to whole
-groups of 4), which ``fastrlhf.reference.aggregation.finish_partials`` adds and normalizes (a few small aten calls
-after the launch); backward: one elementwise kernel. Tokens are read 4 per 16-byte load when the
+groups of 4), which ``fastrlhf.reference.aggregation.finish_partials`` adds and normalizes (a
+few small aten calls after the launch); backward: one elementwise kernel. Tokens are read 4 per 16-byte load when the
 inputs are in the math's dtype (a mask of 1, 4 or 8 bytes), selected by the mask after the
 load; seq-mean-token-mean finds each token's row without a division per token.
 """

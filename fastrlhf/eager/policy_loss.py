@@ -57,18 +57,18 @@ def _value_terms(values, old_values, returns, clip, dtype):
     return 0.5 * torch.where(clipped, err2.square(), err.square()), clipped, torch.where(clipped, 0.0, err)
 
 
-def _fill(sums, counts, valid, sum_rows, count_rows):
-    sums[:, 0] = torch.stack([torch.where(valid, x, 0.0).sum() for x in sum_rows])
-    counts[:, 0] = torch.stack([(valid & c).sum() for c in (valid, *count_rows)]).to(counts.dtype)
+def _sums_and_counts(valid, sum_rows, count_rows, dtype):
+    """1-D: the sums of ``sum_rows`` over the valid tokens in ``dtype``, and the valid tokens and
+    the valid ones flagged by each of ``count_rows`` (int64)."""
+    sums = torch.stack([torch.where(valid, x.to(dtype), 0.0).sum() for x in sum_rows])
+    return sums, torch.stack([(valid & c).sum() for c in (valid, *count_rows)])
 
 
 def _plain_fwd(mask, row_counts, agg, norm, sum_rows, count_rows, loss, stats, scale):
-    """One partial of each sum and count, then :func:`finish`."""
-    sums = torch.empty((len(sum_rows), 1), dtype=loss.dtype, device=loss.device)
-    counts = torch.empty((1 + len(count_rows), 1), dtype=torch.int64, device=loss.device)
+    """One partial of each sum and count, then ``finish_partials``."""
     weighted = _row_weight(sum_rows[0], row_counts if agg == "seq-mean-token-mean" else None)
-    _fill(sums, counts, mask != 0, (weighted, *sum_rows[1:]), count_rows)
-    finish_partials(sums, counts, row_counts, agg, norm, mask.shape[-1], loss, stats, scale)
+    sums, counts = _sums_and_counts(mask != 0, (weighted, *sum_rows[1:]), count_rows, loss.dtype)
+    finish_partials(sums[:, None], counts[:, None], row_counts, agg, norm, mask.shape[-1], loss, stats, scale)
 
 
 def ppo_policy_fwd(logprobs, old_logprobs, advantages, mask, row_counts, ratio_low, ratio_high, dual_clip,
@@ -161,8 +161,7 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
         rows = (_weighted_loss(t, spec), st.get("approx_kl", zero), st.get("abs_kl", zero),
                 st.get("is_weight_mean", zero), st.get("rollout_kl", zero))
         flags = [st.get(k, zero).to(torch.bool) for k in ("clipfrac", "clipfrac_lower", "is_filtered_frac")]
-        sums = torch.stack([torch.where(t.valid, r.to(loss.dtype), 0.0).sum() for r in rows])
-        c = torch.stack([(t.valid & f).sum() for f in (t.valid, *flags)])
+        sums, c = _sums_and_counts(t.valid, rows, flags, loss.dtype)
         n = c[0]
         # per valid token: counts 1 and 2, sums 1 to 3, count 3, sum 4 (the order of STATS)
         vec = safe_div(torch.cat([c[1:3].to(loss.dtype), sums[1:4], c[3:4].to(loss.dtype), sums[4:5]]), n)
