@@ -96,10 +96,14 @@ class Op:
     feature: str | None = None
     """A feature of the family the op needs beyond its plain form (``fastrlhf.registry``'s
     ``cuda_features``: a backend without it does not run the op)."""
+    bwd_in_forward: bool = False
+    """The op computes its gradients in forward (a one-pass loss): ``bwd`` alone is not timed."""
 
     @property
     def modes(self) -> tuple[str, ...]:
-        return MODES if self.grad_inputs else ("fwd",)
+        if not self.grad_inputs:
+            return ("fwd",)
+        return ("fwd", "fwd+bwd") if self.bwd_in_forward else MODES
 
 
 @dataclasses.dataclass

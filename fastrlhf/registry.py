@@ -44,7 +44,7 @@ FAMILIES: tuple[Family, ...] = (
     Family("logprobs", {"torch": "fastrlhf.eager.logprobs", "triton": "fastrlhf.triton.logprobs",
                         "cuda": "fastrlhf.cuda.logprobs"}),
     Family("linear_logprobs", {"torch": "fastrlhf.eager.linear_logprobs",
-                               "triton": "fastrlhf.triton.linear_logprobs"}),
+                               "triton": "fastrlhf.triton.linear_logprobs"}, op_modules=("linear_logprobs", "linear_loss")),
     Family("kl", {"torch": "fastrlhf.eager.kl", "triton": "fastrlhf.triton.kl", "cuda": "fastrlhf.cuda.kl"}),
     Family("advantages", {"torch": "fastrlhf.eager.advantages", "triton": "fastrlhf.triton.advantages",
                           "cuda": "fastrlhf.cuda.advantages"}),

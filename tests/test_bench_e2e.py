@@ -31,13 +31,16 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"),
 # fastrlhf variant on the Triton backend runs one case: under the interpreter a phase takes
 # seconds (the kernels themselves are covered by the op suites); the torch backend runs all.
 CASES = [("tiny-qwen2", "grpo"), ("tiny-qwen2", "ppo"), ("tiny-qwen2", "dpo"), ("tiny-gemma2", "grpo")]
-VARIANTS = ["trl", "fastrlhf-torch", "trl+fastrlhf"]
+VARIANTS = ["trl", "fastrlhf-torch", "fastrlhf-1pass-torch", "trl+fastrlhf"]
 PARAMS = [(*case, name) for case in CASES for name in VARIANTS]
 PARAMS += [("tiny-qwen2", "grpo", f"fastrlhf-{b}") for b in BACKENDS]
+PARAMS += [("tiny-qwen2", method, f"fastrlhf-1pass-{b}") for method in ("grpo", "dpo") for b in BACKENDS]
 COMPLETION, PROMPT = 12, 4
 
 
 def _variant(name: str):
+    if name.startswith("fastrlhf-1pass-"):
+        return variants.FastrlhfOnePass(backend=name.removeprefix("fastrlhf-1pass-"))
     if name.startswith("fastrlhf-"):
         return variants.Fastrlhf(backend=name.removeprefix("fastrlhf-"))
     by_name = {v.name: v for v in variants.all_variants(backend="torch")}

@@ -21,7 +21,8 @@ Three things make it a model of the GPU run rather than of this CPU:
   its documented allocation on the GPU's Triton backend (``blas`` design,
   ``fastrlhf.ops.linear_logprobs``: the fp32 logits block of ``fastrlhf.triton.linear_logprobs
   .plan``, per-row state, the fp32 ``grad_hidden`` / ``grad_weight`` running sums) and counted
-  as ``Temp``. fastrlhf's loss ops keep a few partial sums per 1024 tokens (not added).
+  as ``Temp``; so is the one-pass losses' (``one_pass_workspace``: the chunk's fp32 logits, the
+  fp32 ``grad_weight`` sum; their stored gradients are outputs, counted as they are). fastrlhf's loss ops keep a few partial sums per 1024 tokens (not added).
 * TRL's fused head runs its Triton folds and fp32-output GEMMs only on a GPU; their CPU
   stand-ins (``_forward_tile``, ``_backward_tile``, ``_addmm_fp32``) make fp32 copies of each
   tile that the GPU path never makes. They are replaced by no-ops here (the GPU kernels write
@@ -58,8 +59,11 @@ def _named_args(func, args, kwargs) -> dict:
 
 
 def fused_head_workspace(func, args, kwargs) -> int:
-    """Bytes fastrlhf's fused head uses inside one call on the Triton backend (0 for other ops)."""
+    """Bytes fastrlhf's fused head or one-pass loss uses inside one call on the Triton backend
+    (0 for other ops)."""
     name = getattr(func, "name", lambda: "")()
+    if name.startswith("fastrlhf::linear_") and name.endswith("_loss"):
+        return one_pass_workspace(name, _named_args(func, args, kwargs))
     if not name.startswith("fastrlhf::linear_token_logprobs"):
         return 0
     from fastrlhf.triton.linear_logprobs import plan
@@ -75,6 +79,31 @@ def fused_head_workspace(func, args, kwargs) -> int:
         extra += 4 * cols * H if a["need_weight"] and wide and rows < N else 0
         return block + extra
     return block + 4 * 8 * rows  # [rows, 8] fp32 running values
+
+
+def one_pass_workspace(name: str, a: dict) -> int:
+    """The documented workspace of ``fastrlhf.ops.linear_loss``'s ops: the fp32 logits block of the
+    largest chunk (``plan_chunks``; packed input counted at the budget), its per-row values, and the
+    fp32 ``grad_weight`` running sum of 16-bit weights over more than one GEMM."""
+    from fastrlhf.ops.linear_loss import plan_chunks
+
+    weight, labels = a["weight"], a["labels"]
+    V, H, N = weight.shape[0], weight.shape[1], labels.numel()
+    if name.endswith("policy_loss") and a.get("cu_seqlens") is None:
+        B, T = a["old_logprobs"].shape
+        units, per_unit, gemms_per_chunk = [T] * B, T, 1
+    elif name.endswith("dpo_loss"):
+        B = a["ref_chosen"].shape[0]
+        T = N // (2 * B) if B else 0
+        units, per_unit, gemms_per_chunk = [2 * T] * B, 2 * T, 2
+    else:
+        units, per_unit, gemms_per_chunk = [1] * N, 1, 1
+    chunks = plan_chunks(units, V, a["chunk_bytes"]) if name.endswith(("policy_loss", "dpo_loss", "nll_loss")) else []
+    rows = max((per_unit * (e - f) for f, e in chunks), default=0)
+    if a.get("cu_seqlens") is not None:
+        rows = min(N, max(1, a["chunk_bytes"] // (4 * V)))
+    acc = 4 * V * H if a["needs"][1] and weight.dtype != torch.float32 and len(chunks) * gemms_per_chunk > 1 else 0
+    return 4 * rows * V + 4 * 8 * rows + acc
 
 
 class PeakTracker(MemTracker):

@@ -99,7 +99,7 @@ class Rollout:
     extra: dict = dataclasses.field(default_factory=dict)
 
 
-def _pairs(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pairs(logp: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(chosen, rejected) summed completion log-probs."""
     return (logp * mask).sum(-1).chunk(2)
 
@@ -137,7 +137,7 @@ class TorchLosses:
         return self._surrogate(logp, r.old_logp, r.advantages, mask) + VF_COEF * self._mean(vf, mask)
 
     def dpo(self, logp, r: Rollout, mask):
-        (pc, pr), (rc, rr) = _pairs(logp, mask), _pairs(r.ref_logp, mask)
+        (pc, pr), (rc, rr) = pairs(logp, mask), pairs(r.ref_logp, mask)
         return -F.logsigmoid(DPO_BETA * ((pc - rc) - (pr - rr))).mean()
 
 
@@ -167,5 +167,5 @@ class FastrlhfLosses:
         return self._surrogate(logp, r.old_logp, r.advantages, mask) + VF_COEF * vf
 
     def dpo(self, logp, r: Rollout, mask):
-        (pc, pr), (rc, rr) = _pairs(logp, mask), _pairs(r.ref_logp, mask)
+        (pc, pr), (rc, rr) = pairs(logp, mask), pairs(r.ref_logp, mask)
         return fastrlhf.dpo_loss(pc, pr, rc, rr, beta=DPO_BETA)[0]

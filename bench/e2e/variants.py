@@ -12,6 +12,9 @@
   (``LigerFusedLinearGRPOLoss``, ``LigerFusedLinearDPOLoss``); no PPO loss, no soft-cap.
 * ``fastrlhf``: ``fastrlhf.integrations.transformers.causal_lm_logprobs`` (the trunk, then
   fastrlhf's fused head) and fastrlhf's losses and advantages.
+* ``fastrlhf-1pass``: the ``fastrlhf`` variant's log-prob passes, and its training loss straight
+  from the last hidden states in one pass (``fastrlhf.linear_policy_loss`` with the GRPO KL term,
+  ``linear_dpo_loss``; PPO adds the value loss on the same hidden states): three GEMMs, not four.
 * ``trl+fastrlhf``: TRL's own trainer code after ``patch_trl()`` (``bench.e2e.trainers``).
 
 PPO's value head reads the trunk's last hidden states, captured by a forward hook on
@@ -25,8 +28,8 @@ import importlib.util
 
 import torch
 
-from bench.e2e.phase import (CLIP_HIGH, CLIP_LOW, DPO_BETA, GRPO_BETA, Batch, FastrlhfLosses, Rollout,
-                             TorchLosses)
+from bench.e2e.phase import (CLIP_HIGH, CLIP_LOW, DPO_BETA, GRPO_BETA, VF_CLIP, VF_COEF, Batch, FastrlhfLosses,
+                             Rollout, TorchLosses, pairs)
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:
@@ -170,6 +173,36 @@ class Fastrlhf(Variant):
         return logp, _values(value_head, box, batch)
 
 
+class FastrlhfOnePass(Fastrlhf):
+    name = "fastrlhf-1pass"
+
+    def __init__(self, backend: str = "auto"):
+        super().__init__(backend)
+        self.note = (f"fastrlhf causal_lm_logprobs for the no-gradient passes; the training loss by "
+                     f"linear_policy_loss / linear_dpo_loss on the last hidden states (backend {backend})")
+
+    def train(self, model, value_head, batch, r):
+        import fastrlhf
+
+        full = model.base_model(input_ids=batch.input_ids, use_cache=False)[0]
+        hidden = completion_hidden(full, batch)
+        head = model.get_output_embeddings()
+        kw = {"bias": head.bias, "softcap": softcap(model), "backend": self.backend}
+        if batch.method == "dpo":
+            rc, rr = pairs(r.ref_logp, batch.mask)
+            target = torch.where(batch.mask != 0, labels(batch), -100)
+            return fastrlhf.linear_dpo_loss(hidden, head.weight, target, rc, rr, beta=DPO_BETA, **kw)[0]
+        kl = {"ref_logprobs": r.ref_logp, "kl_coef": GRPO_BETA, "kl_estimator": "k3"} if batch.method == "grpo" else {}
+        loss = fastrlhf.linear_policy_loss(hidden, head.weight, labels(batch), r.old_logp, r.advantages, batch.mask,
+                                           clip_low=CLIP_LOW, clip_high=CLIP_HIGH, log_ratio_clamp=None, **kl,
+                                           **kw)[0]
+        if batch.method == "ppo":
+            values = wide(value_head(hidden).squeeze(-1))
+            loss = loss + VF_COEF * fastrlhf.ppo_value_loss(values, r.old_values, r.returns, batch.mask, clip=VF_CLIP,
+                                                            backend=self.backend)[0]
+        return loss
+
+
 class Liger(Naive):
     name = "liger"
     note = ("Liger's LigerFusedLinearGRPOLoss / LigerFusedLinearDPOLoss on the last hidden states; the "
@@ -223,7 +256,7 @@ def all_variants(backend: str = "auto") -> list[Variant]:
     """Every variant, in table order (``trl+fastrlhf`` needs TRL's trainers: imported lazily)."""
     from bench.e2e.trainers import TRLTrainer
 
-    return [Naive(), TRL(), Liger(), Fastrlhf(backend), TRLTrainer(backend)]
+    return [Naive(), TRL(), Liger(), Fastrlhf(backend), FastrlhfOnePass(backend), TRLTrainer(backend)]
 
 
-NAMES = ("naive", "trl", "liger", "fastrlhf", "trl+fastrlhf")
+NAMES = ("naive", "trl", "liger", "fastrlhf", "fastrlhf-1pass", "trl+fastrlhf")

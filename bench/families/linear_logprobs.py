@@ -4,7 +4,8 @@ vocabularies of real models, without materializing the logits.
 Ops: ``linear_token_logprobs`` (fastrlhf's default design, against every peer) and
 ``linear_token_logprobs_fused`` (the same op with ``design="fused"``: the all-Triton design,
 timed at the same shapes so that a GPU run can fill ``fastrlhf.ops.linear_logprobs.FUSED_WINS``;
-run it with ``--providers fastrlhf-triton`` to skip the repeated reference).
+run it with ``--providers fastrlhf-triton`` to skip the repeated reference); the one-pass losses
+of ``bench.families.linear_loss``.
 
 Providers: ``torch`` is the naive reference (``hidden @ weight.T``, then log-softmax in
 fp32: it materializes ``[N, V]`` logits, so it runs out of memory first); ``liger`` is
@@ -53,6 +54,7 @@ from pathlib import Path
 import torch
 
 from bench.core import Case, Config, Impl, Op, liger_status
+from bench.families import linear_loss
 from fastrlhf.ops.linear_logprobs import linear_token_logprobs
 from fastrlhf.reference import linear_logprobs as ref
 
@@ -154,7 +156,7 @@ FUSED = Op(
 
 
 def ops() -> list[Op]:
-    return [LINEAR, FUSED]
+    return [LINEAR, FUSED, *linear_loss.ops()]
 
 
 # ----------------------------------------------------------------- ceiling, accounting
@@ -231,7 +233,7 @@ def cases(cfg: Config) -> list[Case]:
                       full=[(N, HIDDEN, V) for V in VOCABS for N in (4096, 16384)]
                       + [(8192, HIDDEN, 151936), (32768, HIDDEN, 151936), (16384, 1536, 151936),
                          (16384, 2048, 128256)])
-    return [_case(op, *s) for op in ops() for s in shapes]
+    return [_case(op, *s) for op in (LINEAR, FUSED) for s in shapes] + linear_loss.cases(cfg)
 
 
 # ----------------------------------------------------------------------- the report

@@ -105,6 +105,12 @@ BUDGETS: list[Budget] = [
            f"budget at 3.0 TB/s is {issue_budget(6):.1f} for 4 B read + 2 B written)"),
     Budget("linear_logprobs.blas.bwd+ent.*", "_dlogits_kernel", "count.per_elem", "<=", 12,
            "dlogits with the entropy's gradient: <= 12 SASS instructions per logit (11.75 today)"),
+    Budget("linear_loss.fold+ent.*", "_fold_kernel", "count.per_elem", "<=", 13,
+           "the one-pass losses' fold (whole rows, with the entropy): as the blas design's, <= 13 SASS "
+           "instructions per logit"),
+    Budget("linear_loss.dlogits+ent.*", "_dlogits_kernel", "count.per_elem", "<=", 12,
+           "the one-pass losses' dlogits with the entropy bonus: as the blas design's, <= 12 SASS "
+           "instructions per logit"),
     Budget("linear_logprobs.fused.*", "_fused_*_kernel", "tensor_core", ">=", 1,
            "fused linear log-probs is GEMM-bound (2 N H V FLOP): the fused design's GEMM kernels "
            "must use tensor cores (HGMMA on sm_90)"),

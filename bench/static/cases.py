@@ -35,6 +35,7 @@ from unittest import mock
 import torch
 
 from bench.static.hardware import SM_COUNT
+from fastrlhf.ops.linear_loss import CHUNK_BYTES
 from fastrlhf.ops.policy_spec import KernelArgs, LossSpec
 from fastrlhf.triton import (
     advantages,
@@ -204,6 +205,21 @@ def _linear_cases() -> list[TritonCase]:
     return out
 
 
+def _one_pass_cases() -> list[TritonCase]:
+    """The one-pass losses' epilogues (``fastrlhf.ops.linear_loss``) on the default chunk's fp32
+    block over the whole vocabulary: the fold that starts and ends each row, with the entropy,
+    then ``dlogits`` with the entropy bonus's gradient (4 and 6 B per logit, as the blas design)."""
+    rows = CHUNK_BYTES // (4 * _LIN_V)
+    tile, labels, p = t(rows, _LIN_V), t(rows, dtype=I64), _lin_options(False)
+    shape = f"N{rows}-V{_LIN_V}"
+    return [TritonCase(f"linear_loss.fold+ent.{shape}",
+                       lambda: linear_logprobs.fold_(tile, None, labels, t(rows, 8), 0, _LIN_V, True, True, p,
+                                                     _lin_outs(rows, True, False)), {"_fold_kernel": 4}, "logit"),
+            TritonCase(f"linear_loss.dlogits+ent.{shape}",
+                       lambda: linear_logprobs.dlogits_(tile, None, labels, t(rows, 2), _lin_grads(rows, True, False),
+                                                        0, _LIN_V, p, BF16), {"_dlogits_kernel": 6}, "logit")]
+
+
 # ------------------------------------------------------------------ advantages, KL, PPO, DPO
 def _gae(b, n):
     return lambda: advantages.gae_fwd(t(b, n), t(b, n), t(b, n, dtype=torch.bool), 0.99, 0.95, True,
@@ -316,7 +332,8 @@ def _policy_loss_cases() -> list[TritonCase]:
     ]
 
 
-TRITON_CASES: list[TritonCase] = _token_cases() + _linear_cases() + _small_cases() + _policy_loss_cases()
+TRITON_CASES: list[TritonCase] = (_token_cases() + _linear_cases() + _one_pass_cases() + _small_cases()
+                                  + _policy_loss_cases())
 
 
 def run_launcher(case: TritonCase) -> None:

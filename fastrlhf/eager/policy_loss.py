@@ -177,6 +177,21 @@ def policy_loss_fwd(logprobs, old_logprobs, advantages, mask, rollout, weights, 
             out.copy_(value)
 
 
+_TRANSFORM_KEYS = tuple(getattr(torch._C.DispatchKey, k) for k in (
+    "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchGradWrapper", "ADInplaceOrView",
+    "AutogradOther", "AutogradNestedTensor"))
+
+
+def _transform_keys():
+    """The dispatch keys ``torch.func.grad`` needs, back on: a compiled graph runs a custom op's
+    function (and the one-pass linear losses run this backward inside their forward) with them
+    excluded, where ``torch.func``'s wrappers would reach the kernels."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _TRANSFORM_KEYS:
+        exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollout, weights, selected, cu_seqlens,
                     table, gseq, spec, grad_logprobs):
     """Fill ``grad_logprobs``: ``grad * scale * d (sum of the weighted per-token loss) / d logprobs``
@@ -187,5 +202,6 @@ def policy_loss_bwd(grad, scale, logprobs, old_logprobs, advantages, mask, rollo
 
     # torch.func, not the autograd graph: this runs inside a custom op, below autograd. The input in
     # the accumulation dtype: one rounding, into grad_logprobs.
-    g = torch.func.grad(total)(logprobs.detach().to(scale.dtype))
+    with _transform_keys():
+        g = torch.func.grad(total)(logprobs.detach().to(scale.dtype))
     grad_logprobs.copy_(g * (grad.to(g.dtype) * scale.to(g.dtype)))

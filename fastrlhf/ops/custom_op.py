@@ -52,6 +52,8 @@ class CustomOp:
         self._signature = inspect.signature(fn)
         self._n_params = len(self._signature.parameters)
         self._function: type[torch.autograd.Function] | None = None
+        self._backward: Callable | None = None
+        self._setup_context: Callable | None = None
 
     def register_fake(self, fake: Callable) -> Callable:
         return self.op.register_fake(fake)
@@ -60,6 +62,7 @@ class CustomOp:
         """Register ``backward`` / ``setup_context`` on the op and build the eager path's
         ``torch.autograd.Function`` from the same two functions."""
         self.op.register_autograd(backward, setup_context=setup_context)
+        self._backward, self._setup_context = backward, setup_context
         fn = self.fn
 
         def forward(ctx, *args):  # the ctx form: apply() binds no signature per call
@@ -81,3 +84,27 @@ class CustomOp:
                 isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             return self._function.apply(*args)
         return self.fn(*args)
+
+    def value_and_grad(self, args: tuple, grads: tuple, needs: tuple[bool, ...]) -> tuple:
+        """``(outputs, input gradients)`` of one call of the function on ``args`` (positional) and
+        its registered backward for the output gradients ``grads`` (``None`` for an output without
+        one), without autograd: for an op whose caller needs a gradient inside another custom op,
+        where autograd does not run. ``needs[i]``: whether argument ``i`` needs its gradient."""
+        out = self.fn(*args)
+        ctx = _Context(needs + (False,) * (len(args) - len(needs)))
+        self._setup_context(ctx, args, out)
+        return out, self._backward(ctx, *grads)
+
+
+class _Context:
+    """What a registered ``setup_context`` / ``backward`` pair uses of an autograd context."""
+
+    def __init__(self, needs: tuple[bool, ...]):
+        self.needs_input_grad = needs
+        self.saved_tensors: tuple = ()
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+    def set_materialize_grads(self, value: bool) -> None:
+        pass

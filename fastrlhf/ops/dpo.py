@@ -34,7 +34,7 @@ def _kernel_args(beta: float, loss_type: str, label_smoothing: float) -> tuple:
 
 # --------------------------------------------------------------------------- forward op
 @custom_op("fastrlhf::dpo_loss", mutates_args=())
-def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
+def dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tensor, beta: float,
             loss_type: str, label_smoothing: float, backend: str) -> torch.Tensor:
     """``[5]``: mean loss, then the four metrics in the order of ``METRICS``."""
     out = torch.zeros(5, dtype=acc_dtype(pc, pr, rc, rr), device=pc.device)  # an empty batch: 0s
@@ -43,7 +43,7 @@ def _dpo_op(pc: torch.Tensor, pr: torch.Tensor, rc: torch.Tensor, rr: torch.Tens
     return out
 
 
-@_dpo_op.register_fake
+@dpo_op.register_fake
 def _(pc, pr, rc, rr, beta, loss_type, label_smoothing, backend):
     return pc.new_empty(5, dtype=acc_dtype(pc, pr, rc, rr))
 
@@ -81,10 +81,24 @@ def _autograd_backward(ctx, grad_out):
     return (*grads, None, None, None, None)
 
 
-_dpo_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+dpo_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------ public API
+def checked_options(beta, loss_type: str, label_smoothing) -> tuple[float, float]:
+    """``(beta, label_smoothing)`` of a :func:`dpo_loss` call, checked (``TypeError`` / ``ValueError``)."""
+    beta = _checks.positive("beta", beta)
+    _checks.choice("loss_type", loss_type, LOSS_TYPES)
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
+    high = {"robust": 0.5, "exo_pair": 1.0}.get(loss_type, 1.0)
+    closed = loss_type not in ("robust", "exo_pair")
+    if not (0.0 <= label_smoothing < high or (closed and label_smoothing == high)):
+        raise ValueError(f"label_smoothing for loss_type={loss_type!r} must be in "
+                         f"[0, {high}{']' if closed else ')'}, got {label_smoothing}")
+    return beta, float(label_smoothing)
+
+
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
              label_smoothing: float = 0.0, backend: str = "auto"):
@@ -131,17 +145,9 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
     names = ("policy_chosen", "policy_rejected", "ref_chosen", "ref_rejected")
     xs = (policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     _checks.matching(names, xs)
-    beta = _checks.positive("beta", beta)
-    _checks.choice("loss_type", loss_type, LOSS_TYPES)
-    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
-        raise TypeError(f"label_smoothing must be a Python float, got {type(label_smoothing).__name__}")
-    high = {"robust": 0.5, "exo_pair": 1.0}.get(loss_type, 1.0)
-    closed = loss_type not in ("robust", "exo_pair")
-    if not (0.0 <= label_smoothing < high or (closed and label_smoothing == high)):
-        raise ValueError(f"label_smoothing for loss_type={loss_type!r} must be in "
-                         f"[0, {high}{']' if closed else ')'}, got {label_smoothing}")
+    beta, label_smoothing = checked_options(beta, loss_type, label_smoothing)
     name = resolve_backend(backend, policy_chosen.device, "dpo")
-    out = _dpo_op(*xs, beta, loss_type, float(label_smoothing), name)
+    out = dpo_op(*xs, beta, loss_type, label_smoothing, name)
     return out[0], dict(zip(METRICS, out.detach().unbind()[1:]))
 
 
@@ -174,7 +180,7 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     else:
         _checks.matching(("chosen_rewards", "margin"), (chosen_rewards, margin))
     name = resolve_backend(backend, chosen_rewards.device, "dpo")
-    return _dpo_op(chosen_rewards, rejected_rewards, margin, zeros, 1.0, "sigmoid", 0.0, name)[0]
+    return dpo_op(chosen_rewards, rejected_rewards, margin, zeros, 1.0, "sigmoid", 0.0, name)[0]
 
 
 def choice_loss(rewards: torch.Tensor, chosen_index: torch.Tensor, backend: str = "auto") -> torch.Tensor:

@@ -39,7 +39,7 @@ def _per_token(logprobs, ref_logprobs):
 
 # ------------------------------------------------------------------------- kl_penalty op
 @custom_op("fastrlhf::kl_penalty", mutates_args=())
-def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
+def kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str,
                    clamp: float | None, log_ratio_clamp: float | None, backend: str) -> torch.Tensor:
     out = _per_token(logprobs, ref_logprobs)
     if out.numel():
@@ -49,7 +49,7 @@ def _kl_penalty_op(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator
     return out
 
 
-@_kl_penalty_op.register_fake
+@kl_penalty_op.register_fake
 def _(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, backend):
     return _per_token(logprobs, ref_logprobs)
 
@@ -90,7 +90,7 @@ def _autograd_backward(ctx, grad):
     return (dlogp if want_logp else None), (dref if want_ref else None), None, None, None, None
 
 
-_kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+kl_penalty_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------- importance_weights op
@@ -207,7 +207,7 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
     clamp = _checks.optional_positive("clamp", clamp)
     log_ratio_clamp = _checks.optional_positive("log_ratio_clamp", log_ratio_clamp)
     name = resolve_backend(backend, logprobs.device, "kl")
-    return _kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
+    return kl_penalty_op(logprobs, ref_logprobs, estimator, clamp, log_ratio_clamp, name)
 
 
 def importance_weights(logprobs: torch.Tensor, old_logprobs: torch.Tensor, *, low: float | None = None,

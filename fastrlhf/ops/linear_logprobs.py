@@ -71,7 +71,7 @@ def _backward_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 # ------------------------------------------------------------------------- the chunk driver
-def _mm(out, a, b, accumulate=False):
+def matmul_into(out, a, b, accumulate=False):
     """``out (+)= a @ b`` with ``out``'s dtype as the accumulator: for 16-bit ``a, b`` and an
     fp32 ``out`` the product is never rounded to 16 bits (cuBLAS with ``out_dtype``; on the
     CPU, which has no such GEMM, from fp32 copies of the operands: products of 16-bit values
@@ -119,7 +119,7 @@ def _forward_out(hidden, weight, bias, labels, p, outs, backend, design):
             v1 = min(V, v0 + cols)
             tile = tiles[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
             if H:
-                _mm(tile, x, weight[v0:v1].T)
+                matmul_into(tile, x, weight[v0:v1].T)
             else:
                 tile.zero_()  # an empty sum: the logits are the bias
             kernels.fold_(tile, bias, labels[r0:r1], state[:r1 - r0], v0, V, v0 == 0, v1 == V, p, row_outs)
@@ -167,7 +167,7 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
                                           row_grads, v0, V, p)
             else:
                 if H:
-                    _mm(dz, x, w_c.T)
+                    matmul_into(dz, x, w_c.T)
                 else:
                     dz.zero_()
                 dz = kernels.dlogits_(dz, bias, labels[r0:r1], stats[r0:r1], row_grads, v0, V, p,
@@ -177,9 +177,9 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
             if not H:
                 continue
             if need_h:
-                _mm(gh_acc[r0:r1], dz, w_c, accumulate=v0 > 0)
+                matmul_into(gh_acc[r0:r1], dz, w_c, accumulate=v0 > 0)
             if need_w:
-                _mm(gw[v0:v1] if gw_acc is None else gw_acc[:v1 - v0], dz.T, x, accumulate=r0 > 0)
+                matmul_into(gw[v0:v1] if gw_acc is None else gw_acc[:v1 - v0], dz.T, x, accumulate=r0 > 0)
         if gw_acc is not None:
             gw[v0:v1] = gw_acc[:v1 - v0]
     if gh_acc is not gh:

@@ -233,7 +233,7 @@ _N_STATS = len(ref.STATS)
 
 
 @custom_op("fastrlhf::policy_loss", mutates_args=())
-def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+def general_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                rollout_logprobs: torch.Tensor | None, is_weights: torch.Tensor | None, selected: torch.Tensor | None,
                cu_seqlens: torch.Tensor | None, global_tokens: torch.Tensor | None, global_seqs: torch.Tensor | None,
                loss_scale_factor: torch.Tensor | None, mode: str, agg: str, correction: str, params: list[float],
@@ -254,7 +254,7 @@ def _policy_op(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: t
     return loss, stats, scale, table if table is not None else torch.empty((0, 0), dtype=dtype, device=dev)
 
 
-@_policy_op.register_fake
+@general_op.register_fake
 def _(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected, cu_seqlens, global_tokens,
       global_seqs, loss_scale_factor, mode, agg, correction, params, backend):
     dtype = acc_dtype(logprobs, old_logprobs, advantages, rollout_logprobs, is_weights)
@@ -308,7 +308,7 @@ def _backward(ctx, grad, *_):
     return (dx, *[None] * (len(ctx.needs_input_grad) - 1))
 
 
-_policy_op.register_autograd(_backward, setup_context=_setup_context)
+general_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ------------------------------------------------------------------------- public API
@@ -330,14 +330,46 @@ def _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollou
          selected, cu_seqlens, name, source="rollout", apply=True):
     """``(loss, stats vector)`` of the general op."""
     correction, params = encode(o, corr, source, apply)
-    loss, stats, _, _ = _policy_op(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected,
+    loss, stats, _, _ = general_op(logprobs, old_logprobs, advantages, mask, rollout_logprobs, is_weights, selected,
                                    cu_seqlens, *counts, kmode, agg, correction, params, name)
     return loss, stats.detach()
 
 
-def _stat_dict(keys, vec) -> dict:
+def named_stats(keys, vec) -> dict:
+    """The statistics ``keys`` (names of ``reference.policy_loss.STATS``) of the general op's vector."""
     stats = vec.unbind()
     return {k: stats[ref.STATS.index(k)] for k in keys}
+
+
+def checked_call(logprobs, old_logprobs, advantages, mask, mode, agg, global_tokens, global_seqs, loss_scale_factor,
+                 rollout_logprobs, rollout_correction, is_weights, cu_seqlens, options) -> tuple[dict, tuple]:
+    """The checks of a :func:`policy_loss` call (``TypeError`` / ``ValueError`` naming the argument):
+    ``(the mode's options, the normalizer counts)``."""
+    _checks.choice("mode", mode, POLICY_LOSS_MODES)
+    o = resolve_options(mode, options)
+    agg_ops.check_layout(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask,
+                         cu_seqlens, agg, loss_scale_factor)
+    if is_weights is not None:
+        _check_extra("is_weights", is_weights, logprobs)
+    if rollout_logprobs is not None:
+        _check_extra("rollout_logprobs", rollout_logprobs, logprobs)
+    if rollout_correction is not None and not isinstance(rollout_correction, RolloutCorrection):
+        raise TypeError(f"rollout_correction must be a fastrlhf.RolloutCorrection, got "
+                        f"{type(rollout_correction).__name__}")
+    bypass = mode == "bypass_mode"
+    if bypass and rollout_logprobs is not None:
+        raise ValueError("mode='bypass_mode' takes the rollout's log-probs as old_logprobs: rollout_logprobs must "
+                         "be None")
+    if bypass and is_weights is not None:
+        raise ValueError("mode='bypass_mode' computes its weights (rollout_correction): is_weights must be None")
+    if not bypass and (rollout_logprobs is None) != (rollout_correction is None):
+        raise ValueError("rollout_logprobs and rollout_correction go together: pass both or neither")
+    if is_weights is not None and rollout_correction is not None:
+        raise ValueError("pass is_weights or rollout_correction, not both")
+    if mode == "geo_mean" and rollout_correction is not None and rollout_correction.level != "token":
+        raise ValueError("mode='geo_mean' takes token-level corrections (its coefficient is their geometric mean "
+                         f"per sequence), got level={rollout_correction.level!r}")
+    return o, agg_ops.normalizer_counts(mask, global_tokens, global_seqs, loss_scale_factor)
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -440,31 +472,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     >>> loss, stats = fastrlhf.policy_loss(logp, old_logp, adv, mask, rollout_logprobs=rollout_logp,
     ...                                    rollout_correction=fastrlhf.RolloutCorrection("token", "truncate", 2.0))
     """
-    _checks.choice("mode", mode, POLICY_LOSS_MODES)
-    o = resolve_options(mode, options)
-    agg_ops.check_layout(("logprobs", "old_logprobs", "advantages"), (logprobs, old_logprobs, advantages), mask,
-                         cu_seqlens, agg, loss_scale_factor)
-    if is_weights is not None:
-        _check_extra("is_weights", is_weights, logprobs)
-    if rollout_logprobs is not None:
-        _check_extra("rollout_logprobs", rollout_logprobs, logprobs)
-    if rollout_correction is not None and not isinstance(rollout_correction, RolloutCorrection):
-        raise TypeError(f"rollout_correction must be a fastrlhf.RolloutCorrection, got "
-                        f"{type(rollout_correction).__name__}")
-    bypass = mode == "bypass_mode"
-    if bypass and rollout_logprobs is not None:
-        raise ValueError("mode='bypass_mode' takes the rollout's log-probs as old_logprobs: rollout_logprobs must "
-                         "be None")
-    if bypass and is_weights is not None:
-        raise ValueError("mode='bypass_mode' computes its weights (rollout_correction): is_weights must be None")
-    if not bypass and (rollout_logprobs is None) != (rollout_correction is None):
-        raise ValueError("rollout_logprobs and rollout_correction go together: pass both or neither")
-    if is_weights is not None and rollout_correction is not None:
-        raise ValueError("pass is_weights or rollout_correction, not both")
-    if mode == "geo_mean" and rollout_correction is not None and rollout_correction.level != "token":
-        raise ValueError("mode='geo_mean' takes token-level corrections (its coefficient is their geometric mean "
-                         f"per sequence), got level={rollout_correction.level!r}")
-    counts = agg_ops.normalizer_counts(mask, global_tokens, global_seqs, loss_scale_factor)
+    o, counts = checked_call(logprobs, old_logprobs, advantages, mask, mode, agg, global_tokens, global_seqs,
+                             loss_scale_factor, rollout_logprobs, rollout_correction, is_weights, cu_seqlens, options)
     device = logprobs.device
     kmode, source, apply = kernel_mode(mode, o)
     if kmode == "vanilla" and cu_seqlens is None and rollout_correction is None and is_weights is None:
@@ -483,7 +492,7 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         selected = ref.kl_cov_selection(logprobs, advantages, mask, o["kl_cov_ratio"])
     loss, vec = _run(logprobs, old_logprobs, advantages, mask, kmode, agg, o, counts, rollout_logprobs,
                      rollout_correction, is_weights, selected, cu_seqlens, name, source, apply)
-    return loss, _stat_dict(stats_of(kmode, rollout_correction, is_weights is not None), vec)
+    return loss, named_stats(stats_of(kmode, rollout_correction, is_weights is not None), vec)
 
 
 # ------------------------------------------------------------------- the PPO forms

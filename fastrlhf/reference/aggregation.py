@@ -86,6 +86,23 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     return x.sum() if den is None else safe_div(x.sum(), den)
 
 
+def token_weights(mask: torch.Tensor, mode: str, global_tokens=None, global_seqs=None, loss_scale_factor=None,
+                  cu_seqlens=None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Each token's weight in :func:`aggregate` (the derivative of the scalar w.r.t. the token's
+    loss), of ``mask``'s shape: 0 on invalid tokens, and everywhere when the denominator is ``<= 0``."""
+    valid = mask != 0
+    w = valid.to(dtype)
+    row_n = packed_row_counts(valid, cu_seqlens) if cu_seqlens is not None else valid.sum(-1)
+    if mode == "seq-mean-token-mean":
+        inv = 1.0 / row_n.clamp(min=1).to(dtype)
+        if cu_seqlens is not None:
+            inv = torch.repeat_interleave(inv, (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=w.numel())
+        w = w * (inv if cu_seqlens is not None else inv.unsqueeze(-1))
+    T = None if cu_seqlens is not None else mask.shape[-1]
+    den = denominator(mode, valid.sum(), (row_n > 0).sum(), T, global_tokens, global_seqs, loss_scale_factor)
+    return w if den is None else safe_div(w, den)
+
+
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over the valid tokens; 0 when there is none."""
     return aggregate(x, mask, "token-mean")
