@@ -46,7 +46,7 @@ tail -3 "$OUT/tests.log"
 echo "== (e) end-to-end training phase (bench/e2e)"
 mkdir -p "$OUT/e2e"
 { timeout -s INT 40 "$PY" -m bench.e2e --models qwen2.5-1.5b --methods grpo --length 1024 --reps 3 \
-      --variants naive,fastrlhf,trl,trl+fastrlhf,liger --no-frontier --max-seconds 28 --out "$OUT/e2e"
+      --variants naive,fastrlhf,fastrlhf-1pass,trl,trl+fastrlhf,liger --no-frontier --max-seconds 28 --out "$OUT/e2e"
   timeout -s INT 50 "$PY" -m bench.e2e --models qwen2.5-1.5b --methods grpo --length 1024 --reps 1 \
       --checkpointing on --variants naive,fastrlhf --lengths 4096,16384,32768 --frontier-step 1024 \
       --max-seconds 38 --out "$OUT/e2e"; } > "$OUT/e2e/e2e.log" 2>&1

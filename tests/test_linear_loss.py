@@ -113,7 +113,7 @@ def test_every_aggregation_with_kl_and_entropy(backend, mode, agg):
     kl = (torch.randn(3, 5, device=DEVICE) * 0.2 - 3.5, 0.1)
     got = _assert_matches(backend, x, torch.float32, kl=kl, entropy_coef=0.01, agg=agg, mode=mode,
                           chunk_bytes=4 * 37 * 5)
-    assert {"kl", "entropy", "logprobs"} <= set(got[1])
+    assert {"kl", "entropy"} <= set(got[1])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -202,12 +202,12 @@ def test_only_hidden_or_only_weight_and_no_grad(backend):
     full = _composed(backend, x, None)
     torch.testing.assert_close(h.grad, full[2], atol=1e-6, rtol=1e-5)
     with torch.no_grad():
-        frozen, stats = fastrlhf.linear_policy_loss(x["hidden"], x["weight"].requires_grad_(True), *args,
-                                                    backend=backend)
+        frozen, _, logp = fastrlhf.linear_policy_loss(x["hidden"], x["weight"].requires_grad_(True), *args,
+                                                      return_logprobs=True, backend=backend)
     assert not frozen.requires_grad
     torch.testing.assert_close(frozen, full[0], atol=1e-6, rtol=1e-5)
     lp = fastrlhf.linear_token_logprobs(x["hidden"], x["weight"], x["labels"], backend=backend)
-    torch.testing.assert_close(stats["logprobs"], lp.detach(), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logp, lp.detach(), atol=1e-6, rtol=1e-5)
 
 
 def test_second_order_gradient_raises(backend):
@@ -295,8 +295,9 @@ def test_dpo_matches_the_composition(backend, loss_type, average):
     ref_c, ref_r = torch.randn(B, device=DEVICE) - 8, torch.randn(B, device=DEVICE) - 8
     kw = {"beta": 0.2, "loss_type": loss_type, "label_smoothing": 0.1 if loss_type == "robust" else 0.0}
     h, w, b = _leaves(x)
-    loss, metrics = fastrlhf.linear_dpo_loss(h, w, x["labels"], ref_c, ref_r, bias=b, average_log_prob=average,
-                                             chunk_bytes=4 * V * T * 2, backend=backend, **kw)
+    loss, metrics, (chosen, _) = fastrlhf.linear_dpo_loss(h, w, x["labels"], ref_c, ref_r, bias=b,
+                                                          average_log_prob=average, chunk_bytes=4 * V * T * 2,
+                                                          return_logps=True, backend=backend, **kw)
     loss.backward()
     h2, w2, b2 = _leaves(x)
     lp = fastrlhf.linear_token_logprobs(h2, w2, x["labels"], bias=b2, backend=backend)
@@ -308,7 +309,8 @@ def test_dpo_matches_the_composition(backend, loss_type, average):
     torch.testing.assert_close(loss, want.detach(), atol=1e-6, rtol=1e-5)
     for k, v in want_metrics.items():
         torch.testing.assert_close(metrics[k], v, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(metrics["chosen_logps"], seq[:B].detach(), atol=1e-5, rtol=1e-5)
+    assert set(metrics) == set(want_metrics)
+    torch.testing.assert_close(chosen, seq[:B].detach(), atol=1e-5, rtol=1e-5)
     for g, s in zip((h.grad, w.grad, b.grad), (h2.grad, w2.grad, b2.grad)):
         torch.testing.assert_close(g, s, atol=1e-6, rtol=1e-5)
 

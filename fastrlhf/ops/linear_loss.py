@@ -305,7 +305,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        entropy_coef: float = 0.0, log_entropy: bool = False, cu_seqlens: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                        softcap: float | None = None, ignore_index: int = -100, chunk_bytes: int | None = None,
-                       backend: str = "auto", **options):
+                       return_logprobs: bool = False, backend: str = "auto", **options):
     """A policy loss straight from the last hidden states, in one pass (see the module docstring):
     ``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logprobs, advantages,
     mask, ...)`` plus a KL term and an entropy bonus, with three GEMMs instead of four and never
@@ -330,13 +330,14 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         entropy_coef: ``>= 0``, the entropy bonus; ``log_entropy``: report the entropy without a bonus.
         temperature, logit_scale, softcap, ignore_index: as :func:`fastrlhf.linear_token_logprobs`.
         chunk_bytes: the budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`).
+        return_logprobs: also return the new policy's log-probs (fp32, ``labels``' shape, detached).
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
-        ``(loss, stats)``: ``loss`` 0-dim fp32; ``stats`` detached: the mode's statistics as
-        :func:`fastrlhf.policy_loss`, ``kl`` (the aggregated KL term, with ``ref_logprobs``),
-        ``entropy`` (aggregated, with ``entropy_coef > 0`` or ``log_entropy``) and ``logprobs``
-        (fp32, ``labels``' shape: the new policy's log-probs, e.g. for logging).
+        ``(loss, stats)`` (``(loss, stats, logprobs)`` with ``return_logprobs``): ``loss`` 0-dim
+        fp32; ``stats`` detached 0-dim tensors: the mode's statistics as :func:`fastrlhf.policy_loss`,
+        ``kl`` (the aggregated KL term, with ``ref_logprobs``) and ``entropy`` (aggregated, with
+        ``entropy_coef > 0`` or ``log_entropy``).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, computed in forward when one of them
     requires a gradient (and grad mode is on), then scaled by the upstream gradient (an extra
@@ -391,8 +392,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         stats["kl"] = terms[0]
     if with_entropy:
         stats["entropy"] = terms[1]
-    stats["logprobs"] = logp.detach()
-    return loss, stats
+    return (loss, stats, logp.detach()) if return_logprobs else (loss, stats)
 
 
 # ------------------------------------------------------------------------- NLL (SFT)
@@ -522,7 +522,8 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     ref_rejected: torch.Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
                     label_smoothing: float = 0.0, average_log_prob: bool = False, bias: torch.Tensor | None = None,
                     temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
-                    ignore_index: int = -100, chunk_bytes: int | None = None, backend: str = "auto"):
+                    ignore_index: int = -100, chunk_bytes: int | None = None, return_logps: bool = False,
+                    backend: str = "auto"):
     """A DPO-family loss straight from hidden states, in one pass: ``dpo_loss`` of the sequence
     log-probs ``linear_token_logprobs(...)`` summed over each row's tokens whose label is not
     ``ignore_index`` (divided by their number with ``average_log_prob``, as IPO takes them).
@@ -536,9 +537,11 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
         beta, loss_type, label_smoothing: as :func:`fastrlhf.dpo_loss`.
         chunk_bytes: budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`); a chunk holds
             whole pairs (a pair above the budget is a chunk of its own).
+        return_logps: also return the policy's ``(chosen, rejected)`` sequence log-probs (fp32
+            ``[B]``, detached).
 
-    Returns ``(loss, metrics)`` as :func:`fastrlhf.dpo_loss`, plus ``chosen_logps`` and
-    ``rejected_logps`` (fp32 ``[B]``, detached). Gradients of ``hidden``, ``weight``, ``bias``:
+    Returns ``(loss, metrics)`` as :func:`fastrlhf.dpo_loss` (``(loss, metrics, (chosen,
+    rejected))`` with ``return_logps``). Gradients of ``hidden``, ``weight``, ``bias``:
     computed in forward, scaled in backward (see :func:`linear_policy_loss`, also for memory).
 
     >>> loss, metrics = fastrlhf.linear_dpo_loss(h, model.lm_head.weight, labels, ref_c, ref_r, beta=0.1)
@@ -561,6 +564,5 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                         None if softcap is None else float(softcap), ignore_index, budget,
                         _needs(hidden, weight, bias), name)[:2]
     metrics = dict(zip(METRICS, out.detach().unbind()[1:]))
-    metrics["chosen_logps"], metrics["rejected_logps"] = seqs.detach().unbind()
-    return out[0], metrics
+    return (out[0], metrics, tuple(seqs.detach().unbind())) if return_logps else (out[0], metrics)
 
