@@ -4,7 +4,7 @@ The public API: the backend controls below and, per op module, its ``__all__`` (
 ops module lists is exported here; ``fastrlhf.registry`` says which family it belongs to).
 """
 
-from fastrlhf.backend import available_backends, use_backend
+from fastrlhf.backend import available_backends, use_backend, use_batch_invariant
 from fastrlhf.errors import BackendUnavailableError
 from fastrlhf.ops import advantages as _advantages
 from fastrlhf.ops import aggregation as _aggregation
@@ -25,7 +25,7 @@ from fastrlhf.ops.policy_loss import *  # noqa: F403
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "available_backends", "use_backend"]
+__all__ = ["BackendUnavailableError", "available_backends", "use_backend", "use_batch_invariant"]
 __all__ += _logprobs.__all__
 __all__ += _linear_logprobs.__all__
 __all__ += _linear_loss.__all__

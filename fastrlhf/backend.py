@@ -14,6 +14,11 @@ Backends:
 The backend of a call is, in order of precedence: the op's ``backend=`` keyword when it is
 not ``"auto"``, the innermost :func:`use_backend` block, the ``FASTRLHF_BACKEND``
 environment variable, then the ``auto`` rule.
+
+Batch-invariant mode (:func:`use_batch_invariant`, ``FASTRLHF_BATCH_INVARIANT=1`` or an op's
+``batch_invariant=True``): the log-prob ops give each row the same bits whatever the batch around
+it (see :func:`batch_invariant`). It is a family feature (``"batch_invariant"``): ``auto`` never
+picks a backend without it, and naming one raises.
 """
 
 from __future__ import annotations
@@ -30,8 +35,8 @@ from fastrlhf import _cuda, registry
 from fastrlhf.errors import BackendUnavailableError
 from fastrlhf.interpreter import triton_interpreter
 
-__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status",
-           "has_kernels", "launchers", "resolve_backend", "triton_interpreter", "use_backend"]
+__all__ = ["BACKENDS", "BackendUnavailableError", "available_backends", "backend_status", "batch_invariant",
+           "has_kernels", "launchers", "resolve_backend", "triton_interpreter", "use_backend", "use_batch_invariant"]
 
 BACKENDS = ("torch", "triton", "cuda")
 _CHOICES = BACKENDS + ("auto",)
@@ -94,6 +99,38 @@ def use_backend(name: str):
         yield
     finally:
         stack.pop()
+
+
+@contextlib.contextmanager
+def use_batch_invariant(enabled: bool = True):
+    """Run the log-prob ops called inside the block in batch-invariant mode (unless a call says
+    otherwise): for the integrations, whose trainers call the ops without the keyword.
+
+    >>> with fastrlhf.use_batch_invariant():
+    ...     old_logp = fastrlhf.linear_token_logprobs(hidden, weight, labels)
+    """
+    stack = _state.__dict__.setdefault("invariant", [])
+    stack.append(bool(enabled))
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+def batch_invariant(flag: bool | None = None) -> bool:
+    """Whether a call runs in batch-invariant mode: its ``batch_invariant`` keyword when not None,
+    else the innermost :func:`use_batch_invariant` block, else ``FASTRLHF_BATCH_INVARIANT`` (``1``).
+
+    In that mode a row's results (log-prob, entropy, statistics, its own gradient rows) depend
+    only on that row's data: not on the number of rows, their order, padding, packing, or free
+    memory, bit for bit. Sums over rows (``grad_weight``, a loss) still depend on the batch; they
+    are deterministic."""
+    if flag is not None:
+        return bool(flag)
+    stack = getattr(_state, "invariant", None)
+    if stack:
+        return stack[-1]
+    return os.environ.get("FASTRLHF_BATCH_INVARIANT", "0") not in ("", "0")
 
 
 def _auto(device: torch.device, family: str | None, feature: str | None) -> str:

@@ -7,9 +7,11 @@ from __future__ import annotations
 from fastrlhf.reference import logprobs as ref
 
 
-def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, logp, entropy, stats):
+def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, logp, entropy, stats,
+                       invariant=False):
     """Fill ``logp``, ``entropy`` (when ``with_entropy``) and ``stats`` (shaped as
-    ``fastrlhf.ops.logprobs`` allocates them)."""
+    ``fastrlhf.ops.logprobs`` allocates them). ``invariant`` changes nothing: the reference's
+    reductions are PyTorch's per-row ones."""
     out = ref.token_logprobs(logits, labels, temperature, ignore_index, with_entropy)
     if with_entropy:
         logp.copy_(out[0])

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 
 from fastrlhf import _checks
+from fastrlhf.backend import batch_invariant as invariant_mode
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops.custom_op import custom_op
 
@@ -92,11 +93,12 @@ def matmul_into(out, a, b, accumulate=False):
         torch.mm(a, b, out=out)
 
 
-def _forward_out(hidden, weight, bias, labels, p, outs, backend, design):
+def _forward_out(hidden, weight, bias, labels, p, outs, backend, design, invariant=False):
     """Fill ``outs`` (:func:`_forward_outputs`) for ``hidden [N, H]``, ``weight [V, H]``.
 
     ``blas``: rows outer, vocabulary inner; each ``[rows, cols]`` block of logits is one GEMM
-    into an fp32 workspace, folded into ``[rows, 8]`` fp32 running values per row.
+    into an fp32 workspace, folded into ``[rows, 8]`` fp32 running values per row. ``invariant``:
+    the blocks are :data:`INVARIANT_BLOCK` whatever ``N`` (:func:`plan_blocks`).
     """
     N, H = hidden.shape
     V = weight.shape[0]
@@ -106,26 +108,59 @@ def _forward_out(hidden, weight, bias, labels, p, outs, backend, design):
         launchers(backend, FAMILY).fused_forward_out(hidden, weight, bias, labels, p, outs)
         return
     kernels = launchers(backend, FAMILY)
-    rows, cols = kernels.plan(N, V)
+    rows, cols = plan_blocks(kernels, N, V, invariant)
     tiles = hidden.new_empty(rows * cols, dtype=torch.float32)
     state = hidden.new_empty((rows, STATE_COLS), dtype=torch.float32)
+    pad = PaddedRows(hidden, rows, invariant)
     for r0 in range(0, N, rows):
         r1 = min(N, r0 + rows)
-        x = hidden[r0:r1]
-        if not x.is_cuda:  # CPU: one fp32 copy of the rows instead of one per vocabulary block
-            x = x.float()
+        x = pad.rows(r0, r1)
         row_outs = [o[r0:r1] if o.numel() else o for o in outs]
         for v0 in range(0, V, cols):
             v1 = min(V, v0 + cols)
-            tile = tiles[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            tile = tiles[:x.shape[0] * (v1 - v0)].view(x.shape[0], v1 - v0)
             if H:
                 matmul_into(tile, x, weight[v0:v1].T)
             else:
                 tile.zero_()  # an empty sum: the logits are the bias
-            kernels.fold_(tile, bias, labels[r0:r1], state[:r1 - r0], v0, V, v0 == 0, v1 == V, p, row_outs)
+            kernels.fold_(tile[:r1 - r0], bias, labels[r0:r1], state[:r1 - r0], v0, V, v0 == 0, v1 == V, p,
+                          row_outs)
 
 
-def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, backend, design):
+INVARIANT_BLOCK = (1024, 8192)
+"""``(rows, cols)`` of the blocks of logits in batch-invariant mode: every GEMM has this shape
+(the last row block padded with zero rows; the last vocabulary block ``V mod cols`` wide), so
+that the vendor GEMM's choice of algorithm, and a row's bits, depend on ``H`` and ``V`` alone."""
+
+
+def plan_blocks(kernels, N: int, V: int, invariant: bool) -> tuple[int, int]:
+    """``(rows, cols)`` of the blas design's blocks: the backend's plan, or :data:`INVARIANT_BLOCK`."""
+    if invariant:
+        return INVARIANT_BLOCK[0], min(V, INVARIANT_BLOCK[1])
+    return kernels.plan(N, V)
+
+
+class PaddedRows:
+    """GEMM operands of row blocks of ``hidden``: the rows as they are (an fp32 copy on the CPU,
+    which has no 16-bit GEMM into fp32), or, with ``pad``, copied into a ``[rows, H]`` buffer whose
+    tail rows are zeros (every GEMM the same shape and strides)."""
+
+    def __init__(self, hidden: torch.Tensor, rows: int, pad: bool):
+        self.hidden, self.pad = hidden, pad
+        self.cpu = None if hidden.is_cuda else hidden.float()  # converted once
+        src = hidden if self.cpu is None else self.cpu
+        self.buf = src.new_zeros((rows, hidden.shape[1])) if pad else None
+
+    def rows(self, r0: int, r1: int) -> torch.Tensor:
+        x = self.hidden[r0:r1] if self.cpu is None else self.cpu[r0:r1]
+        if self.buf is None:
+            return x
+        self.buf[:r1 - r0] = x
+        self.buf[r1 - r0:] = 0
+        return self.buf
+
+
+def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, backend, design, invariant=False):
     """Fill ``outs = (grad_hidden, grad_weight, grad_bias)`` for those ``needs`` asks for.
 
     Vocabulary outer, rows inner: each block's logits are recomputed (a GEMM into fp32, or
@@ -134,6 +169,8 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
     inputs when there is more than one vocabulary block, else straight into the output) and
     ``grad_weight[cols] (+)= dlogits.T @ hidden[rows]`` (one GEMM over all rows, or an fp32
     ``[cols, H]`` running sum over the row blocks) and ``grad_bias[cols] += dlogits.sum(0)`` in fp32.
+    ``invariant``: fixed blocks (:func:`plan_blocks`), the ``grad_hidden`` GEMM on the padded block
+    into an fp32 ``[rows, H]`` buffer, added to the rows' fp32 running sum.
     """
     gh, gw, gb = outs
     need_h, need_w, need_b = needs
@@ -145,47 +182,64 @@ def _backward_out(grads, hidden, weight, bias, labels, stats, p, outs, needs, ba
         return
     fused = design == "fused"
     kernels = launchers(backend, FAMILY)
-    rows, cols = kernels.plan(N, V)
+    rows, cols = plan_blocks(kernels, N, V, invariant)
     wide = hidden.dtype != torch.float32
     buf = hidden.new_empty(rows * cols, dtype=hidden.dtype if fused else torch.float32)
     gh_acc = gh
-    if need_h and wide and cols < V:
+    if need_h and ((wide and cols < V) or invariant):
         gh_acc = hidden.new_empty(hidden.shape, dtype=torch.float32)
+    gh_pad = hidden.new_empty((rows, H), dtype=torch.float32) if need_h and invariant else None
     gw_acc = hidden.new_empty((cols, H), dtype=torch.float32) if need_w and wide and rows < N else None
     gb_acc = hidden.new_zeros(V, dtype=torch.float32) if need_b else None
-    cpu_x = hidden.float() if not hidden.is_cuda else None  # CPU: converted once
+    pad = PaddedRows(hidden, rows, invariant)
     for v0 in range(0, V, cols):
         v1 = min(V, v0 + cols)
         w_c = weight[v0:v1]
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            x = hidden[r0:r1] if cpu_x is None else cpu_x[r0:r1]
+            n = r1 - r0
+            x = pad.rows(r0, r1)
             row_grads = [g if g is None else g[r0:r1] for g in grads]
-            dz = buf[:(r1 - r0) * (v1 - v0)].view(r1 - r0, v1 - v0)
+            block = buf[:x.shape[0] * (v1 - v0)].view(x.shape[0], v1 - v0)
             if fused:
-                kernels.fused_dlogits_out(dz, hidden[r0:r1], weight, bias, labels[r0:r1], stats[r0:r1],
+                kernels.fused_dlogits_out(block, hidden[r0:r1], weight, bias, labels[r0:r1], stats[r0:r1],
                                           row_grads, v0, V, p)
+                dz = block
             else:
                 if H:
-                    matmul_into(dz, x, w_c.T)
+                    matmul_into(block, x, w_c.T)
                 else:
-                    dz.zero_()
-                dz = kernels.dlogits_(dz, bias, labels[r0:r1], stats[r0:r1], row_grads, v0, V, p,
+                    block.zero_()
+                dz = kernels.dlogits_(block[:n], bias, labels[r0:r1], stats[r0:r1], row_grads, v0, V, p,
                                       hidden.dtype)
             if need_b:
                 gb_acc[v0:v1] += dz.sum(0, dtype=torch.float32)
             if not H:
                 continue
-            if need_h:
+            if need_h and gh_pad is not None:  # the padded rows of the block are zeros in both dtypes
+                matmul_into(gh_pad, _rows_view(block, hidden.dtype), w_c)
+                if v0:
+                    gh_acc[r0:r1] += gh_pad[:n]
+                else:
+                    gh_acc[r0:r1] = gh_pad[:n]
+            elif need_h:
                 matmul_into(gh_acc[r0:r1], dz, w_c, accumulate=v0 > 0)
             if need_w:
-                matmul_into(gw[v0:v1] if gw_acc is None else gw_acc[:v1 - v0], dz.T, x, accumulate=r0 > 0)
+                matmul_into(gw[v0:v1] if gw_acc is None else gw_acc[:v1 - v0], dz.T, x[:n], accumulate=r0 > 0)
         if gw_acc is not None:
             gw[v0:v1] = gw_acc[:v1 - v0]
     if gh_acc is not gh:
         gh.copy_(gh_acc)
     if need_b:
         gb.copy_(gb_acc)
+
+
+def _rows_view(block: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """All rows of a block whose ``dlogits`` were written over it in ``dtype`` (``dlogits_``'s layout)."""
+    if dtype == block.dtype:
+        return block
+    n, w = block.shape
+    return block.view(dtype).view(n, 2 * w)[:, :w]
 
 
 def _options(temperature, logit_scale, softcap, ignore_index):
@@ -205,18 +259,18 @@ def linear_logprobs_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.T
                         with_entropy: bool, backend: str, logit_scale: float = 1.0,
                         softcap: float | None = None, with_log_sum_sq: bool = False,
                         with_mean: bool = False, with_top1: bool = False, design: str = "blas",
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                   torch.Tensor, torch.Tensor]:
+                        invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                          torch.Tensor, torch.Tensor]:
     outs = _forward_outputs(hidden, labels, with_entropy, with_log_sum_sq, with_mean, with_top1)
     _forward_out(hidden, weight, _contiguous(bias), labels.contiguous(),
-                 _options(temperature, logit_scale, softcap, ignore_index), outs, backend, design)
+                 _options(temperature, logit_scale, softcap, ignore_index), outs, backend, design, invariant)
     return outs
 
 
 @linear_logprobs_op.register_fake
 def _(hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend,
       logit_scale=1.0, softcap=None, with_log_sum_sq=False, with_mean=False, with_top1=False,
-      design="blas"):
+      design="blas", invariant=False):
     return _forward_outputs(hidden, labels, with_entropy, with_log_sum_sq, with_mean, with_top1)
 
 
@@ -231,7 +285,7 @@ def linear_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Ten
                             grad_log_sum_sq: torch.Tensor | None = None,
                             log_sum_sq: torch.Tensor | None = None,
                             grad_mean: torch.Tensor | None = None, design: str = "blas",
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                            invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     outs = _backward_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
     keep = labels != ignore_index
 
@@ -243,24 +297,24 @@ def linear_logprobs_backward_op(grad_logp: torch.Tensor, grad_entropy: torch.Ten
              masked(grad_mean))
     _backward_out(grads, hidden, weight, _contiguous(bias), labels.contiguous(), stats,
                   _options(temperature, logit_scale, softcap, ignore_index), outs,
-                  (need_hidden, need_weight, need_bias), backend, design)
+                  (need_hidden, need_weight, need_bias), backend, design, invariant)
     return outs
 
 
 @linear_logprobs_backward_op.register_fake
 def _(grad_logp, grad_entropy, hidden, weight, bias, labels, stats, entropy, temperature,
       ignore_index, need_hidden, need_weight, need_bias, backend, logit_scale=1.0, softcap=None,
-      grad_log_sum_sq=None, log_sum_sq=None, grad_mean=None, design="blas"):
+      grad_log_sum_sq=None, log_sum_sq=None, grad_mean=None, design="blas", invariant=False):
     return _backward_outputs(hidden, weight, bias, need_hidden, need_weight, need_bias)
 
 
 def _setup_context(ctx, inputs, output):
     (hidden, weight, bias, labels, temperature, ignore_index, with_entropy, backend, logit_scale,
-     softcap, with_lsq, with_mean, with_top1, design) = inputs
+     softcap, with_lsq, with_mean, with_top1, design, invariant) = inputs
     _, ent, stats, lsq, _, _ = output
     ctx.save_for_backward(hidden, weight, bias, labels, stats, ent, lsq)
     ctx.args = (temperature, ignore_index)
-    ctx.kwargs = {"logit_scale": logit_scale, "softcap": softcap, "design": design}
+    ctx.kwargs = {"logit_scale": logit_scale, "softcap": softcap, "design": design, "invariant": invariant}
     ctx.backend = backend
     ctx.flags = (with_entropy, with_lsq, with_mean)
 
@@ -339,13 +393,18 @@ def check_outputs(outputs) -> tuple[str, ...]:
     return tuple(outputs)
 
 
-def resolve_design(design: str, backend: str, device: torch.device, dtype: torch.dtype, H: int) -> str:
-    """The concrete design (``blas`` or ``fused``) of a call on ``backend`` (see :data:`FUSED_WINS`)."""
+def resolve_design(design: str, backend: str, device: torch.device, dtype: torch.dtype, H: int,
+                   invariant: bool = False) -> str:
+    """The concrete design (``blas`` or ``fused``) of a call on ``backend`` (see :data:`FUSED_WINS`);
+    batch-invariant calls run ``blas`` (:data:`INVARIANT_BLOCK`)."""
     _checks.choice("design", design, DESIGNS + ("auto",))
     if design == "fused" and backend != "triton":
         raise ValueError("design='fused' runs Triton kernels: it needs backend='triton'")
-    if design != "auto":
-        return design
+    if design == "fused" and invariant:
+        raise ValueError("design='fused' splits the vocabulary by the number of rows and SMs: batch-invariant "
+                         "calls run design='blas'")
+    if design != "auto" or invariant:
+        return "blas" if invariant else design
     if FUSED_WINS and backend == "triton" and device.type == "cuda" and dtype != torch.float32:
         limit = FUSED_WINS.get(torch.cuda.get_device_capability(device))
         if limit is not None and H <= limit:
@@ -358,7 +417,7 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
                           logit_scale: float = 1.0, softcap: float | None = None,
                           ignore_index: int = -100, return_entropy: bool = False,
                           outputs: tuple[str, ...] | None = None, backend: str = "auto",
-                          design: str = "auto"):
+                          design: str = "auto", batch_invariant: bool | None = None):
     """Log-prob of each label under ``softmax(z)``, ``z`` the transformed logits
     ``hidden @ weight.T + bias``, without ever writing the ``[..., V]`` logits to memory.
 
@@ -387,6 +446,11 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
         backend: ``"auto"``, ``"torch"`` or ``"triton"`` (see ``fastrlhf.backend``).
         design: ``"auto"``, ``"blas"`` or ``"fused"`` (Triton only): how the GEMMs run (below);
             the results are the same up to rounding.
+        batch_invariant: each row's outputs and ``grad_hidden`` row independent of the batch
+            (``None``: the mode of ``fastrlhf.use_batch_invariant``): the ``blas`` design with fixed
+            ``[1024, 8192]`` blocks (:data:`INVARIANT_BLOCK`: the last row block padded with zero
+            rows), so that every GEMM has one shape; ``grad_hidden`` then goes through an fp32
+            ``[1024, H]`` buffer. ``grad_weight`` sums over rows: deterministic, not invariant.
 
     Returns:
         ``logp`` fp32 of ``labels.shape``, always ``<= 0``; ``(logp, entropy)`` with
@@ -433,14 +497,15 @@ def linear_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     """
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
     names = () if outputs is None else check_outputs(outputs)
-    name = resolve_backend(backend, hidden.device, FAMILY)
+    invariant = invariant_mode(batch_invariant)
+    name = resolve_backend(backend, hidden.device, FAMILY, "batch_invariant" if invariant else None)
     N, H = labels.numel(), hidden.shape[-1]
-    chosen = resolve_design(design, name, hidden.device, hidden.dtype, H)
+    chosen = resolve_design(design, name, hidden.device, hidden.dtype, H, invariant)
     with_entropy = bool(return_entropy) or "entropy" in names
     logp, ent, _, lsq, mean, top1 = linear_logprobs_op(
         hidden.reshape(N, H), weight, bias, labels.reshape(-1), float(temperature), ignore_index,
         with_entropy, name, float(logit_scale), None if softcap is None else float(softcap),
-        "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, chosen)
+        "log_sum_sq_probs" in names, "mean_logits" in names, "is_top1" in names, chosen, invariant)
     shape = labels.shape
     logp = logp.view(shape)
     if outputs is None:

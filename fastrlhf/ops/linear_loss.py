@@ -29,13 +29,14 @@ import itertools
 import torch
 
 from fastrlhf import _checks
-from fastrlhf._numerics import acc_dtype
+from fastrlhf._numerics import acc_dtype, ordered_row_sum
+from fastrlhf.backend import batch_invariant as invariant_mode
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops import aggregation as agg_ops
 from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.ops.dpo import checked_options, dpo_op
 from fastrlhf.ops.kl import kl_penalty_op
-from fastrlhf.ops.linear_logprobs import STATE_COLS, check_inputs, matmul_into
+from fastrlhf.ops.linear_logprobs import STATE_COLS, PaddedRows, check_inputs, matmul_into, plan_blocks
 from fastrlhf.ops.policy_loss import checked_call, general_op, named_stats
 from fastrlhf.ops.policy_spec import encode, kernel_mode, stats_of
 from fastrlhf.reference import aggregation as ref_agg
@@ -69,13 +70,15 @@ def plan_chunks(lengths: list[int], V: int, budget: int) -> list[tuple[int, int]
 
 
 # ------------------------------------------------------------------------- the chunk driver
-def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_entropy, backend):
+def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_entropy, backend, invariant=False):
     """``(logp, entropy, grad_hidden, grad_weight, grad_bias)`` of ``hidden [N, H]``,
     ``weight [V, H]``, ``labels [N]``: the log-prob (and entropy, fp32 ``[N]``) of every row and
     the gradients of the loss whose per-token gradient ``loss_grad(i, logp_c, ent_c) -> (g_logp,
     g_ent or None)`` gives for chunk ``i`` (``chunks[i]``: a list of ``(r0, r1)`` row ranges, whose
     rows the chunk's tensors hold in order). ``needs``: which of the three gradients to compute
-    (none: the log-probs alone); an unneeded gradient is empty."""
+    (none: the log-probs alone); an unneeded gradient is empty. ``invariant``: the GEMMs producing
+    a row's logits and ``grad_hidden`` run on fixed ``[rows, cols]`` blocks and the fold sees them as
+    ``linear_token_logprobs(batch_invariant=True)`` does (same bits), see :class:`_Invariant`."""
     N, H = hidden.shape
     V = weight.shape[0]
     need_h, need_w, need_b = needs
@@ -94,6 +97,7 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
     buf = torch.empty(most * V, **f32)
     state = torch.empty((most, STATE_COLS), **f32)
     empty = torch.empty(0, **f32)
+    inv = _Invariant(hidden, weight, kernels, need_h) if invariant and most else None
     first_gemm = True
     for i, ranges in enumerate(chunks):
         n = sum(r1 - r0 for r0, r1 in ranges)
@@ -104,15 +108,19 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
         offsets = [0]
         for r0, r1 in ranges:
             offsets.append(offsets[-1] + r1 - r0)
-        for x, o0, o1 in zip(xs, offsets, offsets[1:]):
-            if H:
-                matmul_into(tile[o0:o1], x, weight.T)  # GEMM 1: the chunk's logits
-            else:
-                tile[o0:o1].zero_()
         lab = _rows(labels, ranges)
         logp_c, ent_c = torch.empty(n, **f32), torch.empty(n if with_entropy else 0, **f32)
         stats_c = torch.empty((n, 2), **f32)
-        kernels.fold_(tile, bias, lab, state[:n], 0, V, True, True, p, (logp_c, ent_c, stats_c, empty, empty, empty))
+        outs = (logp_c, ent_c, stats_c, empty, empty, empty)
+        if inv is not None:
+            inv.logits_and_fold(tile, _rows(hidden, ranges), bias, lab, state[:n], p, outs)
+        else:
+            for x, o0, o1 in zip(xs, offsets, offsets[1:]):
+                if H:
+                    matmul_into(tile[o0:o1], x, weight.T)  # GEMM 1: the chunk's logits
+                else:
+                    tile[o0:o1].zero_()
+            kernels.fold_(tile, bias, lab, state[:n], 0, V, True, True, p, outs)
         _scatter(logp, logp_c, ranges)
         if with_entropy:
             _scatter(ent, ent_c, ranges)
@@ -129,7 +137,9 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
         if not H:
             continue
         for (r0, r1), x, o0, o1 in zip(ranges, xs, offsets, offsets[1:]):
-            if need_h:
+            if need_h and inv is not None:
+                inv.grad_hidden(gh[r0:r1], dz[o0:o1])
+            elif need_h:
                 matmul_into(gh[r0:r1], dz[o0:o1], weight)  # GEMM 2
             if need_w:
                 matmul_into(gw_acc, dz[o0:o1].T, x, accumulate=not first_gemm)  # GEMM 3
@@ -139,6 +149,49 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
     if gw_acc is not gw:
         gw.copy_(gw_acc)
     return logp, ent, gh, gw, gb.to(hidden.dtype)
+
+
+class _Invariant:
+    """The batch-invariant GEMMs of :func:`_one_pass`: a chunk's logits by blocks of
+    ``INVARIANT_BLOCK`` (``plan_blocks``: the last row block padded with zero rows), each folded
+    right after its GEMM exactly as ``linear_token_logprobs`` folds it, then copied into the
+    chunk's block; ``grad_hidden`` rows by ``[rows, V] @ [V, H]`` GEMMs on a zero-padded copy of
+    their ``dlogits``, into an fp32 buffer. Workspace: the fp32 block, the padded ``dlogits``
+    (inputs' dtype) and the fp32 ``[rows, H]`` buffer."""
+
+    def __init__(self, hidden, weight, kernels, need_h):
+        self.weight, self.kernels = weight, kernels
+        V, H = weight.shape
+        self.rows, self.cols = plan_blocks(kernels, 1, V, True)
+        self.block = hidden.new_empty(self.rows * self.cols, dtype=torch.float32)
+        self.dz = hidden.new_zeros((self.rows, V)) if need_h else None
+        self.out = hidden.new_empty((self.rows, H), dtype=torch.float32) if need_h else None
+
+    def logits_and_fold(self, tile, hidden_rows, bias, labels, state, p, outs):
+        n, V = tile.shape
+        src = PaddedRows(hidden_rows, self.rows, True)
+        for r0 in range(0, n, self.rows):
+            r1 = min(n, r0 + self.rows)
+            x = src.rows(r0, r1)
+            part = [o[r0:r1] if o.numel() else o for o in outs]
+            for v0 in range(0, V, self.cols):
+                v1 = min(V, v0 + self.cols)
+                block = self.block[:self.rows * (v1 - v0)].view(self.rows, v1 - v0)
+                if x.shape[1]:
+                    matmul_into(block, x, self.weight[v0:v1].T)
+                else:
+                    block.zero_()
+                self.kernels.fold_(block[:r1 - r0], bias, labels[r0:r1], state[r0:r1], v0, V, v0 == 0, v1 == V,
+                                   p, part)
+                tile[r0:r1, v0:v1] = block[:r1 - r0]
+
+    def grad_hidden(self, out, dz):
+        for r0 in range(0, dz.shape[0], self.rows):
+            r1 = min(dz.shape[0], r0 + self.rows)
+            self.dz[:r1 - r0] = dz[r0:r1]
+            self.dz[r1 - r0:] = 0
+            matmul_into(self.out, self.dz, self.weight)
+            out[r0:r1] = self.out[:r1 - r0]
 
 
 def _rows(x: torch.Tensor, ranges) -> torch.Tensor:
@@ -227,8 +280,8 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                kl_coef: float, kl_estimator: str, kl_clamp: float | None, kl_log_ratio_clamp: float | None,
                entropy_coef: float, with_entropy: bool, temperature: float, logit_scale: float,
                softcap: float | None, ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                          torch.Tensor]:
+               invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                 torch.Tensor, torch.Tensor]:
     """``(loss, policy stats [len(STATS)], [kl term, entropy term], logp, grad_hidden, grad_weight, grad_bias)``."""
     shape = old_logprobs.shape
     V = weight.shape[0]
@@ -269,7 +322,7 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
     logp, ent, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), with_entropy,
-                                      backend)
+                                      backend, invariant)
     lp = logp.view(shape)
     loss, stats, _, _ = general_op.fn(lp, old_logprobs, advantages, mask, rollout_logprobs, is_weights, None,
                                       cu_seqlens, *user, mode, agg, correction, params, backend)
@@ -289,7 +342,7 @@ def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, rollout_logp
                       is_weights)
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(STATS), dtype=dtype),
             hidden.new_empty(2, dtype=dtype), hidden.new_empty(old_logprobs.shape, dtype=torch.float32),
-            *_grad_outputs(hidden, weight, bias, args[-2]))
+            *_grad_outputs(hidden, weight, bias, args[20]))
 
 
 _policy_op.register_autograd(lambda ctx, grad_loss, *_: _scaled(ctx, grad_loss), setup_context=_setup)
@@ -305,7 +358,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        entropy_coef: float = 0.0, log_entropy: bool = False, cu_seqlens: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                        softcap: float | None = None, ignore_index: int = -100, chunk_bytes: int | None = None,
-                       return_logprobs: bool = False, backend: str = "auto", **options):
+                       return_logprobs: bool = False, batch_invariant: bool | None = None, backend: str = "auto",
+                       **options):
     """A policy loss straight from the last hidden states, in one pass (see the module docstring):
     ``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logprobs, advantages,
     mask, ...)`` plus a KL term and an entropy bonus, with three GEMMs instead of four and never
@@ -331,6 +385,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         temperature, logit_scale, softcap, ignore_index: as :func:`fastrlhf.linear_token_logprobs`.
         chunk_bytes: the budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`).
         return_logprobs: also return the new policy's log-probs (fp32, ``labels``' shape, detached).
+        batch_invariant: each token's log-prob and ``grad_hidden`` row independent of the batch and the
+            chunks (``None``: the mode of ``fastrlhf.use_batch_invariant``): the logits by the fixed
+            blocks of ``linear_token_logprobs(batch_invariant=True)``, folded as it folds them, so the
+            log-probs equal its bits (a PPO ratio against its old log-probs is exactly 1); the
+            ``grad_hidden`` GEMMs on zero-padded ``[1024, V]`` blocks.
         backend: ``"auto"``, ``"torch"`` or ``"triton"``.
 
     Returns:
@@ -377,7 +436,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     kl_log_ratio_clamp = _checks.optional_positive("kl_log_ratio_clamp", kl_log_ratio_clamp)
     kmode, source, apply = kernel_mode(mode, o)
     correction, params = encode(o, rollout_correction, source, apply)
-    name = resolve_backend(backend, hidden.device, FAMILY)
+    invariant = invariant_mode(batch_invariant)
+    name = resolve_backend(backend, hidden.device, FAMILY, "batch_invariant" if invariant else None)
     H = hidden.shape[-1]
     with_entropy = bool(entropy_coef) or bool(log_entropy)
     loss, vec, terms, logp = _policy_op(
@@ -385,7 +445,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         old_logprobs, advantages, mask, rollout_logprobs, is_weights, ref_logprobs, cu_seqlens, *counts, kmode, agg,
         correction, params, kl_coef, kl_estimator, kl_clamp, kl_log_ratio_clamp, entropy_coef, with_entropy,
         float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index, budget,
-        _needs(hidden, weight, bias), name)[:4]
+        _needs(hidden, weight, bias), name, invariant)[:4]
     stats = named_stats(stats_of(kmode, rollout_correction, is_weights is not None), vec.detach())
     terms = terms.detach()
     if ref_logprobs is not None:
@@ -399,7 +459,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
 @custom_op("fastrlhf::linear_nll_loss", mutates_args=())
 def _nll_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
             weights: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None,
-            ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
+            ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str, invariant: bool = False,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)``; ``weights``: fp32 ``[N]``, each token's
     weight in the loss ``-sum(weights * logp)``."""
@@ -411,14 +471,15 @@ def _nll_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return -weights[r0:r1], None
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
-    logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend)
+    logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend,
+                                    invariant)
     keep = labels != ignore_index
     return -torch.where(keep, weights * logp, 0.0).sum(), gh, gw, gb
 
 
 @_nll_op.register_fake
 def _(hidden, weight, bias, labels, weights, temperature, logit_scale, softcap, ignore_index, chunk_bytes, needs,
-      backend):
+      backend, invariant=False):
     return hidden.new_empty((), dtype=torch.float32), *_grad_outputs(hidden, weight, bias, needs)
 
 
@@ -428,7 +489,8 @@ _nll_op.register_autograd(lambda ctx, grad_loss, *_: _scaled(ctx, grad_loss), se
 def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean",
                     global_tokens=None, bias: torch.Tensor | None = None, temperature: float = 1.0,
                     logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
-                    chunk_bytes: int | None = None, backend: str = "auto") -> torch.Tensor:
+                    chunk_bytes: int | None = None, batch_invariant: bool | None = None,
+                    backend: str = "auto") -> torch.Tensor:
     """Negative log-likelihood of ``labels`` (the SFT loss, ``F.cross_entropy`` of the logits) straight
     from hidden states, in one pass: three GEMMs per chunk of rows, never the ``[N, V]`` logits.
 
@@ -439,6 +501,7 @@ def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             replaces that count for data parallelism) or ``"sum"``.
         chunk_bytes: budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`); chunks are
             any rows.
+        batch_invariant: as :func:`linear_policy_loss`.
 
     Returns the 0-dim fp32 loss; 0 with no counted token (``F.cross_entropy`` gives NaN there).
     Gradients of ``hidden``, ``weight``, ``bias`` are computed in forward and scaled in backward
@@ -457,10 +520,11 @@ def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     elif global_tokens is not None:
         raise ValueError("global_tokens is the count of reduction='mean'; reduction='sum' takes none")
     H = hidden.shape[-1]
-    name = resolve_backend(backend, hidden.device, FAMILY)
+    invariant = invariant_mode(batch_invariant)
+    name = resolve_backend(backend, hidden.device, FAMILY, "batch_invariant" if invariant else None)
     return _nll_op(hidden.reshape(labels.numel(), H), weight, None if bias is None else bias.contiguous(), lab, keep,
                    float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index,
-                   budget, _needs(hidden, weight, bias), name)[0]
+                   budget, _needs(hidden, weight, bias), name, invariant)[0]
 
 
 # ------------------------------------------------------------------------- DPO
@@ -469,7 +533,7 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, loss_type: str,
             label_smoothing: float, average_log_prob: bool, temperature: float, logit_scale: float,
             softcap: float | None, ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dpo_loss's [5] vector, [2, B] policy sequence log-probs, grad_hidden, grad_weight, grad_bias)``;
     ``hidden [2 B T, H]``: the chosen rows, then the rejected ones."""
     B = ref_chosen.shape[0]
@@ -482,7 +546,7 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dpo_args = (beta, loss_type, label_smoothing, backend)
 
     def seq(logp_rows, rows_count):  # [2k, T] -> [2k] sequence log-probs
-        s = logp_rows.sum(-1)
+        s = ordered_row_sum(logp_rows) if invariant else logp_rows.sum(-1)
         return s if rows_count is None else s / rows_count
 
     def loss_grad(i, logp_c, ent_c):
@@ -500,7 +564,8 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         return g[:, None].expand(2 * k, T).reshape(-1), None
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
-    logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend)
+    logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend,
+                                    invariant)
     s = seq(logp.view(2 * B, T), count)
     out = dpo_op.fn(s[:B], s[B:], ref_chosen, ref_rejected, *dpo_args)
     return out, s.view(2, B), gh, gw, gb
@@ -508,7 +573,7 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 @_dpo_op.register_fake
 def _(hidden, weight, bias, labels, ref_chosen, ref_rejected, *args):
-    needs = args[-2]
+    needs = args[9]
     B = ref_chosen.shape[0]
     return (hidden.new_empty(5, dtype=torch.float32), hidden.new_empty((2, B), dtype=torch.float32),
             *_grad_outputs(hidden, weight, bias, needs))
@@ -523,7 +588,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     label_smoothing: float = 0.0, average_log_prob: bool = False, bias: torch.Tensor | None = None,
                     temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                     ignore_index: int = -100, chunk_bytes: int | None = None, return_logps: bool = False,
-                    backend: str = "auto"):
+                    batch_invariant: bool | None = None, backend: str = "auto"):
     """A DPO-family loss straight from hidden states, in one pass: ``dpo_loss`` of the sequence
     log-probs ``linear_token_logprobs(...)`` summed over each row's tokens whose label is not
     ``ignore_index`` (divided by their number with ``average_log_prob``, as IPO takes them).
@@ -539,6 +604,8 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             whole pairs (a pair above the budget is a chunk of its own).
         return_logps: also return the policy's ``(chosen, rejected)`` sequence log-probs (fp32
             ``[B]``, detached).
+        batch_invariant: as :func:`linear_policy_loss`; the sequence sums then run in the order of
+            ``fastrlhf._numerics.ordered_row_sum``.
 
     Returns ``(loss, metrics)`` as :func:`fastrlhf.dpo_loss` (``(loss, metrics, (chosen,
     rejected))`` with ``return_logps``). Gradients of ``hidden``, ``weight``, ``bias``:
@@ -556,13 +623,14 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     _checks.same_shape("ref_chosen", ref_chosen, (n2 // 2,), "(hidden.shape[0] // 2,)")
     _checks.same_device("ref_chosen", ref_chosen, hidden.device)
     beta, label_smoothing = checked_options(beta, loss_type, label_smoothing)
-    name = resolve_backend(backend, hidden.device, FAMILY)
+    invariant = invariant_mode(batch_invariant)
+    name = resolve_backend(backend, hidden.device, FAMILY, "batch_invariant" if invariant else None)
     H = hidden.shape[-1]
     out, seqs = _dpo_op(hidden.reshape(labels.numel(), H), weight, None if bias is None else bias.contiguous(),
                         labels.reshape(-1).contiguous(), ref_chosen.detach(), ref_rejected.detach(), beta, loss_type,
                         label_smoothing, bool(average_log_prob), float(temperature), float(logit_scale),
                         None if softcap is None else float(softcap), ignore_index, budget,
-                        _needs(hidden, weight, bias), name)[:2]
+                        _needs(hidden, weight, bias), name, invariant)[:2]
     metrics = dict(zip(METRICS, out.detach().unbind()[1:]))
     return (out[0], metrics, tuple(seqs.detach().unbind())) if return_logps else (out[0], metrics)
 

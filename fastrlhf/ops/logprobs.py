@@ -11,6 +11,8 @@ import torch
 
 from fastrlhf import _checks
 from fastrlhf._numerics import acc_dtype
+from fastrlhf._numerics import ordered_row_sum
+from fastrlhf.backend import batch_invariant as invariant_mode
 from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops.custom_op import custom_op
 
@@ -29,16 +31,17 @@ def _forward_outputs(logits, labels, with_entropy):
 @custom_op("fastrlhf::token_logprobs", mutates_args=())
 def token_logprobs_op(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                        ignore_index: int, with_entropy: bool, inplace_backward: bool,
-                       backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       backend: str, invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     out = _forward_outputs(logits, labels, with_entropy)
     if labels.numel():
         launchers(backend, "logprobs").token_logprobs_fwd(logits, labels, temperature, ignore_index,
-                                                          with_entropy, *out)
+                                                          with_entropy, *out, **({"invariant": True} if invariant
+                                                                                 else {}))
     return out
 
 
 @token_logprobs_op.register_fake
-def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend):
+def _(logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend, invariant=False):
     return _forward_outputs(logits, labels, with_entropy)
 
 
@@ -77,7 +80,7 @@ def _token_logprobs_bwd_inplace_op(grad_logp: torch.Tensor, grad_entropy: torch.
 
 
 def _setup_context(ctx, inputs, output):
-    logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend = inputs
+    logits, labels, temperature, ignore_index, with_entropy, inplace_backward, backend, _ = inputs
     logp, ent, stats = output
     ctx.save_for_backward(logits, labels, stats, ent)
     ctx.args = (temperature, ignore_index, backend)
@@ -97,7 +100,7 @@ def _autograd_backward(ctx, grad_logp, grad_entropy, _grad_stats):
         dx = logits
     else:
         dx = token_logprobs_backward_op(*args)
-    return dx, None, None, None, None, None, None
+    return dx, None, None, None, None, None, None, None
 
 
 token_logprobs_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -122,7 +125,7 @@ def check_logits_labels(logits, labels, temperature, ignore_index, inplace_backw
 
 def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,
                    ignore_index: int = -100, return_entropy: bool = False,
-                   inplace_backward: bool = False, backend: str = "auto"):
+                   inplace_backward: bool = False, batch_invariant: bool | None = None, backend: str = "auto"):
     """Log-probability of each label under ``softmax(logits / temperature)``, and its entropy.
 
     Computes ``log_softmax(logits / temperature, -1).gather(-1, labels[..., None])[..., 0]``
@@ -139,6 +142,10 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
         inplace_backward: write the gradient w.r.t. ``logits`` into ``logits``' own buffer,
             saving a whole ``[..., V]`` tensor. Only when nothing else needs the logits later;
             logits whose elements share memory (an expanded view) raise ``ValueError``.
+        batch_invariant: each row's bits independent of the batch around it (``None``: the mode
+            of ``fastrlhf.use_batch_invariant``); on triton every row is read from its first
+            element (no per-row realignment of rows off a 16-byte boundary), on torch PyTorch's
+            row reductions (shape-stable on the CPU); cuda has no such mode.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` (see ``fastrlhf.backend``).
 
     Returns:
@@ -160,16 +167,17 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor, *, temperature: f
     >>> logp, ent = fastrlhf.token_logprobs(logits, labels, temperature=0.7, return_entropy=True)
     """
     check_logits_labels(logits, labels, temperature, ignore_index, inplace_backward)
-    name = resolve_backend(backend, logits.device, "logprobs")
+    invariant = invariant_mode(batch_invariant)
+    name = resolve_backend(backend, logits.device, "logprobs", "batch_invariant" if invariant else None)
     logp, ent, _ = token_logprobs_op(logits, labels, float(temperature), ignore_index,
-                                      bool(return_entropy), bool(inplace_backward), name)
+                                      bool(return_entropy), bool(inplace_backward), name, invariant)
     return (logp, ent) if return_entropy else logp
 
 
 def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, *,
                       average: bool = False, temperature: float = 1.0, ignore_index: int = -100,
                       inplace_backward: bool = False, cu_seqlens: torch.Tensor | None = None,
-                      backend: str = "auto") -> torch.Tensor:
+                      batch_invariant: bool | None = None, backend: str = "auto") -> torch.Tensor:
     """Per-sequence log-prob: the masked sum of the token log-probs over the last label dim.
 
     Args:
@@ -180,6 +188,9 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
         cu_seqlens: packed sequences: ``logits`` ``[total, V]``, ``labels`` and ``mask``
             ``[total]``, and sequence ``s`` is ``[cu_seqlens[s], cu_seqlens[s + 1])`` (int32
             ``[S + 1]``); the sums are segment sums (``torch.segment_reduce``, no padding).
+        batch_invariant: as :func:`token_logprobs`; the sums then run in a fixed order from each
+            sequence's first token (``fastrlhf._numerics.ordered_row_sum``), so that a sequence gives
+            the same bits alone, padded, packed or in any batch.
 
     Returns:
         fp32 ``[...]`` (``[S]`` packed); a sequence with no counted token gives 0 (sum and mean).
@@ -193,11 +204,14 @@ def sequence_logprobs(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Te
     if cu_seqlens is not None:
         _checks.tensor("labels", labels, dim=1)
         _checks.cu_seqlens("cu_seqlens", cu_seqlens, labels.numel(), labels.device)
+    invariant = invariant_mode(batch_invariant)
     logp = token_logprobs(logits, labels, temperature=temperature, ignore_index=ignore_index,
-                          inplace_backward=inplace_backward, backend=backend)
+                          inplace_backward=inplace_backward, batch_invariant=invariant, backend=backend)
     valid = (mask != 0) & (labels != ignore_index)
     terms = torch.where(valid, logp, 0.0)
-    if cu_seqlens is None:
+    if invariant:
+        total, count = ordered_row_sum(terms, cu_seqlens), ordered_row_sum(valid.to(terms.dtype), cu_seqlens)
+    elif cu_seqlens is None:
         total, count = terms.sum(-1), valid.sum(-1)
     else:
         total = torch.segment_reduce(terms, "sum", offsets=cu_seqlens, axis=0)

@@ -258,11 +258,17 @@ def _aligned(x: torch.Tensor) -> tuple[torch.Tensor, int, bool]:
     return x.as_strided((1,), (1,), x.storage_offset() - lead), lead, True
 
 
-def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, logp, entropy, stats):
+def token_logprobs_fwd(logits, labels, temperature, ignore_index, with_entropy, logp, entropy, stats,
+                       invariant=False):
     """Fill ``logp``, ``entropy`` (when ``with_entropy``) and ``stats`` (contiguous, shaped as
-    ``fastrlhf.ops.logprobs`` allocates them) for ``labels.numel() > 0`` rows."""
+    ``fastrlhf.ops.logprobs`` allocates them) for ``labels.numel() > 0`` rows. ``invariant``: a
+    row's fold must not depend on where it sits: rows are realigned to 16 bytes (which moves the
+    columns between the threads) only when every row already starts on a boundary."""
     x, D1, s0, s1 = _rows(logits)
     base, lead, aligned = _aligned(x)
+    vec = 16 // x.element_size()
+    if invariant and (lead % vec or s0 % vec or s1 % vec):
+        base, lead, aligned = x, 0, False
     _token_logprobs_fwd_kernel[(labels.numel(),)](
         base, labels.reshape(-1).contiguous(), logp, entropy, stats, D1, s0, s1, logits.shape[-1], lead,
         1.4426950408889634 / temperature, ignore_index,
