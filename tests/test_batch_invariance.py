@@ -168,3 +168,19 @@ def test_dpo_and_nll_rows(backend):
     assert torch.equal(c1[0], chosen[1]) and torch.equal(r1[0], rejected[1])
     total = fastrlhf.linear_nll_loss(h, w, labels, reduction="sum", **kw)
     torch.testing.assert_close(total, -lp.sum(), atol=1e-5, rtol=1e-5)
+
+
+def test_the_switch_reaches_the_drop_ins(monkeypatch):
+    """verl's ``logprobs_from_logits`` drop-in calls the op without the keyword: the environment
+    switch (or ``use_batch_invariant``) puts it in the mode."""
+    pytest.importorskip("triton")
+    from fastrlhf.integrations import verl
+
+    monkeypatch.setenv("FASTRLHF_BATCH_INVARIANT", "1")
+    monkeypatch.setenv("FASTRLHF_BACKEND", "triton")
+    V = 1003
+    logits = torch.randn(6, V + 1, device=DEVICE, dtype=torch.bfloat16)[:, :-1]
+    labels = torch.randint(0, V, (6,), device=DEVICE)
+    full = verl.logprobs_from_logits(logits, labels, inplace_backward=False)
+    for i in range(6):
+        assert torch.equal(verl.logprobs_from_logits(logits[i:i + 1].clone(), labels[i:i + 1])[0], full[i])
