@@ -4,8 +4,9 @@ vocabularies of real models, without materializing the logits.
 Ops: ``linear_token_logprobs`` (fastrlhf's default design, against every peer) and
 ``linear_token_logprobs_fused`` (the same op with ``design="fused"``: the all-Triton design,
 timed at the same shapes so that a GPU run can fill ``fastrlhf.ops.linear_logprobs.FUSED_WINS``;
-run it with ``--providers fastrlhf-triton`` to skip the repeated reference); the one-pass losses
-of ``bench.families.linear_loss``.
+run it with ``--providers fastrlhf-triton`` to skip the repeated reference),
+``linear_token_logprobs_invariant`` (``batch_invariant=True``: fixed ``[1024, 8192]`` GEMM blocks;
+its cost against the default design); the one-pass losses of ``bench.families.linear_loss``.
 
 Providers: ``torch`` is the naive reference (``hidden @ weight.T``, then log-softmax in
 fp32: it materializes ``[N, V]`` logits, so it runs out of memory first); ``liger`` is
@@ -155,8 +156,16 @@ FUSED = Op(
     x_label="GEMM size N·H·V")
 
 
+INVARIANT = Op(
+    name="linear_token_logprobs_invariant", family="linear_logprobs", reference=_reference,
+    fastrlhf=lambda hidden, weight, labels, backend: linear_token_logprobs(hidden, weight, labels, backend=backend,
+                                                                           batch_invariant=True),
+    compile_reason="timed with linear_token_logprobs", probe=_probe, grad_inputs=("hidden", "weight"),
+    x_label="GEMM size N·H·V")
+
+
 def ops() -> list[Op]:
-    return [LINEAR, FUSED, *linear_loss.ops()]
+    return [LINEAR, FUSED, INVARIANT, *linear_loss.ops()]
 
 
 # ----------------------------------------------------------------- ceiling, accounting
@@ -233,7 +242,8 @@ def cases(cfg: Config) -> list[Case]:
                       full=[(N, HIDDEN, V) for V in VOCABS for N in (4096, 16384)]
                       + [(8192, HIDDEN, 151936), (32768, HIDDEN, 151936), (16384, 1536, 151936),
                          (16384, 2048, 128256)])
-    return [_case(op, *s) for op in (LINEAR, FUSED) for s in shapes] + linear_loss.cases(cfg)
+    return ([_case(op, *s) for op in (LINEAR, FUSED) for s in shapes] + [_case(INVARIANT, *shapes[0])]
+            + linear_loss.cases(cfg))
 
 
 # ----------------------------------------------------------------------- the report
