@@ -35,13 +35,12 @@ from fastrlhf.backend import launchers, resolve_backend
 from fastrlhf.ops import aggregation as agg_ops
 from fastrlhf.ops.custom_op import custom_op
 from fastrlhf.ops.dpo import checked_options, dpo_op
-from fastrlhf.ops.kl import kl_penalty_op
+from fastrlhf.ops.kl import ESTIMATORS, kl_penalty_op
 from fastrlhf.ops.linear_logprobs import STATE_COLS, PaddedRows, check_inputs, matmul_into, plan_blocks
 from fastrlhf.ops.policy_loss import checked_call, general_op, named_stats
 from fastrlhf.ops.policy_spec import encode, kernel_mode, stats_of
 from fastrlhf.reference import aggregation as ref_agg
 from fastrlhf.reference.dpo import METRICS
-from fastrlhf.reference.kl import ESTIMATORS
 from fastrlhf.reference.policy_loss import STATS
 
 __all__ = ["linear_dpo_loss", "linear_nll_loss", "linear_policy_loss"]
