@@ -51,7 +51,7 @@ def test_smoke_json_records(smoke):
         records = doc["records"]
         assert {r["op"] for r in records} == {doc["op"]}
         modes = {r["mode"] for r in records}
-        assert modes in ({"fwd"}, set(MODES))
+        assert modes in ({"fwd"}, set(MODES), {"fwd", "fwd+bwd"})  # the last: gradients made in forward
         for mode in modes:
             # every provider has a record in every mode; the reference and the Triton
             # kernels (interpreted) ran, the others say why not
@@ -124,7 +124,7 @@ def test_pytest_benchmark_suite_runs(tmp_path):
     env = {k: v for k, v in os.environ.items()  # nothing of the outer (maybe xdist) pytest
            if k != "TRITON_INTERPRET" and not k.startswith(("PYTEST_", "PYTEST_XDIST"))}
     proc = subprocess.run([sys.executable, "-m", "pytest", "bench", "-q", "-p", "no:cacheprovider",
-                           "-k", "dpo_loss and not compile", f"--benchmark-json={out}"],
+                           "-k", "dpo_loss and not compile and not linear", f"--benchmark-json={out}"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                           check=False)
     assert proc.returncode == 0, proc.stdout[-3000:]
