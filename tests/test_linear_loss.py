@@ -113,7 +113,11 @@ def test_every_aggregation_with_kl_and_entropy(backend, mode, agg):
     kl = (torch.randn(3, 5, device=DEVICE) * 0.2 - 3.5, 0.1)
     got = _assert_matches(backend, x, torch.float32, kl=kl, entropy_coef=0.01, agg=agg, mode=mode,
                           chunk_bytes=4 * 37 * 5)
-    assert {"kl", "entropy"} <= set(got[1])
+    assert {"kl", "entropy", "kl_loss", "entropy_loss"} <= set(got[1])
+    lp, ent = fastrlhf.linear_token_logprobs(x["hidden"], x["weight"], x["labels"], return_entropy=True,
+                                             backend=backend)
+    torch.testing.assert_close(got[1]["entropy"], fastrlhf.aggregate(ent, x["mask"]), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(got[1]["entropy_loss"], fastrlhf.aggregate(ent, x["mask"], agg), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])

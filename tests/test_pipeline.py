@@ -592,3 +592,65 @@ def test_grpo_on_a_local_model_with_a_reward_function(tmp_path, capsys):
     s = json.load(open(os.path.join(out, "grpo", "summary.json")))
     assert s["steps"] == 2 and s["init"] == model and "exact" not in s
     assert os.path.isfile(os.path.join(out, "grpo", "model", "model.safetensors"))
+
+
+# ------------------------------------------------------------- one-pass losses
+def test_one_pass_losses_match_the_two_pass_path(tmp_path, monkeypatch, capsys):
+    """SFT, DPO and GRPO (KL in the loss) on the embedded tiny model: with the fused head the
+    stages call the one-pass ``fastrlhf.linear_*_loss`` ops (and name them) and give the
+    gradients and logged stats of the two-pass path (log-probs, then the loss); losses or
+    options the ops cannot express keep the two-pass path."""
+    from fastrlhf.pipeline import rl
+    from fastrlhf.pipeline.demo import run_stage
+    from fastrlhf.pipeline.model import PolicyModel
+    from fastrlhf.pipeline.runtime import Runtime
+
+    # what the ops cannot express: covariance modes (their selection needs the whole batch's log-probs)
+    fused, grpo = PolicyModel(None, mode="fused"), load_config().grpo
+    assert "one pass" in fused.describe(rl.policy_loss(grpo, "token-mean"))
+    assert "one pass" in fused.describe(rl.policy_loss(grpo, "seq-mean-token-mean"))
+    assert "two passes" in fused.describe(rl.policy_loss(load_config(overrides={"grpo.loss_mode": "clip_cov"}).grpo,
+                                                         "token-mean"))
+    assert "two passes" in PolicyModel(None, mode="logits").describe(rl.policy_loss(grpo, "token-mean"))
+
+    settings = {"log_every": 1, "sft.steps": 1, "rm.steps": 1, "dpo.steps": 1, "grpo.steps": 1,
+                "grpo.rollout_batch": 8, "grpo.group_size": 4, "grpo.minibatch_size": 16,
+                "grpo.kl_in": "loss", "grpo.kl_estimator": "k3"}  # grpo advantages: seq-mean-token-mean
+    grads, real_step = [], torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # the gradients each optimizer step applies
+        grads.append([p.grad.clone() for g in self.param_groups for p in g["params"]])
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    runs = {}
+
+    def run(path, stage):
+        cfg = _stage_cfg(tmp_path / path, **settings)
+        grads.clear()
+        run_stage(stage, cfg, Runtime(cfg))
+        line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith(f"[{stage}]") and "loss: " in x)
+        assert ("one pass: head, log-softmax, loss and gradients" in line) == (path == "one"), line
+        runs[path, stage] = list(grads), [json.loads(x) for x in open(tmp_path / path / stage / "metrics.jsonl")]
+
+    run("one", "sft")
+    cfg = _stage_cfg(tmp_path / "one", **settings)
+    run_stage("rm", cfg, Runtime(cfg))  # the reward model of GRPO
+    for stage in ("dpo", "grpo"):
+        run("one", stage)
+    monkeypatch.setattr(PolicyModel, "one_pass", lambda self, loss: False)  # the two-pass path
+    run("two", "sft")
+    shutil.rmtree(tmp_path / "two" / "sft")
+    _copy_inputs(tmp_path / "one", tmp_path / "two")  # DPO and GRPO start from the same models
+    for stage in ("dpo", "grpo"):
+        run("two", stage)
+    assert {"policy_loss", "kl_loss", "clipfrac", "entropy"} <= set(runs["one", "grpo"][1][0])
+    for stage in ("sft", "dpo", "grpo"):
+        (ga, la), (gb, lb) = runs["one", stage], runs["two", stage]
+        assert len(ga) == len(gb) > 0 and [r.keys() for r in la] == [r.keys() for r in lb]
+        for a, b in zip(ga, gb):
+            for x, y in zip(a, b):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-5)
+        for a, b in zip(la, lb):
+            for k in a:
+                assert a[k] == pytest.approx(b[k], rel=1e-5, abs=1e-6), (stage, k)

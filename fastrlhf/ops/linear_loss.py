@@ -281,7 +281,8 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                softcap: float | None, ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
                invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                                  torch.Tensor, torch.Tensor]:
-    """``(loss, policy stats [len(STATS)], [kl term, entropy term], logp, grad_hidden, grad_weight, grad_bias)``."""
+    """``(loss, policy stats [len(STATS)], [kl, entropy aggregated by agg, then their token means], logp,
+    grad_hidden, grad_weight, grad_bias)``."""
     shape = old_logprobs.shape
     V = weight.shape[0]
     packed = cu_seqlens is not None
@@ -325,12 +326,12 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     lp = logp.view(shape)
     loss, stats, _, _ = general_op.fn(lp, old_logprobs, advantages, mask, rollout_logprobs, is_weights, None,
                                       cu_seqlens, *user, mode, agg, correction, params, backend)
-    terms = torch.zeros(2, dtype=loss.dtype, device=loss.device)
-    if ref_logprobs is not None:
-        terms[0] = ref_agg.aggregate(kl_penalty_op.fn(lp, ref_logprobs, *kl_args), mask, agg, *user,
-                                     cu_seqlens=cu_seqlens)
-    if with_entropy:
-        terms[1] = ref_agg.aggregate(ent.view(shape), mask, agg, *user, cu_seqlens=cu_seqlens)
+    terms = torch.zeros(4, dtype=loss.dtype, device=loss.device)  # kl, entropy: aggregated, token means
+    for k, x in ((0, None if ref_logprobs is None else kl_penalty_op.fn(lp, ref_logprobs, *kl_args)),
+                 (1, ent.view(shape) if with_entropy else None)):
+        if x is not None:
+            terms[k] = ref_agg.aggregate(x, mask, agg, *user, cu_seqlens=cu_seqlens)
+            terms[k + 2] = ref_agg.masked_mean(x, mask)
     loss = loss + kl_coef * terms[0] - entropy_coef * terms[1]
     return loss, stats, terms, lp, gh, gw, gb
 
@@ -340,7 +341,7 @@ def _(hidden, weight, bias, labels, old_logprobs, advantages, mask, rollout_logp
     dtype = acc_dtype(old_logprobs.new_empty(0, dtype=torch.float32), old_logprobs, advantages, rollout_logprobs,
                       is_weights)
     return (hidden.new_empty((), dtype=dtype), hidden.new_empty(len(STATS), dtype=dtype),
-            hidden.new_empty(2, dtype=dtype), hidden.new_empty(old_logprobs.shape, dtype=torch.float32),
+            hidden.new_empty(4, dtype=dtype), hidden.new_empty(old_logprobs.shape, dtype=torch.float32),
             *_grad_outputs(hidden, weight, bias, args[20]))
 
 
@@ -394,8 +395,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     Returns:
         ``(loss, stats)`` (``(loss, stats, logprobs)`` with ``return_logprobs``): ``loss`` 0-dim
         fp32; ``stats`` detached 0-dim tensors: the mode's statistics as :func:`fastrlhf.policy_loss`,
-        ``kl`` (the aggregated KL term, with ``ref_logprobs``) and ``entropy`` (aggregated, with
-        ``entropy_coef > 0`` or ``log_entropy``).
+        with ``ref_logprobs`` ``kl_loss`` (the KL term as aggregated in the loss) and ``kl`` (its
+        mean over this call's valid tokens), with ``entropy_coef > 0`` or ``log_entropy``
+        ``entropy_loss`` and ``entropy`` (the same for the entropy).
 
     Gradients flow to ``hidden``, ``weight`` and ``bias``, computed in forward when one of them
     requires a gradient (and grad mode is on), then scaled by the upstream gradient (an extra
@@ -446,11 +448,11 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index, budget,
         _needs(hidden, weight, bias), name, invariant)[:4]
     stats = named_stats(stats_of(kmode, rollout_correction, is_weights is not None), vec.detach())
-    terms = terms.detach()
+    terms = terms.detach().unbind()
     if ref_logprobs is not None:
-        stats["kl"] = terms[0]
+        stats["kl_loss"], stats["kl"] = terms[0], terms[2]
     if with_entropy:
-        stats["entropy"] = terms[1]
+        stats["entropy_loss"], stats["entropy"] = terms[1], terms[3]
     return (loss, stats, logp.detach()) if return_logprobs else (loss, stats)
 
 

@@ -14,7 +14,8 @@ Each step:
 3. update (:func:`update`): ``epochs`` passes over minibatches: the clipped policy loss
    (:func:`~fastrlhf.pipeline.rl.policy_loss`, aggregated by ``agg`` over global counts), plus,
    with ``kl_in = "loss"``, ``kl_coef`` times the aggregated per-token KL estimate (as GRPO,
-   with ``k3``).
+   with ``k3``); in one pass from the hidden states (``fastrlhf.linear_policy_loss``) where the
+   head and the loss allow it.
 """
 
 from __future__ import annotations
@@ -51,28 +52,23 @@ def score(c, batch: Batch, rep: list[int], models: dict, rollouts: Rollouts, kl_
     return exp
 
 
+def head_loss(c, kl_coef: float, scale_factor: int):
+    """The stage's loss: the policy loss aggregated by ``agg``, plus ``kl_coef`` times the KL
+    estimate with ``kl_in = "loss"`` (:func:`~fastrlhf.pipeline.rl.policy_loss`)."""
+    agg = AUTO_AGG[c.advantage] if c.agg == "auto" else c.agg
+    return rl.policy_loss(c, agg, scale_factor, kl_coef if c.kl_in == "loss" else 0.0)
+
+
 def update(c, stage: Stage, batch: Batch, exp: dict, policy, kl_coef: float, step: int, scale_factor: int) -> dict:
     """``c.epochs`` passes over minibatches: the clipped policy loss (+ the KL loss); averaged stats."""
     rt, P = stage.rt, batch.n_prompt
-    agg = AUTO_AGG[c.advantage] if c.agg == "auto" else c.agg
+    policy_loss = head_loss(c, kl_coef, scale_factor)
 
     def loss_fn(rows, counts):
         b = batch.rows(rows)
-        mask = b.completion_mask
         with rt.autocast():
-            logp, entropy = policy(b.input_ids, b.attention_mask, P, mask, with_entropy=True)
-        with rt.timer(OPS):
-            loss, pstats = rl.policy_loss(c, logp, exp["old_logp"][rows], exp["advantages"][rows], mask, counts,
-                                          agg, scale_factor)
-            stats = {"policy_loss": loss.detach()}
-            if c.kl_in == "loss":
-                kl = fastrlhf.kl_penalty(logp, exp["ref_logp"][rows], estimator=c.kl_estimator)
-                kl_loss = fastrlhf.aggregate(kl, mask, agg, **rl.agg_counts(agg, counts, scale_factor))
-                loss = loss + kl_coef * kl_loss
-                stats["kl_loss"] = kl_loss
-        share = mask.sum() / counts.tokens
-        return loss, {**stats, **{k: v * share for k, v in pstats.items()},
-                      "entropy": (entropy * mask).sum() / counts.tokens}
+            return policy(b.input_ids, b.attention_mask, P, b.completion_mask, loss=policy_loss, loss_inputs=(
+                exp["old_logp"][rows], exp["advantages"][rows], exp["ref_logp"][rows], b.completion_mask, counts))
 
     return rl.update(stage, batch, loss_fn, epochs=c.epochs, minibatch_size=c.minibatch_size // rt.dist.world_size,
                      micro_batch_size=c.micro_batch_size, seed=rt.seed_value("grpo-minibatches", step))
@@ -85,7 +81,7 @@ def run_grpo(cfg: Config, rt: Runtime) -> dict:
     agg = AUTO_AGG[c.advantage] if c.agg == "auto" else c.agg
     ctx.print(f"{c.advantage} advantages over groups of {c.group_size}, reward: {s.what}; {len(rollouts)} prompts, "
               f"kl_coef={kl_coef} ({c.kl_estimator} in the {c.kl_in}), loss aggregation {agg}, "
-              f"log-probs: {policy.mode}")
+              f"log-probs: {policy.mode}; {policy.describe(head_loss(c, kl_coef, rollouts.max_new))}")
     stage = Stage(ctx, postfix=("score", "kl", "gap_closed"))
     policy_t = stage.train("policy", policy, c.lr)
     models = {"policy": policy, "ref": ref}

@@ -4,6 +4,9 @@
   through fastrlhf: ``linear_token_logprobs`` on the last hidden states and the output
   embedding (``fused``: the ``[B, T, V]`` logits never exist), or ``token_logprobs`` on the
   model's logits (``logits``).
+* :class:`HeadLoss`: a stage's training loss on those tokens, computed in the policy's forward:
+  in one pass from the hidden states with a ``fastrlhf.linear_*_loss`` op where the fused head
+  allows it, else on the log-probs.
 * :class:`ScalarModel` wraps a sequence-classification model (1 label) and returns one scalar
   per token: the reward model reads it at the last token, the PPO critic at every token.
 
@@ -19,6 +22,8 @@ import functools
 import inspect
 import json
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -226,6 +231,25 @@ def _own(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.clone() if t is not None and t._base is not None else t
 
 
+@dataclass(frozen=True)
+class HeadLoss:
+    """A stage's training loss on the completion tokens, computed by :class:`PolicyModel`'s
+    forward (so DDP and FSDP see it) and called with the forward's ``loss_inputs``:
+
+    * ``one_pass(hidden, weight, labels, head, *inputs)``: the one-pass op ``op`` on the last
+      hidden states and the output head (``head``: its ``bias`` and ``temperature`` keywords):
+      used on the fused path; ``None``: the loss has no one-pass form;
+    * ``two_pass(logp, entropy, *inputs)``: ``then`` on the log-probs (entropy when ``with_entropy``).
+
+    Both return ``(loss, stats)``, the same values (to float rounding)."""
+
+    op: str
+    then: str
+    two_pass: Callable
+    one_pass: Callable | None = None
+    with_entropy: bool = False
+
+
 class PolicyModel(nn.Module):
     INNER = "lm"
     """The attribute holding the Hugging Face model (what a stage saves)."""
@@ -253,10 +277,23 @@ class PolicyModel(nn.Module):
     def _time(self, name):
         return self.timer(name) if self.timer is not None else contextlib.nullcontext()
 
+    def one_pass(self, loss: HeadLoss) -> bool:
+        """Whether ``loss`` is computed by its one-pass op: on the fused path, when it has one."""
+        return self.mode == "fused" and loss.one_pass is not None
+
+    def describe(self, loss: HeadLoss) -> str:
+        """The loss op a stage's start-up line names."""
+        if self.one_pass(loss):
+            return f"loss: {loss.op} (one pass: head, log-softmax, loss and gradients)"
+        logprobs = "linear_token_logprobs" if self.mode == "fused" else "token_logprobs"
+        return f"loss: fastrlhf.{logprobs} + {loss.then} (two passes: log-probs, then the loss)"
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_prompt: int | None = None,
-                completion_mask: torch.Tensor | None = None, with_entropy: bool = False, **lm_kwargs):
+                completion_mask: torch.Tensor | None = None, with_entropy: bool = False,
+                loss: HeadLoss | None = None, loss_inputs: tuple = (), **lm_kwargs):
         """``(logp, entropy)`` of ``input_ids[:, n_prompt:]``, fp32 ``[B, N]``; 0 where
-        ``completion_mask`` is 0; ``entropy`` is None unless asked for. Without ``n_prompt``,
+        ``completion_mask`` is 0; ``entropy`` is None unless asked for. With ``loss``: its
+        ``(loss, stats)`` on these tokens instead (see :class:`HeadLoss`). Without ``n_prompt``,
         the causal LM's own output (for :func:`sample`: through this module's forward, so a
         sharded model gathers its parameters)."""
         if n_prompt is None:
@@ -264,6 +301,7 @@ class PolicyModel(nn.Module):
         labels = input_ids[:, n_prompt:].masked_fill(completion_mask == 0, -100)
         kw = {"input_ids": input_ids, "attention_mask": attention_mask,
               "position_ids": positions(attention_mask), "use_cache": False}
+        with_entropy = with_entropy or (loss is not None and loss.with_entropy)
         with self._time(MODEL):
             if self.mode == "fused":
                 hidden = _backbone(self.lm)(**kw).last_hidden_state[:, n_prompt - 1:-1]
@@ -273,10 +311,13 @@ class PolicyModel(nn.Module):
                     bias = self.logit_bias if bias is None else bias + self.logit_bias
                 if bias is not None:
                     bias = bias.to(hidden.dtype)
+                weight, head_kw = head.weight.to(hidden.dtype), {"bias": bias, "temperature": self.temperature}
                 with self._time(OPS):
-                    out = fastrlhf.linear_token_logprobs(
-                        hidden, head.weight.to(hidden.dtype), labels, bias=bias,
-                        temperature=self.temperature, return_entropy=with_entropy)
+                    if loss is not None and self.one_pass(loss):
+                        value, stats = loss.one_pass(hidden, weight, labels, head_kw, *loss_inputs)
+                        return _own(value), stats
+                    out = fastrlhf.linear_token_logprobs(hidden, weight, labels, return_entropy=with_entropy,
+                                                         **head_kw)
             else:
                 logits = self.lm(**kw).logits[:, n_prompt - 1:-1]
                 if self.logit_bias is not None:
@@ -284,8 +325,12 @@ class PolicyModel(nn.Module):
                 with self._time(OPS):
                     out = fastrlhf.token_logprobs(logits, labels, temperature=self.temperature,
                                                     return_entropy=with_entropy)
-        out = out if with_entropy else (out, None)
-        return tuple(_own(t) for t in out)
+        logp, entropy = out if with_entropy else (out, None)
+        if loss is None:
+            return _own(logp), _own(entropy)
+        with self._time(OPS), torch.autocast(logp.device.type, enabled=False):  # as the stages computed it
+            value, stats = loss.two_pass(logp, entropy, *loss_inputs)
+        return _own(value), stats
 
 
 class ScalarModel(nn.Module):

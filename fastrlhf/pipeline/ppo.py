@@ -7,9 +7,11 @@ Each iteration:
    critic values, the reward; per-token rewards ``-kl_coef * kl`` plus the score at the last
    token (``fastrlhf.kl_penalized_rewards``); advantages and returns by GAE
    (``fastrlhf.gae``), whitened over the rollouts of all processes (``fastrlhf.masked_whiten``);
-3. update (:func:`update`): ``epochs`` passes over minibatches of the rollout: clipped policy
-   loss and clipped value loss (``fastrlhf.ppo_policy_loss`` / ``ppo_value_loss``),
-   normalized by the global token count of the minibatch over all processes.
+3. update (:func:`update`): ``epochs`` passes over minibatches of the rollout: the policy loss
+   (:func:`~fastrlhf.pipeline.rl.policy_loss`: ``fastrlhf.linear_policy_loss`` in one pass from
+   the hidden states where the head allows it) and the clipped value loss
+   (``fastrlhf.ppo_value_loss``), normalized by the global token count of the minibatch over
+   all processes.
 
 With a fixed ``kl_coef = beta`` and the ``k1`` estimator the objective is exactly
 ``E[r] - beta * KL(pi || pi_ref)``, whose optimum the embedded task knows.
@@ -55,21 +57,20 @@ def score(c, batch: Batch, idx: list[int], models: dict, rollouts: Rollouts, kl_
 def update(c, stage: Stage, batch: Batch, exp: dict, policy, critic, step: int) -> dict[str, float]:
     """``c.epochs`` passes over minibatches: clipped policy and value losses; averaged stats."""
     rt, P = stage.rt, batch.n_prompt
+    policy_loss = rl.policy_loss(c, c.agg)
 
     def loss_fn(rows, counts):
         b = batch.rows(rows)
         mask = b.completion_mask
         with rt.autocast():
-            logp, entropy = policy(b.input_ids, b.attention_mask, P, mask, with_entropy=True)
+            pl, stats = policy(b.input_ids, b.attention_mask, P, mask, loss=policy_loss,
+                               loss_inputs=(exp["old_logp"][rows], exp["advantages"][rows], None, mask, counts))
             values = critic(b.input_ids, b.attention_mask)[:, P - 1:-1]
         with rt.timer(OPS):
-            pl, pstats = rl.policy_loss(c, logp, exp["old_logp"][rows], exp["advantages"][rows], mask, counts, c.agg)
             vl, vstats = fastrlhf.ppo_value_loss(values, exp["values"][rows], exp["returns"][rows], mask,
                                                  clip=c.value_clip, global_tokens=counts.tokens)
         share = mask.sum() / counts.tokens
-        stats = {"policy_loss": pl, "value_loss": vl, **{k: v * share for k, v in {**pstats, **vstats}.items()},
-                 "entropy": (entropy * mask).sum() / counts.tokens}
-        return pl + c.value_coef * vl, stats
+        return pl + c.value_coef * vl, {**stats, "value_loss": vl, **{k: v * share for k, v in vstats.items()}}
 
     return rl.update(stage, batch, loss_fn, epochs=c.epochs, minibatch_size=c.minibatch_size // rt.dist.world_size,
                      micro_batch_size=c.micro_batch_size, seed=rt.seed_value("ppo-minibatches", step))
@@ -93,7 +94,8 @@ def run_ppo(cfg: Config, rt: Runtime) -> dict:
     else:
         controller = fastrlhf.FixedKLController(kl_coef)
     ctx.print(f"policy from {ctx.path}, reward: {s.what}, critic from {critic_path}; {len(rollouts)} prompts, "
-              f"kl_coef={kl_coef}{' (adaptive)' if c.adaptive_kl_target else ''}, log-probs: {policy.mode}")
+              f"kl_coef={kl_coef}{' (adaptive)' if c.adaptive_kl_target else ''}, log-probs: {policy.mode}; "
+              f"{policy.describe(rl.policy_loss(c, c.agg))}")
     stage = Stage(ctx, postfix=("score", "kl", "gap_closed"))
     policy_t, critic_t = stage.train("policy", policy, c.lr), stage.train("critic", critic, c.critic_lr)
     controller.value = stage.begin().get("kl_coef", controller.value)

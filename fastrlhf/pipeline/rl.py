@@ -14,6 +14,7 @@ from fastrlhf.pipeline.config import Config, policy_loss_options
 from fastrlhf.pipeline.data import Batch, micro_batches
 from fastrlhf.pipeline.distributed import all_sum
 from fastrlhf.pipeline.evaluation import Oracle
+from fastrlhf.pipeline.model import HeadLoss
 from fastrlhf.pipeline.resources import open_reward
 from fastrlhf.pipeline.rollout import Rollouts
 from fastrlhf.pipeline.stage import StageContext, open_stage
@@ -74,14 +75,46 @@ def agg_counts(agg: str, counts: Counts, scale_factor: float | None = None) -> d
     return {"global_seqs": counts.seqs} if agg.startswith("seq-mean") else {}
 
 
-def policy_loss(c, logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                counts: Counts, agg: str, scale_factor: float | None = None):
-    """The policy loss of ``ppo`` and ``grpo`` (the one place it is computed):
-    ``fastrlhf.policy_loss`` in the stage's ``loss_mode`` (vanilla: the clipped surrogate) with
-    its options, aggregated by ``agg`` over the minibatch's global ``counts``, as this
-    process's share. Returns ``(loss, stats)``."""
-    return fastrlhf.policy_loss(logp, old_logp, advantages, mask, mode=c.loss_mode, agg=agg,
-                                **agg_counts(agg, counts, scale_factor), **policy_loss_options(c))
+def policy_loss(c, agg: str, scale_factor: float | None = None, kl_coef: float = 0.0) -> HeadLoss:
+    """The policy loss of ``ppo`` and ``grpo`` (the one place it is computed), called with
+    ``(old_logp, advantages, ref_logp, mask, counts)``: ``fastrlhf.policy_loss`` in the stage's
+    ``loss_mode`` (vanilla: the clipped surrogate) with its options, plus ``kl_coef`` times the
+    KL estimate to the reference (grpo's ``kl_in = "loss"``), each aggregated by ``agg`` over
+    the minibatch's global ``counts``, as this process's share. Stats: ``policy_loss``,
+    ``kl_loss`` (with ``kl_coef``), the mode's statistics (this micro-batch's share of the
+    minibatch's) and the token-mean ``entropy``.
+
+    One pass (``fastrlhf.linear_policy_loss``) unless the mode selects tokens by a covariance
+    over the whole batch (``clip_cov``, ``kl_cov``)."""
+    options = {"mode": c.loss_mode, "agg": agg, **policy_loss_options(c)}
+
+    def stats(pg, pstats, kl_loss, entropy, mask, counts):
+        share = mask.sum() / counts.tokens
+        return {"policy_loss": pg.detach(), **({"kl_loss": kl_loss} if kl_coef else {}),
+                **{k: v * share for k, v in pstats.items()}, "entropy": entropy}
+
+    def two_pass(logp, entropy, old, adv, ref, mask, counts):
+        norm = agg_counts(agg, counts, scale_factor)
+        pg, pstats = fastrlhf.policy_loss(logp, old, adv, mask, **options, **norm)
+        kl_loss = None
+        if kl_coef:
+            kl_loss = fastrlhf.aggregate(fastrlhf.kl_penalty(logp, ref, estimator=c.kl_estimator), mask, agg, **norm)
+        loss = pg + kl_coef * kl_loss if kl_coef else pg
+        return loss, stats(pg, pstats, kl_loss, (entropy * mask).sum() / counts.tokens, mask, counts)
+
+    def one_pass(hidden, weight, labels, head, old, adv, ref, mask, counts):
+        kl = {"ref_logprobs": ref, "kl_coef": kl_coef, "kl_estimator": c.kl_estimator} if kl_coef else {}
+        loss, pstats = fastrlhf.linear_policy_loss(hidden, weight, labels, old, adv, mask, **options, **kl,
+                                                   **agg_counts(agg, counts, scale_factor), log_entropy=True, **head)
+        kl_loss, entropy = pstats.pop("kl_loss", None), pstats.pop("entropy") * (mask != 0).sum() / counts.tokens
+        for k in ("kl", "entropy_loss"):
+            pstats.pop(k, None)
+        pg = loss - kl_coef * kl_loss if kl_coef else loss
+        return loss, stats(pg, pstats, kl_loss, entropy, mask, counts)
+
+    fits = c.loss_mode not in ("clip_cov", "kl_cov")
+    then = "fastrlhf.policy_loss" + (" + kl_penalty" if kl_coef else "")
+    return HeadLoss("fastrlhf.linear_policy_loss", then, two_pass, one_pass if fits else None, with_entropy=True)
 
 
 def update(stage, batch: Batch, loss_fn, *, epochs: int, minibatch_size: int, micro_batch_size: int,
