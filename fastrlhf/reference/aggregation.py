@@ -73,17 +73,22 @@ def aggregate(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str = "token-mea
     """A scalar from a ``[B, T]`` (or packed ``[total]``) per-token loss; see ``fastrlhf.aggregate``.
     ``seq-mean-token-mean`` weighs each token by ``1 / its row's valid tokens``."""
     valid = mask != 0
-    x = torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0)
     row_n = packed_row_counts(valid, cu_seqlens) if cu_seqlens is not None else valid.sum(-1)
-    if mode == "seq-mean-token-mean":
-        if cu_seqlens is not None:
-            lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
-            x = x * torch.repeat_interleave(1.0 / row_n.clamp(min=1).to(x.dtype), lengths, output_size=x.numel())
-        else:
-            x = x / row_n.clamp(min=1).unsqueeze(-1)
+    x = _per_row(torch.where(valid, loss_mat.to(acc_dtype(loss_mat)), 0.0), row_n, mode, cu_seqlens)
     T = None if cu_seqlens is not None else mask.shape[-1]
     den = denominator(mode, valid.sum(), (row_n > 0).sum(), T, global_tokens, global_seqs, loss_scale_factor)
     return x.sum() if den is None else safe_div(x.sum(), den)
+
+
+def _per_row(x: torch.Tensor, row_n: torch.Tensor, mode: str, cu_seqlens) -> torch.Tensor:
+    """``x`` with ``seq-mean-token-mean``'s weights: each token divided by its row's valid tokens
+    ``row_n`` (packed: by its sequence's); other modes weigh every token alike."""
+    if mode != "seq-mean-token-mean":
+        return x
+    if cu_seqlens is not None:
+        lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+        return x * torch.repeat_interleave(1.0 / row_n.clamp(min=1).to(x.dtype), lengths, output_size=x.numel())
+    return x / row_n.clamp(min=1).unsqueeze(-1)
 
 
 def token_weights(mask: torch.Tensor, mode: str, global_tokens=None, global_seqs=None, loss_scale_factor=None,
@@ -91,13 +96,8 @@ def token_weights(mask: torch.Tensor, mode: str, global_tokens=None, global_seqs
     """Each token's weight in :func:`aggregate` (the derivative of the scalar w.r.t. the token's
     loss), of ``mask``'s shape: 0 on invalid tokens, and everywhere when the denominator is ``<= 0``."""
     valid = mask != 0
-    w = valid.to(dtype)
     row_n = packed_row_counts(valid, cu_seqlens) if cu_seqlens is not None else valid.sum(-1)
-    if mode == "seq-mean-token-mean":
-        inv = 1.0 / row_n.clamp(min=1).to(dtype)
-        if cu_seqlens is not None:
-            inv = torch.repeat_interleave(inv, (cu_seqlens[1:] - cu_seqlens[:-1]).long(), output_size=w.numel())
-        w = w * (inv if cu_seqlens is not None else inv.unsqueeze(-1))
+    w = _per_row(valid.to(dtype), row_n, mode, cu_seqlens)
     T = None if cu_seqlens is not None else mask.shape[-1]
     den = denominator(mode, valid.sum(), (row_n > 0).sum(), T, global_tokens, global_seqs, loss_scale_factor)
     return w if den is None else safe_div(w, den)
