@@ -78,8 +78,10 @@ def _one_pass(backend, x, head=None, kl=None, scale=1.0, **kw):
     return loss.detach(), stats, *(None if t is None else t.grad for t in (h, w, b))
 
 
-def _assert_matches(backend, x, dtype, head=None, kl=None, entropy_coef=0.0, chunk_bytes=None, **kw):
-    got = _one_pass(backend, x, head, kl, entropy_coef=entropy_coef, chunk_bytes=chunk_bytes, **kw)
+def _assert_matches(backend, x, dtype, head=None, kl=None, entropy_coef=0.0, chunk_bytes=None, weight_grad_sum="fp32",
+                    **kw):
+    got = _one_pass(backend, x, head, kl, entropy_coef=entropy_coef, chunk_bytes=chunk_bytes,
+                    weight_grad_sum=weight_grad_sum, **kw)
     same = _composed(backend, x, None, head, kl, entropy_coef, **kw)
     if dtype == torch.float32:
         torch.testing.assert_close(got[0], same[0], atol=1e-6, rtol=1e-5)
@@ -125,6 +127,19 @@ def test_low_precision_within_the_tolerance_rule(backend, dtype):
     x = _batch(B=4, T=6, H=32, V=301, dtype=dtype, bias=True)
     _assert_matches(backend, x, dtype, agg="token-mean", mode="vanilla", chunk_bytes=4 * 301 * 12,
                     entropy_coef=0.01)
+
+
+def test_weight_grad_summed_in_the_weights_dtype(backend):
+    """``weight_grad_sum="weight"``: no fp32 [V, H] buffer, one bf16 rounding per chunk; within the
+    tolerance rule all the same (and exactly the fp32 sum's result in fp32)."""
+    x = _batch(B=4, T=6, H=32, V=301, dtype=torch.bfloat16)
+    _assert_matches(backend, x, torch.bfloat16, agg="token-mean", chunk_bytes=4 * 301 * 6, weight_grad_sum="weight")
+    x = _batch()
+    a = _one_pass(backend, x, chunk_bytes=1, weight_grad_sum="weight")
+    b = _one_pass(backend, x, chunk_bytes=1)
+    torch.testing.assert_close(a[3], b[3], atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="weight_grad_sum"):
+        _one_pass(backend, x, weight_grad_sum="bf16")
 
 
 def test_head_options_and_ignored_labels(backend):

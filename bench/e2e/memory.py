@@ -84,7 +84,7 @@ def fused_head_workspace(func, args, kwargs) -> int:
 def one_pass_workspace(name: str, a: dict) -> int:
     """The documented workspace of ``fastrlhf.ops.linear_loss``'s ops: the fp32 logits block of the
     largest chunk (``plan_chunks``; packed input counted at the budget), its per-row values, and the
-    fp32 ``grad_weight`` running sum of 16-bit weights over more than one GEMM."""
+    fp32 ``grad_weight`` running sum of 16-bit weights over more than one GEMM (``weight_grad_sum="fp32"``)."""
     from fastrlhf.ops.linear_loss import plan_chunks
 
     weight, labels = a["weight"], a["labels"]
@@ -102,7 +102,8 @@ def one_pass_workspace(name: str, a: dict) -> int:
     rows = max((per_unit * (e - f) for f, e in chunks), default=0)
     if a.get("cu_seqlens") is not None:
         rows = min(N, max(1, a["chunk_bytes"] // (4 * V)))
-    acc = 4 * V * H if a["needs"][1] and weight.dtype != torch.float32 and len(chunks) * gemms_per_chunk > 1 else 0
+    acc = 4 * V * H if (a["needs"][1] and a.get("fp32_sum", True) and weight.dtype != torch.float32
+                        and len(chunks) * gemms_per_chunk > 1) else 0
     return 4 * rows * V + 4 * 8 * rows + acc
 
 

@@ -69,7 +69,8 @@ def plan_chunks(lengths: list[int], V: int, budget: int) -> list[tuple[int, int]
 
 
 # ------------------------------------------------------------------------- the chunk driver
-def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_entropy, backend, invariant=False):
+def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_entropy, backend, invariant=False,
+              fp32_sum=True):
     """``(logp, entropy, grad_hidden, grad_weight, grad_bias)`` of ``hidden [N, H]``,
     ``weight [V, H]``, ``labels [N]``: the log-prob (and entropy, fp32 ``[N]``) of every row and
     the gradients of the loss whose per-token gradient ``loss_grad(i, logp_c, ent_c) -> (g_logp,
@@ -77,7 +78,9 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
     rows the chunk's tensors hold in order). ``needs``: which of the three gradients to compute
     (none: the log-probs alone); an unneeded gradient is empty. ``invariant``: the GEMMs producing
     a row's logits and ``grad_hidden`` run on fixed ``[rows, cols]`` blocks and the fold sees them as
-    ``linear_token_logprobs(batch_invariant=True)`` does (same bits), see :class:`_Invariant`."""
+    ``linear_token_logprobs(batch_invariant=True)`` does (same bits), see :class:`_Invariant`.
+    ``fp32_sum``: 16-bit ``grad_weight`` summed over the chunks in an fp32 ``[V, H]`` buffer (else
+    in its own dtype, one rounding per chunk)."""
     N, H = hidden.shape
     V = weight.shape[0]
     need_h, need_w, need_b = needs
@@ -90,7 +93,7 @@ def _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, needs, with_en
     gb = torch.zeros(V if need_b else 0, **f32)
     gemms = sum(len(c) for c in chunks)
     gw_acc = gw
-    if need_w and (gemms > 1 or not hidden.is_cuda) and weight.dtype != torch.float32:
+    if need_w and fp32_sum and (gemms > 1 or not hidden.is_cuda) and weight.dtype != torch.float32:
         gw_acc = torch.empty(weight.shape, **f32)  # one rounding at the end
     most = max((sum(r1 - r0 for r0, r1 in c) for c in chunks), default=0)
     buf = torch.empty(most * V, **f32)
@@ -242,6 +245,13 @@ def _needs(hidden, weight, bias) -> list[bool]:
             on and bias is not None and bias.requires_grad]
 
 
+WEIGHT_GRAD_SUMS = ("fp32", "weight")
+
+
+def _fp32_sum(weight_grad_sum: str) -> bool:
+    return _checks.choice("weight_grad_sum", weight_grad_sum, WEIGHT_GRAD_SUMS) == "fp32"
+
+
 def _check_head(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap, chunk_bytes):
     check_inputs(hidden, weight, labels, bias, temperature, ignore_index, logit_scale, softcap)
     if chunk_bytes is None:
@@ -279,8 +289,8 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
                kl_coef: float, kl_estimator: str, kl_clamp: float | None, kl_log_ratio_clamp: float | None,
                entropy_coef: float, with_entropy: bool, temperature: float, logit_scale: float,
                softcap: float | None, ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
-               invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                 torch.Tensor, torch.Tensor]:
+               invariant: bool = False, fp32_sum: bool = True,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, policy stats [len(STATS)], [kl, entropy aggregated by agg, then their token means], logp,
     grad_hidden, grad_weight, grad_bias)``."""
     shape = old_logprobs.shape
@@ -322,7 +332,7 @@ def _policy_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
     logp, ent, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), with_entropy,
-                                      backend, invariant)
+                                      backend, invariant, fp32_sum)
     lp = logp.view(shape)
     loss, stats, _, _ = general_op.fn(lp, old_logprobs, advantages, mask, rollout_logprobs, is_weights, None,
                                       cu_seqlens, *user, mode, agg, correction, params, backend)
@@ -358,8 +368,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
                        entropy_coef: float = 0.0, log_entropy: bool = False, cu_seqlens: torch.Tensor | None = None,
                        bias: torch.Tensor | None = None, temperature: float = 1.0, logit_scale: float = 1.0,
                        softcap: float | None = None, ignore_index: int = -100, chunk_bytes: int | None = None,
-                       return_logprobs: bool = False, batch_invariant: bool | None = None, backend: str = "auto",
-                       **options):
+                       return_logprobs: bool = False, batch_invariant: bool | None = None,
+                       weight_grad_sum: str = "fp32", backend: str = "auto", **options):
     """A policy loss straight from the last hidden states, in one pass (see the module docstring):
     ``policy_loss(linear_token_logprobs(hidden, weight, labels, ...), old_logprobs, advantages,
     mask, ...)`` plus a KL term and an entropy bonus, with three GEMMs instead of four and never
@@ -385,6 +395,9 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         temperature, logit_scale, softcap, ignore_index: as :func:`fastrlhf.linear_token_logprobs`.
         chunk_bytes: the budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`).
         return_logprobs: also return the new policy's log-probs (fp32, ``labels``' shape, detached).
+        weight_grad_sum: ``"fp32"`` (16-bit ``grad_weight`` summed over the chunks in an fp32 ``[V, H]``
+            buffer, rounded once) or ``"weight"`` (summed in the weight's dtype: one rounding per
+            chunk, as gradient accumulation over micro-batches, and no ``4 V H`` bytes of buffer).
         batch_invariant: each token's log-prob and ``grad_hidden`` row independent of the batch and the
             chunks (``None``: the mode of ``fastrlhf.use_batch_invariant``): the logits by the fixed
             blocks of ``linear_token_logprobs(batch_invariant=True)``, folded as it folds them, so the
@@ -408,7 +421,8 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     above the budget (a chunk never splits a sequence: sequence-level quantities need all of it).
     Memory beyond inputs and outputs: that fp32 block, the stored gradients (``hidden``'s and
     ``weight``'s sizes in their dtypes, held from forward to backward), an fp32 ``[V, H]`` running
-    sum of ``grad_weight`` (16-bit weights with more than one chunk; on the CPU always), fp32
+    sum of ``grad_weight`` (16-bit weights with more than one chunk and ``weight_grad_sum="fp32"``;
+    on the CPU always), fp32
     ``[V]`` for the bias, fp32 ``[N]`` log-probs (and entropy) and the loss op's chunk-sized scratch.
     Deterministic: fixed chunks, fixed-order sums.
 
@@ -446,7 +460,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
         old_logprobs, advantages, mask, rollout_logprobs, is_weights, ref_logprobs, cu_seqlens, *counts, kmode, agg,
         correction, params, kl_coef, kl_estimator, kl_clamp, kl_log_ratio_clamp, entropy_coef, with_entropy,
         float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index, budget,
-        _needs(hidden, weight, bias), name, invariant)[:4]
+        _needs(hidden, weight, bias), name, invariant, _fp32_sum(weight_grad_sum))[:4]
     stats = named_stats(stats_of(kmode, rollout_correction, is_weights is not None), vec.detach())
     terms = terms.detach().unbind()
     if ref_logprobs is not None:
@@ -461,7 +475,7 @@ def linear_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
 def _nll_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
             weights: torch.Tensor, temperature: float, logit_scale: float, softcap: float | None,
             ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str, invariant: bool = False,
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            fp32_sum: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, grad_hidden, grad_weight, grad_bias)``; ``weights``: fp32 ``[N]``, each token's
     weight in the loss ``-sum(weights * logp)``."""
     N = labels.shape[0]
@@ -473,14 +487,14 @@ def _nll_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
     logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend,
-                                    invariant)
+                                    invariant, fp32_sum)
     keep = labels != ignore_index
     return -torch.where(keep, weights * logp, 0.0).sum(), gh, gw, gb
 
 
 @_nll_op.register_fake
 def _(hidden, weight, bias, labels, weights, temperature, logit_scale, softcap, ignore_index, chunk_bytes, needs,
-      backend, invariant=False):
+      backend, invariant=False, fp32_sum=True):
     return hidden.new_empty((), dtype=torch.float32), *_grad_outputs(hidden, weight, bias, needs)
 
 
@@ -491,7 +505,7 @@ def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     global_tokens=None, bias: torch.Tensor | None = None, temperature: float = 1.0,
                     logit_scale: float = 1.0, softcap: float | None = None, ignore_index: int = -100,
                     chunk_bytes: int | None = None, batch_invariant: bool | None = None,
-                    backend: str = "auto") -> torch.Tensor:
+                    weight_grad_sum: str = "fp32", backend: str = "auto") -> torch.Tensor:
     """Negative log-likelihood of ``labels`` (the SFT loss, ``F.cross_entropy`` of the logits) straight
     from hidden states, in one pass: three GEMMs per chunk of rows, never the ``[N, V]`` logits.
 
@@ -502,7 +516,7 @@ def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             replaces that count for data parallelism) or ``"sum"``.
         chunk_bytes: budget of a chunk's fp32 logits (default :data:`CHUNK_BYTES`); chunks are
             any rows.
-        batch_invariant: as :func:`linear_policy_loss`.
+        batch_invariant, weight_grad_sum: as :func:`linear_policy_loss`.
 
     Returns the 0-dim fp32 loss; 0 with no counted token (``F.cross_entropy`` gives NaN there).
     Gradients of ``hidden``, ``weight``, ``bias`` are computed in forward and scaled in backward
@@ -525,7 +539,7 @@ def linear_nll_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     name = resolve_backend(backend, hidden.device, FAMILY, "batch_invariant" if invariant else None)
     return _nll_op(hidden.reshape(labels.numel(), H), weight, None if bias is None else bias.contiguous(), lab, keep,
                    float(temperature), float(logit_scale), None if softcap is None else float(softcap), ignore_index,
-                   budget, _needs(hidden, weight, bias), name, invariant)[0]
+                   budget, _needs(hidden, weight, bias), name, invariant, _fp32_sum(weight_grad_sum))[0]
 
 
 # ------------------------------------------------------------------------- DPO
@@ -534,7 +548,8 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float, loss_type: str,
             label_smoothing: float, average_log_prob: bool, temperature: float, logit_scale: float,
             softcap: float | None, ignore_index: int, chunk_bytes: int, needs: list[bool], backend: str,
-            invariant: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+            invariant: bool = False, fp32_sum: bool = True,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dpo_loss's [5] vector, [2, B] policy sequence log-probs, grad_hidden, grad_weight, grad_bias)``;
     ``hidden [2 B T, H]``: the chosen rows, then the rejected ones."""
     B = ref_chosen.shape[0]
@@ -566,7 +581,7 @@ def _dpo_op(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
     p = _head_options(temperature, logit_scale, softcap, ignore_index)
     logp, _, gh, gw, gb = _one_pass(hidden, weight, bias, labels, p, chunks, loss_grad, tuple(needs), False, backend,
-                                    invariant)
+                                    invariant, fp32_sum)
     s = seq(logp.view(2 * B, T), count)
     out = dpo_op.fn(s[:B], s[B:], ref_chosen, ref_rejected, *dpo_args)
     return out, s.view(2, B), gh, gw, gb
@@ -589,7 +604,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                     label_smoothing: float = 0.0, average_log_prob: bool = False, bias: torch.Tensor | None = None,
                     temperature: float = 1.0, logit_scale: float = 1.0, softcap: float | None = None,
                     ignore_index: int = -100, chunk_bytes: int | None = None, return_logps: bool = False,
-                    batch_invariant: bool | None = None, backend: str = "auto"):
+                    batch_invariant: bool | None = None, weight_grad_sum: str = "fp32", backend: str = "auto"):
     """A DPO-family loss straight from hidden states, in one pass: ``dpo_loss`` of the sequence
     log-probs ``linear_token_logprobs(...)`` summed over each row's tokens whose label is not
     ``ignore_index`` (divided by their number with ``average_log_prob``, as IPO takes them).
@@ -605,6 +620,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
             whole pairs (a pair above the budget is a chunk of its own).
         return_logps: also return the policy's ``(chosen, rejected)`` sequence log-probs (fp32
             ``[B]``, detached).
+        weight_grad_sum: as :func:`linear_policy_loss`.
         batch_invariant: as :func:`linear_policy_loss`; the sequence sums then run in the order of
             ``fastrlhf._numerics.ordered_row_sum``.
 
@@ -631,7 +647,7 @@ def linear_dpo_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                         labels.reshape(-1).contiguous(), ref_chosen.detach(), ref_rejected.detach(), beta, loss_type,
                         label_smoothing, bool(average_log_prob), float(temperature), float(logit_scale),
                         None if softcap is None else float(softcap), ignore_index, budget,
-                        _needs(hidden, weight, bias), name, invariant)[:2]
+                        _needs(hidden, weight, bias), name, invariant, _fp32_sum(weight_grad_sum))[:2]
     metrics = dict(zip(METRICS, out.detach().unbind()[1:]))
     return (out[0], metrics, tuple(seqs.detach().unbind())) if return_logps else (out[0], metrics)
 
