@@ -257,6 +257,39 @@ def _nll_truth(x):
     return _grads([-lp.mean()], [x["hidden"], x["weight"]])
 
 
+def _choice(backend, x):
+    x = _leaves(x, ["logits"])
+    return _grads([fastrlhf.choice_loss(x["logits"][:, :16], x["labels"] % 16, backend=backend)], [x["logits"]])
+
+
+def _aggregate(backend, x):
+    x = _leaves(x, ["lp"])
+    return _grads([fastrlhf.aggregate(x["lp"], x["mask"], "seq-mean-token-mean")], [x["lp"]])
+
+
+def _dpo_pairs(dtype):
+    x = _hidden("large-logits", N=4 * 8)(dtype)
+    labels = x["labels"].view(4, 8)
+    labels[:, :2] = -100  # the prompt
+    return {"hidden": x["hidden"].view(4, 8, -1), "weight": x["weight"], "labels": labels,
+            "ref_chosen": torch.full((2,), -30.0), "ref_rejected": torch.full((2,), -31.0)}
+
+
+def _linear_dpo(backend, x):
+    x = _leaves(x, ["hidden", "weight"])
+    loss, _ = fastrlhf.linear_dpo_loss(x["hidden"], x["weight"], x["labels"], x["ref_chosen"], x["ref_rejected"],
+                                       beta=0.1, backend=backend)
+    return _grads([loss], [x["hidden"], x["weight"]])
+
+
+def _linear_dpo_truth(x):
+    x = _leaves(_wide(x), ["hidden", "weight"])
+    lp = ref_linear.linear_token_logprobs(x["hidden"], x["weight"], x["labels"])
+    seq = lp.sum(-1)
+    loss, _ = fastrlhf.dpo_loss(seq[:2], seq[2:], x["ref_chosen"], x["ref_rejected"], beta=0.1, backend="torch")
+    return _grads([loss], [x["hidden"], x["weight"]])
+
+
 def _torch64(run):
     return lambda x: run("torch", _wide(x))
 
@@ -285,7 +318,10 @@ def cases() -> list[Case]:
             Case("masked_whiten/T8192", _scan_inputs, _whiten, _torch64(_whiten), (torch.float32,)),
             Case("ppo_value_loss/clipped", _policy_inputs, _value, _torch64(_value)),
             Case("sequence_logprobs/one-hot", _logits("one-hot"), _sequence, _torch64(_sequence)),
-            Case("bradley_terry_loss/margins-1e4", _dpo_inputs, _bradley_terry, _torch64(_bradley_terry))]
+            Case("bradley_terry_loss/margins-1e4", _dpo_inputs, _bradley_terry, _torch64(_bradley_terry)),
+            Case("choice_loss/one-hot", _logits("one-hot"), _choice, _torch64(_choice)),
+            Case("aggregate/seq-mean-token-mean", _policy_inputs, _aggregate, _torch64(_aggregate)),
+            Case("linear_dpo_loss/large-logits", _dpo_pairs, _linear_dpo, _linear_dpo_truth)]
     return out
 
 
@@ -337,6 +373,10 @@ BUDGETS: dict[str, tuple[float, float, str]] = {
     "ppo_value_loss": (8, 8, "sums of 2048 clipped squared errors in fixed-order blocks"),
     "sequence_logprobs": (16, 16, "sums of token log-probs over a sequence"),
     "bradley_terry_loss": (4, 4, "stable logsigmoid at margins of 1e4"),
+    "choice_loss": (8, 8, "a log-softmax over 16 scores, as token_logprobs"),
+    "aggregate": (8, 8, "plain PyTorch sums of 2048 terms"),
+    "linear_dpo_loss": (64, 64, "the fp32 GEMM's rounding of logits of a few hundred reaches the sequence sums, as "
+                                "in linear_nll_loss"),
 }
 """Largest allowed error (units above) per op: ``(torch, triton, reason)``; every case of the op is
 held to it."""

@@ -29,6 +29,13 @@ def test_committed_table_covers_every_case_within_budget():
     assert (numerics.OUT / "numerics.md").read_text() == numerics.report(rows), "stale: run python -m bench.numerics"
 
 
+def test_every_public_op_has_a_case():
+    from fastrlhf import registry
+
+    ops = {op for f in registry.FAMILIES for op in f.ops} - {"ppo_policy_loss"}  # policy_loss(mode="vanilla")
+    assert ops == {c.name.split("/")[0] for c in numerics.cases()}
+
+
 def test_a_fresh_run_meets_the_budgets():
     pytest.importorskip("triton")
     if torch.cuda.is_available():
