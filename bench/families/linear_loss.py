@@ -24,6 +24,7 @@ run. The two-pass form runs four (its backward recomputes the logits).
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -64,50 +65,46 @@ def _nll_reference(hidden, weight, labels):
 
 
 # --------------------------------------------------------------------------- peers
-def _liger_grpo(device: torch.device) -> Impl:
-    why = liger_status(device)
-    if why:
-        return Impl(None, why)
+def _first(out):
+    """A Liger loss's value: its first output when it returns ``(loss, aux)``."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _liger(build: Callable[[], Callable], fused: bool = True):
+    """A Liger peer: ``build()`` imports Liger and returns the loss callable; a ``fused`` loss makes
+    its gradients in forward and is timed in ``fwd+bwd`` only."""
+    def factory(device: torch.device) -> Impl:
+        why = liger_status(device)
+        if why:
+            return Impl(None, why)
+        if fused:
+            return Impl(build(), modes=("fwd+bwd",),
+                        reason="Liger's loss is timed with its gradients (its forward makes them)")
+        return Impl(build())
+    return factory
+
+
+def _grpo():
     from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
 
     loss_fn = LigerFusedLinearGRPOLoss(beta=0.0, use_ref_model=False, epsilon_low=CLIP, epsilon_high=CLIP,
                                        loss_type="bnpo")
-
-    def run(hidden, weight, labels, old_logprobs, advantages, mask):
-        out = loss_fn(hidden, weight, labels, mask, advantages[:, 0], old_per_token_logps=old_logprobs)
-        return out[0] if isinstance(out, tuple) else out
-
-    return Impl(run, modes=("fwd+bwd",), reason="Liger's loss is timed with its gradients (its forward makes them)")
+    return lambda hidden, weight, labels, old_logprobs, advantages, mask: _first(
+        loss_fn(hidden, weight, labels, mask, advantages[:, 0], old_per_token_logps=old_logprobs))
 
 
-def _liger_dpo(device: torch.device) -> Impl:
-    why = liger_status(device)
-    if why:
-        return Impl(None, why)
+def _dpo():
     from liger_kernel.chunked_loss import LigerFusedLinearDPOLoss
 
     loss_fn = LigerFusedLinearDPOLoss(beta=0.1, use_ref_model=False, compute_nll_loss=False)
-
-    def run(hidden, weight, labels, ref_chosen, ref_rejected):
-        out = loss_fn(weight, hidden, labels)
-        return out[0] if isinstance(out, tuple) else out
-
-    return Impl(run, modes=("fwd+bwd",), reason="Liger's loss is timed with its gradients (its forward makes them)")
+    return lambda hidden, weight, labels, ref_chosen, ref_rejected: _first(loss_fn(weight, hidden, labels))
 
 
-def _liger_ce(device: torch.device) -> Impl:
-    why = liger_status(device)
-    if why:
-        return Impl(None, why)
+def _ce():
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
     loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
-
-    def run(hidden, weight, labels):
-        out = loss_fn(weight, hidden, labels)
-        return (out[0] if isinstance(out, tuple) else out).float()
-
-    return Impl(run)
+    return lambda hidden, weight, labels: _first(loss_fn(weight, hidden, labels)).float()
 
 
 def _cce(device: torch.device) -> Impl:
@@ -167,7 +164,7 @@ POLICY = Op(
     name="linear_policy_loss", family="linear_logprobs", reference=_policy_reference,
     fastrlhf=lambda backend, **x: linear_policy_loss(**x, backend=backend, log_ratio_clamp=None)[0],
     probe=lambda device: _policy_inputs(*_small(device), device), grad_inputs=("hidden", "weight"),
-    peers={"liger": _liger_grpo}, x_label="GEMM size N·H·V", bwd_in_forward=True)
+    peers={"liger": _liger(_grpo)}, x_label="GEMM size N·H·V", bwd_in_forward=True)
 
 POLICY_TWO_PASS = Op(
     name="linear_policy_loss_two_pass", family="linear_logprobs", reference=_policy_reference,
@@ -178,13 +175,13 @@ DPO = Op(
     name="linear_dpo_loss", family="linear_logprobs", reference=_dpo_reference,
     fastrlhf=lambda backend, **x: linear_dpo_loss(**x, beta=0.1, backend=backend)[0],
     probe=lambda device: _dpo_inputs(*_small(device), device), grad_inputs=("hidden", "weight"),
-    peers={"liger": _liger_dpo}, x_label="GEMM size N·H·V", bwd_in_forward=True)
+    peers={"liger": _liger(_dpo)}, x_label="GEMM size N·H·V", bwd_in_forward=True)
 
 NLL = Op(
     name="linear_nll_loss", family="linear_logprobs", reference=_nll_reference,
     fastrlhf=lambda backend, **x: linear_nll_loss(**x, backend=backend),
     probe=lambda device: _nll_inputs(_small(device)[0] * _small(device)[1], *_small(device)[2:], device),
-    grad_inputs=("hidden", "weight"), peers={"liger": _liger_ce, "cce": _cce}, x_label="GEMM size N·H·V",
+    grad_inputs=("hidden", "weight"), peers={"liger": _liger(_ce, fused=False), "cce": _cce}, x_label="GEMM size N·H·V",
     bwd_in_forward=True)
 
 
